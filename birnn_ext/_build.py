@@ -1,0 +1,143 @@
+"""The one source list and flag set of the compiled core, and the JIT build.
+
+setup.py (ahead-of-time, ``pip install .``) and the JIT loader (``load()``, ninja via
+torch.utils.cpp_extension, on first import from a source tree) both build from here.
+This file imports nothing of birnn_ext, so setup.py can load it on its own.
+
+Environment:
+  BIRNN_EXT_CUDA=0/1       force the CUDA kernels off or on (default: on where nvcc
+                           and a CUDA build of torch are both present)
+  TORCH_CUDA_ARCH_LIST     the GPU architectures to compile for (torch's own variable)
+  BIRNN_EXT_BUILD_DIR      where the JIT build keeps its objects (default: build/ in
+                           the source tree)
+  BIRNN_EXT_VERBOSE=1      show the compiler's command lines
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+NAME = "birnn_ext_C"
+
+CPU_SOURCES = ["ops.cpp", "cpu/lstm_cpu.cpp"]
+CUDA_SOURCES: list[str] = []
+
+CXX_FLAGS = ["-O3", "-Wall", "-Wno-unused-variable", "-Wno-unused-function"]
+NVCC_FLAGS = ["-O3", "--use_fast_math", "-std=c++17"]
+
+
+def find_cuda_home() -> str | None:
+    """The CUDA toolkit folder: $CUDA_HOME or $CUDA_PATH, else the folder of the nvcc
+    that PATH finds, asked of nvcc itself: PATH may hold a wrapper script whose own
+    location says nothing about the toolkit's, which is where torch's guess goes wrong."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home and Path(home, "bin", "nvcc").exists():
+            return home
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        out = subprocess.run(
+            [nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+            capture_output=True, text=True, timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"^#\$ _HERE_=(.+)$", out.stdout + out.stderr, re.MULTILINE)
+    if m is None:
+        return None
+    home = Path(m.group(1).strip()).resolve().parent
+    return str(home) if (home / "bin" / "nvcc").exists() else None
+
+
+def want_cuda() -> bool:
+    """Whether to build the CUDA kernels (see the module docstring)."""
+    import torch
+
+    forced = os.environ.get("BIRNN_EXT_CUDA")
+    if forced is not None and forced not in ("0", "1"):
+        raise ValueError(f"BIRNN_EXT_CUDA must be 0 or 1, got {forced!r}")
+    available = bool(CUDA_SOURCES) and torch.version.cuda is not None and find_cuda_home() is not None
+    if forced == "1" and not available:
+        raise RuntimeError(
+            "BIRNN_EXT_CUDA=1 but the CUDA kernels cannot be built: "
+            f"torch.version.cuda={torch.version.cuda}, CUDA toolkit={find_cuda_home()}"
+        )
+    return available if forced is None else forced == "1"
+
+
+def _use_cuda_home(home: str) -> None:
+    # torch.utils.cpp_extension settles CUDA_HOME when first imported, and on a machine
+    # with a toolkit but no GPU logs a warning about it; the toolkit is all a build needs.
+    os.environ["CUDA_HOME"] = home
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension as ce
+    finally:
+        log.setLevel(level)
+    ce.CUDA_HOME = home
+
+
+def sources(cuda: bool) -> list[str]:
+    files = CPU_SOURCES + (CUDA_SOURCES if cuda else [])
+    return [str(CSRC / f) for f in files]
+
+
+def extension_kwargs(cuda: bool) -> dict:
+    """Keyword arguments shared by CppExtension/CUDAExtension and cpp_extension.load."""
+    defines = ["-DBIRNN_EXT_WITH_CUDA"] if cuda else []
+    kw = {
+        "extra_compile_args": {"cxx": CXX_FLAGS + defines},
+        "include_dirs": [str(CSRC)],
+    }
+    if cuda:
+        kw["extra_compile_args"]["nvcc"] = NVCC_FLAGS + defines
+    return kw
+
+
+def build_dir(cuda: bool) -> Path:
+    import torch
+
+    tag = f"torch{torch.__version__.split('+')[0]}-{'cuda' if cuda else 'cpu'}"
+    base = os.environ.get("BIRNN_EXT_BUILD_DIR")
+    return Path(base) / tag if base else ROOT / "build" / f"jit-{tag}"
+
+
+def load() -> str:
+    """Builds the library from csrc/ if needed (ninja keeps it incremental) and loads
+    its ops into torch.ops.birnn_ext. Returns the path of the loaded library."""
+    home = find_cuda_home()
+    if home is not None:
+        _use_cuda_home(home)  # before torch settles on its own guess
+    import torch.utils.cpp_extension as ce
+
+    cuda = want_cuda()
+    out = build_dir(cuda)
+    out.mkdir(parents=True, exist_ok=True)
+    lib = out / f"{NAME}.so"
+    if not lib.exists():
+        print("building birnn_ext (first use, about a minute)", file=sys.stderr, flush=True)
+    kw = extension_kwargs(cuda)
+    ce.load(
+        name=NAME,
+        sources=sources(cuda),
+        extra_cflags=kw["extra_compile_args"]["cxx"],
+        extra_cuda_cflags=kw["extra_compile_args"].get("nvcc"),
+        extra_include_paths=kw["include_dirs"],
+        build_directory=str(out),
+        with_cuda=cuda,
+        is_python_module=False,
+        verbose=os.environ.get("BIRNN_EXT_VERBOSE") == "1",
+    )
+    return str(lib)

@@ -1,0 +1,298 @@
+"""FusedLSTM and FusedBiLSTM: drop-in replacements for torch.nn.LSTM.
+
+Same constructor, forward signature, outputs, parameter names, shapes and
+initialisation as nn.LSTM, so `load_state_dict` works both ways. They are plain
+nn.Modules rather than nn.LSTM subclasses: torch.compile refuses to trace anything
+that is an nn.LSTM, and these modules must compile without a graph break.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from birnn_ext import ops
+
+
+def _apply_permutation(t: Tensor, permutation: Tensor, dim: int = 1) -> Tensor:
+    return t.index_select(dim, permutation)
+
+
+class FusedLSTM(nn.Module):
+    """Multi-layer LSTM on fused C++/CUDA kernels; the arguments are nn.LSTM's.
+
+    forward(input, hx=None, *, lengths=None) -> output, (h_n, c_n)
+
+    input is [T,B,I] ([B,T,I] with batch_first), [T,I] unbatched, or a PackedSequence.
+    `lengths` (beyond nn.LSTM's signature) gives each sequence's length in a padded
+    batch: the reverse direction then starts at each sequence's own last step, outputs
+    past the end are zero, and h_n/c_n are taken at each sequence's end, as nn.LSTM
+    gives for the same batch packed, without packing.
+    """
+
+    _default_bidirectional = False
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool | None = None,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if bidirectional is None:
+            bidirectional = self._default_bidirectional
+        # nn.LSTM's checks, in nn.LSTM's order, with its exception types and messages.
+        if not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1 or isinstance(dropout, bool):
+            raise ValueError(
+                "dropout should be a number in range [0, 1] representing the probability of an element being zeroed"
+            )
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(
+                "dropout option adds dropout after all but last recurrent layer, so non-zero dropout expects "
+                f"num_layers greater than 1, but got dropout={dropout} and num_layers={num_layers}",
+                stacklevel=2,
+            )
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias should be of type bool, got: {type(bias).__name__}")
+        if not isinstance(batch_first, bool):
+            raise TypeError(f"batch_first should be of type bool, got: {type(batch_first).__name__}")
+        if not isinstance(input_size, int):
+            raise TypeError(f"input_size should be of type int, got: {type(input_size).__name__}")
+        if input_size <= 0:
+            raise ValueError("input_size must be greater than zero")
+        if not isinstance(hidden_size, int):
+            raise TypeError(f"hidden_size should be of type int, got: {type(hidden_size).__name__}")
+        if hidden_size <= 0:
+            raise ValueError("hidden_size must be greater than zero")
+        if num_layers <= 0:
+            raise ValueError("num_layers must be greater than zero")
+        if proj_size < 0:
+            raise ValueError("proj_size should be a positive integer or zero to disable projections")
+        if proj_size >= hidden_size:
+            raise ValueError("proj_size has to be smaller than hidden_size")
+        if proj_size > 0:
+            raise NotImplementedError(f"{type(self).__name__}: proj_size > 0 is not supported yet, got {proj_size}")
+
+        self.mode = "LSTM"
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+
+        factory = {"device": device, "dtype": dtype}
+        D = self.num_directions
+        G = 4 * hidden_size
+        self._flat_weights_names: list[str] = []
+        self._all_weights: list[list[str]] = []
+        for layer in range(num_layers):
+            layer_input = input_size if layer == 0 else hidden_size * D
+            for direction in range(D):
+                sfx = "_reverse" if direction == 1 else ""
+                shapes = {f"weight_ih_l{layer}{sfx}": (G, layer_input), f"weight_hh_l{layer}{sfx}": (G, hidden_size)}
+                if bias:
+                    shapes[f"bias_ih_l{layer}{sfx}"] = (G,)
+                    shapes[f"bias_hh_l{layer}{sfx}"] = (G,)
+                for name, shape in shapes.items():
+                    setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
+                self._flat_weights_names.extend(shapes)
+                self._all_weights.append(list(shapes))
+        self.reset_parameters()
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @classmethod
+    def from_lstm(cls, lstm: nn.LSTM) -> FusedLSTM:
+        """A module with lstm's configuration, device, dtype and weights."""
+        if not isinstance(lstm, nn.LSTM):
+            raise TypeError(f"from_lstm expects an nn.LSTM, got {type(lstm).__name__}")
+        w = lstm.weight_ih_l0
+        new = cls(
+            lstm.input_size, lstm.hidden_size, lstm.num_layers, lstm.bias, lstm.batch_first,
+            lstm.dropout, lstm.bidirectional, lstm.proj_size, device=w.device, dtype=w.dtype,
+        )
+        new.load_state_dict(lstm.state_dict())
+        new.train(lstm.training)
+        return new
+
+    def reset_parameters(self) -> None:
+        """nn.LSTM's initialisation: every parameter uniform in +-1/sqrt(hidden_size)."""
+        stdv = 1.0 / math.sqrt(self.hidden_size)
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+
+    def flatten_parameters(self) -> None:
+        """Kept for code written for nn.LSTM; the fused kernels need no flat buffer."""
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        return [getattr(self, n) for n in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        return [[getattr(self, n) for n in names] for names in self._all_weights]
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if self.proj_size != 0:
+            s += ", proj_size={proj_size}"
+        if self.num_layers != 1:
+            s += ", num_layers={num_layers}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        if self.batch_first is not False:
+            s += ", batch_first={batch_first}"
+        if self.dropout != 0:
+            s += ", dropout={dropout}"
+        if self.bidirectional is not False:
+            s += ", bidirectional={bidirectional}"
+        return s.format(**self.__dict__)
+
+    # ------------------------------------------------------------ checks
+
+    def _check_input(self, input: Tensor, packed: bool) -> None:
+        dtype = self.weight_ih_l0.dtype
+        if input.dtype != dtype and not torch.is_autocast_enabled(input.device.type):
+            raise ValueError(
+                f"RNN input dtype ({input.dtype}) does not match weight dtype ({dtype}). "
+                f"Convert input: input.to({dtype}), or convert model: model.to({input.dtype})"
+            )
+        expected_dim = 2 if packed else 3
+        if input.dim() != expected_dim:
+            raise RuntimeError(f"input must have {expected_dim} dimensions, got {input.dim()}")
+        if self.input_size != input.size(-1):
+            raise RuntimeError(
+                f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {input.size(-1)}"
+            )
+
+    def _check_hidden(self, hx: tuple[Tensor, Tensor], batch: int) -> None:
+        expected = (self.num_layers * self.num_directions, batch, self.hidden_size)
+        for k, t in enumerate(hx):
+            if t.size() != expected:
+                raise RuntimeError(f"Expected hidden[{k}] size {expected}, got {list(t.size())}")
+
+    def _lengths_tensor(self, lengths, batch: int, steps: int) -> Tensor:
+        if not isinstance(lengths, Tensor):
+            lengths = torch.as_tensor(lengths)
+        if lengths.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise TypeError(f"lengths must hold integers, got dtype {lengths.dtype}")
+        if lengths.dim() != 1 or lengths.numel() != batch:
+            raise ValueError(
+                f"lengths must be 1-D with one entry per sequence in the batch ({batch}), "
+                f"got shape {tuple(lengths.shape)}"
+            )
+        lengths = lengths.to(device="cpu", dtype=torch.int64)
+        if batch and (int(lengths.min()) < 1 or int(lengths.max()) > steps):
+            raise ValueError(
+                f"lengths must lie in [1, {steps}] (the number of time steps in input), "
+                f"got values from {int(lengths.min())} to {int(lengths.max())}"
+            )
+        return lengths
+
+    # ------------------------------------------------------------ forward
+
+    def forward(self, input, hx=None, *, lengths=None):
+        D = self.num_directions
+        if isinstance(input, PackedSequence):
+            if lengths is not None:
+                raise ValueError("lengths must not be given with a PackedSequence input: it carries its own")
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            self._check_input(data, packed=True)
+            batch = int(batch_sizes[0])
+            # Padded in the packed (sorted) order; the kernel handles the lengths.
+            x, seq_lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
+            if hx is not None:
+                self._check_hidden(hx, batch)
+                hx = (_apply_permutation(hx[0], sorted_indices), _apply_permutation(hx[1], sorted_indices)) \
+                    if sorted_indices is not None else hx
+            y, (h_n, c_n) = self._run(x, hx, seq_lengths)
+            out = PackedSequence(pack_padded_sequence(y, seq_lengths).data, batch_sizes, sorted_indices,
+                                 unsorted_indices)
+            if unsorted_indices is not None:
+                h_n, c_n = _apply_permutation(h_n, unsorted_indices), _apply_permutation(c_n, unsorted_indices)
+            return out, (h_n, c_n)
+
+        if input.dim() not in (2, 3):
+            raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+        batched = input.dim() == 3
+        batch_dim = 0 if self.batch_first else 1
+        if not batched:
+            input = input.unsqueeze(batch_dim)
+        if hx is not None:
+            if batched and (hx[0].dim() != 3 or hx[1].dim() != 3):
+                raise RuntimeError(
+                    "For batched 3-D input, hx and cx should also be 3-D but got "
+                    f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+                )
+            if not batched:
+                if hx[0].dim() != 2 or hx[1].dim() != 2:
+                    raise RuntimeError(
+                        "For unbatched 2-D input, hx and cx should also be 2-D but got "
+                        f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+                    )
+                hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+        self._check_input(input, packed=False)
+        batch = input.size(batch_dim)
+        if hx is not None:
+            self._check_hidden(hx, batch)
+        x = input.transpose(0, 1) if self.batch_first else input
+        if lengths is not None:
+            lengths = self._lengths_tensor(lengths, batch, x.size(0))
+        y, (h_n, c_n) = self._run(x, hx, lengths)
+        if self.batch_first:
+            y = y.transpose(0, 1)
+        if not batched:
+            y, h_n, c_n = y.squeeze(batch_dim), h_n.squeeze(1), c_n.squeeze(1)
+        return y, (h_n, c_n)
+
+    def _run(self, x: Tensor, hx, lengths: Tensor | None):
+        """x [T,B,I] -> y [T,B,D*H], (h_n, c_n) [L*D,B,H], layer by layer."""
+        D, H, B = self.num_directions, self.hidden_size, x.size(1)
+        if hx is None:
+            zeros = x.new_zeros((self.num_layers * D, B, H))
+            hx = (zeros, zeros)
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            names = self._all_weights[layer * D : (layer + 1) * D]
+            w_ih, w_hh, bias = self._layer_weights(names)
+            h0, c0 = hx[0][layer * D : (layer + 1) * D], hx[1][layer * D : (layer + 1) * D]
+            x, h, c = ops.lstm_layer(x, h0, c0, w_ih, w_hh, bias, lengths)
+            h_n.append(h)
+            c_n.append(c)
+            if self.dropout > 0 and self.training and layer + 1 < self.num_layers:
+                x = F.dropout(x, self.dropout, training=True)
+        return x, (torch.cat(h_n), torch.cat(c_n))
+
+    def _layer_weights(self, names: list[list[str]]):
+        """The directions of one layer stacked as the layer op takes them:
+        w_ih [D,4H,I], w_hh [D,4H,H], bias [D,4H] = b_ih + b_hh, or None."""
+        params = [[getattr(self, n) for n in d] for d in names]
+        w_ih = torch.stack([p[0] for p in params])
+        w_hh = torch.stack([p[1] for p in params])
+        bias = torch.stack([p[2] + p[3] for p in params]) if self.bias else None
+        return w_ih, w_hh, bias
+
+
+class FusedBiLSTM(FusedLSTM):
+    """FusedLSTM with bidirectional=True by default: both directions of every layer in
+    one fused sweep. Stands in for nn.LSTM(..., bidirectional=True)."""
+
+    _default_bidirectional = True

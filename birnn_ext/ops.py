@@ -1,0 +1,102 @@
+"""Python side of the registered ops: fake kernels (for torch.compile and
+torch.export), autograd through the backward ops, and thin wrappers.
+
+The schemas live in csrc/ops.cpp and the kernels in csrc/cpu and csrc/cuda.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from birnn_ext._loader import ensure_loaded
+
+ensure_loaded()
+
+_ops = torch.ops.birnn_ext
+
+
+# ---------------------------------------------------------------- fake kernels
+
+
+@torch.library.register_fake("birnn_ext::lstm_layer_forward")
+def _(x, lengths, h0, c0, w_ih, w_hh, bias, training):
+    T, B, _ = x.shape
+    D, _, H = w_hh.shape
+    saved = T if training else 0
+    return (
+        x.new_empty((T, B, D * H)),
+        h0.new_empty((D, B, H)),
+        c0.new_empty((D, B, H)),
+        x.new_empty((saved, B, D * 4 * H)),
+        x.new_empty((saved, B, D * H)),
+        x.new_empty((saved, B, D * H)),
+    )
+
+
+@torch.library.register_fake("birnn_ext::lstm_layer_backward")
+def _(grad_y, grad_h_n, grad_c_n, x, lengths, w_ih, w_hh, gates, c_prev, h_prev):
+    T, B, I = x.shape
+    D, G, H = w_hh.shape
+    return (
+        x.new_empty((T, B, I)),
+        x.new_empty((D, B, H)),
+        x.new_empty((D, B, H)),
+        w_ih.new_empty((D, G, I)),
+        w_hh.new_empty((D, G, H)),
+        w_hh.new_empty((D, G)),
+    )
+
+
+# ---------------------------------------------------------------- autograd
+
+
+def _layer_setup_context(ctx, inputs, output):
+    x, lengths, _h0, _c0, w_ih, w_hh, bias, _training = inputs
+    _y, _h_n, _c_n, gates, c_prev, h_prev = output
+    ctx.mark_non_differentiable(gates, c_prev, h_prev)
+    ctx.set_materialize_grads(False)  # an unused output costs no zero tensor
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, lengths, w_ih, w_hh, gates, c_prev, h_prev)
+
+
+def _layer_backward(ctx, grad_y, grad_h_n, grad_c_n, *_saved_grads):
+    x, lengths, w_ih, w_hh, gates, c_prev, h_prev = ctx.saved_tensors
+    if grad_y is None and grad_h_n is None and grad_c_n is None:
+        return (None,) * 8
+    dx, dh0, dc0, dw_ih, dw_hh, dbias = _ops.lstm_layer_backward(
+        grad_y, grad_h_n, grad_c_n, x, lengths, w_ih, w_hh, gates, c_prev, h_prev
+    )
+    return dx, None, dh0, dc0, dw_ih, dw_hh, (dbias if ctx.has_bias else None), None
+
+
+torch.library.register_autograd(
+    "birnn_ext::lstm_layer_forward", _layer_backward, setup_context=_layer_setup_context
+)
+
+
+# ---------------------------------------------------------------- wrappers
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def lstm_layer(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    bias: Tensor | None = None,
+    lengths: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer over all steps, D = w_hh.size(0) directions in one sweep.
+
+    x [T,B,I]; h0, c0 [D,B,H]; w_ih [D,4H,I]; w_hh [D,4H,H]; bias [D,4H] (b_ih + b_hh)
+    or None; lengths [B] int64 or None. Returns y [T,B,D*H], h_n, c_n [D,B,H]. Saves
+    activations for backward only when a gradient is needed.
+    """
+    training = _needs_grad(x, h0, c0, w_ih, w_hh, bias)
+    y, h_n, c_n, *_ = _ops.lstm_layer_forward(x, lengths, h0, c0, w_ih, w_hh, bias, training)
+    return y, h_n, c_n

@@ -1,0 +1,68 @@
+// Argument checks of the layer ops, shared by every backend. Each message names the
+// argument, what was expected and what came.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace birnn {
+
+struct LayerDims {
+  int64_t T, B, I, H, D;
+};
+
+inline void check_same(const char* op, const at::Tensor& ref, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of x (",
+              ref.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on the device of x (", ref.device(),
+              "), got ", t.device());
+}
+
+inline void check_shape(const char* op, const at::Tensor& t, const char* name, at::IntArrayRef want,
+                        const char* layout) {
+  TORCH_CHECK(t.sizes() == want, op, ": ", name, " must have shape ", layout, " = ", want, ", got ",
+              t.sizes());
+}
+
+// Checks the shapes, dtypes and devices of the forward op's arguments and returns the sizes.
+inline LayerDims check_layer_forward(const at::Tensor& x, const std::optional<at::Tensor>& lengths,
+                                     const at::Tensor& h0, const at::Tensor& c0,
+                                     const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                     const std::optional<at::Tensor>& bias) {
+  const char* op = "lstm_layer_forward";
+  TORCH_CHECK(x.dim() == 3, op, ": x must be 3-D [T, B, I], got ", x.dim(), "-D ", x.sizes());
+  TORCH_CHECK(w_hh.dim() == 3, op, ": w_hh must be 3-D [D, 4H, H], got ", w_hh.sizes());
+  LayerDims d{x.size(0), x.size(1), x.size(2), w_hh.size(2), w_hh.size(0)};
+  TORCH_CHECK(d.D == 1 || d.D == 2, op, ": w_hh.size(0) is the number of directions, 1 or 2, got ", d.D);
+  TORCH_CHECK(d.H > 0 && w_hh.size(1) == 4 * d.H, op, ": w_hh must be [D, 4H, H], got ", w_hh.sizes());
+  TORCH_CHECK(d.T > 0, op, ": x must have at least one time step, got T = 0");
+  check_shape(op, w_ih, "w_ih", {d.D, 4 * d.H, d.I}, "[D, 4H, I]");
+  check_shape(op, h0, "h0", {d.D, d.B, d.H}, "[D, B, H]");
+  check_shape(op, c0, "c0", {d.D, d.B, d.H}, "[D, B, H]");
+  for (auto [t, name] : {std::pair{&h0, "h0"}, {&c0, "c0"}, {&w_ih, "w_ih"}, {&w_hh, "w_hh"}})
+    check_same(op, x, *t, name);
+  if (bias) {
+    check_shape(op, *bias, "bias", {d.D, 4 * d.H}, "[D, 4H]");
+    check_same(op, x, *bias, "bias");
+  }
+  return d;
+}
+
+// Validates lengths against x [T, B, ...] and returns them as a contiguous int64 CPU
+// tensor (undefined when absent).
+inline at::Tensor checked_lengths(const char* op, const std::optional<at::Tensor>& lengths, int64_t T,
+                                  int64_t B) {
+  if (!lengths) return at::Tensor();
+  const at::Tensor& l = *lengths;
+  TORCH_CHECK(l.scalar_type() == at::kLong, op, ": lengths must be int64, got ", l.scalar_type());
+  TORCH_CHECK(l.dim() == 1 && l.size(0) == B, op, ": lengths must be 1-D with one entry per batch row (",
+              B, "), got shape ", l.sizes());
+  at::Tensor c = l.to(at::kCPU).contiguous();
+  if (B > 0) {
+    const int64_t lo = c.min().item<int64_t>(), hi = c.max().item<int64_t>();
+    TORCH_CHECK(lo >= 1 && hi <= T, op, ": lengths must lie in [1, T = ", T, "], got values from ", lo,
+                " to ", hi);
+  }
+  return c;
+}
+
+}  // namespace birnn

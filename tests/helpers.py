@@ -1,0 +1,55 @@
+"""Shared by the tests: the per-dtype tolerances and the nn.LSTM comparison."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+# Tolerances against nn.LSTM with the very same weights. Both sides compute the same
+# sums in a different order (BLAS blocking, bias folded in before or after), so they
+# differ by rounding: a few ulps per step, compounded over T steps and accumulated
+# over T*B rows in the weight gradients. float64 (eps 2.2e-16) lands near 1e-14 on
+# the shapes tested; 1e-10 leaves room for larger sums and still catches any real
+# error. float32 (eps 1.2e-7) lands at 1e-6; 1e-5 is a tenfold margin. bfloat16 and
+# float16 keep 8 and 11 bits of mantissa in storage: one rounding of a value of size
+# 1 is 4e-3 and 5e-4, so 2e-2 and 1e-2.
+TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+    torch.float16: dict(rtol=1e-2, atol=1e-2),
+}
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no GPU")])]
+
+
+def assert_close(actual, expected, dtype, what=""):
+    torch.testing.assert_close(actual, expected, **TOL[dtype], msg=lambda m: f"{what}: {m}")
+
+
+def outputs_and_grads(module: nn.Module, x, hx=None, seed=1, **kw):
+    """Runs module on x, then backprops a fixed random weighting of output, h_n and
+    c_n. Returns the outputs and the gradients of x, of hx and of every parameter,
+    by name, so two modules with the same weights can be compared entry by entry."""
+    x = x.detach().requires_grad_()
+    if hx is not None:
+        hx = tuple(t.detach().requires_grad_() for t in hx)
+    y, (h, c) = module(x, hx, **kw) if kw else module(x, hx)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    loss = sum((t * torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device)).sum() for t in (y, h, c))
+    inputs = [x, *(hx or ())]
+    names = [n for n, _ in module.named_parameters()]
+    grads = torch.autograd.grad(loss, inputs + [p for _, p in module.named_parameters()])
+    out = {"output": y, "h_n": h, "c_n": c, "grad_input": grads[0]}
+    if hx is not None:
+        out["grad_h0"], out["grad_c0"] = grads[1], grads[2]
+    out.update({f"grad_{n}": gr for n, gr in zip(names, grads[len(inputs):])})
+    return out
+
+
+def assert_same_results(fused, ref, dtype):
+    assert fused.keys() == ref.keys()
+    for k in ref:
+        assert_close(fused[k], ref[k], dtype, k)

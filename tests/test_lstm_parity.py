@@ -1,0 +1,140 @@
+"""FusedLSTM / FusedBiLSTM against nn.LSTM with the very same weights: outputs, final
+states and every gradient, over the constructor's flags and odd shapes."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from birnn_ext import FusedBiLSTM, FusedLSTM
+from helpers import DEVICES, assert_same_results, outputs_and_grads
+
+DTYPES = [torch.float32, torch.float64]
+
+
+def make_pair(I, H, device, dtype, **kw):
+    torch.manual_seed(0)
+    ref = nn.LSTM(I, H, device=device, dtype=dtype, **kw)
+    return ref, FusedLSTM.from_lstm(ref)
+
+
+def make_input(T, B, I, D, L, H, device, dtype, batch_first, with_state):
+    g = torch.Generator().manual_seed(2)
+    shape = (B, T, I) if batch_first else (T, B, I)
+    x = torch.randn(shape, generator=g, dtype=dtype).to(device)
+    hx = None
+    if with_state:
+        hx = tuple(torch.randn(L * D, B, H, generator=g, dtype=dtype).to(device) for _ in range(2))
+    return x, hx
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "num_layers,bidirectional,batch_first,bias,with_state",
+    list(itertools.product([1, 2, 3], [False, True], [False, True], [True, False], [True, False])),
+)
+def test_matches_nn_lstm(device, dtype, num_layers, bidirectional, batch_first, bias, with_state):
+    T, B, I, H = 6, 4, 7, 13
+    ref, fused = make_pair(I, H, device, dtype, num_layers=num_layers, bidirectional=bidirectional,
+                           batch_first=batch_first, bias=bias)
+    x, hx = make_input(T, B, I, 2 if bidirectional else 1, num_layers, H, device, dtype, batch_first, with_state)
+    assert_same_results(outputs_and_grads(fused, x, hx), outputs_and_grads(ref, x, hx), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,B,I,H", [(1, 3, 7, 13), (9, 1, 1, 1), (3, 5, 16, 3), (40, 2, 5, 33)])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_shapes(device, dtype, T, B, I, H, bidirectional):
+    ref, fused = make_pair(I, H, device, dtype, num_layers=2, bidirectional=bidirectional)
+    x, hx = make_input(T, B, I, 2 if bidirectional else 1, 2, H, device, dtype, False, True)
+    assert_same_results(outputs_and_grads(fused, x, hx), outputs_and_grads(ref, x, hx), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_unbatched_input(device, with_state, batch_first):
+    dtype = torch.float64
+    ref, fused = make_pair(5, 6, device, dtype, num_layers=2, bidirectional=True, batch_first=batch_first)
+    x = torch.randn(7, 5, dtype=dtype, device=device)
+    hx = tuple(torch.randn(4, 6, dtype=dtype, device=device) for _ in range(2)) if with_state else None
+    got, want = outputs_and_grads(fused, x, hx), outputs_and_grads(ref, x, hx)
+    assert got["output"].shape == (7, 12) and got["h_n"].shape == (4, 6)
+    assert_same_results(got, want, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_grad_inference_matches(device):
+    ref, fused = make_pair(7, 13, device, torch.float32, num_layers=2, bidirectional=True)
+    x = torch.randn(6, 4, 7, device=device)
+    with torch.no_grad():
+        y_ref, (h_ref, c_ref) = ref(x)
+        y, (h, c) = fused(x)
+    assert not y.requires_grad
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c, c_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_inter_layer_dropout_in_training_only():
+    # dropout=1 zeroes the whole input of layer 2 in training mode, in both
+    # implementations, so the results are deterministic and comparable.
+    ref, fused = make_pair(4, 5, "cpu", torch.float64, num_layers=2, bidirectional=True, dropout=1.0)
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    assert_same_results(outputs_and_grads(fused, x), outputs_and_grads(ref, x), torch.float64)
+    ref.eval(), fused.eval()
+    assert_same_results(outputs_and_grads(fused, x), outputs_and_grads(ref, x), torch.float64)
+    # And a dropout in (0, 1) really drops in training mode and not in eval mode.
+    fused = FusedBiLSTM(4, 5, num_layers=2, dropout=0.5, dtype=torch.float64)
+    with torch.no_grad():
+        fused.eval()
+        a, b = fused(x)[0], fused(x)[0]
+        assert torch.equal(a, b)
+        fused.train()
+        assert not torch.equal(fused(x)[0], a)
+
+
+def test_gradcheck_float64():
+    for bidirectional, bias in itertools.product([False, True], [False, True]):
+        torch.manual_seed(0)
+        m = FusedLSTM(3, 4, num_layers=2, bidirectional=bidirectional, bias=bias, dtype=torch.float64)
+        D = m.num_directions
+        x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+        h0 = torch.randn(2 * D, 2, 4, dtype=torch.float64, requires_grad=True)
+        c0 = torch.randn(2 * D, 2, 4, dtype=torch.float64, requires_grad=True)
+        names = [n for n, _ in m.named_parameters()]
+
+        def f(x, h0, c0, *ps):
+            y, (h, c) = torch.func.functional_call(m, dict(zip(names, ps)), (x, (h0, c0)))
+            return y, h, c
+
+        params = [p.detach().clone().requires_grad_() for p in m.parameters()]
+        assert torch.autograd.gradcheck(f, (x, h0, c0, *params))
+
+
+def test_opcheck_layer_ops():
+    ops = torch.ops.birnn_ext
+    g = torch.Generator().manual_seed(0)
+    T, B, I, H, D = 4, 3, 5, 6, 2
+
+    def r(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64)
+
+    x, h0, c0 = r(T, B, I), r(D, B, H), r(D, B, H)
+    w_ih, w_hh, bias = r(D, 4 * H, I), r(D, 4 * H, H), r(D, 4 * H)
+    lengths = torch.tensor([4, 1, 3])
+    for ln, b in [(None, bias), (lengths, None)]:
+        torch.library.opcheck(ops.lstm_layer_forward, (x, ln, h0, c0, w_ih, w_hh, b, False))
+        args = [t.requires_grad_() if t is not None and t.dtype.is_floating_point else t
+                for t in (x.clone(), ln, h0.clone(), c0.clone(), w_ih.clone(), w_hh.clone(), b)]
+        args[-1] = b.clone().requires_grad_() if b is not None else None
+        torch.library.opcheck(ops.lstm_layer_forward, (*args, True))
+        _, _, _, gates, cp, hp = ops.lstm_layer_forward(x, ln, h0, c0, w_ih, w_hh, b, True)
+        torch.library.opcheck(
+            ops.lstm_layer_backward, (r(T, B, D * H), r(D, B, H), None, x, ln, w_ih, w_hh, gates, cp, hp)
+        )
