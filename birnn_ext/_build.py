@@ -30,7 +30,10 @@ NAME = "birnn_ext_C"
 CPU_SOURCES = ["ops.cpp", "cpu/lstm_cpu.cpp"]
 CUDA_SOURCES: list[str] = []
 
-CXX_FLAGS = ["-O3", "-Wall", "-Wno-unused-variable", "-Wno-unused-function"]
+# -fopenmp: at::parallel_for is OpenMP pragmas in ATen's headers, serial without it.
+# The runtime is the libgomp that libtorch_cpu has already loaded.
+CXX_FLAGS = ["-O3", "-fopenmp", "-Wall", "-Wno-unused-variable", "-Wno-unused-function"]
+LINK_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "--use_fast_math", "-std=c++17"]
 
 
@@ -100,6 +103,7 @@ def extension_kwargs(cuda: bool) -> dict:
     kw = {
         "extra_compile_args": {"cxx": CXX_FLAGS + defines},
         "include_dirs": [str(CSRC)],
+        "extra_link_args": LINK_FLAGS,
     }
     if cuda:
         kw["extra_compile_args"]["nvcc"] = NVCC_FLAGS + defines
@@ -135,6 +139,7 @@ def load() -> str:
         extra_cflags=kw["extra_compile_args"]["cxx"],
         extra_cuda_cflags=kw["extra_compile_args"].get("nvcc"),
         extra_include_paths=kw["include_dirs"],
+        extra_ldflags=kw["extra_link_args"],
         build_directory=str(out),
         with_cuda=cuda,
         is_python_module=False,

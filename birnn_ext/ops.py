@@ -30,7 +30,7 @@ def _(x, lengths, h0, c0, w_ih, w_hh, bias, training):
         c0.new_empty((D, B, H)),
         x.new_empty((saved, B, D * 4 * H)),
         x.new_empty((saved, B, D * H)),
-        x.new_empty((saved, B, D * H)),
+        x.new_empty((D, saved, B, H)),
     )
 
 

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <math.h>
+#include <string.h>
 
 #if defined(__CUDACC__)
 #define BIRNN_HD __host__ __device__ __forceinline__
@@ -17,9 +18,54 @@
 
 namespace birnn {
 
-BIRNN_HD float exp_(float x) { return expf(x); }
+BIRNN_HD float bits_to_float(unsigned int u) {
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+BIRNN_HD unsigned int float_to_bits(float f) {
+  unsigned int u;
+  memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+// e^x in float without branches or calls, so that a loop over it vectorizes (libm's
+// expf does not): x = n ln2 + r with |r| <= ln2/2, a degree-6 polynomial for e^r, and
+// 2^n put together from its bits. Within 2 ulp of e^x on [-87, 88]; outside that x
+// is clamped, which a sigmoid or tanh of it cannot tell. NaN compares false in the
+// clamps and comes out NaN.
+BIRNN_HD float exp_(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  // Adding 1.5 * 2^23 rounds x/ln2 to an integer n held in the low mantissa bits.
+  const float shifted = x * 1.44269504088896341f + 12582912.0f;
+  const float n = shifted - 12582912.0f;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 split in two for exactness
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const unsigned int two_n = (float_to_bits(shifted) - 0x4B400000u + 127u) << 23;
+  return p * bits_to_float(two_n);
+}
 BIRNN_HD double exp_(double x) { return exp(x); }
-BIRNN_HD float tanh_(float x) { return tanhf(x); }
+
+// tanh in float, branch-free like exp_: an odd polynomial near 0, where
+// 1 - 2/(e^2x + 1) would lose the low bits, and that formula elsewhere.
+BIRNN_HD float tanh_(float x) {
+  const float s = x * x;
+  float p = -5.70498872745e-3f;
+  p = p * s + 2.06390887954e-2f;
+  p = p * s - 5.37397155531e-2f;
+  p = p * s + 1.33314422036e-1f;
+  p = p * s - 3.33332819422e-1f;
+  const float small = p * s * x + x;
+  const float large = 1.0f - 2.0f / (exp_(2.0f * x) + 1.0f);
+  return s < 0.390625f ? small : large;  // |x| < 0.625
+}
 BIRNN_HD double tanh_(double x) { return tanh(x); }
 
 // 1/(1+e^-x): saturates to exactly 0 or 1 at the ends and propagates NaN.

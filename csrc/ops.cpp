@@ -9,8 +9,8 @@ TORCH_LIBRARY(birnn_ext, m) {
   //   h0, c0 [D,B,H]; w_ih [D,4H,I]; w_hh [D,4H,H]; bias [D,4H] (b_ih + b_hh) or None.
   // Returns y [T,B,D*H] (zero where t >= len), h_n, c_n [D,B,H] taken at each
   // sequence's own end, and what backward needs when `training` (else empty):
-  //   gates [T,B,D*4H] activated i,f,g,o; c_prev, h_prev [T,B,D*H], the state each
-  //   step started from.
+  //   gates [T,B,D*4H] activated i,f,g,o; c_prev [T,B,D*H] and h_prev [D,T,B,H],
+  //   the state each step started from.
   m.def(
       "lstm_layer_forward(Tensor x, Tensor? lengths, Tensor h0, Tensor c0, "
       "Tensor w_ih, Tensor w_hh, Tensor? bias, bool training) -> "

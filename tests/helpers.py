@@ -33,10 +33,16 @@ def outputs_and_grads(module: nn.Module, x, hx=None, seed=1, **kw):
     """Runs module on x, then backprops a fixed random weighting of output, h_n and
     c_n. Returns the outputs and the gradients of x, of hx and of every parameter,
     by name, so two modules with the same weights can be compared entry by entry."""
-    x = x.detach().requires_grad_()
+    packed = isinstance(x, nn.utils.rnn.PackedSequence)
+    if packed:
+        x = x._replace(data=x.data.detach().requires_grad_())
+    else:
+        x = x.detach().requires_grad_()
     if hx is not None:
         hx = tuple(t.detach().requires_grad_() for t in hx)
     y, (h, c) = module(x, hx, **kw) if kw else module(x, hx)
+    if packed:
+        y, x = y.data, x.data
     g = torch.Generator(device="cpu").manual_seed(seed)
     loss = sum((t * torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device)).sum() for t in (y, h, c))
     inputs = [x, *(hx or ())]

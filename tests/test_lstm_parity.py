@@ -138,3 +138,21 @@ def test_opcheck_layer_ops():
         torch.library.opcheck(
             ops.lstm_layer_backward, (r(T, B, D * H), r(D, B, H), None, x, ln, w_ih, w_hh, gates, cp, hp)
         )
+
+
+@pytest.mark.parametrize("lengths", [None, [5, 1, 3, 4] * 16])
+def test_large_products_match(lengths):
+    # B=64, H=128 puts every GEMM of the CPU path (per step and after the sweep) above
+    # the size where it moves from BLAS to oneDNN; the small tests above cover BLAS.
+    T, B, I, H = 5, 64, 96, 128
+    ref, fused = make_pair(I, H, "cpu", torch.float32, num_layers=2, bidirectional=True)
+    x, hx = make_input(T, B, I, 2, 2, H, "cpu", torch.float32, False, True)
+    if lengths is None:
+        want = outputs_and_grads(ref, x, hx)
+        got = outputs_and_grads(fused, x, hx)
+    else:
+        lengths = torch.tensor(lengths)
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+        want = outputs_and_grads(ref, packed, hx)
+        got = outputs_and_grads(fused, packed, hx)
+    assert_same_results(got, want, torch.float32)

@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cstring>
 
 #include "../layer_checks.h"
@@ -15,6 +16,94 @@
 
 namespace birnn {
 namespace {
+
+// The fused cell over one batch row (H elements). The loops are written to be
+// vectorized: restrict pointers, no branches, and lstm_cell.h's float exp and tanh.
+// Float rows are compiled for AVX-512, AVX2 and baseline x86-64, chosen at load time.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define BIRNN_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define BIRNN_SIMD_CLONES
+#endif
+
+// xg [4H]: x W_ih^T on entry, the activated gates on exit when Training.
+// rec [4H]: h W_hh^T; bias [4H]; c, h [H] the state, updated in place; y [H] out.
+template <typename T, bool Training>
+__attribute__((always_inline)) inline void cell_forward_row_impl(int64_t H, T* __restrict__ xg, const T* __restrict__ rec, const T* __restrict__ bias,
+                                  T* __restrict__ c, T* __restrict__ h, T* __restrict__ y) {
+  for (int64_t j = 0; j < H; ++j) {
+    const Gates<T> a = activate(xg[j] + rec[j] + bias[j], xg[H + j] + rec[H + j] + bias[H + j],
+                                xg[2 * H + j] + rec[2 * H + j] + bias[2 * H + j],
+                                xg[3 * H + j] + rec[3 * H + j] + bias[3 * H + j]);
+    const T cn = cell_state(a, c[j]);
+    const T hn = hidden_state(a, cn);
+    if (Training) {
+      xg[j] = a.i;
+      xg[H + j] = a.f;
+      xg[2 * H + j] = a.g;
+      xg[3 * H + j] = a.o;
+    }
+    c[j] = cn;
+    h[j] = hn;
+    y[j] = hn;
+  }
+}
+
+// gates [4H] activated; c_prev [H]; dy [H] or nullptr; dh, dc [H]: the gradients
+// reaching h_t and c_t on entry, dh zeroed (the caller adds dg W_hh) and dc that of
+// c_{t-1} on exit; dg, dg_step [4H] out: the gradients of the pre-activations.
+template <typename T>
+__attribute__((always_inline)) inline void cell_backward_row_impl(int64_t H, const T* __restrict__ gates, const T* __restrict__ c_prev,
+                                   const T* __restrict__ dy, T* __restrict__ dh, T* __restrict__ dc,
+                                   T* __restrict__ dg, T* __restrict__ dg_step) {
+  for (int64_t j = 0; j < H; ++j) {
+    const Gates<T> a{gates[j], gates[H + j], gates[2 * H + j], gates[3 * H + j]};
+    const GateGrads<T> r = backward(a, c_prev[j], dh[j] + (dy ? dy[j] : T(0)), dc[j]);
+    dg_step[j] = dg[j] = r.di;
+    dg_step[H + j] = dg[H + j] = r.df;
+    dg_step[2 * H + j] = dg[2 * H + j] = r.dg;
+    dg_step[3 * H + j] = dg[3 * H + j] = r.do_;
+    dc[j] = r.dc_prev;
+    dh[j] = T(0);
+  }
+}
+
+template <typename T, bool Training>
+void cell_forward_row(int64_t H, T* xg, const T* rec, const T* bias, T* c, T* h, T* y) {
+  cell_forward_row_impl<T, Training>(H, xg, rec, bias, c, h, y);
+}
+template <typename T>
+void cell_backward_row(int64_t H, const T* gates, const T* c_prev, const T* dy, T* dh, T* dc, T* dg, T* dg_step) {
+  cell_backward_row_impl<T>(H, gates, c_prev, dy, dh, dc, dg, dg_step);
+}
+
+BIRNN_SIMD_CLONES void cell_forward_row_f32_train(int64_t H, float* xg, const float* rec, const float* bias, float* c,
+                                                  float* h, float* y) {
+  cell_forward_row_impl<float, true>(H, xg, rec, bias, c, h, y);
+}
+BIRNN_SIMD_CLONES void cell_forward_row_f32_infer(int64_t H, float* xg, const float* rec, const float* bias, float* c,
+                                                  float* h, float* y) {
+  cell_forward_row_impl<float, false>(H, xg, rec, bias, c, h, y);
+}
+BIRNN_SIMD_CLONES void cell_backward_row_f32(int64_t H, const float* gates, const float* c_prev, const float* dy,
+                                             float* dh, float* dc, float* dg, float* dg_step) {
+  cell_backward_row_impl<float>(H, gates, c_prev, dy, dh, dc, dg, dg_step);
+}
+template <>
+void cell_forward_row<float, true>(int64_t H, float* xg, const float* rec, const float* bias, float* c, float* h,
+                                   float* y) {
+  cell_forward_row_f32_train(H, xg, rec, bias, c, h, y);
+}
+template <>
+void cell_forward_row<float, false>(int64_t H, float* xg, const float* rec, const float* bias, float* c, float* h,
+                                    float* y) {
+  cell_forward_row_f32_infer(H, xg, rec, bias, c, h, y);
+}
+template <>
+void cell_backward_row<float>(int64_t H, const float* gates, const float* c_prev, const float* dy, float* dh,
+                              float* dc, float* dg, float* dg_step) {
+  cell_backward_row_f32(H, gates, c_prev, dy, dh, dc, dg, dg_step);
+}
 
 // Runs fn(d) for each direction d, both at once on separate threads when the layer
 // is bidirectional and there are threads to spare. Inside, BLAS runs single-threaded.
@@ -34,28 +123,30 @@ template <typename T>
 struct FwdParams {
   LayerDims n;
   const int64_t* len;  // [B] or nullptr: every sequence has T steps
-  const T* w_hh;       // [D,4H,H]
-  const T* bias;       // [D,4H] or nullptr
+  // Per-direction GEMM operands, made on the calling thread: OpenMP workers do not
+  // carry its autograd state, so no view is created inside the parallel region.
+  std::array<at::Tensor, 2> w_hh_t;  // [H,4H] = W_hh[d]^T
+  std::array<at::Tensor, 2> h;       // [B,H] h0 on entry, h_n on exit
+  std::array<at::Tensor, 2> rec;     // [B,4H] scratch: h W_hh^T of one step
+  const T* bias;       // [D,4H], zeros when the layer has none
   T* xg;               // [T,B,D*4H] x W_ih^T on entry; activated gates on exit when training
   T* y;                // [T,B,D*H]
-  T* h;                // [D,B,H] h0 on entry, h_n on exit
   T* c;                // [D,B,H] c0 on entry, c_n on exit
   T* c_prev;           // [T,B,D*H] saved when training
-  T* h_prev;           // [T,B,D*H] saved when training
-  T* rec;              // [D,B,4H] scratch: h W_hh^T of one step
+  T* h_prev;           // [D,T,B,H] saved when training, direction-major for the dW_hh GEMM
 };
 
 template <typename T, bool Training>
 void forward_direction(const FwdParams<T>& p, int64_t d) {
   const auto [T_, B, I, H, D] = p.n;
   const int64_t G = 4 * H;
-  const T* w_hh = p.w_hh + d * G * H;
-  const T* bias = p.bias ? p.bias + d * G : nullptr;
-  T* h = p.h + d * B * H;
+  const at::Tensor &h_d = p.h[d], &w_hh_t = p.w_hh_t[d], &rec_d = p.rec[d];
+  const T* bias = p.bias + d * G;
+  T* h = h_d.data_ptr<T>();
   T* c = p.c + d * B * H;
-  T* rec = p.rec + d * B * G;
+  T* rec = rec_d.data_ptr<T>();
   for (int64_t s = 0; s < T_; ++s) {
-    gemm<T>(false, true, B, G, H, T(1), h, H, w_hh, H, T(0), rec, G);
+    matmul<T>(h_d, w_hh_t, rec_d, T(0));
     for (int64_t b = 0; b < B; ++b) {
       const int64_t L = p.len ? p.len[b] : T_;
       const int64_t t = time_index(int(d), s, L);
@@ -64,31 +155,14 @@ void forward_direction(const FwdParams<T>& p, int64_t d) {
       T* hb = h + b * H;
       T* cb = c + b * H;
       if (Training) {
-        std::memcpy(p.h_prev + row * D * H + d * H, hb, H * sizeof(T));
+        std::memcpy(p.h_prev + (d * T_ * B + row) * H, hb, H * sizeof(T));
         std::memcpy(p.c_prev + row * D * H + d * H, cb, H * sizeof(T));
       }
       if (s >= L) {  // padding: zero output, state carried unchanged
         std::memset(y, 0, H * sizeof(T));
         continue;
       }
-      T* xg = p.xg + row * D * G + d * G;
-      const T* r = rec + b * G;
-      for (int64_t j = 0; j < H; ++j) {
-        T pre[4];
-        for (int k = 0; k < 4; ++k) pre[k] = xg[k * H + j] + r[k * H + j] + (bias ? bias[k * H + j] : T(0));
-        const Gates<T> a = activate(pre[0], pre[1], pre[2], pre[3]);
-        const T cn = cell_state(a, cb[j]);
-        const T hn = hidden_state(a, cn);
-        if (Training) {
-          xg[j] = a.i;
-          xg[H + j] = a.f;
-          xg[2 * H + j] = a.g;
-          xg[3 * H + j] = a.o;
-        }
-        cb[j] = cn;
-        hb[j] = hn;
-        y[j] = hn;
-      }
+      cell_forward_row<T, Training>(H, p.xg + row * D * G + d * G, rec + b * G, bias, cb, hb, y);
     }
   }
 }
@@ -97,54 +171,40 @@ template <typename T>
 struct BwdParams {
   LayerDims n;
   const int64_t* len;  // [B] or nullptr
-  const T* w_hh;       // [D,4H,H]
+  std::array<at::Tensor, 2> w_hh;     // [4H,H] per direction
+  std::array<at::Tensor, 2> dh;       // [B,H] grad of h_n on entry, of h0 on exit
+  std::array<at::Tensor, 2> dg_step;  // [B,4H] scratch: dg of one step, for the recurrent GEMM
   const T* gates;      // [T,B,D*4H] activated
   const T* c_prev;     // [T,B,D*H]
   const T* dy;         // [T,B,D*H] or nullptr
-  T* dh;               // [D,B,H] grad of h_n on entry, of h0 on exit
   T* dc;               // [D,B,H] grad of c_n on entry, of c0 on exit
-  T* dg;               // [T,B,D*4H] out: grads of the gate pre-activations, time-ordered
-  T* dg_step;          // [D,B,4H] scratch: the same for one step, for the recurrent GEMM
+  T* dg;               // [D,T,B,4H] out: grads of the gate pre-activations, time-ordered
 };
 
 template <typename T>
 void backward_direction(const BwdParams<T>& p, int64_t d) {
   const auto [T_, B, I, H, D] = p.n;
   const int64_t G = 4 * H;
-  const T* w_hh = p.w_hh + d * G * H;
-  T* dh = p.dh + d * B * H;
+  const at::Tensor &dh_d = p.dh[d], &w_hh_d = p.w_hh[d], &dg_step_d = p.dg_step[d];
+  T* dh = dh_d.data_ptr<T>();
   T* dc = p.dc + d * B * H;
-  T* dg_step = p.dg_step + d * B * G;
+  T* dg_step = dg_step_d.data_ptr<T>();
   for (int64_t s = T_ - 1; s >= 0; --s) {
     for (int64_t b = 0; b < B; ++b) {
       const int64_t L = p.len ? p.len[b] : T_;
       const int64_t row = time_index(int(d), s, L) * B + b;
-      T* dg = p.dg + row * D * G + d * G;
-      T* dgs = dg_step + b * G;
+      T* dg = p.dg + (d * T_ * B + row) * G;
       if (s >= L) {  // padding: the state's gradient passes through unchanged
         std::memset(dg, 0, G * sizeof(T));
-        std::memset(dgs, 0, G * sizeof(T));
+        std::memset(dg_step + b * G, 0, G * sizeof(T));
         continue;
       }
-      const T* a = p.gates + row * D * G + d * G;
-      const T* cp = p.c_prev + row * D * H + d * H;
-      const T* dy = p.dy ? p.dy + row * D * H + d * H : nullptr;
-      T* dhb = dh + b * H;
-      T* dcb = dc + b * H;
-      for (int64_t j = 0; j < H; ++j) {
-        const Gates<T> g{a[j], a[H + j], a[2 * H + j], a[3 * H + j]};
-        const GateGrads<T> r = backward(g, cp[j], dhb[j] + (dy ? dy[j] : T(0)), dcb[j]);
-        dgs[j] = dg[j] = r.di;
-        dgs[H + j] = dg[H + j] = r.df;
-        dgs[2 * H + j] = dg[2 * H + j] = r.dg;
-        dgs[3 * H + j] = dg[3 * H + j] = r.do_;
-        dcb[j] = r.dc_prev;
-        dhb[j] = T(0);  // refilled with dg W_hh below
-      }
+      cell_backward_row(H, p.gates + row * D * G + d * G, p.c_prev + row * D * H + d * H,
+                        p.dy ? p.dy + row * D * H + d * H : nullptr, dh + b * H, dc + b * H, dg, dg_step + b * G);
     }
     // dh_{t-1} = dg W_hh for the sequences that stepped; padded rows of dg_step are
     // zero, so their carried gradient is left as it was.
-    gemm<T>(false, false, B, H, G, T(1), dg_step, G, w_hh, H, T(1), dh, H);
+    matmul<T>(dg_step_d, w_hh_d, dh_d, T(1));
   }
 }
 
@@ -165,32 +225,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor len = checked_lengths("lstm_layer_forward", lengths, n.T, n.B);
   const auto [T_, B, I, H, D] = n;
   const at::Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
-  const at::Tensor bias = bias_ ? bias_->contiguous() : at::Tensor();
+  const at::Tensor bias = bias_ ? bias_->contiguous() : at::zeros({D, 4 * H}, x.options());
   auto opt = x.options();
   at::Tensor y = at::empty({T_, B, D * H}, opt);
   at::Tensor h = h0.clone(at::MemoryFormat::Contiguous);
   at::Tensor c = c0.clone(at::MemoryFormat::Contiguous);
   at::Tensor xg = at::empty({T_, B, D * 4 * H}, opt);
   at::Tensor c_prev = at::empty({training ? T_ : 0, B, D * H}, opt);
-  at::Tensor h_prev = at::empty({training ? T_ : 0, B, D * H}, opt);
+  at::Tensor h_prev = at::empty({D, training ? T_ : 0, B, H}, opt);
   if (B > 0) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_layer_forward_cpu", [&] {
       using T = scalar_t;
       at::Tensor rec = at::empty({D, B, 4 * H}, opt);
       // Input projection of every step and direction: [T*B, I] x [D*4H, I]^T.
-      gemm<T>(false, true, T_ * B, D * 4 * H, I, T(1), x.data_ptr<T>(), I, w_ih.data_ptr<T>(), I, T(0),
-              xg.data_ptr<T>(), D * 4 * H);
+      matmul<T>(x.view({T_ * B, I}), w_ih.view({D * 4 * H, I}).t(), xg.view({T_ * B, D * 4 * H}), T(0));
       FwdParams<T> p{n,
                      len.defined() ? len.data_ptr<int64_t>() : nullptr,
-                     w_hh.data_ptr<T>(),
-                     bias.defined() ? bias.data_ptr<T>() : nullptr,
+                     {},
+                     {},
+                     {},
+                     bias.data_ptr<T>(),
                      xg.data_ptr<T>(),
                      y.data_ptr<T>(),
-                     h.data_ptr<T>(),
                      c.data_ptr<T>(),
                      training ? c_prev.data_ptr<T>() : nullptr,
-                     training ? h_prev.data_ptr<T>() : nullptr,
-                     rec.data_ptr<T>()};
+                     training ? h_prev.data_ptr<T>() : nullptr};
+      for (int64_t d = 0; d < D; ++d) {
+        p.w_hh_t[d] = w_hh[d].t();
+        p.h[d] = h[d];
+        p.rec[d] = rec[d];
+      }
       for_each_direction(D, [&](int64_t d) {
         training ? forward_direction<T, true>(p, d) : forward_direction<T, false>(p, d);
       });
@@ -216,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_shape(op, w_ih_, "w_ih", {D, 4 * H, I}, "[D, 4H, I]");
   check_shape(op, gates_, "gates", {T_, B, D * 4 * H}, "[T, B, D*4H]");
   check_shape(op, c_prev_, "c_prev", {T_, B, D * H}, "[T, B, D*H]");
-  check_shape(op, h_prev_, "h_prev", {T_, B, D * H}, "[T, B, D*H]");
+  check_shape(op, h_prev_, "h_prev", {D, T_, B, H}, "[D, T, B, H]");
   if (grad_y) check_shape(op, *grad_y, "grad_y", {T_, B, D * H}, "[T, B, D*H]");
   if (grad_h_n) check_shape(op, *grad_h_n, "grad_h_n", {D, B, H}, "[D, B, H]");
   if (grad_c_n) check_shape(op, *grad_c_n, "grad_c_n", {D, B, H}, "[D, B, H]");
@@ -239,27 +303,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_layer_backward_cpu", [&] {
     using T = scalar_t;
     const int64_t G = 4 * H, rows = T_ * B;
-    at::Tensor dg = at::empty({T_, B, D * G}, opt);
+    at::Tensor dg = at::empty({D, T_ * B, G}, opt);
     at::Tensor dg_step = at::empty({D, B, G}, opt);
     BwdParams<T> p{n,
                    len.defined() ? len.data_ptr<int64_t>() : nullptr,
-                   w_hh.data_ptr<T>(),
+                   {},
+                   {},
+                   {},
                    gates.data_ptr<T>(),
                    c_prev.data_ptr<T>(),
                    dy.defined() ? dy.data_ptr<T>() : nullptr,
-                   dh.data_ptr<T>(),
                    dc.data_ptr<T>(),
-                   dg.data_ptr<T>(),
-                   dg_step.data_ptr<T>()};
+                   dg.data_ptr<T>()};
+    for (int64_t d = 0; d < D; ++d) {
+      p.w_hh[d] = w_hh[d];
+      p.dh[d] = dh[d];
+      p.dg_step[d] = dg_step[d];
+    }
     for_each_direction(D, [&](int64_t d) { backward_direction<T>(p, d); });
     // What does not recur is done for all steps at once, in a few large GEMMs.
+    // Per direction, so that every operand is contiguous or a plain transpose.
+    const at::Tensor x2 = x.view({rows, I}), dx2 = dx.view({rows, I}), h_prev2 = h_prev.view({D, rows, H});
+    for (int64_t d = 0; d < D; ++d) {
+      matmul<T>(dg[d], w_ih[d], dx2, T(d == 0 ? 0 : 1));
+      matmul<T>(dg[d].t(), x2, dw_ih[d], T(0));
+      matmul<T>(dg[d].t(), h_prev2[d], dw_hh[d], T(0));
+    }
     const T* dgp = dg.data_ptr<T>();
-    gemm<T>(false, false, rows, I, D * G, T(1), dgp, D * G, w_ih.data_ptr<T>(), I, T(0), dx.data_ptr<T>(), I);
-    gemm<T>(true, false, D * G, I, rows, T(1), dgp, D * G, x.data_ptr<T>(), I, T(0), dw_ih.data_ptr<T>(), I);
-    for (int64_t d = 0; d < D; ++d)
-      gemm<T>(true, false, G, H, rows, T(1), dgp + d * G, D * G, h_prev.data_ptr<T>() + d * H, D * H, T(0),
-              dw_hh.data_ptr<T>() + d * G * H, H);
-    column_sums(dgp, rows, D * G, dbias.data_ptr<T>());
+    for (int64_t d = 0; d < D; ++d) column_sums(dgp + d * rows * G, rows, G, dbias.data_ptr<T>() + d * G);
   });
   return {dx, dh, dc, dw_ih, dw_hh, dbias};
 }
