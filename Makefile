@@ -21,8 +21,21 @@ build: venv
 test: build
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist; DATA=folder uses another
+# folder of MNIST-format IDX files instead.
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+DATA ?=
+
 demo: build
-	$(PYTHON) -m birnn_ext.demo --compare
+	@if [ -z "$(DATA)" ] && [ ! -e $(FASHION_MNIST)/train-images-idx3-ubyte.gz ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get install -y dataset-fashion-mnist || { apt-get update && apt-get install -y dataset-fashion-mnist; }; \
+	  else \
+	    echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist'," \
+	         "or 'make demo DATA=/folder/with/idx/files'"; exit 1; \
+	  fi; \
+	fi
+	$(PYTHON) -m birnn_ext.demo --compare $(if $(DATA),--data $(DATA))
 
 bench: build
 	$(PYTHON) benchmarks/bench_lstm.py --preset targets

@@ -1,4 +1,5 @@
-"""FusedLSTM and FusedBiLSTM: drop-in replacements for torch.nn.LSTM.
+"""FusedLSTM, FusedBiLSTM and FusedLSTMCell: drop-in replacements for torch.nn.LSTM
+and torch.nn.LSTMCell.
 
 Same constructor, forward signature, outputs, parameter names, shapes and
 initialisation as nn.LSTM, so `load_state_dict` works both ways. They are plain
@@ -296,3 +297,80 @@ class FusedBiLSTM(FusedLSTM):
     one fused sweep. Stands in for nn.LSTM(..., bidirectional=True)."""
 
     _default_bidirectional = True
+
+
+class FusedLSTMCell(nn.Module):
+    """One LSTM step on the fused kernels; the arguments are nn.LSTMCell's.
+
+    forward(input, hx=None) -> (h', c'); input [B,I] or [I] unbatched.
+    Parameters weight_ih [4H,I], weight_hh [4H,H], bias_ih, bias_hh [4H], initialised
+    as nn.LSTMCell does, so state_dicts move both ways.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.bias = bias
+        self.weight_ih = nn.Parameter(torch.empty((4 * hidden_size, input_size), **factory))
+        self.weight_hh = nn.Parameter(torch.empty((4 * hidden_size, hidden_size), **factory))
+        if bias:
+            self.bias_ih = nn.Parameter(torch.empty(4 * hidden_size, **factory))
+            self.bias_hh = nn.Parameter(torch.empty(4 * hidden_size, **factory))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.reset_parameters()
+
+    @classmethod
+    def from_cell(cls, cell: nn.LSTMCell) -> FusedLSTMCell:
+        """A cell with `cell`'s configuration, device, dtype and weights."""
+        if not isinstance(cell, nn.LSTMCell):
+            raise TypeError(f"from_cell expects an nn.LSTMCell, got {type(cell).__name__}")
+        w = cell.weight_ih
+        new = cls(cell.input_size, cell.hidden_size, cell.bias, device=w.device, dtype=w.dtype)
+        new.load_state_dict(cell.state_dict())
+        return new
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        return s.format(**self.__dict__)
+
+    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        if input.dim() not in (1, 2):
+            raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None:
+            for idx, value in enumerate(hx):
+                if value.dim() not in (1, 2):
+                    raise ValueError(f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got {value.dim()}D instead")
+        batched = input.dim() == 2
+        if not batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            zeros = input.new_zeros((input.size(0), self.hidden_size))
+            hx = (zeros, zeros)
+        elif not batched:
+            hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        # nn.LSTMCell's own checks (ATen's check_rnn_cell_forward_*), same messages.
+        if input.size(1) != self.input_size:
+            raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")
+        for k, t in enumerate(hx):
+            if input.size(0) != t.size(0):
+                raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{k} batch size {t.size(0)}")
+            if t.size(1) != self.hidden_size:
+                raise RuntimeError(
+                    f"hidden{k} has inconsistent hidden_size: got {t.size(1)}, expected {self.hidden_size}"
+                )
+        bias = self.bias_ih + self.bias_hh if self.bias else None
+        h, c = ops.lstm_cell(input, hx[0], hx[1], self.weight_ih, self.weight_hh, bias)
+        if not batched:
+            h, c = h.squeeze(0), c.squeeze(0)
+        return h, c

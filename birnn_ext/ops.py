@@ -48,6 +48,18 @@ def _(grad_y, grad_h_n, grad_c_n, x, lengths, w_ih, w_hh, gates, c_prev, h_prev)
     )
 
 
+@torch.library.register_fake("birnn_ext::lstm_cell_forward")
+def _(x, h, c, w_ih, w_hh, bias, training):
+    B, H = h.shape
+    return h.new_empty((B, H)), c.new_empty((B, H)), x.new_empty((B if training else 0, 4 * H))
+
+
+@torch.library.register_fake("birnn_ext::lstm_cell_backward")
+def _(grad_h_new, grad_c_new, x, h, c, w_ih, w_hh, gates):
+    return (x.new_empty(x.shape), h.new_empty(h.shape), c.new_empty(c.shape), w_ih.new_empty(w_ih.shape),
+            w_hh.new_empty(w_hh.shape), w_hh.new_empty((w_hh.shape[0],)))
+
+
 # ---------------------------------------------------------------- autograd
 
 
@@ -72,6 +84,27 @@ def _layer_backward(ctx, grad_y, grad_h_n, grad_c_n, *_saved_grads):
 
 torch.library.register_autograd(
     "birnn_ext::lstm_layer_forward", _layer_backward, setup_context=_layer_setup_context
+)
+
+
+def _cell_setup_context(ctx, inputs, output):
+    x, h, c, w_ih, w_hh, bias, _training = inputs
+    gates = output[2]
+    ctx.mark_non_differentiable(gates)
+    ctx.set_materialize_grads(False)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, h, c, w_ih, w_hh, gates)
+
+
+def _cell_backward(ctx, grad_h_new, grad_c_new, _grad_gates):
+    if grad_h_new is None and grad_c_new is None:
+        return (None,) * 7
+    dx, dh, dc, dw_ih, dw_hh, dbias = _ops.lstm_cell_backward(grad_h_new, grad_c_new, *ctx.saved_tensors)
+    return dx, dh, dc, dw_ih, dw_hh, (dbias if ctx.has_bias else None), None
+
+
+torch.library.register_autograd(
+    "birnn_ext::lstm_cell_forward", _cell_backward, setup_context=_cell_setup_context
 )
 
 
@@ -100,3 +133,13 @@ def lstm_layer(
     training = _needs_grad(x, h0, c0, w_ih, w_hh, bias)
     y, h_n, c_n, *_ = _ops.lstm_layer_forward(x, lengths, h0, c0, w_ih, w_hh, bias, training)
     return y, h_n, c_n
+
+
+def lstm_cell(
+    x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """One LSTM step: x [B,I], h, c [B,H], w_ih [4H,I], w_hh [4H,H], bias [4H]
+    (b_ih + b_hh) or None. Returns h', c' [B,H]."""
+    training = _needs_grad(x, h, c, w_ih, w_hh, bias)
+    h_new, c_new, _ = _ops.lstm_cell_forward(x, h, c, w_ih, w_hh, bias, training)
+    return h_new, c_new

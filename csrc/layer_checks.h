@@ -47,6 +47,24 @@ inline LayerDims check_layer_forward(const at::Tensor& x, const std::optional<at
   return d;
 }
 
+struct CellDims {
+  int64_t B, I, H;
+};
+
+// Checks the arguments of the cell ops and returns the sizes.
+inline CellDims check_cell(const char* op, const at::Tensor& x, const at::Tensor& h, const at::Tensor& c,
+                           const at::Tensor& w_ih, const at::Tensor& w_hh) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [B, I], got ", x.dim(), "-D ", x.sizes());
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(1) > 0 && w_hh.size(0) == 4 * w_hh.size(1), op,
+              ": w_hh must be [4H, H], got ", w_hh.sizes());
+  CellDims d{x.size(0), x.size(1), w_hh.size(1)};
+  check_shape(op, w_ih, "w_ih", {4 * d.H, d.I}, "[4H, I]");
+  check_shape(op, h, "h", {d.B, d.H}, "[B, H]");
+  check_shape(op, c, "c", {d.B, d.H}, "[B, H]");
+  for (auto [t, name] : {std::pair{&h, "h"}, {&c, "c"}, {&w_ih, "w_ih"}, {&w_hh, "w_hh"}}) check_same(op, x, *t, name);
+  return d;
+}
+
 // Validates lengths against x [T, B, ...] and returns them as a contiguous int64 CPU
 // tensor (undefined when absent).
 inline at::Tensor checked_lengths(const char* op, const std::optional<at::Tensor>& lengths, int64_t T,

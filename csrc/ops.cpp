@@ -24,4 +24,16 @@ TORCH_LIBRARY(birnn_ext, m) {
       "Tensor c_prev, Tensor h_prev) -> "
       "(Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, "
       "Tensor grad_w_hh, Tensor grad_bias)");
+
+  // One LSTM step, for FusedLSTMCell and hand-written loops over time.
+  //   x [B,I]; h, c [B,H]; w_ih [4H,I]; w_hh [4H,H]; bias [4H] (b_ih + b_hh) or None.
+  // Returns h', c' [B,H], and the activated gates [B,4H] when `training` (else empty).
+  m.def(
+      "lstm_cell_forward(Tensor x, Tensor h, Tensor c, Tensor w_ih, Tensor w_hh, Tensor? bias, "
+      "bool training) -> (Tensor h_new, Tensor c_new, Tensor gates)");
+  // Gradients of lstm_cell_forward. An absent grad_* counts as zeros.
+  m.def(
+      "lstm_cell_backward(Tensor? grad_h_new, Tensor? grad_c_new, Tensor x, Tensor h, Tensor c, "
+      "Tensor w_ih, Tensor w_hh, Tensor gates) -> (Tensor grad_x, Tensor grad_h, Tensor grad_c, "
+      "Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias)");
 }

@@ -335,11 +335,84 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {dx, dh, dc, dw_ih, dw_hh, dbias};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_cpu(const at::Tensor& x_, const at::Tensor& h_,
+                                                                     const at::Tensor& c, const at::Tensor& w_ih_,
+                                                                     const at::Tensor& w_hh_,
+                                                                     const std::optional<at::Tensor>& bias_,
+                                                                     bool training) {
+  const char* op = "lstm_cell_forward";
+  const auto [B, I, H] = check_cell(op, x_, h_, c, w_ih_, w_hh_);
+  if (bias_) {
+    check_shape(op, *bias_, "bias", {4 * H}, "[4H]");
+    check_same(op, x_, *bias_, "bias");
+  }
+  const at::Tensor x = x_.contiguous(), h = h_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const at::Tensor bias = bias_ ? bias_->contiguous() : at::zeros({4 * H}, x.options());
+  at::Tensor pre = at::empty({B, 4 * H}, x.options());
+  at::Tensor h_new = at::empty({B, H}, x.options());
+  at::Tensor c_new = c.clone(at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_cell_cpu", [&] {
+    using T = scalar_t;
+    at::Tensor rec = at::empty({B, 4 * H}, x.options());
+    at::Tensor h_state = at::empty({H}, x.options());  // the row kernel's state output; h_new is its y
+    matmul<T>(x, w_ih.t(), pre, T(0));
+    matmul<T>(h, w_hh.t(), rec, T(0));
+    for (int64_t b = 0; b < B; ++b) {
+      T* g = pre.data_ptr<T>() + b * 4 * H;
+      const T* r = rec.data_ptr<T>() + b * 4 * H;
+      T* cb = c_new.data_ptr<T>() + b * H;
+      T* y = h_new.data_ptr<T>() + b * H;
+      training ? cell_forward_row<T, true>(H, g, r, bias.data_ptr<T>(), cb, h_state.data_ptr<T>(), y)
+               : cell_forward_row<T, false>(H, g, r, bias.data_ptr<T>(), cb, h_state.data_ptr<T>(), y);
+    }
+  });
+  return {h_new, c_new, training ? pre : at::empty({0, 4 * H}, x.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cell_backward_cpu(
+    const std::optional<at::Tensor>& grad_h_new, const std::optional<at::Tensor>& grad_c_new, const at::Tensor& x_,
+    const at::Tensor& h_, const at::Tensor& c_, const at::Tensor& w_ih_, const at::Tensor& w_hh_,
+    const at::Tensor& gates_) {
+  const char* op = "lstm_cell_backward";
+  const auto [B, I, H] = check_cell(op, x_, h_, c_, w_ih_, w_hh_);
+  TORCH_CHECK(gates_.size(0) == B, op,
+              ": nothing was saved for backward; the forward must run with training=True (gates has ",
+              gates_.size(0), " rows, x has ", B, ")");
+  check_shape(op, gates_, "gates", {B, 4 * H}, "[B, 4H]");
+  if (grad_h_new) check_shape(op, *grad_h_new, "grad_h_new", {B, H}, "[B, H]");
+  if (grad_c_new) check_shape(op, *grad_c_new, "grad_c_new", {B, H}, "[B, H]");
+  const at::Tensor x = x_.contiguous(), h = h_.contiguous(), c = c_.contiguous();
+  const at::Tensor w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous(), gates = gates_.contiguous();
+  auto opt = x.options();
+  at::Tensor dh = grad_h_new ? grad_h_new->clone(at::MemoryFormat::Contiguous) : at::zeros({B, H}, opt);
+  at::Tensor dc = grad_c_new ? grad_c_new->clone(at::MemoryFormat::Contiguous) : at::zeros({B, H}, opt);
+  at::Tensor dg = at::empty({B, 4 * H}, opt);
+  at::Tensor dx = at::empty({B, I}, opt), dw_ih = at::empty({4 * H, I}, opt), dw_hh = at::empty({4 * H, H}, opt);
+  at::Tensor dbias = at::empty({4 * H}, opt);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_cell_cpu", [&] {
+    using T = scalar_t;
+    at::Tensor scratch = at::empty({4 * H}, opt);  // the row kernel's per-step copy of dg, unused here
+    for (int64_t b = 0; b < B; ++b)
+      cell_backward_row<T>(H, gates.data_ptr<T>() + b * 4 * H, c.data_ptr<T>() + b * H, nullptr,
+                           dh.data_ptr<T>() + b * H, dc.data_ptr<T>() + b * H, dg.data_ptr<T>() + b * 4 * H,
+                           scratch.data_ptr<T>());
+    matmul<T>(dg, w_ih, dx, T(0));
+    matmul<T>(dg, w_hh, dh, T(0));
+    matmul<T>(dg.t(), x, dw_ih, T(0));
+    matmul<T>(dg.t(), h, dw_hh, T(0));
+    column_sums(dg.data_ptr<T>(), B, 4 * H, dbias.data_ptr<T>());
+  });
+  if (B == 0) dw_ih.zero_(), dw_hh.zero_(), dbias.zero_();
+  return {dx, dh, dc, dw_ih, dw_hh, dbias};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(birnn_ext, CPU, m) {
   m.impl("lstm_layer_forward", &lstm_layer_forward_cpu);
   m.impl("lstm_layer_backward", &lstm_layer_backward_cpu);
+  m.impl("lstm_cell_forward", &lstm_cell_forward_cpu);
+  m.impl("lstm_cell_backward", &lstm_cell_backward_cpu);
 }
 
 }  // namespace birnn

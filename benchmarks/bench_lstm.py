@@ -1,0 +1,214 @@
+"""nn.LSTM against FusedBiLSTM, side by side in one run.
+
+For each case: inference (no grad) and forward+backward, timed with
+torch.utils.benchmark (warm-up, blocked_autorange) using every intra-op thread
+(Timer's default of one thread would hide what threading does on both sides).
+Prints times, the ratio nn.LSTM/fused (above 1: fused is faster), achieved GFLOP/s
+and its share of this machine's large-GEMM GFLOP/s, measured in the same run.
+Writes benchmarks/results/<name>.csv and .png.
+
+    python benchmarks/bench_lstm.py --preset targets
+    python benchmarks/bench_lstm.py --case 32,28,28,128,1 --case 64,100,128,256,1
+    python benchmarks/bench_lstm.py --case var:32,10-100,64,256,1   # variable length
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.utils.benchmark as tb
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from birnn_ext import FusedBiLSTM  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Case:
+    name: str
+    B: int
+    T: int
+    I: int
+    H: int
+    layers: int
+    min_len: int = 0  # variable length: lengths uniform in [min_len, T]
+
+    @property
+    def variable(self) -> bool:
+        return self.min_len > 0
+
+    def label(self) -> str:
+        t = f"{self.min_len}..{self.T}" if self.variable else str(self.T)
+        return f"{self.name} B{self.B} T{t} I{self.I} H{self.H} L{self.layers}"
+
+
+PRESETS = {
+    "targets": [
+        Case("latency", 1, 28, 28, 128, 1),
+        Case("classic", 100, 28, 28, 128, 2),
+        Case("medium", 64, 100, 128, 256, 1),
+        Case("large", 16, 200, 256, 512, 1),
+        Case("variable", 32, 100, 64, 256, 1, min_len=10),
+    ],
+    "quick": [Case("small", 8, 16, 16, 32, 1), Case("small-var", 8, 16, 16, 32, 1, min_len=4)],
+}
+
+
+def parse_case(text: str) -> Case:
+    var = text.startswith("var:")
+    fields = text.removeprefix("var:").split(",")
+    if len(fields) != 5:
+        raise argparse.ArgumentTypeError(f"--case wants B,T,I,H,layers (T as lo-hi with var:), got {text!r}")
+    if var:
+        lo, hi = (int(v) for v in fields[1].split("-"))
+        return Case("custom-var", int(fields[0]), hi, int(fields[2]), int(fields[3]), int(fields[4]), min_len=lo)
+    B, T, I, H, L = (int(v) for v in fields)
+    return Case("custom", B, T, I, H, L)
+
+
+def lstm_flops(case: Case, steps: float) -> float:
+    """Multiply-adds x 2 of the forward pass: per layer and direction, the input and
+    recurrent products of every (valid) step. `steps` is T*B, or the sum of lengths."""
+    total, inp = 0.0, case.I
+    for _ in range(case.layers):
+        total += 2 * 2 * steps * 4 * case.H * (inp + case.H)
+        inp = 2 * case.H
+    return total
+
+
+def gemm_ceiling(threads: int) -> float:
+    """The best GFLOP/s of a large float32 GEMM here: torch.mm (BLAS) or oneDNN."""
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = 0.0
+    stmts = {"torch.mm(a, b)": dict(a=a, b=b)}
+    if torch.backends.mkldnn.is_available():
+        stmts["torch._C._nn.mkldnn_linear(am, bm, None)"] = dict(am=a.to_mkldnn(), bm=b.to_mkldnn(), torch=torch)
+    for stmt, env in stmts.items():
+        t = tb.Timer(stmt, globals={"torch": torch, **env}, num_threads=threads).blocked_autorange(min_run_time=1.0)
+        best = max(best, 2 * n**3 / t.median / 1e9)
+    return best
+
+
+def time_fn(fn, threads, min_run_time):
+    fn()  # warm-up outside the timer too: first calls build caches (oneDNN primitives)
+    return tb.Timer("fn()", globals={"fn": fn}, num_threads=threads).blocked_autorange(min_run_time=min_run_time).median
+
+
+def bench_case(case: Case, device: str, threads: int, min_run_time: float):
+    torch.manual_seed(0)
+    ref = nn.LSTM(case.I, case.H, case.layers, bidirectional=True, device=device)
+    fused = FusedBiLSTM.from_lstm(ref)
+    x = torch.randn(case.T, case.B, case.I, device=device)
+    if case.variable:
+        g = torch.Generator().manual_seed(1)
+        lengths = torch.randint(case.min_len, case.T + 1, (case.B,), generator=g)
+        steps = float(lengths.sum())
+    else:
+        lengths, steps = None, float(case.T * case.B)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def run_ref(train):
+        def f():
+            xi = x.detach().requires_grad_(train)
+            with torch.set_grad_enabled(train):
+                inp = pack_padded_sequence(xi, lengths, enforce_sorted=False) if lengths is not None else xi
+                out, (h, c) = ref(inp)
+                if train:
+                    (out.data.sum() + h.sum()).backward()
+            sync()
+        return f
+
+    def run_fused(train):
+        def f():
+            xi = x.detach().requires_grad_(train)
+            with torch.set_grad_enabled(train):
+                out, (h, c) = fused(xi, lengths=lengths) if lengths is not None else fused(xi)
+                if train:
+                    (out.sum() + h.sum()).backward()
+            sync()
+        return f
+
+    rows = []
+    for mode, train in (("inference", False), ("forward+backward", True)):
+        t_ref = time_fn(run_ref(train), threads, min_run_time)
+        t_fused = time_fn(run_fused(train), threads, min_run_time)
+        flops = lstm_flops(case, steps) * (3 if train else 1)
+        rows.append(dict(case=case.name, B=case.B, T=case.T, min_len=case.min_len, I=case.I, H=case.H,
+                         layers=case.layers, mode=mode, device=device, threads=threads,
+                         nn_lstm_ms=t_ref * 1e3, fused_ms=t_fused * 1e3, ratio=t_ref / t_fused,
+                         fused_gflops=flops / t_fused / 1e9, nn_lstm_gflops=flops / t_ref / 1e9))
+    return rows
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = sorted({(r["case"], r["B"], r["T"], r["H"], r["layers"]) for r in rows}, key=lambda k: [
+        r["case"] for r in rows].index(k[0]))
+    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(labels)), 4))
+    width = 0.38
+    for k, mode in enumerate(("inference", "forward+backward")):
+        vals = [next(r["ratio"] for r in rows if (r["case"], r["B"], r["T"], r["H"], r["layers"]) == lab
+                     and r["mode"] == mode) for lab in labels]
+        xs = [i + (k - 0.5) * width for i in range(len(labels))]
+        bars = ax.bar(xs, vals, width, label=mode)
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xticks(range(len(labels)), [f"{c}\nB{b} T{t} H{h} L{l}" for c, b, t, h, l in labels], fontsize=8)
+    ax.set_ylabel("nn.LSTM time / FusedBiLSTM time")
+    ax.set_title(f"FusedBiLSTM vs nn.LSTM, float32, bidirectional ({rows[0]['device']}, {rows[0]['threads']} threads)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS))
+    p.add_argument("--case", type=parse_case, action="append", default=[], help="B,T,I,H,layers or var:B,lo-hi,I,H,layers")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measurement")
+    p.add_argument("--name", help="results file name (default: the preset's, or 'custom')")
+    args = p.parse_args(argv)
+    cases = (PRESETS[args.preset] if args.preset else []) + args.case
+    if not cases:
+        p.error("give --preset or at least one --case")
+    threads = torch.get_num_threads()
+    ceiling = gemm_ceiling(threads) if args.device == "cpu" else float("nan")
+    print(f"{platform.processor() or platform.machine()}, {threads} threads, torch {torch.__version__}; "
+          f"large-GEMM ceiling {ceiling:.0f} GFLOP/s (float32, best of torch.mm and oneDNN)")
+    header = f"{'case':<40} {'mode':<17} {'nn.LSTM ms':>10} {'fused ms':>9} {'ratio':>6} {'GFLOP/s':>8} {'of ceiling':>10}"
+    print(header)
+    rows = []
+    for case in cases:
+        for r in bench_case(case, args.device, threads, args.min_run_time):
+            r["ceiling_gflops"] = ceiling
+            rows.append(r)
+            print(f"{case.label():<40} {r['mode']:<17} {r['nn_lstm_ms']:>10.3f} {r['fused_ms']:>9.3f} "
+                  f"{r['ratio']:>6.2f} {r['fused_gflops']:>8.1f} {r['fused_gflops'] / ceiling:>10.1%}", flush=True)
+    name = args.name or args.preset or "custom"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / f"{name}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    plot(rows, RESULTS / f"{name}.png")
+    print(f"wrote {RESULTS / (name + '.csv')} and {RESULTS / (name + '.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Every bad call raises what nn.LSTM raises (same type, same message) where nn.LSTM
+checks it, or a clear error naming the argument where it does not; afterwards the
+module still works."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from birnn_ext import FusedLSTM
+
+I, H, L, B, T = 5, 6, 2, 3, 4
+D = 2
+
+
+def good_input():
+    return torch.randn(T, B, I)
+
+
+def states(*shape):
+    return torch.zeros(shape), torch.zeros(shape)
+
+
+# (id, forward args): nn.LSTM rejects each of these; both must raise alike.
+FORWARD_CASES = [
+    ("input 1-D", (torch.randn(I),)),
+    ("input 4-D", (torch.randn(T, B, I, 1),)),
+    ("wrong input_size", (torch.randn(T, B, I + 1),)),
+    ("integer input", (torch.ones(T, B, I, dtype=torch.int64),)),
+    ("float64 input, float32 weights", (torch.randn(T, B, I, dtype=torch.float64),)),
+    ("h0 wrong batch", (good_input(), (torch.zeros(L * D, B + 1, H), torch.zeros(L * D, B, H)))),
+    ("c0 wrong hidden", (good_input(), (torch.zeros(L * D, B, H), torch.zeros(L * D, B, H + 1)))),
+    ("h0 wrong layers", (good_input(), states(L, B, H))),
+    ("h0 2-D with batched input", (good_input(), states(L * D, H))),
+    ("h0 3-D with unbatched input", (torch.randn(T, I), states(L * D, 1, H))),
+]
+
+
+@pytest.mark.parametrize("case,args", FORWARD_CASES, ids=[c for c, _ in FORWARD_CASES])
+def test_forward_errors_match_nn_lstm(case, args):
+    ref = nn.LSTM(I, H, L, bidirectional=True)
+    fused = FusedLSTM.from_lstm(ref)
+    with pytest.raises(Exception) as want:
+        ref(*args)
+    with pytest.raises(type(want.value), match=f"^{re.escape(str(want.value))}$"):
+        fused(*args)
+    y, _ = fused(good_input())
+    assert y.shape == (T, B, 2 * H) and torch.isfinite(y).all()
+
+
+CONSTRUCTOR_CASES = [
+    ("dropout above 1", dict(dropout=1.5)),
+    ("dropout negative", dict(dropout=-0.1)),
+    ("dropout bool", dict(dropout=True)),
+    ("hidden_size 0", dict(hidden_size=0)),
+    ("hidden_size float", dict(hidden_size=4.0)),
+    ("input_size 0", dict(input_size=0)),
+    ("num_layers 0", dict(num_layers=0)),
+    ("bias not bool", dict(bias=1)),
+    ("batch_first not bool", dict(batch_first=None)),
+    ("proj_size negative", dict(proj_size=-1)),
+    ("proj_size not smaller", dict(proj_size=H)),
+]
+
+
+@pytest.mark.parametrize("case,kw", CONSTRUCTOR_CASES, ids=[c for c, _ in CONSTRUCTOR_CASES])
+def test_constructor_errors_match_nn_lstm(case, kw):
+    args = dict(input_size=I, hidden_size=H, num_layers=L)
+    args.update(kw)
+    with pytest.raises(Exception) as want:
+        nn.LSTM(**args)
+    with pytest.raises(type(want.value), match=f"^{re.escape(str(want.value))}$"):
+        FusedLSTM(**args)
+
+
+LENGTH_CASES = [
+    ("longer than T", [T + 1, 1, 2], ValueError, r"lengths must lie in \[1, 4\].*got values from 1 to 5"),
+    ("zero", [0, 1, 2], ValueError, r"lengths must lie in \[1, 4\].*got values from 0 to 2"),
+    ("float dtype", torch.tensor([1.0, 2.0, 3.0]), TypeError, r"lengths must hold integers, got dtype torch.float32"),
+    ("wrong count", [1, 2], ValueError, r"one entry per sequence in the batch \(3\), got shape \(2,\)"),
+    ("2-D", [[1, 2, 3]], ValueError, r"one entry per sequence in the batch \(3\), got shape \(1, 3\)"),
+]
+
+
+@pytest.mark.parametrize("case,lengths,exc,msg", LENGTH_CASES, ids=[c[0] for c in LENGTH_CASES])
+def test_bad_lengths_name_the_argument(case, lengths, exc, msg):
+    fused = FusedLSTM(I, H, L, bidirectional=True)
+    with pytest.raises(exc, match=msg):
+        fused(good_input(), lengths=lengths)
+    y, _ = fused(good_input(), lengths=[4, 1, 2])
+    assert (y[2:, 2] == 0).all() and (y[:2, 2] != 0).any()
+
+
+def test_lengths_with_packed_input_is_refused():
+    fused = FusedLSTM(I, H)
+    packed = nn.utils.rnn.pack_padded_sequence(good_input(), [4, 3, 1])
+    with pytest.raises(ValueError, match="lengths must not be given with a PackedSequence"):
+        fused(packed, lengths=[4, 3, 1])
+
+
+OP_CASES = [
+    ("x 2-D", dict(x=torch.randn(T, I)), r"x must be 3-D \[T, B, I\], got 2-D"),
+    ("w_ih wrong I", dict(w_ih=torch.randn(D, 4 * H, I + 1)), r"w_ih must have shape \[D, 4H, I\] = \[2, 24, 5\], got \[2, 24, 6\]"),
+    ("h0 wrong batch", dict(h0=torch.zeros(D, B + 1, H)), r"h0 must have shape \[D, B, H\] = \[2, 3, 6\], got \[2, 4, 6\]"),
+    ("c0 float64", dict(c0=torch.zeros(D, B, H, dtype=torch.float64)), r"c0 must have the dtype of x \(Float\), got Double"),
+    ("bias wrong size", dict(bias=torch.zeros(D, 4 * H + 1)), r"bias must have shape \[D, 4H\] = \[2, 24\], got \[2, 25\]"),
+    ("three directions", dict(w_hh=torch.randn(3, 4 * H, H)), r"number of directions, 1 or 2, got 3"),
+    ("lengths int32", dict(lengths=torch.tensor([1, 2, 3], dtype=torch.int32)), r"lengths must be int64, got Int"),
+    ("lengths past T", dict(lengths=torch.tensor([1, 2, T + 1])), r"lengths must lie in \[1, T = 4\], got values from 1 to 5"),
+    ("T = 0", dict(x=torch.randn(0, B, I)), r"at least one time step, got T = 0"),
+]
+
+
+@pytest.mark.parametrize("case,override,msg", OP_CASES, ids=[c[0] for c in OP_CASES])
+def test_op_checks_name_argument_expected_and_got(case, override, msg):
+    args = dict(x=torch.randn(T, B, I), lengths=None, h0=torch.zeros(D, B, H), c0=torch.zeros(D, B, H),
+                w_ih=torch.randn(D, 4 * H, I), w_hh=torch.randn(D, 4 * H, H), bias=torch.zeros(D, 4 * H))
+    args.update(override)
+    with pytest.raises(RuntimeError, match=msg):
+        torch.ops.birnn_ext.lstm_layer_forward(*args.values(), False)
+
+
+def test_backward_without_saved_activations_is_refused():
+    x, h0 = torch.randn(T, B, I), torch.zeros(D, B, H)
+    w_ih, w_hh = torch.randn(D, 4 * H, I), torch.randn(D, 4 * H, H)
+    _, _, _, gates, cp, hp = torch.ops.birnn_ext.lstm_layer_forward(x, None, h0, h0, w_ih, w_hh, None, False)
+    with pytest.raises(RuntimeError, match="nothing was saved for backward"):
+        torch.ops.birnn_ext.lstm_layer_backward(None, h0, None, x, None, w_ih, w_hh, gates, cp, hp)
