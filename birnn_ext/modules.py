@@ -84,8 +84,6 @@ class FusedLSTM(nn.Module):
             raise ValueError("proj_size should be a positive integer or zero to disable projections")
         if proj_size >= hidden_size:
             raise ValueError("proj_size has to be smaller than hidden_size")
-        if proj_size > 0:
-            raise NotImplementedError(f"{type(self).__name__}: proj_size > 0 is not supported yet, got {proj_size}")
 
         self.mode = "LSTM"
         self.input_size = input_size
@@ -102,14 +100,17 @@ class FusedLSTM(nn.Module):
         G = 4 * hidden_size
         self._flat_weights_names: list[str] = []
         self._all_weights: list[list[str]] = []
+        P = proj_size if proj_size > 0 else hidden_size  # the size of h
         for layer in range(num_layers):
-            layer_input = input_size if layer == 0 else hidden_size * D
+            layer_input = input_size if layer == 0 else P * D
             for direction in range(D):
                 sfx = "_reverse" if direction == 1 else ""
-                shapes = {f"weight_ih_l{layer}{sfx}": (G, layer_input), f"weight_hh_l{layer}{sfx}": (G, hidden_size)}
+                shapes = {f"weight_ih_l{layer}{sfx}": (G, layer_input), f"weight_hh_l{layer}{sfx}": (G, P)}
                 if bias:
                     shapes[f"bias_ih_l{layer}{sfx}"] = (G,)
                     shapes[f"bias_hh_l{layer}{sfx}"] = (G,)
+                if proj_size > 0:
+                    shapes[f"weight_hr_l{layer}{sfx}"] = (proj_size, hidden_size)
                 for name, shape in shapes.items():
                     setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
                 self._flat_weights_names.extend(shapes)
@@ -185,10 +186,15 @@ class FusedLSTM(nn.Module):
             )
 
     def _check_hidden(self, hx: tuple[Tensor, Tensor], batch: int) -> None:
-        expected = (self.num_layers * self.num_directions, batch, self.hidden_size)
-        for k, t in enumerate(hx):
-            if t.size() != expected:
-                raise RuntimeError(f"Expected hidden[{k}] size {expected}, got {list(t.size())}")
+        LD = self.num_layers * self.num_directions
+        for k, size in enumerate((self._h_size, self.hidden_size)):
+            expected = (LD, batch, size)
+            if hx[k].size() != expected:
+                raise RuntimeError(f"Expected hidden[{k}] size {expected}, got {list(hx[k].size())}")
+
+    @property
+    def _h_size(self) -> int:
+        return self.proj_size if self.proj_size > 0 else self.hidden_size
 
     def _lengths_tensor(self, lengths, batch: int, steps: int) -> Tensor:
         if not isinstance(lengths, Tensor):
@@ -268,14 +274,13 @@ class FusedLSTM(nn.Module):
         """x [T,B,I] -> y [T,B,D*H], (h_n, c_n) [L*D,B,H], layer by layer."""
         D, H, B = self.num_directions, self.hidden_size, x.size(1)
         if hx is None:
-            zeros = x.new_zeros((self.num_layers * D, B, H))
-            hx = (zeros, zeros)
+            hx = (x.new_zeros((self.num_layers * D, B, self._h_size)), x.new_zeros((self.num_layers * D, B, H)))
         h_n, c_n = [], []
         for layer in range(self.num_layers):
             names = self._all_weights[layer * D : (layer + 1) * D]
-            w_ih, w_hh, bias = self._layer_weights(names)
+            w_ih, w_hh, bias, w_hr = self._layer_weights(names)
             h0, c0 = hx[0][layer * D : (layer + 1) * D], hx[1][layer * D : (layer + 1) * D]
-            x, h, c = ops.lstm_layer(x, h0, c0, w_ih, w_hh, bias, lengths)
+            x, h, c = ops.lstm_layer(x, h0, c0, w_ih, w_hh, bias, lengths, w_hr)
             h_n.append(h)
             c_n.append(c)
             if self.dropout > 0 and self.training and layer + 1 < self.num_layers:
@@ -284,12 +289,13 @@ class FusedLSTM(nn.Module):
 
     def _layer_weights(self, names: list[list[str]]):
         """The directions of one layer stacked as the layer op takes them:
-        w_ih [D,4H,I], w_hh [D,4H,H], bias [D,4H] = b_ih + b_hh, or None."""
+        w_ih [D,4H,I], w_hh [D,4H,P], bias [D,4H] = b_ih + b_hh or None, w_hr [D,P,H] or None."""
         params = [[getattr(self, n) for n in d] for d in names]
         w_ih = torch.stack([p[0] for p in params])
         w_hh = torch.stack([p[1] for p in params])
         bias = torch.stack([p[2] + p[3] for p in params]) if self.bias else None
-        return w_ih, w_hh, bias
+        w_hr = torch.stack([p[-1] for p in params]) if self.proj_size > 0 else None
+        return w_ih, w_hh, bias, w_hr
 
 
 class FusedBiLSTM(FusedLSTM):

@@ -20,31 +20,35 @@ _ops = torch.ops.birnn_ext
 
 
 @torch.library.register_fake("birnn_ext::lstm_layer_forward")
-def _(x, lengths, h0, c0, w_ih, w_hh, bias, training):
+def _(x, lengths, h0, c0, w_ih, w_hh, bias, w_hr, training):
     T, B, _ = x.shape
-    D, _, H = w_hh.shape
+    D, G, P = w_hh.shape
+    H = G // 4
     saved = T if training else 0
     return (
-        x.new_empty((T, B, D * H)),
-        h0.new_empty((D, B, H)),
+        x.new_empty((T, B, D * P)),
+        h0.new_empty((D, B, P)),
         c0.new_empty((D, B, H)),
-        x.new_empty((saved, B, D * 4 * H)),
+        x.new_empty((saved, B, D * G)),
         x.new_empty((saved, B, D * H)),
-        x.new_empty((D, saved, B, H)),
+        x.new_empty((D, saved, B, P)),
+        x.new_empty((D, saved if w_hr is not None else 0, B, H)),
     )
 
 
 @torch.library.register_fake("birnn_ext::lstm_layer_backward")
-def _(grad_y, grad_h_n, grad_c_n, x, lengths, w_ih, w_hh, gates, c_prev, h_prev):
+def _(grad_y, grad_h_n, grad_c_n, x, lengths, w_ih, w_hh, w_hr, gates, c_prev, h_prev, h_raw):
     T, B, I = x.shape
-    D, G, H = w_hh.shape
+    D, G, P = w_hh.shape
+    H = G // 4
     return (
         x.new_empty((T, B, I)),
-        x.new_empty((D, B, H)),
+        x.new_empty((D, B, P)),
         x.new_empty((D, B, H)),
         w_ih.new_empty((D, G, I)),
-        w_hh.new_empty((D, G, H)),
+        w_hh.new_empty((D, G, P)),
         w_hh.new_empty((D, G)),
+        w_hh.new_empty((D if w_hr is not None else 0, P, H)),
     )
 
 
@@ -64,22 +68,23 @@ def _(grad_h_new, grad_c_new, x, h, c, w_ih, w_hh, gates):
 
 
 def _layer_setup_context(ctx, inputs, output):
-    x, lengths, _h0, _c0, w_ih, w_hh, bias, _training = inputs
-    _y, _h_n, _c_n, gates, c_prev, h_prev = output
-    ctx.mark_non_differentiable(gates, c_prev, h_prev)
+    x, lengths, _h0, _c0, w_ih, w_hh, bias, w_hr, _training = inputs
+    _y, _h_n, _c_n, gates, c_prev, h_prev, h_raw = output
+    ctx.mark_non_differentiable(gates, c_prev, h_prev, h_raw)
     ctx.set_materialize_grads(False)  # an unused output costs no zero tensor
     ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, lengths, w_ih, w_hh, gates, c_prev, h_prev)
+    ctx.save_for_backward(x, lengths, w_ih, w_hh, w_hr, gates, c_prev, h_prev, h_raw)
 
 
 def _layer_backward(ctx, grad_y, grad_h_n, grad_c_n, *_saved_grads):
-    x, lengths, w_ih, w_hh, gates, c_prev, h_prev = ctx.saved_tensors
+    x, lengths, w_ih, w_hh, w_hr, gates, c_prev, h_prev, h_raw = ctx.saved_tensors
     if grad_y is None and grad_h_n is None and grad_c_n is None:
-        return (None,) * 8
-    dx, dh0, dc0, dw_ih, dw_hh, dbias = _ops.lstm_layer_backward(
-        grad_y, grad_h_n, grad_c_n, x, lengths, w_ih, w_hh, gates, c_prev, h_prev
+        return (None,) * 9
+    dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr = _ops.lstm_layer_backward(
+        grad_y, grad_h_n, grad_c_n, x, lengths, w_ih, w_hh, w_hr, gates, c_prev, h_prev, h_raw
     )
-    return dx, None, dh0, dc0, dw_ih, dw_hh, (dbias if ctx.has_bias else None), None
+    return (dx, None, dh0, dc0, dw_ih, dw_hh, dbias if ctx.has_bias else None,
+            dw_hr if w_hr is not None else None, None)
 
 
 torch.library.register_autograd(
@@ -123,15 +128,17 @@ def lstm_layer(
     w_hh: Tensor,
     bias: Tensor | None = None,
     lengths: Tensor | None = None,
+    w_hr: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One LSTM layer over all steps, D = w_hh.size(0) directions in one sweep.
 
-    x [T,B,I]; h0, c0 [D,B,H]; w_ih [D,4H,I]; w_hh [D,4H,H]; bias [D,4H] (b_ih + b_hh)
-    or None; lengths [B] int64 or None. Returns y [T,B,D*H], h_n, c_n [D,B,H]. Saves
-    activations for backward only when a gradient is needed.
+    x [T,B,I]; h0 [D,B,P]; c0 [D,B,H]; w_ih [D,4H,I]; w_hh [D,4H,P]; bias [D,4H]
+    (b_ih + b_hh) or None; lengths [B] int64 or None; w_hr [D,P,H] or None (then P = H).
+    Returns y [T,B,D*P], h_n [D,B,P], c_n [D,B,H]. Saves activations for backward only
+    when a gradient is needed.
     """
-    training = _needs_grad(x, h0, c0, w_ih, w_hh, bias)
-    y, h_n, c_n, *_ = _ops.lstm_layer_forward(x, lengths, h0, c0, w_ih, w_hh, bias, training)
+    training = _needs_grad(x, h0, c0, w_ih, w_hh, bias, w_hr)
+    y, h_n, c_n, *_ = _ops.lstm_layer_forward(x, lengths, h0, c0, w_ih, w_hh, bias, w_hr, training)
     return y, h_n, c_n
 
 

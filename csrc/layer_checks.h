@@ -6,8 +6,9 @@
 
 namespace birnn {
 
+// P is the size of h: proj_size with a projection, else H.
 struct LayerDims {
-  int64_t T, B, I, H, D;
+  int64_t T, B, I, H, P, D;
 };
 
 inline void check_same(const char* op, const at::Tensor& ref, const at::Tensor& t, const char* name) {
@@ -27,16 +28,23 @@ inline void check_shape(const char* op, const at::Tensor& t, const char* name, a
 inline LayerDims check_layer_forward(const at::Tensor& x, const std::optional<at::Tensor>& lengths,
                                      const at::Tensor& h0, const at::Tensor& c0,
                                      const at::Tensor& w_ih, const at::Tensor& w_hh,
-                                     const std::optional<at::Tensor>& bias) {
+                                     const std::optional<at::Tensor>& bias,
+                                     const std::optional<at::Tensor>& w_hr) {
   const char* op = "lstm_layer_forward";
   TORCH_CHECK(x.dim() == 3, op, ": x must be 3-D [T, B, I], got ", x.dim(), "-D ", x.sizes());
-  TORCH_CHECK(w_hh.dim() == 3, op, ": w_hh must be 3-D [D, 4H, H], got ", w_hh.sizes());
-  LayerDims d{x.size(0), x.size(1), x.size(2), w_hh.size(2), w_hh.size(0)};
+  TORCH_CHECK(w_hh.dim() == 3, op, ": w_hh must be 3-D [D, 4H, P], got ", w_hh.sizes());
+  TORCH_CHECK(w_hh.size(1) > 0 && w_hh.size(1) % 4 == 0, op, ": w_hh.size(1) must be 4H > 0, got ", w_hh.size(1));
+  LayerDims d{x.size(0), x.size(1), x.size(2), w_hh.size(1) / 4, w_hh.size(2), w_hh.size(0)};
   TORCH_CHECK(d.D == 1 || d.D == 2, op, ": w_hh.size(0) is the number of directions, 1 or 2, got ", d.D);
-  TORCH_CHECK(d.H > 0 && w_hh.size(1) == 4 * d.H, op, ": w_hh must be [D, 4H, H], got ", w_hh.sizes());
   TORCH_CHECK(d.T > 0, op, ": x must have at least one time step, got T = 0");
+  if (w_hr) {
+    check_shape(op, *w_hr, "w_hr", {d.D, d.P, d.H}, "[D, P, H]");
+    check_same(op, x, *w_hr, "w_hr");
+  } else {
+    TORCH_CHECK(d.P == d.H, op, ": without w_hr, w_hh must be [D, 4H, H], got ", w_hh.sizes());
+  }
   check_shape(op, w_ih, "w_ih", {d.D, 4 * d.H, d.I}, "[D, 4H, I]");
-  check_shape(op, h0, "h0", {d.D, d.B, d.H}, "[D, B, H]");
+  check_shape(op, h0, "h0", {d.D, d.B, d.P}, w_hr ? "[D, B, P]" : "[D, B, H]");
   check_shape(op, c0, "c0", {d.D, d.B, d.H}, "[D, B, H]");
   for (auto [t, name] : {std::pair{&h0, "h0"}, {&c0, "c0"}, {&w_ih, "w_ih"}, {&w_hh, "w_hh"}})
     check_same(op, x, *t, name);

@@ -6,24 +6,26 @@
 TORCH_LIBRARY(birnn_ext, m) {
   // One LSTM layer, every time step, D = 1 or 2 directions in one sweep.
   //   x [T,B,I]; lengths [B] int64 (1 <= len <= T) or None for all T;
-  //   h0, c0 [D,B,H]; w_ih [D,4H,I]; w_hh [D,4H,H]; bias [D,4H] (b_ih + b_hh) or None.
-  // Returns y [T,B,D*H] (zero where t >= len), h_n, c_n [D,B,H] taken at each
-  // sequence's own end, and what backward needs when `training` (else empty):
-  //   gates [T,B,D*4H] activated i,f,g,o; c_prev [T,B,D*H] and h_prev [D,T,B,H],
-  //   the state each step started from.
+  //   h0 [D,B,P]; c0 [D,B,H]; w_ih [D,4H,I]; w_hh [D,4H,P]; bias [D,4H] (b_ih + b_hh)
+  //   or None; w_hr [D,P,H] (LSTM with projections, h = (o * tanh(c)) W_hr^T) or None,
+  //   and then P = H.
+  // Returns y [T,B,D*P] (zero where t >= len), h_n [D,B,P] and c_n [D,B,H] taken at
+  // each sequence's own end, and what backward needs when `training` (else empty):
+  //   gates [T,B,D*4H] activated i,f,g,o; c_prev [T,B,D*H] and h_prev [D,T,B,P], the
+  //   state each step started from; h_raw [D,T,B,H], o * tanh(c) (with w_hr only).
   m.def(
       "lstm_layer_forward(Tensor x, Tensor? lengths, Tensor h0, Tensor c0, "
-      "Tensor w_ih, Tensor w_hh, Tensor? bias, bool training) -> "
-      "(Tensor y, Tensor h_n, Tensor c_n, Tensor gates, Tensor c_prev, Tensor h_prev)");
-  // Gradients of lstm_layer_forward. An absent grad_* counts as zeros.
-  // Returns grad_x [T,B,I], grad_h0, grad_c0 [D,B,H], grad_w_ih [D,4H,I],
-  // grad_w_hh [D,4H,H], grad_bias [D,4H].
+      "Tensor w_ih, Tensor w_hh, Tensor? bias, Tensor? w_hr, bool training) -> "
+      "(Tensor y, Tensor h_n, Tensor c_n, Tensor gates, Tensor c_prev, Tensor h_prev, Tensor h_raw)");
+  // Gradients of lstm_layer_forward. An absent grad_* counts as zeros. Returns
+  // grad_x [T,B,I], grad_h0 [D,B,P], grad_c0 [D,B,H], grad_w_ih [D,4H,I],
+  // grad_w_hh [D,4H,P], grad_bias [D,4H], grad_w_hr [D,P,H] (empty without w_hr).
   m.def(
       "lstm_layer_backward(Tensor? grad_y, Tensor? grad_h_n, Tensor? grad_c_n, "
-      "Tensor x, Tensor? lengths, Tensor w_ih, Tensor w_hh, Tensor gates, "
-      "Tensor c_prev, Tensor h_prev) -> "
+      "Tensor x, Tensor? lengths, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor gates, "
+      "Tensor c_prev, Tensor h_prev, Tensor h_raw) -> "
       "(Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, "
-      "Tensor grad_w_hh, Tensor grad_bias)");
+      "Tensor grad_w_hh, Tensor grad_bias, Tensor grad_w_hr)");
 
   // One LSTM step, for FusedLSTMCell and hand-written loops over time.
   //   x [B,I]; h, c [B,H]; w_ih [4H,I]; w_hh [4H,H]; bias [4H] (b_ih + b_hh) or None.

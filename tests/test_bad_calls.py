@@ -111,6 +111,8 @@ OP_CASES = [
     ("lengths int32", dict(lengths=torch.tensor([1, 2, 3], dtype=torch.int32)), r"lengths must be int64, got Int"),
     ("lengths past T", dict(lengths=torch.tensor([1, 2, T + 1])), r"lengths must lie in \[1, T = 4\], got values from 1 to 5"),
     ("T = 0", dict(x=torch.randn(0, B, I)), r"at least one time step, got T = 0"),
+    ("w_hh not square without w_hr", dict(w_hh=torch.randn(D, 4 * H, H - 1)),
+     r"without w_hr, w_hh must be \[D, 4H, H\], got \[2, 24, 5\]"),
 ]
 
 
@@ -120,12 +122,12 @@ def test_op_checks_name_argument_expected_and_got(case, override, msg):
                 w_ih=torch.randn(D, 4 * H, I), w_hh=torch.randn(D, 4 * H, H), bias=torch.zeros(D, 4 * H))
     args.update(override)
     with pytest.raises(RuntimeError, match=msg):
-        torch.ops.birnn_ext.lstm_layer_forward(*args.values(), False)
+        torch.ops.birnn_ext.lstm_layer_forward(*args.values(), None, False)
 
 
 def test_backward_without_saved_activations_is_refused():
     x, h0 = torch.randn(T, B, I), torch.zeros(D, B, H)
     w_ih, w_hh = torch.randn(D, 4 * H, I), torch.randn(D, 4 * H, H)
-    _, _, _, gates, cp, hp = torch.ops.birnn_ext.lstm_layer_forward(x, None, h0, h0, w_ih, w_hh, None, False)
+    _, _, _, gates, cp, hp, hr = torch.ops.birnn_ext.lstm_layer_forward(x, None, h0, h0, w_ih, w_hh, None, None, False)
     with pytest.raises(RuntimeError, match="nothing was saved for backward"):
-        torch.ops.birnn_ext.lstm_layer_backward(None, h0, None, x, None, w_ih, w_hh, gates, cp, hp)
+        torch.ops.birnn_ext.lstm_layer_backward(None, h0, None, x, None, w_ih, w_hh, None, gates, cp, hp, hr)

@@ -125,19 +125,41 @@ def test_opcheck_layer_ops():
     def r(*s):
         return torch.randn(*s, generator=g, dtype=torch.float64)
 
-    x, h0, c0 = r(T, B, I), r(D, B, H), r(D, B, H)
-    w_ih, w_hh, bias = r(D, 4 * H, I), r(D, 4 * H, H), r(D, 4 * H)
     lengths = torch.tensor([4, 1, 3])
-    for ln, b in [(None, bias), (lengths, None)]:
-        torch.library.opcheck(ops.lstm_layer_forward, (x, ln, h0, c0, w_ih, w_hh, b, False))
-        args = [t.requires_grad_() if t is not None and t.dtype.is_floating_point else t
-                for t in (x.clone(), ln, h0.clone(), c0.clone(), w_ih.clone(), w_hh.clone(), b)]
-        args[-1] = b.clone().requires_grad_() if b is not None else None
-        torch.library.opcheck(ops.lstm_layer_forward, (*args, True))
-        _, _, _, gates, cp, hp = ops.lstm_layer_forward(x, ln, h0, c0, w_ih, w_hh, b, True)
+    for ln, with_bias, P in [(None, True, H), (lengths, False, H), (lengths, True, 4)]:
+        x, h0, c0 = r(T, B, I), r(D, B, P), r(D, B, H)
+        w_ih, w_hh = r(D, 4 * H, I), r(D, 4 * H, P)
+        b = r(D, 4 * H) if with_bias else None
+        w_hr = r(D, P, H) if P != H else None
+        torch.library.opcheck(ops.lstm_layer_forward, (x, ln, h0, c0, w_ih, w_hh, b, w_hr, False))
+        grad_args = [t.clone().requires_grad_() if t is not None else None for t in (x, h0, c0, w_ih, w_hh, b, w_hr)]
+        x_, h0_, c0_, w_ih_, w_hh_, b_, w_hr_ = grad_args
+        torch.library.opcheck(ops.lstm_layer_forward, (x_, ln, h0_, c0_, w_ih_, w_hh_, b_, w_hr_, True))
+        _, _, _, gates, cp, hp, hr = ops.lstm_layer_forward(x, ln, h0, c0, w_ih, w_hh, b, w_hr, True)
         torch.library.opcheck(
-            ops.lstm_layer_backward, (r(T, B, D * H), r(D, B, H), None, x, ln, w_ih, w_hh, gates, cp, hp)
+            ops.lstm_layer_backward,
+            (r(T, B, D * P), r(D, B, P), None, x, ln, w_ih, w_hh, w_hr, gates, cp, hp, hr),
         )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_proj_size_matches(device, dtype, num_layers, bidirectional, bias):
+    T, B, I, H, P = 5, 3, 7, 13, 4
+    ref, fused = make_pair(I, H, device, dtype, num_layers=num_layers, bidirectional=bidirectional, bias=bias,
+                           proj_size=P)
+    D = 2 if bidirectional else 1
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(T, B, I, generator=g, dtype=dtype).to(device)
+    hx = (torch.randn(num_layers * D, B, P, generator=g, dtype=dtype).to(device),
+          torch.randn(num_layers * D, B, H, generator=g, dtype=dtype).to(device))
+    for state in (hx, None):
+        assert_same_results(outputs_and_grads(fused, x, state), outputs_and_grads(ref, x, state), dtype)
+    packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([2, 5, 3]), enforce_sorted=False)
+    assert_same_results(outputs_and_grads(fused, packed, hx), outputs_and_grads(ref, packed, hx), dtype)
 
 
 @pytest.mark.parametrize("lengths", [None, [5, 1, 3, 4] * 16])

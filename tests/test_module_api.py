@@ -11,6 +11,7 @@ from birnn_ext import FusedBiLSTM, FusedLSTM
 
 CONFIGS = [
     dict(input_size=7, hidden_size=13),
+    dict(input_size=7, hidden_size=13, num_layers=2, bidirectional=True, proj_size=5),
     dict(input_size=7, hidden_size=13, num_layers=3, bidirectional=True, bias=False, batch_first=True),
     dict(input_size=2, hidden_size=3, num_layers=2, dropout=0.25),
 ]
@@ -72,11 +73,6 @@ def test_positional_arguments_are_nn_lstms():
     ref, fused = nn.LSTM(*args), FusedLSTM(*args)
     for attr in ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional"):
         assert getattr(fused, attr) == getattr(ref, attr), attr
-
-
-def test_not_yet_supported_features_raise_clearly():
-    with pytest.raises(NotImplementedError, match="proj_size"):
-        FusedLSTM(4, 8, proj_size=2)
 
 
 def test_flatten_parameters_is_harmless():

@@ -27,10 +27,13 @@ namespace {
 #endif
 
 // xg [4H]: x W_ih^T on entry, the activated gates on exit when Training.
-// rec [4H]: h W_hh^T; bias [4H]; c, h [H] the state, updated in place; y [H] out.
+// rec [4H]: h W_hh^T; bias [4H]; c [H] the cell state, updated in place; h [H] out:
+// o * tanh(c), the new hidden state (before the projection, where there is one).
 template <typename T, bool Training>
-__attribute__((always_inline)) inline void cell_forward_row_impl(int64_t H, T* __restrict__ xg, const T* __restrict__ rec, const T* __restrict__ bias,
-                                  T* __restrict__ c, T* __restrict__ h, T* __restrict__ y) {
+__attribute__((always_inline)) inline void cell_forward_row_impl(int64_t H, T* __restrict__ xg,
+                                                                 const T* __restrict__ rec,
+                                                                 const T* __restrict__ bias, T* __restrict__ c,
+                                                                 T* __restrict__ h) {
   for (int64_t j = 0; j < H; ++j) {
     const Gates<T> a = activate(xg[j] + rec[j] + bias[j], xg[H + j] + rec[H + j] + bias[H + j],
                                 xg[2 * H + j] + rec[2 * H + j] + bias[2 * H + j],
@@ -45,7 +48,6 @@ __attribute__((always_inline)) inline void cell_forward_row_impl(int64_t H, T* _
     }
     c[j] = cn;
     h[j] = hn;
-    y[j] = hn;
   }
 }
 
@@ -69,8 +71,8 @@ __attribute__((always_inline)) inline void cell_backward_row_impl(int64_t H, con
 }
 
 template <typename T, bool Training>
-void cell_forward_row(int64_t H, T* xg, const T* rec, const T* bias, T* c, T* h, T* y) {
-  cell_forward_row_impl<T, Training>(H, xg, rec, bias, c, h, y);
+void cell_forward_row(int64_t H, T* xg, const T* rec, const T* bias, T* c, T* h) {
+  cell_forward_row_impl<T, Training>(H, xg, rec, bias, c, h);
 }
 template <typename T>
 void cell_backward_row(int64_t H, const T* gates, const T* c_prev, const T* dy, T* dh, T* dc, T* dg, T* dg_step) {
@@ -78,26 +80,24 @@ void cell_backward_row(int64_t H, const T* gates, const T* c_prev, const T* dy, 
 }
 
 BIRNN_SIMD_CLONES void cell_forward_row_f32_train(int64_t H, float* xg, const float* rec, const float* bias, float* c,
-                                                  float* h, float* y) {
-  cell_forward_row_impl<float, true>(H, xg, rec, bias, c, h, y);
+                                                  float* h) {
+  cell_forward_row_impl<float, true>(H, xg, rec, bias, c, h);
 }
 BIRNN_SIMD_CLONES void cell_forward_row_f32_infer(int64_t H, float* xg, const float* rec, const float* bias, float* c,
-                                                  float* h, float* y) {
-  cell_forward_row_impl<float, false>(H, xg, rec, bias, c, h, y);
+                                                  float* h) {
+  cell_forward_row_impl<float, false>(H, xg, rec, bias, c, h);
 }
 BIRNN_SIMD_CLONES void cell_backward_row_f32(int64_t H, const float* gates, const float* c_prev, const float* dy,
                                              float* dh, float* dc, float* dg, float* dg_step) {
   cell_backward_row_impl<float>(H, gates, c_prev, dy, dh, dc, dg, dg_step);
 }
 template <>
-void cell_forward_row<float, true>(int64_t H, float* xg, const float* rec, const float* bias, float* c, float* h,
-                                   float* y) {
-  cell_forward_row_f32_train(H, xg, rec, bias, c, h, y);
+void cell_forward_row<float, true>(int64_t H, float* xg, const float* rec, const float* bias, float* c, float* h) {
+  cell_forward_row_f32_train(H, xg, rec, bias, c, h);
 }
 template <>
-void cell_forward_row<float, false>(int64_t H, float* xg, const float* rec, const float* bias, float* c, float* h,
-                                    float* y) {
-  cell_forward_row_f32_infer(H, xg, rec, bias, c, h, y);
+void cell_forward_row<float, false>(int64_t H, float* xg, const float* rec, const float* bias, float* c, float* h) {
+  cell_forward_row_f32_infer(H, xg, rec, bias, c, h);
 }
 template <>
 void cell_backward_row<float>(int64_t H, const float* gates, const float* c_prev, const float* dy, float* dh,
@@ -118,51 +118,70 @@ void for_each_direction(int64_t D, const F& fn) {
   }
 }
 
-// Pointers and sizes of one forward sweep. Shapes are given in elements, row-major.
+// Pointers and sizes of one forward sweep. Shapes are in elements, row-major; P is the
+// size of h (proj_size, or H without a projection).
 template <typename T>
 struct FwdParams {
   LayerDims n;
   const int64_t* len;  // [B] or nullptr: every sequence has T steps
   // Per-direction GEMM operands, made on the calling thread: OpenMP workers do not
   // carry its autograd state, so no view is created inside the parallel region.
-  std::array<at::Tensor, 2> w_hh_t;  // [H,4H] = W_hh[d]^T
-  std::array<at::Tensor, 2> h;       // [B,H] h0 on entry, h_n on exit
+  std::array<at::Tensor, 2> w_hh_t;  // [P,4H] = W_hh[d]^T
+  std::array<at::Tensor, 2> w_hr_t;  // [H,P] = W_hr[d]^T, undefined without a projection
+  std::array<at::Tensor, 2> h;       // [B,P] h0 on entry, h_n on exit
   std::array<at::Tensor, 2> rec;     // [B,4H] scratch: h W_hh^T of one step
-  const T* bias;       // [D,4H], zeros when the layer has none
-  T* xg;               // [T,B,D*4H] x W_ih^T on entry; activated gates on exit when training
-  T* y;                // [T,B,D*H]
-  T* c;                // [D,B,H] c0 on entry, c_n on exit
-  T* c_prev;           // [T,B,D*H] saved when training
-  T* h_prev;           // [D,T,B,H] saved when training, direction-major for the dW_hh GEMM
+  std::array<at::Tensor, 2> h_raw;   // [B,H] scratch with a projection: o * tanh(c) of one step
+  std::array<at::Tensor, 2> h_proj;  // [B,P] scratch with a projection: h_raw W_hr^T
+  const T* bias;                     // [D,4H], zeros when the layer has none
+  T* xg;                             // [T,B,D*4H] x W_ih^T on entry; activated gates on exit when training
+  T* y;                              // [T,B,D*P]
+  T* c;                              // [D,B,H] c0 on entry, c_n on exit
+  T* c_prev;                         // [T,B,D*H] saved when training
+  T* h_prev;                         // [D,T,B,P] saved when training, direction-major for the dW_hh GEMM
+  T* h_raw_saved;                    // [D,T,B,H] saved when training with a projection, for dW_hr
 };
 
 template <typename T, bool Training>
 void forward_direction(const FwdParams<T>& p, int64_t d) {
-  const auto [T_, B, I, H, D] = p.n;
+  const auto [T_, B, I, H, P, D] = p.n;
   const int64_t G = 4 * H;
-  const at::Tensor &h_d = p.h[d], &w_hh_t = p.w_hh_t[d], &rec_d = p.rec[d];
+  const bool proj = p.w_hr_t[d].defined();
   const T* bias = p.bias + d * G;
-  T* h = h_d.data_ptr<T>();
+  T* h = p.h[d].template data_ptr<T>();
   T* c = p.c + d * B * H;
-  T* rec = rec_d.data_ptr<T>();
+  T* rec = p.rec[d].template data_ptr<T>();
+  T* h_raw = proj ? p.h_raw[d].template data_ptr<T>() : nullptr;
+  const T* h_proj = proj ? p.h_proj[d].template data_ptr<T>() : nullptr;
+  auto row_of = [&](int64_t s, int64_t b) { return time_index(int(d), s, p.len ? p.len[b] : T_) * B + b; };
   for (int64_t s = 0; s < T_; ++s) {
-    matmul<T>(h_d, w_hh_t, rec_d, T(0));
+    matmul<T>(p.h[d], p.w_hh_t[d], p.rec[d], T(0));
     for (int64_t b = 0; b < B; ++b) {
-      const int64_t L = p.len ? p.len[b] : T_;
-      const int64_t t = time_index(int(d), s, L);
-      const int64_t row = t * B + b;
-      T* y = p.y + row * D * H + d * H;
-      T* hb = h + b * H;
+      const int64_t row = row_of(s, b);
+      const bool active = s < (p.len ? p.len[b] : T_);
+      T* hb = h + b * P;
       T* cb = c + b * H;
       if (Training) {
-        std::memcpy(p.h_prev + (d * T_ * B + row) * H, hb, H * sizeof(T));
+        std::memcpy(p.h_prev + (d * T_ * B + row) * P, hb, P * sizeof(T));
         std::memcpy(p.c_prev + row * D * H + d * H, cb, H * sizeof(T));
       }
-      if (s >= L) {  // padding: zero output, state carried unchanged
-        std::memset(y, 0, H * sizeof(T));
+      T* y = p.y + row * D * P + d * P;
+      if (!active) {  // padding: zero output, state carried unchanged
+        std::memset(y, 0, P * sizeof(T));
+        if (proj) std::memset(h_raw + b * H, 0, H * sizeof(T));
         continue;
       }
-      cell_forward_row<T, Training>(H, p.xg + row * D * G + d * G, rec + b * G, bias, cb, hb, y);
+      cell_forward_row<T, Training>(H, p.xg + row * D * G + d * G, rec + b * G, bias, cb, proj ? h_raw + b * H : hb);
+      if (!proj) std::memcpy(y, hb, H * sizeof(T));
+    }
+    if (!proj) continue;
+    // h = (o * tanh(c)) W_hr^T for the whole step, then out to the state and y.
+    matmul<T>(p.h_raw[d], p.w_hr_t[d], p.h_proj[d], T(0));
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t row = row_of(s, b);
+      if (Training) std::memcpy(p.h_raw_saved + (d * T_ * B + row) * H, h_raw + b * H, H * sizeof(T));
+      if (s >= (p.len ? p.len[b] : T_)) continue;
+      std::memcpy(h + b * P, h_proj + b * P, P * sizeof(T));
+      std::memcpy(p.y + row * D * P + d * P, h_proj + b * P, P * sizeof(T));
     }
   }
 }
@@ -170,26 +189,52 @@ void forward_direction(const FwdParams<T>& p, int64_t d) {
 template <typename T>
 struct BwdParams {
   LayerDims n;
-  const int64_t* len;  // [B] or nullptr
-  std::array<at::Tensor, 2> w_hh;     // [4H,H] per direction
-  std::array<at::Tensor, 2> dh;       // [B,H] grad of h_n on entry, of h0 on exit
+  const int64_t* len;                 // [B] or nullptr
+  std::array<at::Tensor, 2> w_hh;     // [4H,P] per direction
+  std::array<at::Tensor, 2> w_hr;     // [P,H] per direction, undefined without a projection
+  std::array<at::Tensor, 2> dh;       // [B,P] grad of h_n on entry, of h0 on exit
   std::array<at::Tensor, 2> dg_step;  // [B,4H] scratch: dg of one step, for the recurrent GEMM
-  const T* gates;      // [T,B,D*4H] activated
-  const T* c_prev;     // [T,B,D*H]
-  const T* dy;         // [T,B,D*H] or nullptr
-  T* dc;               // [D,B,H] grad of c_n on entry, of c0 on exit
-  T* dg;               // [D,T,B,4H] out: grads of the gate pre-activations, time-ordered
+  std::array<at::Tensor, 2> dh_proj;  // [B,P] scratch with a projection: total grad of h at one step
+  std::array<at::Tensor, 2> dh_raw;   // [B,H] scratch with a projection: dh_proj W_hr
+  const T* gates;                     // [T,B,D*4H] activated
+  const T* c_prev;                    // [T,B,D*H]
+  const T* dy;                        // [T,B,D*P] or nullptr
+  T* dc;                              // [D,B,H] grad of c_n on entry, of c0 on exit
+  T* dg;                              // [D,T,B,4H] out: grads of the gate pre-activations, time-ordered
+  T* dh_proj_saved;                   // [D,T,B,P] out with a projection, for dW_hr
 };
 
 template <typename T>
 void backward_direction(const BwdParams<T>& p, int64_t d) {
-  const auto [T_, B, I, H, D] = p.n;
+  const auto [T_, B, I, H, P, D] = p.n;
   const int64_t G = 4 * H;
-  const at::Tensor &dh_d = p.dh[d], &w_hh_d = p.w_hh[d], &dg_step_d = p.dg_step[d];
-  T* dh = dh_d.data_ptr<T>();
+  const bool proj = p.w_hr[d].defined();
+  T* dh = p.dh[d].template data_ptr<T>();
   T* dc = p.dc + d * B * H;
-  T* dg_step = dg_step_d.data_ptr<T>();
+  T* dg_step = p.dg_step[d].template data_ptr<T>();
+  T* dh_proj = proj ? p.dh_proj[d].template data_ptr<T>() : nullptr;
+  T* dh_raw = proj ? p.dh_raw[d].template data_ptr<T>() : nullptr;
   for (int64_t s = T_ - 1; s >= 0; --s) {
+    if (proj) {
+      // The total gradient of this step's h (carried + output), then through W_hr.
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t L = p.len ? p.len[b] : T_;
+        const int64_t row = time_index(int(d), s, L) * B + b;
+        T* out = p.dh_proj_saved + (d * T_ * B + row) * P;
+        if (s >= L) {
+          std::memset(dh_proj + b * P, 0, P * sizeof(T));
+          std::memset(out, 0, P * sizeof(T));
+          continue;
+        }
+        const T* dy = p.dy ? p.dy + row * D * P + d * P : nullptr;
+        for (int64_t k = 0; k < P; ++k) {
+          dh_proj[b * P + k] = dh[b * P + k] + (dy ? dy[k] : T(0));
+          dh[b * P + k] = T(0);  // refilled with dg W_hh below
+        }
+        std::memcpy(out, dh_proj + b * P, P * sizeof(T));
+      }
+      matmul<T>(p.dh_proj[d], p.w_hr[d], p.dh_raw[d], T(0));
+    }
     for (int64_t b = 0; b < B; ++b) {
       const int64_t L = p.len ? p.len[b] : T_;
       const int64_t row = time_index(int(d), s, L) * B + b;
@@ -199,12 +244,18 @@ void backward_direction(const BwdParams<T>& p, int64_t d) {
         std::memset(dg_step + b * G, 0, G * sizeof(T));
         continue;
       }
-      cell_backward_row(H, p.gates + row * D * G + d * G, p.c_prev + row * D * H + d * H,
-                        p.dy ? p.dy + row * D * H + d * H : nullptr, dh + b * H, dc + b * H, dg, dg_step + b * G);
+      const T* gates = p.gates + row * D * G + d * G;
+      const T* c_prev = p.c_prev + row * D * H + d * H;
+      if (proj)
+        cell_backward_row(H, gates, c_prev, static_cast<const T*>(nullptr), dh_raw + b * H, dc + b * H, dg,
+                          dg_step + b * G);
+      else
+        cell_backward_row(H, gates, c_prev, p.dy ? p.dy + row * D * H + d * H : nullptr, dh + b * H, dc + b * H, dg,
+                          dg_step + b * G);
     }
     // dh_{t-1} = dg W_hh for the sequences that stepped; padded rows of dg_step are
     // zero, so their carried gradient is left as it was.
-    matmul<T>(dg_step_d, w_hh_d, dh_d, T(1));
+    matmul<T>(p.dg_step[d], p.w_hh[d], p.dh[d], T(1));
   }
 }
 
@@ -218,121 +269,146 @@ void column_sums(const T* m, int64_t rows, int64_t cols, T* out) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cpu(
     const at::Tensor& x_, const std::optional<at::Tensor>& lengths, const at::Tensor& h0, const at::Tensor& c0,
-    const at::Tensor& w_ih_, const at::Tensor& w_hh_, const std::optional<at::Tensor>& bias_, bool training) {
-  const LayerDims n = check_layer_forward(x_, lengths, h0, c0, w_ih_, w_hh_, bias_);
+    const at::Tensor& w_ih_, const at::Tensor& w_hh_, const std::optional<at::Tensor>& bias_,
+    const std::optional<at::Tensor>& w_hr_, bool training) {
+  const LayerDims n = check_layer_forward(x_, lengths, h0, c0, w_ih_, w_hh_, bias_, w_hr_);
   const at::Tensor len = checked_lengths("lstm_layer_forward", lengths, n.T, n.B);
-  const auto [T_, B, I, H, D] = n;
+  const auto [T_, B, I, H, P, D] = n;
+  const bool proj = w_hr_.has_value();
   const at::Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const at::Tensor w_hr = proj ? w_hr_->contiguous() : at::Tensor();
   const at::Tensor bias = bias_ ? bias_->contiguous() : at::zeros({D, 4 * H}, x.options());
   auto opt = x.options();
-  at::Tensor y = at::empty({T_, B, D * H}, opt);
+  const int64_t saved = training ? T_ : 0;
+  at::Tensor y = at::empty({T_, B, D * P}, opt);
   at::Tensor h = h0.clone(at::MemoryFormat::Contiguous);
   at::Tensor c = c0.clone(at::MemoryFormat::Contiguous);
   at::Tensor xg = at::empty({T_, B, D * 4 * H}, opt);
-  at::Tensor c_prev = at::empty({training ? T_ : 0, B, D * H}, opt);
-  at::Tensor h_prev = at::empty({D, training ? T_ : 0, B, H}, opt);
+  at::Tensor c_prev = at::empty({saved, B, D * H}, opt);
+  at::Tensor h_prev = at::empty({D, saved, B, P}, opt);
+  at::Tensor h_raw = at::empty({D, proj ? saved : 0, B, H}, opt);
   if (B > 0) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_layer_forward_cpu", [&] {
       using T = scalar_t;
       at::Tensor rec = at::empty({D, B, 4 * H}, opt);
+      at::Tensor raw_step = at::empty({D, proj ? B : 0, H}, opt), proj_step = at::empty({D, proj ? B : 0, P}, opt);
       // Input projection of every step and direction: [T*B, I] x [D*4H, I]^T.
       matmul<T>(x.view({T_ * B, I}), w_ih.view({D * 4 * H, I}).t(), xg.view({T_ * B, D * 4 * H}), T(0));
-      FwdParams<T> p{n,
-                     len.defined() ? len.data_ptr<int64_t>() : nullptr,
-                     {},
-                     {},
-                     {},
-                     bias.data_ptr<T>(),
-                     xg.data_ptr<T>(),
-                     y.data_ptr<T>(),
-                     c.data_ptr<T>(),
-                     training ? c_prev.data_ptr<T>() : nullptr,
-                     training ? h_prev.data_ptr<T>() : nullptr};
+      FwdParams<T> p{};
+      p.n = n;
+      p.len = len.defined() ? len.data_ptr<int64_t>() : nullptr;
       for (int64_t d = 0; d < D; ++d) {
         p.w_hh_t[d] = w_hh[d].t();
         p.h[d] = h[d];
         p.rec[d] = rec[d];
+        if (proj) {
+          p.w_hr_t[d] = w_hr[d].t();
+          p.h_raw[d] = raw_step[d];
+          p.h_proj[d] = proj_step[d];
+        }
       }
+      p.bias = bias.data_ptr<T>();
+      p.xg = xg.data_ptr<T>();
+      p.y = y.data_ptr<T>();
+      p.c = c.data_ptr<T>();
+      p.c_prev = training ? c_prev.data_ptr<T>() : nullptr;
+      p.h_prev = training ? h_prev.data_ptr<T>() : nullptr;
+      p.h_raw_saved = training && proj ? h_raw.data_ptr<T>() : nullptr;
       for_each_direction(D, [&](int64_t d) {
         training ? forward_direction<T, true>(p, d) : forward_direction<T, false>(p, d);
       });
     });
   }
   at::Tensor gates = training ? xg : at::empty({0, B, D * 4 * H}, opt);
-  return {y, h, c, gates, c_prev, h_prev};
+  return {y, h, c, gates, c_prev, h_prev, h_raw};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_backward_cpu(
-    const std::optional<at::Tensor>& grad_y, const std::optional<at::Tensor>& grad_h_n,
-    const std::optional<at::Tensor>& grad_c_n, const at::Tensor& x_, const std::optional<at::Tensor>& lengths,
-    const at::Tensor& w_ih_, const at::Tensor& w_hh_, const at::Tensor& gates_, const at::Tensor& c_prev_,
-    const at::Tensor& h_prev_) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::optional<at::Tensor>& grad_h_n,
+                        const std::optional<at::Tensor>& grad_c_n, const at::Tensor& x_,
+                        const std::optional<at::Tensor>& lengths, const at::Tensor& w_ih_, const at::Tensor& w_hh_,
+                        const std::optional<at::Tensor>& w_hr_, const at::Tensor& gates_, const at::Tensor& c_prev_,
+                        const at::Tensor& h_prev_, const at::Tensor& h_raw_) {
   const char* op = "lstm_layer_backward";
-  TORCH_CHECK(x_.dim() == 3 && w_hh_.dim() == 3, op, ": x must be [T,B,I] and w_hh [D,4H,H], got ", x_.sizes(),
+  TORCH_CHECK(x_.dim() == 3 && w_hh_.dim() == 3, op, ": x must be [T,B,I] and w_hh [D,4H,P], got ", x_.sizes(),
               " and ", w_hh_.sizes());
-  const LayerDims n{x_.size(0), x_.size(1), x_.size(2), w_hh_.size(2), w_hh_.size(0)};
-  const auto [T_, B, I, H, D] = n;
+  const bool proj = w_hr_.has_value();
+  const int64_t H = w_hh_.size(1) / 4;
+  const LayerDims n{x_.size(0), x_.size(1), x_.size(2), H, w_hh_.size(2), w_hh_.size(0)};
+  const auto [T_, B, I, H_, P, D] = n;
   TORCH_CHECK(gates_.size(0) == T_, op,
               ": nothing was saved for backward; the forward must run with training=True (gates has ",
               gates_.size(0), " steps, x has ", T_, ")");
   check_shape(op, w_ih_, "w_ih", {D, 4 * H, I}, "[D, 4H, I]");
+  if (proj) {
+    check_shape(op, *w_hr_, "w_hr", {D, P, H}, "[D, P, H]");
+    check_shape(op, h_raw_, "h_raw", {D, T_, B, H}, "[D, T, B, H]");
+  }
   check_shape(op, gates_, "gates", {T_, B, D * 4 * H}, "[T, B, D*4H]");
   check_shape(op, c_prev_, "c_prev", {T_, B, D * H}, "[T, B, D*H]");
-  check_shape(op, h_prev_, "h_prev", {D, T_, B, H}, "[D, T, B, H]");
-  if (grad_y) check_shape(op, *grad_y, "grad_y", {T_, B, D * H}, "[T, B, D*H]");
-  if (grad_h_n) check_shape(op, *grad_h_n, "grad_h_n", {D, B, H}, "[D, B, H]");
+  check_shape(op, h_prev_, "h_prev", {D, T_, B, P}, "[D, T, B, P]");
+  if (grad_y) check_shape(op, *grad_y, "grad_y", {T_, B, D * P}, "[T, B, D*P]");
+  if (grad_h_n) check_shape(op, *grad_h_n, "grad_h_n", {D, B, P}, "[D, B, P]");
   if (grad_c_n) check_shape(op, *grad_c_n, "grad_c_n", {D, B, H}, "[D, B, H]");
   const at::Tensor len = checked_lengths(op, lengths, T_, B);
 
   const at::Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const at::Tensor w_hr = proj ? w_hr_->contiguous() : at::Tensor(), h_raw = proj ? h_raw_.contiguous() : at::Tensor();
   const at::Tensor gates = gates_.contiguous(), c_prev = c_prev_.contiguous(), h_prev = h_prev_.contiguous();
   const at::Tensor dy = grad_y ? grad_y->contiguous() : at::Tensor();
   auto opt = x.options();
-  at::Tensor dh = grad_h_n ? grad_h_n->clone(at::MemoryFormat::Contiguous) : at::zeros({D, B, H}, opt);
+  at::Tensor dh = grad_h_n ? grad_h_n->clone(at::MemoryFormat::Contiguous) : at::zeros({D, B, P}, opt);
   at::Tensor dc = grad_c_n ? grad_c_n->clone(at::MemoryFormat::Contiguous) : at::zeros({D, B, H}, opt);
   at::Tensor dx = at::empty({T_, B, I}, opt);
   at::Tensor dw_ih = at::empty({D, 4 * H, I}, opt);
-  at::Tensor dw_hh = at::empty({D, 4 * H, H}, opt);
+  at::Tensor dw_hh = at::empty({D, 4 * H, P}, opt);
   at::Tensor dbias = at::empty({D, 4 * H}, opt);
+  at::Tensor dw_hr = at::empty({proj ? D : 0, P, H}, opt);
   if (B == 0) {
-    dw_ih.zero_(), dw_hh.zero_(), dbias.zero_();
-    return {dx, dh, dc, dw_ih, dw_hh, dbias};
+    dw_ih.zero_(), dw_hh.zero_(), dbias.zero_(), dw_hr.zero_();
+    return {dx, dh, dc, dw_ih, dw_hh, dbias, dw_hr};
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_layer_backward_cpu", [&] {
     using T = scalar_t;
     const int64_t G = 4 * H, rows = T_ * B;
-    at::Tensor dg = at::empty({D, T_ * B, G}, opt);
+    at::Tensor dg = at::empty({D, rows, G}, opt);
     at::Tensor dg_step = at::empty({D, B, G}, opt);
-    BwdParams<T> p{n,
-                   len.defined() ? len.data_ptr<int64_t>() : nullptr,
-                   {},
-                   {},
-                   {},
-                   gates.data_ptr<T>(),
-                   c_prev.data_ptr<T>(),
-                   dy.defined() ? dy.data_ptr<T>() : nullptr,
-                   dc.data_ptr<T>(),
-                   dg.data_ptr<T>()};
+    at::Tensor dh_proj_saved = at::empty({D, proj ? rows : 0, P}, opt);
+    at::Tensor dh_proj = at::empty({D, proj ? B : 0, P}, opt), dh_raw = at::empty({D, proj ? B : 0, H}, opt);
+    BwdParams<T> p{};
+    p.n = n;
+    p.len = len.defined() ? len.data_ptr<int64_t>() : nullptr;
     for (int64_t d = 0; d < D; ++d) {
       p.w_hh[d] = w_hh[d];
       p.dh[d] = dh[d];
       p.dg_step[d] = dg_step[d];
+      if (proj) {
+        p.w_hr[d] = w_hr[d];
+        p.dh_proj[d] = dh_proj[d];
+        p.dh_raw[d] = dh_raw[d];
+      }
     }
+    p.gates = gates.data_ptr<T>();
+    p.c_prev = c_prev.data_ptr<T>();
+    p.dy = dy.defined() ? dy.data_ptr<T>() : nullptr;
+    p.dc = dc.data_ptr<T>();
+    p.dg = dg.data_ptr<T>();
+    p.dh_proj_saved = proj ? dh_proj_saved.data_ptr<T>() : nullptr;
     for_each_direction(D, [&](int64_t d) { backward_direction<T>(p, d); });
-    // What does not recur is done for all steps at once, in a few large GEMMs.
-    // Per direction, so that every operand is contiguous or a plain transpose.
-    const at::Tensor x2 = x.view({rows, I}), dx2 = dx.view({rows, I}), h_prev2 = h_prev.view({D, rows, H});
+    // What does not recur is done for all steps at once, in a few large GEMMs, per
+    // direction so that every operand is contiguous or a plain transpose.
+    const at::Tensor x2 = x.view({rows, I}), dx2 = dx.view({rows, I}), h_prev2 = h_prev.view({D, rows, P});
     for (int64_t d = 0; d < D; ++d) {
       matmul<T>(dg[d], w_ih[d], dx2, T(d == 0 ? 0 : 1));
       matmul<T>(dg[d].t(), x2, dw_ih[d], T(0));
       matmul<T>(dg[d].t(), h_prev2[d], dw_hh[d], T(0));
+      if (proj) matmul<T>(dh_proj_saved[d].t(), h_raw.view({D, rows, H})[d], dw_hr[d], T(0));
+      column_sums(dg.data_ptr<T>() + d * rows * G, rows, G, dbias.data_ptr<T>() + d * G);
     }
-    const T* dgp = dg.data_ptr<T>();
-    for (int64_t d = 0; d < D; ++d) column_sums(dgp + d * rows * G, rows, G, dbias.data_ptr<T>() + d * G);
   });
-  return {dx, dh, dc, dw_ih, dw_hh, dbias};
+  return {dx, dh, dc, dw_ih, dw_hh, dbias, dw_hr};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_cpu(const at::Tensor& x_, const at::Tensor& h_,
@@ -354,16 +430,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_cpu(const at::T
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_cell_cpu", [&] {
     using T = scalar_t;
     at::Tensor rec = at::empty({B, 4 * H}, x.options());
-    at::Tensor h_state = at::empty({H}, x.options());  // the row kernel's state output; h_new is its y
     matmul<T>(x, w_ih.t(), pre, T(0));
     matmul<T>(h, w_hh.t(), rec, T(0));
     for (int64_t b = 0; b < B; ++b) {
       T* g = pre.data_ptr<T>() + b * 4 * H;
       const T* r = rec.data_ptr<T>() + b * 4 * H;
       T* cb = c_new.data_ptr<T>() + b * H;
-      T* y = h_new.data_ptr<T>() + b * H;
-      training ? cell_forward_row<T, true>(H, g, r, bias.data_ptr<T>(), cb, h_state.data_ptr<T>(), y)
-               : cell_forward_row<T, false>(H, g, r, bias.data_ptr<T>(), cb, h_state.data_ptr<T>(), y);
+      T* hb = h_new.data_ptr<T>() + b * H;
+      training ? cell_forward_row<T, true>(H, g, r, bias.data_ptr<T>(), cb, hb)
+               : cell_forward_row<T, false>(H, g, r, bias.data_ptr<T>(), cb, hb);
     }
   });
   return {h_new, c_new, training ? pre : at::empty({0, 4 * H}, x.options())};
