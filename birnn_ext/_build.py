@@ -28,13 +28,23 @@ CSRC = ROOT / "csrc"
 NAME = "birnn_ext_C"
 
 CPU_SOURCES = ["ops.cpp", "cpu/lstm_cpu.cpp"]
-CUDA_SOURCES: list[str] = []
+CUDA_SOURCES = ["cuda/lstm_kernels.cu", "cuda/lstm_cuda.cpp"]
+# The host-emulated build of the CUDA kernels (tests only): the device code of
+# cuda/lstm_kernels.cu compiled by g++ against emu/cuda_emu.h, with a driver.
+EMU_SOURCES = ["cuda/lstm_kernels.cu", "emu/run_kernels.cpp"]
+EMU_FLAGS = ["-std=c++17", "-O1", "-g", "-Wall", "-DBIRNN_EMU",
+             "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
 
 # -fopenmp: at::parallel_for is OpenMP pragmas in ATen's headers, serial without it.
 # The runtime is the libgomp that libtorch_cpu has already loaded.
 CXX_FLAGS = ["-O3", "-fopenmp", "-Wall", "-Wno-unused-variable", "-Wno-unused-function"]
 LINK_FLAGS = ["-fopenmp"]
-NVCC_FLAGS = ["-O3", "--use_fast_math", "-std=c++17"]
+# No --use_fast_math: the GPU must round and divide as the emulated device code that
+# the tests check against the CPU path does.
+NVCC_FLAGS = ["-O3", "-std=c++17"]
+# The architecture a JIT build compiles for when TORCH_CUDA_ARCH_LIST is unset and no
+# GPU is visible to ask: such a build only proves that the CUDA code compiles and links.
+DEFAULT_ARCH_WITHOUT_GPU = "8.0"
 
 
 def find_cuda_home() -> str | None:
@@ -92,9 +102,39 @@ def _use_cuda_home(home: str) -> None:
     ce.CUDA_HOME = home
 
 
+def emulator_command(output: str | Path, defines: tuple[str, ...] = ()) -> list[str]:
+    """The g++ command that builds the emulated kernels and their driver into `output`.
+    `defines` are extra -D flags (the tests' deliberately broken variants)."""
+    home = find_cuda_home()
+    if home is None:
+        raise RuntimeError("the emulated kernel build needs the CUDA toolkit's headers (cuda_fp16.h) and none was found")
+    cmd = ["g++", *EMU_FLAGS, *[f"-D{d}" for d in defines], f"-I{Path(home) / 'include'}"]
+    for src in EMU_SOURCES:
+        cmd += ["-x", "c++", str(CSRC / src)]
+    return cmd + ["-o", str(output)]
+
+
 def sources(cuda: bool) -> list[str]:
     files = CPU_SOURCES + (CUDA_SOURCES if cuda else [])
     return [str(CSRC / f) for f in files]
+
+
+def cublas_paths() -> tuple[list[str], list[str]]:
+    """Include folders and linker flags for cuBLAS. The toolkit may not carry it; torch's
+    NVIDIA wheels do, as a versioned libcublas.so.N with no unversioned link."""
+    import torch
+
+    site = Path(torch.__file__).resolve().parent.parent
+    candidates = [Path(find_cuda_home() or "/nonexistent"), *sorted(site.glob("nvidia/cu*")), site / "nvidia" / "cublas"]
+    include = next((str(c / "include") for c in candidates if (c / "include" / "cublas_v2.h").exists()), None)
+    for c in candidates:
+        for libdir in (c / "lib64", c / "lib"):
+            libs = sorted(libdir.glob("libcublas.so*"))
+            if libs:
+                name = min(libs, key=lambda p: len(p.name)).name
+                flags = [f"-L{libdir}", f"-l:{name}", f"-Wl,-rpath,{libdir}"]
+                return ([include] if include else []), flags
+    raise RuntimeError("cuBLAS not found: neither the CUDA toolkit nor torch's nvidia packages have libcublas")
 
 
 def extension_kwargs(cuda: bool) -> dict:
@@ -103,10 +143,13 @@ def extension_kwargs(cuda: bool) -> dict:
     kw = {
         "extra_compile_args": {"cxx": CXX_FLAGS + defines},
         "include_dirs": [str(CSRC)],
-        "extra_link_args": LINK_FLAGS,
+        "extra_link_args": list(LINK_FLAGS),
     }
     if cuda:
+        include, link = cublas_paths()
         kw["extra_compile_args"]["nvcc"] = NVCC_FLAGS + defines
+        kw["include_dirs"] += include
+        kw["extra_link_args"] += link
     return kw
 
 
@@ -127,6 +170,11 @@ def load() -> str:
     import torch.utils.cpp_extension as ce
 
     cuda = want_cuda()
+    if cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_WITHOUT_GPU
     out = build_dir(cuda)
     out.mkdir(parents=True, exist_ok=True)
     lib = out / f"{NAME}.so"

@@ -19,6 +19,12 @@ _ops = torch.ops.birnn_ext
 # ---------------------------------------------------------------- fake kernels
 
 
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' math type: float64 for float64, float32 for every other storage type."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+
 @torch.library.register_fake("birnn_ext::lstm_layer_forward")
 def _(x, lengths, h0, c0, w_ih, w_hh, bias, w_hr, training):
     T, B, _ = x.shape
@@ -30,7 +36,7 @@ def _(x, lengths, h0, c0, w_ih, w_hh, bias, w_hr, training):
         h0.new_empty((D, B, P)),
         c0.new_empty((D, B, H)),
         x.new_empty((saved, B, D * G)),
-        x.new_empty((saved, B, D * H)),
+        x.new_empty((saved, B, D * H), dtype=_math_dtype(x.dtype)),  # the cell state is kept in the math type
         x.new_empty((D, saved, B, P)),
         x.new_empty((D, saved if w_hr is not None else 0, B, H)),
     )

@@ -13,6 +13,8 @@ TORCH_LIBRARY(birnn_ext, m) {
   // each sequence's own end, and what backward needs when `training` (else empty):
   //   gates [T,B,D*4H] activated i,f,g,o; c_prev [T,B,D*H] and h_prev [D,T,B,P], the
   //   state each step started from; h_raw [D,T,B,H], o * tanh(c) (with w_hr only).
+  //   The cell state is kept in the math type: c_prev is float32 for float16 and
+  //   bfloat16 storage (float64 for float64).
   m.def(
       "lstm_layer_forward(Tensor x, Tensor? lengths, Tensor h0, Tensor c0, "
       "Tensor w_ih, Tensor w_hh, Tensor? bias, Tensor? w_hr, bool training) -> "

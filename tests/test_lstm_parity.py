@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from birnn_ext import FusedBiLSTM, FusedLSTM
-from helpers import DEVICES, assert_same_results, outputs_and_grads
+from helpers import DEVICES, TOL, assert_same_results, outputs_and_grads
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -178,3 +178,23 @@ def test_large_products_match(lengths):
         want = outputs_and_grads(ref, packed, hx)
         got = outputs_and_grads(fused, packed, hx)
     assert_same_results(got, want, torch.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lengths", [None, [6, 2, 5, 1]])
+def test_cuda_half_storage_matches_float32(dtype, lengths):
+    # fp16/bf16 storage with fp32 math and cell state on the GPU, against the float32
+    # CPU path on the same (rounded) weights and inputs.
+    ref32, _ = make_pair(7, 13, "cpu", torch.float32, num_layers=2, bidirectional=True)
+    ref32.load_state_dict({k: v.to(dtype).float() for k, v in ref32.state_dict().items()})
+    fused32 = FusedLSTM.from_lstm(ref32)
+    fused = FusedLSTM.from_lstm(ref32).to("cuda", dtype)
+    x, hx = make_input(6, 4, 7, 2, 2, 13, "cpu", torch.float32, False, True)
+    x, hx = x.to(dtype).float(), tuple(t.to(dtype).float() for t in hx)
+    kw = {"lengths": lengths} if lengths else {}
+    want = outputs_and_grads(fused32, x, hx, **kw)
+    got = outputs_and_grads(fused, x.to("cuda", dtype), tuple(t.to("cuda", dtype) for t in hx), **kw)
+    for k in want:
+        torch.testing.assert_close(got[k].float().cpu(), want[k], **TOL[dtype], msg=lambda m, k=k: f"{k}: {m}")

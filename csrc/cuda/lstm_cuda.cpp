@@ -1,0 +1,310 @@
+// CUDA implementations of the layer and cell ops: argument checks, allocation, cuBLAS
+// on ATen's handle and the current stream, and the kernel launchers of
+// lstm_kernels.cu. The sweep mirrors the CPU path: one GEMM for the input projection
+// of every step and direction, then per step one batched GEMM covering both
+// directions and one pointwise launch covering both directions.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cublas_v2.h>
+#include <torch/library.h>
+
+#include "../layer_checks.h"
+#include "lstm_kernels.h"
+
+namespace birnn {
+namespace {
+
+using cuda::math_t;
+
+// torch scalar type -> the kernels' storage type and its cuBLAS data type.
+template <typename S>
+struct Storage;
+template <>
+struct Storage<float> {
+  using type = float;
+  static constexpr cudaDataType_t id = CUDA_R_32F;
+};
+template <>
+struct Storage<double> {
+  using type = double;
+  static constexpr cudaDataType_t id = CUDA_R_64F;
+};
+template <>
+struct Storage<at::Half> {
+  using type = __half;
+  static constexpr cudaDataType_t id = CUDA_R_16F;
+};
+template <>
+struct Storage<at::BFloat16> {
+  using type = __nv_bfloat16;
+  static constexpr cudaDataType_t id = CUDA_R_16BF;
+};
+
+template <typename S>
+constexpr at::ScalarType math_scalar() {
+  return std::is_same_v<S, double> ? at::kDouble : at::kFloat;
+}
+
+// Row-major C[b] = op(A[b]) op(B[b]) + beta C[b] for `batch` matrices at fixed strides,
+// accumulated in the math type. A and B hold the storage type; C holds c_type (the
+// storage type, or the math type for the recurrent carries).
+template <typename S>
+void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const void* A, int64_t lda, int64_t stride_a,
+          const void* B, int64_t ldb, int64_t stride_b, double beta, void* C, cudaDataType_t c_type, int64_t ldc,
+          int64_t stride_c, int64_t batch) {
+  if (M == 0 || N == 0 || batch == 0) return;
+  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
+  const cublasOperation_t op_a = ta ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
+  constexpr cudaDataType_t ab = Storage<S>::id;
+  // A row-major matrix is its column-major transpose: swap the operands.
+  if constexpr (std::is_same_v<S, double>) {
+    const double one = 1, b = beta;
+    TORCH_CUDABLAS_CHECK(cublasGemmStridedBatchedEx(handle, op_b, op_a, N, M, K, &one, B, ab, ldb, stride_b, A, ab,
+                                                    lda, stride_a, &b, C, c_type, ldc, stride_c, batch,
+                                                    CUBLAS_COMPUTE_64F, CUBLAS_GEMM_DEFAULT));
+  } else {
+    const float one = 1, b = float(beta);
+    TORCH_CUDABLAS_CHECK(cublasGemmStridedBatchedEx(handle, op_b, op_a, N, M, K, &one, B, ab, ldb, stride_b, A, ab,
+                                                    lda, stride_a, &b, C, c_type, ldc, stride_c, batch,
+                                                    CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  }
+}
+
+template <typename S>
+typename Storage<S>::type* ptr(const at::Tensor& t) {
+  return t.numel() ? reinterpret_cast<typename Storage<S>::type*>(t.data_ptr<S>()) : nullptr;
+}
+template <typename S>
+math_t<typename Storage<S>::type>* math_ptr(const at::Tensor& t) {
+  return t.numel() ? t.data_ptr<math_t<typename Storage<S>::type>>() : nullptr;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cuda(
+    const at::Tensor& x_, const std::optional<at::Tensor>& lengths, const at::Tensor& h0, const at::Tensor& c0,
+    const at::Tensor& w_ih_, const at::Tensor& w_hh_, const std::optional<at::Tensor>& bias_,
+    const std::optional<at::Tensor>& w_hr_, bool training) {
+  const LayerDims n = check_layer_forward(x_, lengths, h0, c0, w_ih_, w_hh_, bias_, w_hr_);
+  const c10::cuda::CUDAGuard guard(x_.device());
+  const at::Tensor len_cpu = checked_lengths("lstm_layer_forward", lengths, n.T, n.B);
+  const auto [T_, B, I, H, P, D] = n;
+  const int64_t G = 4 * H, rows = T_ * B, saved = training ? T_ : 0;
+  const bool proj = w_hr_.has_value();
+  const at::Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const at::Tensor w_hr = proj ? w_hr_->contiguous() : at::Tensor();
+  const at::Tensor bias = bias_ ? bias_->contiguous() : at::Tensor();
+  const at::Tensor len = len_cpu.defined() ? len_cpu.to(x.device()) : at::Tensor();
+  auto opt = x.options();
+  at::Tensor y = at::empty({T_, B, D * P}, opt);
+  at::Tensor h = h0.clone(at::MemoryFormat::Contiguous);
+  at::Tensor xg = at::empty({T_, B, D * G}, opt);
+  at::Tensor h_prev = at::empty({D, saved, B, P}, opt);
+  at::Tensor h_raw_saved = at::empty({D, proj ? saved : 0, B, H}, opt);
+  at::Tensor c, c_prev;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lstm_layer_forward_cuda", [&] {
+    using S = scalar_t;
+    using T = typename Storage<S>::type;
+    auto mopt = opt.dtype(math_scalar<S>());
+    c = c0.to(mopt, /*non_blocking=*/false, /*copy=*/true).contiguous();
+    c_prev = at::empty({saved, B, D * H}, mopt);
+    if (B == 0) return;
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    at::Tensor rec = at::empty({D, B, G}, mopt);
+    at::Tensor h_raw = at::empty({D, proj ? B : 0, H}, opt), h_proj = at::empty({D, proj ? B : 0, P}, opt);
+    // Input projection of every step and direction: [T*B, I] x [D*4H, I]^T.
+    at::Tensor xg2 = xg.view({rows, D * G});
+    at::mm_out(xg2, x.view({rows, I}), w_ih.view({D * G, I}).t());
+    const int64_t* lp = len.defined() ? len.data_ptr<int64_t>() : nullptr;
+    for (int64_t s = 0; s < T_; ++s) {
+      // rec[d] = h[d] W_hh[d]^T, both directions in one batched GEMM.
+      gemm<S>(false, true, B, G, P, ptr<S>(h), P, B * P, ptr<S>(w_hh), P, G * P, 0.0, math_ptr<S>(rec),
+              Storage<math_t<T> >::id, G, B * G, D);
+      cuda::FwdStep<T> f{T_, B, H, P, D, s, lp, math_ptr<S>(rec), bias.defined() ? ptr<S>(bias) : nullptr,
+                         ptr<S>(xg), math_ptr<S>(c), ptr<S>(h), proj ? ptr<S>(h_raw) : nullptr, ptr<S>(y),
+                         training ? math_ptr<S>(c_prev) : nullptr, training ? ptr<S>(h_prev) : nullptr};
+      C10_CUDA_CHECK(cuda::launch_fwd_step(f, stream));
+      if (proj) {
+        gemm<S>(false, true, B, P, H, ptr<S>(h_raw), H, B * H, ptr<S>(w_hr), H, P * H, 0.0, ptr<S>(h_proj),
+                Storage<S>::id, P, B * P, D);
+        cuda::ProjOut<T> po{T_, B, H, P, D, s, lp, ptr<S>(h_proj), ptr<S>(h_raw), ptr<S>(h), ptr<S>(y),
+                            training ? ptr<S>(h_raw_saved) : nullptr};
+        C10_CUDA_CHECK(cuda::launch_proj_out(po, stream));
+      }
+    }
+  });
+  at::Tensor gates = training ? xg : at::empty({0, B, D * G}, opt);
+  return {y, h, c.to(c0.scalar_type()), gates, c_prev, h_prev, h_raw_saved};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_layer_backward_cuda(const std::optional<at::Tensor>& grad_y, const std::optional<at::Tensor>& grad_h_n,
+                         const std::optional<at::Tensor>& grad_c_n, const at::Tensor& x_,
+                         const std::optional<at::Tensor>& lengths, const at::Tensor& w_ih_, const at::Tensor& w_hh_,
+                         const std::optional<at::Tensor>& w_hr_, const at::Tensor& gates_, const at::Tensor& c_prev_,
+                         const at::Tensor& h_prev_, const at::Tensor& h_raw_) {
+  const char* op = "lstm_layer_backward";
+  TORCH_CHECK(x_.dim() == 3 && w_hh_.dim() == 3, op, ": x must be [T,B,I] and w_hh [D,4H,P], got ", x_.sizes(),
+              " and ", w_hh_.sizes());
+  const c10::cuda::CUDAGuard guard(x_.device());
+  const bool proj = w_hr_.has_value();
+  const int64_t H = w_hh_.size(1) / 4;
+  const LayerDims n{x_.size(0), x_.size(1), x_.size(2), H, w_hh_.size(2), w_hh_.size(0)};
+  const auto [T_, B, I, H_, P, D] = n;
+  const int64_t G = 4 * H, rows = T_ * B;
+  TORCH_CHECK(gates_.size(0) == T_, op,
+              ": nothing was saved for backward; the forward must run with training=True (gates has ",
+              gates_.size(0), " steps, x has ", T_, ")");
+  check_shape(op, w_ih_, "w_ih", {D, G, I}, "[D, 4H, I]");
+  if (proj) check_shape(op, *w_hr_, "w_hr", {D, P, H}, "[D, P, H]");
+  check_shape(op, gates_, "gates", {T_, B, D * G}, "[T, B, D*4H]");
+  check_shape(op, c_prev_, "c_prev", {T_, B, D * H}, "[T, B, D*H]");
+  check_shape(op, h_prev_, "h_prev", {D, T_, B, P}, "[D, T, B, P]");
+  if (grad_y) check_shape(op, *grad_y, "grad_y", {T_, B, D * P}, "[T, B, D*P]");
+  if (grad_h_n) check_shape(op, *grad_h_n, "grad_h_n", {D, B, P}, "[D, B, P]");
+  if (grad_c_n) check_shape(op, *grad_c_n, "grad_c_n", {D, B, H}, "[D, B, H]");
+  const at::Tensor len_cpu = checked_lengths(op, lengths, T_, B);
+  const at::Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const at::Tensor w_hr = proj ? w_hr_->contiguous() : at::Tensor(), h_raw = proj ? h_raw_.contiguous() : at::Tensor();
+  const at::Tensor gates = gates_.contiguous(), c_prev = c_prev_.contiguous(), h_prev = h_prev_.contiguous();
+  const at::Tensor dy = grad_y ? grad_y->contiguous() : at::Tensor();
+  const at::Tensor len = len_cpu.defined() ? len_cpu.to(x.device()) : at::Tensor();
+  auto opt = x.options();
+  at::Tensor dx = at::zeros({T_, B, I}, opt), dh0, dc0;
+  at::Tensor dw_ih = at::zeros({D, G, I}, opt), dw_hh = at::zeros({D, G, P}, opt), dbias = at::zeros({D, G}, opt);
+  at::Tensor dw_hr = at::zeros({proj ? D : 0, P, H}, opt);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lstm_layer_backward_cuda", [&] {
+    using S = scalar_t;
+    using T = typename Storage<S>::type;
+    auto mopt = opt.dtype(math_scalar<S>());
+    at::Tensor dh = grad_h_n ? grad_h_n->to(mopt, false, true).contiguous() : at::zeros({D, B, P}, mopt);
+    at::Tensor dc = grad_c_n ? grad_c_n->to(mopt, false, true).contiguous() : at::zeros({D, B, H}, mopt);
+    if (B > 0) {
+      const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+      at::Tensor dg = at::empty({D, rows, G}, opt), dg_step = at::empty({D, B, G}, opt);
+      at::Tensor dh_proj = at::empty({D, proj ? B : 0, P}, opt), dh_raw = at::empty({D, proj ? B : 0, H}, mopt);
+      at::Tensor dh_proj_saved = at::empty({D, proj ? rows : 0, P}, opt);
+      const int64_t* lp = len.defined() ? len.data_ptr<int64_t>() : nullptr;
+      const T* dyp = dy.defined() ? ptr<S>(dy) : nullptr;
+      for (int64_t s = T_ - 1; s >= 0; --s) {
+        if (proj) {
+          cuda::ProjBwd<T> pb{T_, B, P, D, s, lp, dyp, math_ptr<S>(dh), ptr<S>(dh_proj), ptr<S>(dh_proj_saved)};
+          C10_CUDA_CHECK(cuda::launch_proj_bwd(pb, stream));
+          gemm<S>(false, false, B, H, P, ptr<S>(dh_proj), P, B * P, ptr<S>(w_hr), H, P * H, 0.0, math_ptr<S>(dh_raw),
+                  Storage<math_t<T> >::id, H, B * H, D);
+        }
+        cuda::BwdStep<T> bs{T_, B, H, P, D, s, lp, ptr<S>(gates), math_ptr<S>(c_prev), dyp,
+                            proj ? math_ptr<S>(dh_raw) : nullptr, math_ptr<S>(dh), math_ptr<S>(dc), ptr<S>(dg),
+                            ptr<S>(dg_step)};
+        C10_CUDA_CHECK(cuda::launch_bwd_step(bs, stream));
+        // dh_{t-1} += dg W_hh, both directions in one batched GEMM.
+        gemm<S>(false, false, B, P, G, ptr<S>(dg_step), G, B * G, ptr<S>(w_hh), P, G * P, 1.0, math_ptr<S>(dh),
+                Storage<math_t<T> >::id, P, B * P, D);
+      }
+      // What does not recur, for all steps at once.
+      at::Tensor dx2 = dx.view({rows, I});
+      for (int64_t d = 0; d < D; ++d) dx2.addmm_(dg[d], w_ih[d]);
+      at::bmm_out(dw_ih, dg.transpose(1, 2), x.view({1, rows, I}).expand({D, rows, I}));  // x is shared
+      at::bmm_out(dw_hh, dg.transpose(1, 2), h_prev.view({D, rows, P}));
+      if (proj) at::bmm_out(dw_hr, dh_proj_saved.transpose(1, 2), h_raw.view({D, rows, H}));
+      for (int64_t d = 0; d < D; ++d) {
+        cuda::ColumnSums<T> cs{rows, G, ptr<S>(dg) + d * rows * G, ptr<S>(dbias) + d * G};
+        C10_CUDA_CHECK(cuda::launch_column_sums(cs, stream));
+      }
+    }
+    dh0 = dh.to(x.scalar_type());
+    dc0 = dc.to(x.scalar_type());
+  });
+  return {dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_cuda(const at::Tensor& x_, const at::Tensor& h_,
+                                                                      const at::Tensor& c_, const at::Tensor& w_ih_,
+                                                                      const at::Tensor& w_hh_,
+                                                                      const std::optional<at::Tensor>& bias_,
+                                                                      bool training) {
+  const char* op = "lstm_cell_forward";
+  const auto [B, I, H] = check_cell(op, x_, h_, c_, w_ih_, w_hh_);
+  if (bias_) {
+    check_shape(op, *bias_, "bias", {4 * H}, "[4H]");
+    check_same(op, x_, *bias_, "bias");
+  }
+  const c10::cuda::CUDAGuard guard(x_.device());
+  const at::Tensor x = x_.contiguous(), h = h_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const at::Tensor bias = bias_ ? bias_->contiguous() : at::Tensor();
+  auto opt = x.options();
+  const int64_t G = 4 * H;
+  at::Tensor xg = at::empty({B, G}, opt), h_new = at::empty({B, H}, opt), c_new;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lstm_cell_forward_cuda", [&] {
+    using S = scalar_t;
+    using T = typename Storage<S>::type;
+    auto mopt = opt.dtype(math_scalar<S>());
+    at::Tensor c = c_.to(mopt, false, true).contiguous();
+    if (B > 0) {
+      at::Tensor rec = at::empty({B, G}, mopt);
+      at::mm_out(xg, x, w_ih.t());
+      gemm<S>(false, true, B, G, H, ptr<S>(h), H, 0, ptr<S>(w_hh), H, 0, 0.0, math_ptr<S>(rec),
+              Storage<math_t<T> >::id, G, 0, 1);
+      cuda::FwdStep<T> f{1, B, H, H, 1, 0, nullptr, math_ptr<S>(rec), bias.defined() ? ptr<S>(bias) : nullptr,
+                         ptr<S>(xg), math_ptr<S>(c), ptr<S>(h_new), nullptr, ptr<S>(h_new), nullptr, nullptr};
+      C10_CUDA_CHECK(cuda::launch_cell_fwd(f, training, at::cuda::getCurrentCUDAStream()));
+    }
+    c_new = c.to(x.scalar_type());
+  });
+  return {h_new, c_new, training ? xg : at::empty({0, G}, opt)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cell_backward_cuda(
+    const std::optional<at::Tensor>& grad_h_new, const std::optional<at::Tensor>& grad_c_new, const at::Tensor& x_,
+    const at::Tensor& h_, const at::Tensor& c_, const at::Tensor& w_ih_, const at::Tensor& w_hh_,
+    const at::Tensor& gates_) {
+  const char* op = "lstm_cell_backward";
+  const auto [B, I, H] = check_cell(op, x_, h_, c_, w_ih_, w_hh_);
+  TORCH_CHECK(gates_.size(0) == B, op,
+              ": nothing was saved for backward; the forward must run with training=True (gates has ",
+              gates_.size(0), " rows, x has ", B, ")");
+  check_shape(op, gates_, "gates", {B, 4 * H}, "[B, 4H]");
+  if (grad_h_new) check_shape(op, *grad_h_new, "grad_h_new", {B, H}, "[B, H]");
+  if (grad_c_new) check_shape(op, *grad_c_new, "grad_c_new", {B, H}, "[B, H]");
+  const c10::cuda::CUDAGuard guard(x_.device());
+  const at::Tensor x = x_.contiguous(), h = h_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const at::Tensor gates = gates_.contiguous();
+  auto opt = x.options();
+  const int64_t G = 4 * H;
+  at::Tensor dx = at::zeros({B, I}, opt), dh_out = at::zeros({B, H}, opt), dc_out;
+  at::Tensor dw_ih = at::zeros({G, I}, opt), dw_hh = at::zeros({G, H}, opt), dbias = at::zeros({G}, opt);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lstm_cell_backward_cuda", [&] {
+    using S = scalar_t;
+    using T = typename Storage<S>::type;
+    auto mopt = opt.dtype(math_scalar<S>());
+    at::Tensor dh = grad_h_new ? grad_h_new->to(mopt, false, true).contiguous() : at::zeros({B, H}, mopt);
+    at::Tensor dc = grad_c_new ? grad_c_new->to(mopt, false, true).contiguous() : at::zeros({B, H}, mopt);
+    if (B > 0) {
+      const at::Tensor c = c_.to(mopt).contiguous();
+      at::Tensor dg = at::empty({B, G}, opt), dg_step = at::empty({B, G}, opt);
+      cuda::BwdStep<T> bs{1, B, H, H, 1, 0, nullptr, ptr<S>(gates), math_ptr<S>(c), nullptr, nullptr,
+                          math_ptr<S>(dh), math_ptr<S>(dc), ptr<S>(dg), ptr<S>(dg_step)};
+      const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+      C10_CUDA_CHECK(cuda::launch_bwd_step(bs, stream));
+      at::mm_out(dx, dg, w_ih);
+      at::mm_out(dh_out, dg, w_hh);
+      at::mm_out(dw_ih, dg.t(), x);
+      at::mm_out(dw_hh, dg.t(), h);
+      cuda::ColumnSums<T> cs{B, G, ptr<S>(dg), ptr<S>(dbias)};
+      C10_CUDA_CHECK(cuda::launch_column_sums(cs, stream));
+    }
+    dc_out = dc.to(x.scalar_type());
+  });
+  return {dx, dh_out, dc_out, dw_ih, dw_hh, dbias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(birnn_ext, CUDA, m) {
+  m.impl("lstm_layer_forward", &lstm_layer_forward_cuda);
+  m.impl("lstm_layer_backward", &lstm_layer_backward_cuda);
+  m.impl("lstm_cell_forward", &lstm_cell_forward_cuda);
+  m.impl("lstm_cell_backward", &lstm_cell_backward_cuda);
+}
+
+}  // namespace birnn

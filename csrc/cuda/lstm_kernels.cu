@@ -1,0 +1,267 @@
+// CUDA kernels of the layer and cell ops, and their launchers. Torch-free: compiled by
+// nvcc for the GPU, and by g++ with csrc/emu/cuda_emu.h to run the same device code on
+// the host in the tests. Every launch goes through BIRNN_LAUNCH for that reason.
+//
+// A sweep step is one launch covering both directions: one thread per (direction,
+// batch row, hidden unit), with each sequence's length masked in the kernel, so
+// variable-length batches need no repacking. The gate math is csrc/lstm_cell.h, the
+// same code the CPU path runs.
+#include "lstm_kernels.h"
+
+#include "../lstm_cell.h"
+
+#if !defined(BIRNN_EMU)
+#define BIRNN_LAUNCH(kernel, grid, block, shared_bytes, stream, ...) \
+  kernel<<<grid, block, shared_bytes, stream>>>(__VA_ARGS__)
+#define BIRNN_DYNAMIC_SHARED(type, name)          \
+  extern __shared__ unsigned char birnn_smem_[]; \
+  type* name = reinterpret_cast<type*>(birnn_smem_)
+#define BIRNN_LAUNCH_ERROR() cudaGetLastError()
+#endif
+
+namespace birnn::cuda {
+namespace {
+
+__host__ __device__ __forceinline__ float to_math(float v) { return v; }
+__host__ __device__ __forceinline__ double to_math(double v) { return v; }
+__host__ __device__ __forceinline__ float to_math(__half v) { return __half2float(v); }
+__host__ __device__ __forceinline__ float to_math(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__host__ __device__ __forceinline__ T from_math(math_t<T> v) {
+  return static_cast<T>(v);
+}
+template <>
+__host__ __device__ __forceinline__ __half from_math<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__host__ __device__ __forceinline__ __nv_bfloat16 from_math<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+constexpr int kThreads = 256;
+
+inline dim3 grid_for(int64_t n) { return dim3(static_cast<unsigned>((n + kThreads - 1) / kThreads)); }
+
+// The time step that direction d of sequence b handles at sweep step s.
+__host__ __device__ __forceinline__ int64_t step_time(int64_t d, int64_t s, int64_t len) {
+#if defined(BIRNN_BREAK_OFF_BY_ONE)
+  // Deliberately wrong, for the test that the emulated run catches a broken kernel.
+  if (d == 1 && s < len) return len - s;
+#endif
+  return time_index(int(d), s, len);
+}
+
+template <typename T, bool Training>
+__global__ void fwd_step_kernel(const FwdStep<T> p) {
+  using A = math_t<T>;
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= p.D * p.B * p.H) return;
+  const int64_t H = p.H, P = p.P, D = p.D, G = 4 * H;
+  const int64_t j = idx % H, b = (idx / H) % p.B, d = idx / (H * p.B);
+  const int64_t L = p.len ? p.len[b] : p.T_;
+  const int64_t row = step_time(d, p.s, L) * p.B + b;
+  const int64_t state = d * p.B + b;
+  if (p.c_prev) p.c_prev[row * D * H + d * H + j] = p.c[state * H + j];
+  if (p.h_prev && j < P) p.h_prev[(d * p.T_ * p.B + row) * P + j] = p.h[state * P + j];
+  T* y = p.y + row * D * P + d * P;
+  if (p.s >= L) {  // padding: zero output, state carried unchanged
+    if (j < P) y[j] = from_math<T>(A(0));
+    if (p.h_raw) p.h_raw[state * H + j] = from_math<T>(A(0));
+    return;
+  }
+  T* xg = p.xg + row * D * G + d * G;
+  const A* rec = p.rec + state * G;
+  A pre[4];
+  for (int k = 0; k < 4; ++k)
+    pre[k] = to_math(xg[k * H + j]) + rec[k * H + j] + (p.bias ? to_math(p.bias[d * G + k * H + j]) : A(0));
+  const Gates<A> a = activate(pre[0], pre[1], pre[2], pre[3]);
+  const A c = cell_state(a, p.c[state * H + j]);
+  const A h = hidden_state(a, c);
+  if (Training) {
+    xg[j] = from_math<T>(a.i);
+    xg[H + j] = from_math<T>(a.f);
+    xg[2 * H + j] = from_math<T>(a.g);
+    xg[3 * H + j] = from_math<T>(a.o);
+  }
+  p.c[state * H + j] = c;
+  if (p.h_raw) {
+    p.h_raw[state * H + j] = from_math<T>(h);
+  } else {
+    p.h[state * P + j] = from_math<T>(h);
+    y[j] = from_math<T>(h);
+  }
+}
+
+template <typename T>
+__global__ void proj_out_kernel(const ProjOut<T> p) {
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= p.D * p.B * p.H) return;
+  const int64_t H = p.H, P = p.P;
+  const int64_t k = idx % H, b = (idx / H) % p.B, d = idx / (H * p.B);
+  const int64_t L = p.len ? p.len[b] : p.T_;
+  const int64_t row = step_time(d, p.s, L) * p.B + b;
+  const int64_t state = d * p.B + b;
+  if (p.h_raw_saved) p.h_raw_saved[(d * p.T_ * p.B + row) * H + k] = p.h_raw[state * H + k];
+  if (p.s >= L || k >= P) return;
+  p.h[state * P + k] = p.h_proj[state * P + k];
+  p.y[row * p.D * P + d * P + k] = p.h_proj[state * P + k];
+}
+
+template <typename T>
+__global__ void bwd_step_kernel(const BwdStep<T> p) {
+  using A = math_t<T>;
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= p.D * p.B * p.H) return;
+  const int64_t H = p.H, P = p.P, D = p.D, G = 4 * H;
+  const int64_t j = idx % H, b = (idx / H) % p.B, d = idx / (H * p.B);
+  const int64_t L = p.len ? p.len[b] : p.T_;
+  const int64_t row = step_time(d, p.s, L) * p.B + b;
+  const int64_t state = d * p.B + b;
+  T* dg = p.dg + (d * p.T_ * p.B + row) * G;
+  T* dg_step = p.dg_step + state * G;
+  if (p.s >= L) {  // padding: the state's gradient passes through unchanged
+    for (int k = 0; k < 4; ++k) dg[k * H + j] = dg_step[k * H + j] = from_math<T>(A(0));
+    return;
+  }
+  const T* g = p.gates + row * D * G + d * G;
+  const Gates<A> a{to_math(g[j]), to_math(g[H + j]), to_math(g[2 * H + j]), to_math(g[3 * H + j])};
+  A dh;
+  if (p.dh_raw) {
+    dh = p.dh_raw[state * H + j];
+  } else {
+    dh = p.dh[state * P + j] + (p.dy ? to_math(p.dy[row * D * P + d * P + j]) : A(0));
+    p.dh[state * P + j] = A(0);  // refilled with dg W_hh by the recurrent GEMM
+  }
+  const GateGrads<A> r = backward(a, p.c_prev[row * D * H + d * H + j], dh, p.dc[state * H + j]);
+  const A grads[4] = {r.di, r.df, r.dg, r.do_};
+  for (int k = 0; k < 4; ++k) dg[k * H + j] = dg_step[k * H + j] = from_math<T>(grads[k]);
+  p.dc[state * H + j] = r.dc_prev;
+}
+
+template <typename T>
+__global__ void proj_bwd_kernel(const ProjBwd<T> p) {
+  using A = math_t<T>;
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= p.D * p.B * p.P) return;
+  const int64_t P = p.P;
+  const int64_t k = idx % P, b = (idx / P) % p.B, d = idx / (P * p.B);
+  const int64_t L = p.len ? p.len[b] : p.T_;
+  const int64_t row = step_time(d, p.s, L) * p.B + b;
+  const int64_t state = d * p.B + b;
+  A v = A(0);
+  if (p.s < L) {
+    v = p.dh[state * P + k] + (p.dy ? to_math(p.dy[row * p.D * P + d * P + k]) : A(0));
+    p.dh[state * P + k] = A(0);  // refilled with dg W_hh by the recurrent GEMM
+  }
+  p.dh_proj[state * P + k] = from_math<T>(v);
+  p.dh_proj_saved[(d * p.T_ * p.B + row) * P + k] = from_math<T>(v);
+}
+
+// Block (32, 8): each column of the tile is summed by 8 threads over interleaved rows,
+// then their partial sums are reduced in shared memory in a fixed tree order.
+template <typename T>
+__global__ void column_sums_kernel(const ColumnSums<T> p) {
+  using A = math_t<T>;
+  BIRNN_DYNAMIC_SHARED(A, partial);  // [blockDim.y][blockDim.x]
+  const unsigned tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x;
+  const int64_t c = int64_t(blockIdx.x) * bx + tx;
+  A acc = A(0);
+  if (c < p.cols)
+    for (int64_t r = ty; r < p.rows; r += blockDim.y) acc += to_math(p.m[r * p.cols + c]);
+  partial[ty * bx + tx] = acc;
+#if !defined(BIRNN_BREAK_MISSING_BARRIER)
+  __syncthreads();
+#endif
+  for (unsigned stride = blockDim.y / 2; stride > 0; stride /= 2) {
+    if (ty < stride) partial[ty * bx + tx] += partial[(ty + stride) * bx + tx];
+    __syncthreads();
+  }
+  if (ty == 0 && c < p.cols) p.out[c] = from_math<T>(partial[tx]);
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t launch_fwd_step(const FwdStep<T>& p, cudaStream_t stream) {
+  const int64_t n = p.D * p.B * p.H;
+  if (n == 0) return cudaSuccess;
+  const bool training = p.c_prev != nullptr || p.h_prev != nullptr;
+  if (training) {
+    auto kernel = fwd_step_kernel<T, true>;
+    BIRNN_LAUNCH(kernel, grid_for(n), dim3(kThreads), 0, stream, p);
+  } else {
+    auto kernel = fwd_step_kernel<T, false>;
+    BIRNN_LAUNCH(kernel, grid_for(n), dim3(kThreads), 0, stream, p);
+  }
+  return BIRNN_LAUNCH_ERROR();
+}
+
+// The cell op saves no c_prev/h_prev (its inputs are the saved state) but needs the
+// activated gates: the same kernel with Training forced on.
+template <typename T>
+cudaError_t launch_cell_fwd(const FwdStep<T>& p, bool training, cudaStream_t stream) {
+  const int64_t n = p.D * p.B * p.H;
+  if (n == 0) return cudaSuccess;
+  if (training) {
+    auto kernel = fwd_step_kernel<T, true>;
+    BIRNN_LAUNCH(kernel, grid_for(n), dim3(kThreads), 0, stream, p);
+  } else {
+    auto kernel = fwd_step_kernel<T, false>;
+    BIRNN_LAUNCH(kernel, grid_for(n), dim3(kThreads), 0, stream, p);
+  }
+  return BIRNN_LAUNCH_ERROR();
+}
+
+template <typename T>
+cudaError_t launch_proj_out(const ProjOut<T>& p, cudaStream_t stream) {
+  const int64_t n = p.D * p.B * p.H;
+  if (n == 0) return cudaSuccess;
+  auto kernel = proj_out_kernel<T>;
+  BIRNN_LAUNCH(kernel, grid_for(n), dim3(kThreads), 0, stream, p);
+  return BIRNN_LAUNCH_ERROR();
+}
+
+template <typename T>
+cudaError_t launch_bwd_step(const BwdStep<T>& p, cudaStream_t stream) {
+  const int64_t n = p.D * p.B * p.H;
+  if (n == 0) return cudaSuccess;
+  auto kernel = bwd_step_kernel<T>;
+  BIRNN_LAUNCH(kernel, grid_for(n), dim3(kThreads), 0, stream, p);
+  return BIRNN_LAUNCH_ERROR();
+}
+
+template <typename T>
+cudaError_t launch_proj_bwd(const ProjBwd<T>& p, cudaStream_t stream) {
+  const int64_t n = p.D * p.B * p.P;
+  if (n == 0) return cudaSuccess;
+  auto kernel = proj_bwd_kernel<T>;
+  BIRNN_LAUNCH(kernel, grid_for(n), dim3(kThreads), 0, stream, p);
+  return BIRNN_LAUNCH_ERROR();
+}
+
+template <typename T>
+cudaError_t launch_column_sums(const ColumnSums<T>& p, cudaStream_t stream) {
+  if (p.cols == 0) return cudaSuccess;
+  const dim3 block(32, 8);
+  const dim3 grid(static_cast<unsigned>((p.cols + block.x - 1) / block.x));
+  auto kernel = column_sums_kernel<T>;
+  BIRNN_LAUNCH(kernel, grid, block, block.x * block.y * sizeof(math_t<T>), stream, p);
+  return BIRNN_LAUNCH_ERROR();
+}
+
+#define BIRNN_INSTANTIATE(T)                                                          \
+  template cudaError_t launch_fwd_step<T>(const FwdStep<T>&, cudaStream_t);         \
+  template cudaError_t launch_cell_fwd<T>(const FwdStep<T>&, bool, cudaStream_t);   \
+  template cudaError_t launch_proj_out<T>(const ProjOut<T>&, cudaStream_t);         \
+  template cudaError_t launch_bwd_step<T>(const BwdStep<T>&, cudaStream_t);         \
+  template cudaError_t launch_proj_bwd<T>(const ProjBwd<T>&, cudaStream_t);         \
+  template cudaError_t launch_column_sums<T>(const ColumnSums<T>&, cudaStream_t);
+BIRNN_INSTANTIATE(float)
+BIRNN_INSTANTIATE(double)
+BIRNN_INSTANTIATE(__half)
+BIRNN_INSTANTIATE(__nv_bfloat16)
+#undef BIRNN_INSTANTIATE
+
+}  // namespace birnn::cuda

@@ -1,0 +1,234 @@
+// Runs the CUDA kernels of csrc/cuda/lstm_kernels.cu on the host, through the emulator,
+// the way csrc/cuda/lstm_cuda.cpp drives them on a GPU: host GEMMs stand in for
+// cuBLAS, the pointwise work is the device code itself. tests/test_emulated_kernels.py
+// writes the inputs, runs this under AddressSanitizer and UndefinedBehaviorSanitizer,
+// and compares what it writes back with the CPU path.
+//
+// Usage: run_kernels IN OUT. IN: 14 int64 (mode 0 layer / 1 cell, dtype 0 f32 / 1 f64 /
+// 2 f16 / 3 bf16, T, B, I, H, P, D, has_lengths, has_bias, has_proj, has_grad_y,
+// has_grad_h, has_grad_c), then lengths as int64 [B] if any, then float64 arrays:
+// x [T,B,I], h0 [D,B,P], c0 [D,B,H], w_ih [D,4H,I], w_hh [D,4H,P], bias [D,4H] if any,
+// w_hr [D,P,H] if any, grad_y [T,B,D*P], grad_h_n [D,B,P], grad_c_n [D,B,H] if any.
+// OUT: float64 arrays y, h_n, c_n, dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr (if any).
+// The cell mode uses T = D = 1, P = H and writes h', c', dx, dh, dc, dw_ih, dw_hh, dbias.
+#include <cstdio>
+#include <cstdlib>
+#include <stdexcept>
+#include <vector>
+
+#include "../cuda/lstm_kernels.h"
+
+namespace {
+
+using namespace birnn::cuda;
+
+double as_double(float v) { return v; }
+double as_double(double v) { return v; }
+double as_double(__half v) { return __half2float(v); }
+double as_double(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+T from_double(double v) {
+  if constexpr (std::is_same_v<T, __half>) return __float2half_rn(float(v));
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn(float(v));
+  else return T(v);
+}
+
+template <typename T>
+std::vector<T> convert(const std::vector<double>& v) {
+  std::vector<T> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = from_double<T>(v[i]);
+  return out;
+}
+
+template <typename T>
+std::vector<double> widen(const std::vector<T>& v) {
+  std::vector<double> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = as_double(v[i]);
+  return out;
+}
+
+// Row-major C[M,N] = beta C + op(A) op(B), A and B read through as_double: the role of
+// cuBLAS (whose float accumulation this double accumulation bounds from above).
+template <typename TA, typename TB, typename TC>
+void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const TA* A, int64_t lda, const TB* B, int64_t ldb,
+          double beta, TC* C, int64_t ldc) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double acc = 0;
+      for (int64_t k = 0; k < K; ++k)
+        acc += as_double(ta ? A[k * lda + m] : A[m * lda + k]) * as_double(tb ? B[n * ldb + k] : B[k * ldb + n]);
+      C[m * ldc + n] = from_double<TC>(beta * (beta == 0 ? 0 : as_double(C[m * ldc + n])) + acc);
+    }
+}
+
+void check(cudaError_t e) {
+  if (e != cudaSuccess) throw std::runtime_error("launch failed");
+}
+
+struct Reader {
+  FILE* f;
+  std::vector<double> doubles(size_t n) {
+    std::vector<double> v(n);
+    if (n && std::fread(v.data(), sizeof(double), n, f) != n) throw std::runtime_error("short input");
+    return v;
+  }
+};
+
+struct Writer {
+  FILE* f;
+  void put(const std::vector<double>& v) { std::fwrite(v.data(), sizeof(double), v.size(), f); }
+};
+
+template <typename T>
+void run_layer(const int64_t* hd, Reader& in, Writer& out) {
+  using A = math_t<T>;
+  const int64_t T_ = hd[2], B = hd[3], I = hd[4], H = hd[5], P = hd[6], D = hd[7], G = 4 * H, rows = T_ * B;
+  const bool has_len = hd[8], has_bias = hd[9], proj = hd[10], has_gy = hd[11], has_gh = hd[12], has_gc = hd[13];
+  std::vector<int64_t> len(B);
+  if (has_len && std::fread(len.data(), sizeof(int64_t), B, in.f) != size_t(B)) throw std::runtime_error("short");
+  auto x = convert<T>(in.doubles(rows * I));
+  auto h = convert<T>(in.doubles(D * B * P));
+  auto c = convert<A>(in.doubles(D * B * H));
+  auto w_ih = convert<T>(in.doubles(D * G * I));
+  auto w_hh = convert<T>(in.doubles(D * G * P));
+  auto bias = has_bias ? convert<T>(in.doubles(D * G)) : std::vector<T>();
+  auto w_hr = proj ? convert<T>(in.doubles(D * P * H)) : std::vector<T>();
+  auto dy = has_gy ? convert<T>(in.doubles(rows * D * P)) : std::vector<T>();
+  auto dh = convert<A>(has_gh ? in.doubles(D * B * P) : std::vector<double>(D * B * P));
+  auto dc = convert<A>(has_gc ? in.doubles(D * B * H) : std::vector<double>(D * B * H));
+  const int64_t* lp = has_len ? len.data() : nullptr;
+
+  // Forward, as lstm_cuda.cpp runs it.
+  std::vector<T> xg(rows * D * G), y(rows * D * P), h_raw(proj ? D * B * H : 0), h_proj(proj ? D * B * P : 0);
+  std::vector<A> rec(D * B * G), c_prev(rows * D * H);
+  std::vector<T> h_prev(D * rows * P), h_raw_saved(proj ? D * rows * H : 0);
+  gemm(false, true, rows, D * G, I, x.data(), I, w_ih.data(), I, 0.0, xg.data(), D * G);
+  for (int64_t s = 0; s < T_; ++s) {
+    for (int64_t d = 0; d < D; ++d)
+      gemm(false, true, B, G, P, h.data() + d * B * P, P, w_hh.data() + d * G * P, P, 0.0, rec.data() + d * B * G, G);
+    FwdStep<T> f{T_, B, H, P, D, s, lp, rec.data(), has_bias ? bias.data() : nullptr, xg.data(), c.data(), h.data(),
+                 proj ? h_raw.data() : nullptr, y.data(), c_prev.data(), h_prev.data()};
+    check(launch_fwd_step(f, nullptr));
+    if (proj) {
+      for (int64_t d = 0; d < D; ++d)
+        gemm(false, true, B, P, H, h_raw.data() + d * B * H, H, w_hr.data() + d * P * H, H, 0.0,
+             h_proj.data() + d * B * P, P);
+      ProjOut<T> po{T_, B, H, P, D, s, lp, h_proj.data(), h_raw.data(), h.data(), y.data(), h_raw_saved.data()};
+      check(launch_proj_out(po, nullptr));
+    }
+  }
+  out.put(widen(y));
+  out.put(widen(h));
+  out.put(widen(c));
+
+  // Backward.
+  std::vector<T> dg(D * rows * G), dg_step(D * B * G), dh_proj(proj ? D * B * P : 0),
+      dh_proj_saved(proj ? D * rows * P : 0);
+  std::vector<A> dh_raw(proj ? D * B * H : 0);
+  for (int64_t s = T_ - 1; s >= 0; --s) {
+    if (proj) {
+      ProjBwd<T> pb{T_, B, P, D, s, lp, has_gy ? dy.data() : nullptr, dh.data(), dh_proj.data(), dh_proj_saved.data()};
+      check(launch_proj_bwd(pb, nullptr));
+      for (int64_t d = 0; d < D; ++d)
+        gemm(false, false, B, H, P, dh_proj.data() + d * B * P, P, w_hr.data() + d * P * H, H, 0.0,
+             dh_raw.data() + d * B * H, H);
+    }
+    BwdStep<T> bs{T_, B, H, P, D, s, lp, xg.data(), c_prev.data(), has_gy ? dy.data() : nullptr,
+                  proj ? dh_raw.data() : nullptr, dh.data(), dc.data(), dg.data(), dg_step.data()};
+    check(launch_bwd_step(bs, nullptr));
+    for (int64_t d = 0; d < D; ++d)
+      gemm(false, false, B, P, G, dg_step.data() + d * B * G, G, w_hh.data() + d * G * P, P, 1.0,
+           dh.data() + d * B * P, P);
+  }
+  std::vector<T> dx(rows * I), dw_ih(D * G * I), dw_hh(D * G * P), dbias(D * G), dw_hr(proj ? D * P * H : 0);
+  for (int64_t d = 0; d < D; ++d) {
+    gemm(false, false, rows, I, G, dg.data() + d * rows * G, G, w_ih.data() + d * G * I, I, d == 0 ? 0.0 : 1.0,
+         dx.data(), I);
+    gemm(true, false, G, I, rows, dg.data() + d * rows * G, G, x.data(), I, 0.0, dw_ih.data() + d * G * I, I);
+    gemm(true, false, G, P, rows, dg.data() + d * rows * G, G, h_prev.data() + d * rows * P, P, 0.0,
+         dw_hh.data() + d * G * P, P);
+    if (proj)
+      gemm(true, false, P, H, rows, dh_proj_saved.data() + d * rows * P, P, h_raw_saved.data() + d * rows * H, H, 0.0,
+           dw_hr.data() + d * P * H, H);
+    ColumnSums<T> cs{rows, G, dg.data() + d * rows * G, dbias.data() + d * G};
+    check(launch_column_sums(cs, nullptr));
+  }
+  for (auto* v : {&dx}) out.put(widen(*v));
+  out.put(widen(dh));
+  out.put(widen(dc));
+  out.put(widen(dw_ih));
+  out.put(widen(dw_hh));
+  out.put(widen(dbias));
+  if (proj) out.put(widen(dw_hr));
+}
+
+template <typename T>
+void run_cell(const int64_t* hd, Reader& in, Writer& out) {
+  using A = math_t<T>;
+  const int64_t B = hd[3], I = hd[4], H = hd[5], G = 4 * H;
+  const bool has_bias = hd[9], has_gh = hd[12], has_gc = hd[13];
+  auto x = convert<T>(in.doubles(B * I));
+  auto h = convert<T>(in.doubles(B * H));
+  auto c = convert<A>(in.doubles(B * H));
+  auto w_ih = convert<T>(in.doubles(G * I));
+  auto w_hh = convert<T>(in.doubles(G * H));
+  auto bias = has_bias ? convert<T>(in.doubles(G)) : std::vector<T>();
+  auto dh = convert<A>(has_gh ? in.doubles(B * H) : std::vector<double>(B * H));
+  auto dc = convert<A>(has_gc ? in.doubles(B * H) : std::vector<double>(B * H));
+  std::vector<T> xg(B * G), h_new(B * H);
+  std::vector<A> rec(B * G), c_new = c;
+  gemm(false, true, B, G, I, x.data(), I, w_ih.data(), I, 0.0, xg.data(), G);
+  gemm(false, true, B, G, H, h.data(), H, w_hh.data(), H, 0.0, rec.data(), G);
+  FwdStep<T> f{1, B, H, H, 1, 0, nullptr, rec.data(), has_bias ? bias.data() : nullptr, xg.data(), c_new.data(),
+               h_new.data(), nullptr, h_new.data(), nullptr, nullptr};
+  check(launch_cell_fwd(f, true, nullptr));
+  out.put(widen(h_new));
+  out.put(widen(c_new));
+  std::vector<T> dg(B * G), dg_step(B * G);
+  BwdStep<T> bs{1, B, H, H, 1, 0, nullptr, xg.data(), c.data(), nullptr, nullptr, dh.data(), dc.data(), dg.data(),
+                dg_step.data()};
+  check(launch_bwd_step(bs, nullptr));
+  std::vector<T> dx(B * I), dh_in(B * H), dw_ih(G * I), dw_hh(G * H), dbias(G);
+  gemm(false, false, B, I, G, dg.data(), G, w_ih.data(), I, 0.0, dx.data(), I);
+  gemm(false, false, B, H, G, dg.data(), G, w_hh.data(), H, 0.0, dh_in.data(), H);
+  gemm(true, false, G, I, B, dg.data(), G, x.data(), I, 0.0, dw_ih.data(), I);
+  gemm(true, false, G, H, B, dg.data(), G, h.data(), H, 0.0, dw_hh.data(), H);
+  ColumnSums<T> cs{B, G, dg.data(), dbias.data()};
+  check(launch_column_sums(cs, nullptr));
+  for (auto* v : {&dx, &dh_in}) out.put(widen(*v));
+  out.put(widen(dc));
+  for (auto* v : {&dw_ih, &dw_hh, &dbias}) out.put(widen(*v));
+}
+
+template <typename T>
+void run(const int64_t* hd, Reader& in, Writer& out) {
+  hd[0] == 0 ? run_layer<T>(hd, in, out) : run_cell<T>(hd, in, out);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 3) {
+    std::fprintf(stderr, "usage: %s IN OUT\n", argv[0]);
+    return 2;
+  }
+  Reader in{std::fopen(argv[1], "rb")};
+  Writer out{std::fopen(argv[2], "wb")};
+  if (!in.f || !out.f) {
+    std::perror("open");
+    return 2;
+  }
+  int64_t hd[14];
+  if (std::fread(hd, sizeof(int64_t), 14, in.f) != 14) return 2;
+  switch (hd[1]) {
+    case 0: run<float>(hd, in, out); break;
+    case 1: run<double>(hd, in, out); break;
+    case 2: run<__half>(hd, in, out); break;
+    case 3: run<__nv_bfloat16>(hd, in, out); break;
+    default: return 2;
+  }
+  std::fclose(out.f);
+  std::fclose(in.f);
+  return 0;
+}

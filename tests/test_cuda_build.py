@@ -1,0 +1,51 @@
+"""The CUDA build check: where nvcc and a CUDA build of torch are present (this
+project's machines: yes), the extension is built with its CUDA kernels, it links and
+loads, and every op has a CUDA kernel registered with the dispatcher."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import birnn_ext  # noqa: F401  (builds and loads the library)
+from birnn_ext import _build, _loader
+
+OPS = ["lstm_layer_forward", "lstm_layer_backward", "lstm_cell_forward", "lstm_cell_backward"]
+CAN_BUILD_CUDA = torch.version.cuda is not None and _build.find_cuda_home() is not None
+
+
+def test_toolkit_is_found_behind_the_nvcc_wrapper():
+    home = _build.find_cuda_home()
+    if home is None:
+        pytest.skip("no CUDA toolkit on this machine")
+    out = subprocess.run([f"{home}/bin/nvcc", "--version"], capture_output=True, text=True, check=True).stdout
+    assert "Cuda compilation tools" in out
+
+
+@pytest.mark.skipif(not CAN_BUILD_CUDA, reason="needs nvcc and a CUDA build of torch")
+def test_every_op_has_a_cuda_kernel():
+    assert _build.want_cuda(), "nvcc and a CUDA torch are present, so the CUDA kernels must be built"
+    for op in OPS:
+        for key in ("CPU", "CUDA"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"birnn_ext::{op}", key), (op, key)
+
+
+@pytest.mark.skipif(not CAN_BUILD_CUDA, reason="needs nvcc and a CUDA build of torch")
+def test_library_links_the_cuda_runtime_and_cublas():
+    # Resolved as in a process that imported torch: torch's own libraries from its lib folder.
+    env = {"LD_LIBRARY_PATH": str(Path(torch.__file__).parent / "lib")}
+    libs = subprocess.run(["ldd", _loader.ensure_loaded()], capture_output=True, text=True, check=True, env=env).stdout
+    for name in ("libcudart", "libcublas", "libtorch_cuda", "libc10_cuda"):
+        assert name in libs, f"{name} missing from the library's dependencies:\n{libs}"
+    assert "not found" not in libs, libs
+
+
+def test_cuda_can_be_forced_off(monkeypatch):
+    monkeypatch.setenv("BIRNN_EXT_CUDA", "0")
+    assert _build.want_cuda() is False
+    monkeypatch.setenv("BIRNN_EXT_CUDA", "2")
+    with pytest.raises(ValueError, match="BIRNN_EXT_CUDA must be 0 or 1"):
+        _build.want_cuda()

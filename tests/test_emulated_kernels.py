@@ -1,0 +1,163 @@
+"""The CUDA kernels' device code, run on the host through csrc/emu/ under
+AddressSanitizer and UndefinedBehaviorSanitizer, against the CPU path.
+
+csrc/emu/run_kernels.cpp drives csrc/cuda/lstm_kernels.cu the way the CUDA glue does
+(host GEMMs in place of cuBLAS): every kernel, forward and backward, both directions,
+with lengths, with and without bias and projection, in every storage dtype. The
+results are compared with the CPU ops on the same inputs (rounded to the dtype first),
+within the dtype's tolerance.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from birnn_ext import _build
+from helpers import TOL
+
+pytestmark = pytest.mark.skipif(_build.find_cuda_home() is None, reason="no CUDA toolkit headers")
+
+DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+BUILD = _build.ROOT / "build" / "emu"
+
+
+def build(name: str, defines: tuple[str, ...] = ()) -> Path:
+    BUILD.mkdir(parents=True, exist_ok=True)
+    exe = BUILD / name
+    sources = [_build.CSRC / s for s in _build.EMU_SOURCES] + list((_build.CSRC / "emu").glob("*.h")) + [
+        _build.CSRC / "cuda" / "lstm_kernels.h", _build.CSRC / "lstm_cell.h"]
+    if not exe.exists() or exe.stat().st_mtime < max(s.stat().st_mtime for s in sources):
+        subprocess.run(_build.emulator_command(exe, defines), check=True)
+    return exe
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    return build("run_kernels")
+
+
+def make_case(dtype, mode, T, B, I, H, P, D, lengths, bias, proj, seed=0):
+    """Inputs as float64, already rounded to `dtype` so both sides see the same numbers."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).double()
+
+    G = 4 * H
+    case = dict(
+        x=r(T, B, I), h0=r(D, B, P), c0=r(D, B, H), w_ih=r(D, G, I, scale=0.4), w_hh=r(D, G, P, scale=0.4),
+        bias=r(D, G, scale=0.4) if bias else None, w_hr=r(D, P, H, scale=0.4) if proj else None,
+        grad_y=r(T, B, D * P) if mode == 0 else None, grad_h_n=r(D, B, P), grad_c_n=r(D, B, H),
+        lengths=torch.tensor(lengths, dtype=torch.int64) if lengths else None,
+    )
+    header = [mode, DTYPES[dtype], T, B, I, H, P, D, lengths is not None, bias, proj, mode == 0, 1, 1]
+    return header, case
+
+
+def run_emulated(exe, header, case, tmp_path):
+    order = ["x", "h0", "c0", "w_ih", "w_hh", "bias", "w_hr", "grad_y", "grad_h_n", "grad_c_n"]
+    with open(tmp_path / "in.bin", "wb") as f:
+        f.write(np.array(header, dtype=np.int64).tobytes())
+        if case["lengths"] is not None:
+            f.write(case["lengths"].numpy().tobytes())
+        for k in order:
+            if case[k] is not None:
+                f.write(case[k].numpy().tobytes())
+    proc = subprocess.run([str(exe), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")], capture_output=True,
+                          text=True)
+    return proc, np.fromfile(tmp_path / "out.bin", dtype=np.float64) if proc.returncode == 0 else None
+
+
+def reference_layer(case, dtype):
+    """The CPU path, in float64 for float64 and float32 for the rest."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    c = {k: (v.to(work) if v is not None and v.is_floating_point() else v) for k, v in case.items()}
+    ops = torch.ops.birnn_ext
+    y, h_n, c_n, gates, cp, hp, hr = ops.lstm_layer_forward(c["x"], c["lengths"], c["h0"], c["c0"], c["w_ih"],
+                                                            c["w_hh"], c["bias"], c["w_hr"], True)
+    dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr = ops.lstm_layer_backward(
+        c["grad_y"], c["grad_h_n"], c["grad_c_n"], c["x"], c["lengths"], c["w_ih"], c["w_hh"], c["w_hr"], gates, cp,
+        hp, hr)
+    out = dict(y=y, h_n=h_n, c_n=c_n, dx=dx, dh0=dh0, dc0=dc0, dw_ih=dw_ih, dw_hh=dw_hh, dbias=dbias)
+    if case["w_hr"] is not None:
+        out["dw_hr"] = dw_hr
+    return out
+
+
+def reference_cell(case, dtype):
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    x, h, c = case["x"][0].to(work), case["h0"][0].to(work), case["c0"][0].to(work)
+    w_ih, w_hh = case["w_ih"][0].to(work), case["w_hh"][0].to(work)
+    bias = case["bias"][0].to(work) if case["bias"] is not None else None
+    ops = torch.ops.birnn_ext
+    h_new, c_new, gates = ops.lstm_cell_forward(x, h, c, w_ih, w_hh, bias, True)
+    grads = ops.lstm_cell_backward(case["grad_h_n"][0].to(work), case["grad_c_n"][0].to(work), x, h, c, w_ih, w_hh,
+                                   gates)
+    return dict(zip(["h_new", "c_new", "dx", "dh", "dc", "dw_ih", "dw_hh", "dbias"], [h_new, c_new, *grads]))
+
+
+def unpack(flat, ref):
+    out, at = {}, 0
+    for k, v in ref.items():
+        out[k] = torch.from_numpy(flat[at : at + v.numel()].copy()).reshape(v.shape)
+        at += v.numel()
+    assert at == flat.size, f"emulator wrote {flat.size} values, expected {at}"
+    return out
+
+
+def compare(got, want, dtype):
+    for k, w in want.items():
+        torch.testing.assert_close(got[k], w.double(), **TOL[dtype], msg=lambda m, k=k: f"{k}: {m}")
+
+
+LAYER_CASES = {
+    "uni": dict(D=1, lengths=None, bias=True, proj=False),
+    "bi-lengths": dict(D=2, lengths=[5, 2, 1, 4], bias=True, proj=False),
+    "bi-lengths-nobias": dict(D=2, lengths=[3, 5, 5, 1], bias=False, proj=False),
+    "bi-lengths-proj": dict(D=2, lengths=[4, 1, 5, 2], bias=True, proj=True),
+}
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
+@pytest.mark.parametrize("name", list(LAYER_CASES))
+def test_layer_kernels_match_cpu(emulator, tmp_path, dtype, name):
+    cfg = LAYER_CASES[name]
+    H = 8
+    P = 3 if cfg["proj"] else H
+    header, case = make_case(dtype, 0, T=5, B=4, I=6, H=H, P=P, **cfg)
+    proc, flat = run_emulated(emulator, header, case, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    want = reference_layer(case, dtype)
+    compare(unpack(flat, want), want, dtype)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+def test_cell_kernels_match_cpu(emulator, tmp_path, dtype, bias):
+    header, case = make_case(dtype, 1, T=1, B=5, I=6, H=9, P=9, D=1, lengths=None, bias=bias, proj=False)
+    proc, flat = run_emulated(emulator, header, case, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    want = reference_cell(case, dtype)
+    compare(unpack(flat, want), want, dtype)
+
+
+@pytest.mark.parametrize("defect", ["BIRNN_BREAK_OFF_BY_ONE", "BIRNN_BREAK_MISSING_BARRIER"])
+def test_a_broken_kernel_is_caught(tmp_path, defect):
+    """The harness can fail: a kernel built with a deliberate defect (the reverse
+    direction's time index off by one; the barrier before the shared-memory reduction
+    removed) must be caught, by a sanitizer or by a wrong answer."""
+    exe = build(f"run_kernels_{defect.lower()}", (defect,))
+    header, case = make_case(torch.float32, 0, T=5, B=4, I=6, H=8, P=8, D=2, lengths=[5, 2, 1, 4], bias=True,
+                             proj=False)
+    proc, flat = run_emulated(exe, header, case, tmp_path)
+    if proc.returncode != 0:
+        assert "Sanitizer" in proc.stderr or "runtime error" in proc.stderr, proc.stderr[-2000:]
+        return
+    want = reference_layer(case, torch.float32)
+    with pytest.raises(AssertionError):
+        compare(unpack(flat, want), want, torch.float32)
