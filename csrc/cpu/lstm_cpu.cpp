@@ -7,8 +7,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cstring>
+#include <vector>
 
 #include "../layer_checks.h"
 #include "../lstm_cell.h"
@@ -259,6 +261,38 @@ void backward_direction(const BwdParams<T>& p, int64_t d) {
   }
 }
 
+// c[M,N] = a[K,M]^T b[K,N] (a, b contiguous), summed over the K rows in blocks fixed by K
+// alone: each block is one product computed on one thread, and the blocks' partial
+// sums are added in block order. A multi-threaded GEMM may split a long K differently
+// for different thread counts; this gives the same bits for any thread count. There are
+// always at least two blocks, so that the products run inside a parallel region, where
+// the GEMM engines stay single-threaded.
+template <typename T>
+void matmul_tn_fixed_order(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
+  constexpr int64_t kMaxRows = 1024;
+  const int64_t K = a.size(0), M = a.size(1), N = b.size(1);
+  const int64_t blocks = std::max<int64_t>(2, (K + kMaxRows - 1) / kMaxRows);
+  const int64_t rows = (K + blocks - 1) / blocks;
+  at::Tensor partial = at::zeros({blocks, M, N}, c.options());
+  std::vector<std::array<at::Tensor, 3>> operands;  // views made here, not on the workers
+  for (int64_t i = 0; i < blocks; ++i) {
+    const int64_t k0 = i * rows, k = std::min(rows, K - k0);
+    if (k > 0) operands.push_back({a.narrow(0, k0, k).t(), b.narrow(0, k0, k), partial[i]});
+  }
+  at::parallel_for(0, int64_t(operands.size()), 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) matmul<T>(operands[i][0], operands[i][1], operands[i][2], T(0));
+  });
+  const T* src = partial.data_ptr<T>();
+  T* out = c.data_ptr<T>();
+  at::parallel_for(0, M * N, 4096, [&](int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; ++e) {
+      T acc = src[e];
+      for (int64_t i = 1; i < blocks; ++i) acc += src[i * M * N + e];
+      out[e] = acc;
+    }
+  });
+}
+
 // Column sums of a [rows, cols] matrix in row order: the same bits for any thread count.
 template <typename T>
 void column_sums(const T* m, int64_t rows, int64_t cols, T* out) {
@@ -402,9 +436,9 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
     const at::Tensor x2 = x.view({rows, I}), dx2 = dx.view({rows, I}), h_prev2 = h_prev.view({D, rows, P});
     for (int64_t d = 0; d < D; ++d) {
       matmul<T>(dg[d], w_ih[d], dx2, T(d == 0 ? 0 : 1));
-      matmul<T>(dg[d].t(), x2, dw_ih[d], T(0));
-      matmul<T>(dg[d].t(), h_prev2[d], dw_hh[d], T(0));
-      if (proj) matmul<T>(dh_proj_saved[d].t(), h_raw.view({D, rows, H})[d], dw_hr[d], T(0));
+      matmul_tn_fixed_order<T>(dg[d], x2, dw_ih[d]);
+      matmul_tn_fixed_order<T>(dg[d], h_prev2[d], dw_hh[d]);
+      if (proj) matmul_tn_fixed_order<T>(dh_proj_saved[d], h_raw.view({D, rows, H})[d], dw_hr[d]);
       column_sums(dg.data_ptr<T>() + d * rows * G, rows, G, dbias.data_ptr<T>() + d * G);
     }
   });
@@ -473,8 +507,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                            scratch.data_ptr<T>());
     matmul<T>(dg, w_ih, dx, T(0));
     matmul<T>(dg, w_hh, dh, T(0));
-    matmul<T>(dg.t(), x, dw_ih, T(0));
-    matmul<T>(dg.t(), h, dw_hh, T(0));
+    matmul_tn_fixed_order<T>(dg, x, dw_ih);
+    matmul_tn_fixed_order<T>(dg, h, dw_hh);
     column_sums(dg.data_ptr<T>(), B, 4 * H, dbias.data_ptr<T>());
   });
   if (B == 0) dw_ih.zero_(), dw_hh.zero_(), dbias.zero_();

@@ -1,0 +1,157 @@
+"""birnn_ext inside the PyTorch ecosystem: torch.compile with no graph break,
+torch.export with a dynamic batch, DistributedDataParallel, bitwise determinism."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from birnn_ext import FusedBiLSTM, FusedLSTM, FusedLSTMCell
+
+
+class Classifier(nn.Module):
+    def __init__(self, lstm_cls=FusedBiLSTM, bidirectional=True):
+        super().__init__()
+        self.lstm = lstm_cls(8, 16, num_layers=2, batch_first=True, bidirectional=bidirectional)
+        self.fc = nn.Linear(32 if bidirectional else 16, 3)
+
+    def forward(self, x):
+        out, (h, c) = self.lstm(x)
+        return self.fc(out[:, -1])
+
+
+class CellLoop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cell = FusedLSTMCell(8, 16)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = c = x.new_zeros(x.size(0), 16)
+        for t in range(x.size(1)):
+            h, c = self.cell(x[:, t], (h, c))
+        return self.fc(h)
+
+
+MODELS = {
+    "FusedBiLSTM": lambda: Classifier(FusedBiLSTM, True),
+    "FusedLSTM": lambda: Classifier(FusedLSTM, False),
+    "FusedLSTMCell": CellLoop,
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_compile_fullgraph_forward_and_training_step(name):
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    eager = MODELS[name]()
+    compiled_model = MODELS[name]()
+    compiled_model.load_state_dict(eager.state_dict())
+    torch._dynamo.reset()
+    counters.clear()
+    # fullgraph=True makes any graph break an error; aot_eager traces forward and
+    # backward through the fake kernels and the registered autograd.
+    step = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    x, y = torch.randn(4, 5, 8), torch.tensor([0, 2, 1, 0])
+    torch.testing.assert_close(step(x), eager(x), rtol=1e-5, atol=1e-5)
+    for model, fn in ((eager, eager), (compiled_model, step)):
+        nn.functional.cross_entropy(fn(x), y).backward()
+    for (n, p), (_, q) in zip(eager.named_parameters(), compiled_model.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-5, msg=n)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+@pytest.mark.slow
+def test_compile_with_inductor_matches_eager():
+    torch.manual_seed(0)
+    model = Classifier()
+    x = torch.randn(4, 5, 8)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_export_with_dynamic_batch(name):
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    x = torch.randn(4, 5, 8)
+    batch = torch.export.Dim("batch", min=2, max=1024)
+    ep = torch.export.export(model, (x,), dynamic_shapes={"x": {0: batch}})
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert any("birnn_ext" in t for t in targets), targets
+    with torch.no_grad():
+        for b in (2, 7, 33):
+            xb = torch.randn(b, 5, 8)
+            torch.testing.assert_close(ep.module()(xb), model(xb), rtol=1e-5, atol=1e-5)
+
+
+def _ddp_worker(rank, world, init_file, init_state, data, steps, out_file):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = Classifier()
+    model.load_state_dict(init_state)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    for x, y in data[:steps]:
+        shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+        loss = nn.functional.cross_entropy(ddp(x[shard]), y[shard])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    if rank == 0:
+        torch.save(model.state_dict(), out_file)
+    dist.barrier()  # both ranks done before gloo tears its connections down
+    dist.destroy_process_group()
+
+
+def test_distributed_data_parallel_matches_single_process(tmp_path):
+    torch.manual_seed(0)
+    model = Classifier()
+    init_state = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(8, 5, 8, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(3)]
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), init_state, data, 3, str(tmp_path / "ddp.pt")), nprocs=2)
+    # The same steps in one process on the whole batch: DDP averages the two halves'
+    # gradients, which for a mean loss over equal halves is the whole batch's gradient.
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y in data:
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ddp_state = torch.load(tmp_path / "ddp.pt")
+    # Training moved the model (weight_hh_l1_reverse alone gets no gradient: at the last
+    # step, which the head reads, the top reverse direction has only just started from h0 = 0).
+    moved = [k for k, v in model.state_dict().items() if not torch.equal(v, init_state[k])]
+    assert "fc.weight" in moved and "lstm.weight_ih_l0" in moved and "lstm.weight_hh_l0_reverse" in moved, moved
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(ddp_state[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def _run_once(threads):
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    m = FusedBiLSTM(48, 64, num_layers=2, proj_size=0)
+    x = torch.randn(60, 40, 48, requires_grad=True)
+    y, (h, c) = m(x, lengths=torch.randint(1, 61, (40,), generator=torch.Generator().manual_seed(3)))
+    (y.square().sum() + h.sum() + c.sum()).backward()
+    return [y, h, c, x.grad, *[p.grad for p in m.parameters()]]
+
+
+def test_bitwise_determinism_whatever_the_thread_count():
+    threads = torch.get_num_threads()
+    try:
+        runs = [_run_once(1), _run_once(1), _run_once(2), _run_once(max(2, threads))]
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert torch.equal(a, b)
