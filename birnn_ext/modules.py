@@ -185,12 +185,56 @@ class FusedLSTM(nn.Module):
                 f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {input.size(-1)}"
             )
 
-    def _check_hidden(self, hx: tuple[Tensor, Tensor], batch: int) -> None:
+    def _check_hidden(self, hx: tuple[Tensor, Tensor], batch: int, input: Tensor) -> None:
         LD = self.num_layers * self.num_directions
         for k, size in enumerate((self._h_size, self.hidden_size)):
             expected = (LD, batch, size)
             if hx[k].size() != expected:
                 raise RuntimeError(f"Expected hidden[{k}] size {expected}, got {list(hx[k].size())}")
+        for t in hx:
+            if t.device != input.device:
+                raise RuntimeError(
+                    "Input and hidden tensors are not at the same device, "
+                    f"found input tensor at {input.device} and hidden tensor at {t.device}"
+                )
+
+    def _check_parameters(self, input: Tensor) -> None:
+        """Parameters replaced after construction must still fit (a clear error here,
+        not a failed stack or a wrong product later)."""
+        D, G, P = self.num_directions, 4 * self.hidden_size, self._h_size
+        for layer in range(self.num_layers):
+            layer_input = self.input_size if layer == 0 else P * D
+            for direction in range(D):
+                sfx = "_reverse" if direction == 1 else ""
+                expected = {f"weight_ih_l{layer}{sfx}": (G, layer_input), f"weight_hh_l{layer}{sfx}": (G, P)}
+                if self.bias:
+                    expected[f"bias_ih_l{layer}{sfx}"] = (G,)
+                    expected[f"bias_hh_l{layer}{sfx}"] = (G,)
+                if self.proj_size > 0:
+                    expected[f"weight_hr_l{layer}{sfx}"] = (self.proj_size, self.hidden_size)
+                for name, shape in expected.items():
+                    w = getattr(self, name)
+                    if tuple(w.shape) != shape:
+                        raise RuntimeError(f"{name} must have shape {shape}, got {tuple(w.shape)}")
+                    if w.device != input.device:
+                        raise RuntimeError(
+                            "Input and parameter tensors are not at the same device, "
+                            f"found input tensor at {input.device} and parameter tensor at {w.device}"
+                        )
+
+    @staticmethod
+    def _check_batch_sizes(batch_sizes: Tensor, rows: int) -> None:
+        if batch_sizes.dtype != torch.int64 or batch_sizes.dim() != 1 or batch_sizes.device.type != "cpu":
+            raise TypeError(
+                "PackedSequence.batch_sizes must be a 1-D int64 CPU tensor, "
+                f"got {batch_sizes.dim()}-D {batch_sizes.dtype} on {batch_sizes.device}"
+            )
+        sizes = batch_sizes.tolist()
+        if not sizes or sizes[-1] < 1 or any(a < b for a, b in zip(sizes, sizes[1:])) or sum(sizes) != rows:
+            raise RuntimeError(
+                "PackedSequence.batch_sizes must be positive, non-increasing and sum to data.size(0) = "
+                f"{rows}, got {sizes} (sum {sum(sizes)})"
+            )
 
     @property
     def _h_size(self) -> int:
@@ -223,11 +267,13 @@ class FusedLSTM(nn.Module):
                 raise ValueError("lengths must not be given with a PackedSequence input: it carries its own")
             data, batch_sizes, sorted_indices, unsorted_indices = input
             self._check_input(data, packed=True)
+            self._check_batch_sizes(batch_sizes, data.size(0))
+            self._check_parameters(data)
             batch = int(batch_sizes[0])
             # Padded in the packed (sorted) order; the kernel handles the lengths.
             x, seq_lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
             if hx is not None:
-                self._check_hidden(hx, batch)
+                self._check_hidden(hx, batch, data)
                 hx = (_apply_permutation(hx[0], sorted_indices), _apply_permutation(hx[1], sorted_indices)) \
                     if sorted_indices is not None else hx
             y, (h_n, c_n) = self._run(x, hx, seq_lengths)
@@ -257,9 +303,10 @@ class FusedLSTM(nn.Module):
                     )
                 hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
         self._check_input(input, packed=False)
+        self._check_parameters(input)
         batch = input.size(batch_dim)
         if hx is not None:
-            self._check_hidden(hx, batch)
+            self._check_hidden(hx, batch, input)
         x = input.transpose(0, 1) if self.batch_first else input
         if lengths is not None:
             lengths = self._lengths_tensor(lengths, batch, x.size(0))
@@ -369,6 +416,11 @@ class FusedLSTMCell(nn.Module):
         if input.size(1) != self.input_size:
             raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")
         for k, t in enumerate(hx):
+            if t.device != input.device:
+                raise RuntimeError(
+                    f"Input and hidden tensors are not at the same device, found input tensor at {input.device} "
+                    f"and hidden tensor at {t.device}"
+                )
             if input.size(0) != t.size(0):
                 raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{k} batch size {t.size(0)}")
             if t.size(1) != self.hidden_size:

@@ -25,8 +25,20 @@ def _math_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 
+def _check_devices(op: str, x: Tensor, **tensors: Tensor | None) -> None:
+    """The real kernels check that every tensor is on x's device; so must the fake
+    ones, or a call with one tensor on the meta device would dispatch here and quietly
+    return shapes instead of failing."""
+    for name, t in tensors.items():
+        torch._check(
+            t is None or t.device == x.device,
+            lambda: f"{op}: {name} must be on the device of x ({x.device}), got {t.device}",
+        )
+
+
 @torch.library.register_fake("birnn_ext::lstm_layer_forward")
 def _(x, lengths, h0, c0, w_ih, w_hh, bias, w_hr, training):
+    _check_devices("lstm_layer_forward", x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, bias=bias, w_hr=w_hr)
     T, B, _ = x.shape
     D, G, P = w_hh.shape
     H = G // 4
@@ -60,6 +72,7 @@ def _(grad_y, grad_h_n, grad_c_n, x, lengths, w_ih, w_hh, w_hr, gates, c_prev, h
 
 @torch.library.register_fake("birnn_ext::lstm_cell_forward")
 def _(x, h, c, w_ih, w_hh, bias, training):
+    _check_devices("lstm_cell_forward", x, h=h, c=c, w_ih=w_ih, w_hh=w_hh, bias=bias)
     B, H = h.shape
     return h.new_empty((B, H)), c.new_empty((B, H)), x.new_empty((B if training else 0, 4 * H))
 

@@ -131,3 +131,58 @@ def test_backward_without_saved_activations_is_refused():
     _, _, _, gates, cp, hp, hr = torch.ops.birnn_ext.lstm_layer_forward(x, None, h0, h0, w_ih, w_hh, None, None, False)
     with pytest.raises(RuntimeError, match="nothing was saved for backward"):
         torch.ops.birnn_ext.lstm_layer_backward(None, h0, None, x, None, w_ih, w_hh, None, gates, cp, hp, hr)
+
+
+def _replace_weight(m):
+    m.weight_hh_l1 = nn.Parameter(torch.randn(4 * H, H + 1))
+    return m(good_input())
+
+
+def _load_wrong_shape(m):
+    state = m.state_dict()
+    state["weight_ih_l0"] = torch.randn(4 * H, I + 2)
+    return m.load_state_dict(state, strict=False)
+
+
+_PACKED = nn.utils.rnn.pack_padded_sequence(torch.randn(T, B, I), [4, 3, 1])
+
+# (id, call, exception type, message): where nn.LSTM's own message is an internal one
+# (or there is none), birnn_ext raises a clear one of the same type.
+CLEAR_CASES = [
+    ("hidden on another device", lambda m: m(good_input(), (torch.zeros(L * D, B, H, device="meta"),
+                                                            torch.zeros(L * D, B, H))),
+     RuntimeError, r"Input and hidden tensors are not at the same device, found input tensor at cpu and hidden "
+                   r"tensor at meta"),
+    ("h0 float64", lambda m: m(good_input(), (torch.zeros(L * D, B, H, dtype=torch.float64), torch.zeros(L * D, B, H))),
+     RuntimeError, r"h0 must have the dtype of x \(Float\), got Double"),
+    ("T = 0", lambda m: m(torch.randn(0, B, I)), RuntimeError, r"at least one time step, got T = 0"),
+    ("parameter replaced with a wrong shape", _replace_weight, RuntimeError,
+     r"weight_hh_l1 must have shape \(24, 6\), got \(24, 7\)"),
+    ("load_state_dict strict=False, wrong shape", _load_wrong_shape, RuntimeError,
+     r"size mismatch for weight_ih_l0: copying a param with shape torch.Size\(\[24, 7\]\)"),
+    ("packed, batch_sizes increasing", lambda m: m(nn.utils.rnn.PackedSequence(_PACKED.data, torch.tensor([1, 2, 3, 2]))),
+     RuntimeError, r"batch_sizes must be positive, non-increasing and sum to data.size\(0\) = 8, got \[1, 2, 3, 2\]"),
+    ("packed, batch_sizes wrong sum", lambda m: m(nn.utils.rnn.PackedSequence(_PACKED.data, torch.tensor([3, 2, 2, 2]))),
+     RuntimeError, r"sum to data.size\(0\) = 8, got \[3, 2, 2, 2\] \(sum 9\)"),
+    ("packed, batch_sizes float", lambda m: m(nn.utils.rnn.PackedSequence(_PACKED.data, torch.tensor([3., 2, 2, 1]))),
+     TypeError, r"batch_sizes must be a 1-D int64 CPU tensor, got 1-D torch.float32 on cpu"),
+]
+
+
+@pytest.mark.parametrize("case,call,exc,msg", CLEAR_CASES, ids=[c[0] for c in CLEAR_CASES])
+def test_clear_errors_and_the_module_still_works(case, call, exc, msg):
+    ref = nn.LSTM(I, H, L, bidirectional=True)
+    fused = FusedLSTM.from_lstm(ref)
+    try:
+        call(ref)
+        ref_error = None  # nn.LSTM runs a parameter of the wrong shape without a word
+    except Exception as e:
+        ref_error = e
+    if ref_error is not None:  # the same exception type as nn.LSTM's, with a clear message
+        assert isinstance(ref_error, exc), (type(ref_error), ref_error)
+    with pytest.raises(exc, match=msg):
+        call(fused)
+    if case.startswith("parameter"):  # the user's own broken weight: putting a right one back restores it
+        fused.weight_hh_l1 = nn.Parameter(torch.randn(4 * H, H))
+    y, _ = fused(good_input())
+    assert y.shape == (T, B, 2 * H) and torch.isfinite(y).all()

@@ -10,6 +10,7 @@ within the dtype's tolerance.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -68,8 +69,9 @@ def run_emulated(exe, header, case, tmp_path):
         for k in order:
             if case[k] is not None:
                 f.write(case[k].numpy().tobytes())
+    env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1", "UBSAN_OPTIONS": "print_stacktrace=1"}
     proc = subprocess.run([str(exe), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")], capture_output=True,
-                          text=True)
+                          text=True, env=env)
     return proc, np.fromfile(tmp_path / "out.bin", dtype=np.float64) if proc.returncode == 0 else None
 
 
@@ -146,11 +148,11 @@ def test_cell_kernels_match_cpu(emulator, tmp_path, dtype, bias):
     compare(unpack(flat, want), want, dtype)
 
 
-@pytest.mark.parametrize("defect", ["BIRNN_BREAK_OFF_BY_ONE", "BIRNN_BREAK_MISSING_BARRIER"])
+@pytest.mark.parametrize("defect", ["BIRNN_BREAK_OFF_BY_ONE", "BIRNN_BREAK_MISSING_BARRIER", "BIRNN_BREAK_LEAK"])
 def test_a_broken_kernel_is_caught(tmp_path, defect):
-    """The harness can fail: a kernel built with a deliberate defect (the reverse
-    direction's time index off by one; the barrier before the shared-memory reduction
-    removed) must be caught, by a sanitizer or by a wrong answer."""
+    """The harness can fail: a build with a deliberate defect (the reverse direction's
+    time index off by one; the barrier before the shared-memory reduction removed; a
+    leaked allocation) must be caught, by a sanitizer or by a wrong answer."""
     exe = build(f"run_kernels_{defect.lower()}", (defect,))
     header, case = make_case(torch.float32, 0, T=5, B=4, I=6, H=8, P=8, D=2, lengths=[5, 2, 1, 4], bias=True,
                              proj=False)

@@ -206,6 +206,15 @@ void run(const int64_t* hd, Reader& in, Writer& out) {
   hd[0] == 0 ? run_layer<T>(hd, in, out) : run_cell<T>(hd, in, out);
 }
 
+#if defined(BIRNN_BREAK_LEAK)
+// Deliberately leaked, for the test that LeakSanitizer watches these runs.
+__attribute__((noinline)) void leak_on_purpose() {
+  char* volatile p = new char[4096];
+  p[0] = 1;
+  p = nullptr;
+}
+#endif
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -230,5 +239,8 @@ int main(int argc, char** argv) {
   }
   std::fclose(out.f);
   std::fclose(in.f);
+#if defined(BIRNN_BREAK_LEAK)
+  leak_on_purpose();
+#endif
   return 0;
 }
