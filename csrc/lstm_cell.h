@@ -10,8 +10,12 @@
 #include <math.h>
 #include <string.h>
 
+// Always inlined: the CPU row loops vectorize only when these bodies sit in them
+// (GCC outlined backward() on its own, which left the backward cell scalar).
 #if defined(__CUDACC__)
 #define BIRNN_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define BIRNN_HD inline __attribute__((always_inline))
 #else
 #define BIRNN_HD inline
 #endif

@@ -53,23 +53,36 @@ __attribute__((always_inline)) inline void cell_forward_row_impl(int64_t H, T* _
   }
 }
 
-// gates [4H] activated; c_prev [H]; dy [H] or nullptr; dh, dc [H]: the gradients
-// reaching h_t and c_t on entry, dh zeroed (the caller adds dg W_hh) and dc that of
-// c_{t-1} on exit; dg, dg_step [4H] out: the gradients of the pre-activations.
-template <typename T>
-__attribute__((always_inline)) inline void cell_backward_row_impl(int64_t H, const T* __restrict__ gates, const T* __restrict__ c_prev,
-                                   const T* __restrict__ dy, T* __restrict__ dh, T* __restrict__ dc,
-                                   T* __restrict__ dg, T* __restrict__ dg_step) {
+template <typename T, bool HasDy>
+__attribute__((always_inline)) inline void cell_backward_loop(int64_t H, const T* __restrict__ gates,
+                                                              const T* __restrict__ c_prev, const T* __restrict__ dy,
+                                                              T* __restrict__ dh, T* __restrict__ dc,
+                                                              T* __restrict__ dg) {
   for (int64_t j = 0; j < H; ++j) {
     const Gates<T> a{gates[j], gates[H + j], gates[2 * H + j], gates[3 * H + j]};
-    const GateGrads<T> r = backward(a, c_prev[j], dh[j] + (dy ? dy[j] : T(0)), dc[j]);
-    dg_step[j] = dg[j] = r.di;
-    dg_step[H + j] = dg[H + j] = r.df;
-    dg_step[2 * H + j] = dg[2 * H + j] = r.dg;
-    dg_step[3 * H + j] = dg[3 * H + j] = r.do_;
+    T dh_total = dh[j];
+    if constexpr (HasDy) dh_total += dy[j];
+    const GateGrads<T> r = backward(a, c_prev[j], dh_total, dc[j]);
+    dg[j] = r.di;
+    dg[H + j] = r.df;
+    dg[2 * H + j] = r.dg;
+    dg[3 * H + j] = r.do_;
     dc[j] = r.dc_prev;
     dh[j] = T(0);
   }
+}
+
+// gates [4H] activated; c_prev [H]; dy [H] or nullptr; dh, dc [H]: the gradients
+// reaching h_t and c_t on entry, dh zeroed (the caller adds dg W_hh) and dc that of
+// c_{t-1} on exit; dg, dg_step [4H] out: the gradients of the pre-activations.
+// The loop stays free of branches (dy's presence is decided outside it) and writes one
+// output stream per gate: with dg_step written in it too, GCC no longer vectorizes it.
+template <typename T>
+__attribute__((always_inline)) inline void cell_backward_row_impl(int64_t H, const T* gates, const T* c_prev,
+                                                                  const T* dy, T* dh, T* dc, T* dg, T* dg_step) {
+  dy ? cell_backward_loop<T, true>(H, gates, c_prev, dy, dh, dc, dg)
+     : cell_backward_loop<T, false>(H, gates, c_prev, dy, dh, dc, dg);
+  std::memcpy(dg_step, dg, 4 * H * sizeof(T));
 }
 
 template <typename T, bool Training>
