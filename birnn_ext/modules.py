@@ -117,6 +117,11 @@ class FusedLSTM(nn.Module):
                 self._all_weights.append(list(shapes))
         self.reset_parameters()
 
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_stacked", None)  # a cache of copies of the weights: not part of the module
+        return state
+
     @property
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
@@ -198,29 +203,34 @@ class FusedLSTM(nn.Module):
                     f"found input tensor at {input.device} and hidden tensor at {t.device}"
                 )
 
-    def _check_parameters(self, input: Tensor) -> None:
-        """Parameters replaced after construction must still fit (a clear error here,
-        not a failed stack or a wrong product later)."""
+    def _expected_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         D, G, P = self.num_directions, 4 * self.hidden_size, self._h_size
+        shapes = []
         for layer in range(self.num_layers):
             layer_input = self.input_size if layer == 0 else P * D
             for direction in range(D):
                 sfx = "_reverse" if direction == 1 else ""
-                expected = {f"weight_ih_l{layer}{sfx}": (G, layer_input), f"weight_hh_l{layer}{sfx}": (G, P)}
+                shapes += [(f"weight_ih_l{layer}{sfx}", (G, layer_input)), (f"weight_hh_l{layer}{sfx}", (G, P))]
                 if self.bias:
-                    expected[f"bias_ih_l{layer}{sfx}"] = (G,)
-                    expected[f"bias_hh_l{layer}{sfx}"] = (G,)
+                    shapes += [(f"bias_ih_l{layer}{sfx}", (G,)), (f"bias_hh_l{layer}{sfx}", (G,))]
                 if self.proj_size > 0:
-                    expected[f"weight_hr_l{layer}{sfx}"] = (self.proj_size, self.hidden_size)
-                for name, shape in expected.items():
-                    w = getattr(self, name)
-                    if tuple(w.shape) != shape:
-                        raise RuntimeError(f"{name} must have shape {shape}, got {tuple(w.shape)}")
-                    if w.device != input.device:
-                        raise RuntimeError(
-                            "Input and parameter tensors are not at the same device, "
-                            f"found input tensor at {input.device} and parameter tensor at {w.device}"
-                        )
+                    shapes.append((f"weight_hr_l{layer}{sfx}", (self.proj_size, self.hidden_size)))
+        return shapes
+
+    def _check_parameters(self, input: Tensor) -> None:
+        """Parameters replaced after construction must still fit (a clear error here,
+        not a failed stack or a wrong product later)."""
+        if "_shapes" not in self.__dict__:
+            self._shapes = self._expected_shapes()
+        for name, shape in self._shapes:
+            w = getattr(self, name)
+            if w.shape != shape:
+                raise RuntimeError(f"{name} must have shape {shape}, got {tuple(w.shape)}")
+            if w.device != input.device:
+                raise RuntimeError(
+                    "Input and parameter tensors are not at the same device, "
+                    f"found input tensor at {input.device} and parameter tensor at {w.device}"
+                )
 
     @staticmethod
     def _check_batch_sizes(batch_sizes: Tensor, rows: int) -> None:
@@ -324,8 +334,7 @@ class FusedLSTM(nn.Module):
             hx = (x.new_zeros((self.num_layers * D, B, self._h_size)), x.new_zeros((self.num_layers * D, B, H)))
         h_n, c_n = [], []
         for layer in range(self.num_layers):
-            names = self._all_weights[layer * D : (layer + 1) * D]
-            w_ih, w_hh, bias, w_hr = self._layer_weights(names)
+            w_ih, w_hh, bias, w_hr = self._layer_weights(layer)
             h0, c0 = hx[0][layer * D : (layer + 1) * D], hx[1][layer * D : (layer + 1) * D]
             x, h, c = ops.lstm_layer(x, h0, c0, w_ih, w_hh, bias, lengths, w_hr)
             h_n.append(h)
@@ -334,15 +343,33 @@ class FusedLSTM(nn.Module):
                 x = F.dropout(x, self.dropout, training=True)
         return x, (torch.cat(h_n), torch.cat(c_n))
 
-    def _layer_weights(self, names: list[list[str]]):
-        """The directions of one layer stacked as the layer op takes them:
-        w_ih [D,4H,I], w_hh [D,4H,P], bias [D,4H] = b_ih + b_hh or None, w_hr [D,P,H] or None."""
-        params = [[getattr(self, n) for n in d] for d in names]
+    def _layer_weights(self, layer: int):
+        """The directions of one layer stacked as the layer op takes them: w_ih [D,4H,I],
+        w_hh [D,4H,P], bias [D,4H] = b_ih + b_hh or None, w_hr [D,P,H] or None.
+
+        Where no gradient is needed, the stacked copies are kept and reused until a
+        parameter is replaced or changed in place (its version counter moves): at small
+        batch, stacking costs as much as a quarter of an inference call."""
+        D = self.num_directions
+        params = [[getattr(self, n) for n in d] for d in self._all_weights[layer * D : (layer + 1) * D]]
+        flat = [p for d in params for p in d]
+        cacheable = not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and any(p.requires_grad for p in flat)
+        )
+        if cacheable:
+            key = tuple((id(p), p._version) for p in flat)
+            cache = self.__dict__.setdefault("_stacked", {})
+            hit = cache.get(layer)
+            if hit is not None and hit[0] == key:
+                return hit[1]
         w_ih = torch.stack([p[0] for p in params])
         w_hh = torch.stack([p[1] for p in params])
         bias = torch.stack([p[2] + p[3] for p in params]) if self.bias else None
         w_hr = torch.stack([p[-1] for p in params]) if self.proj_size > 0 else None
-        return w_ih, w_hh, bias, w_hr
+        stacked = (w_ih, w_hh, bias, w_hr)
+        if cacheable:
+            cache[layer] = (key, stacked)
+        return stacked
 
 
 class FusedBiLSTM(FusedLSTM):

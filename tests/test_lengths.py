@@ -98,3 +98,21 @@ def test_float32_batch_with_lengths_and_given_states():
     out_f, (h_f, c_f) = fused(x, hx, lengths=torch.tensor(LENGTHS, dtype=torch.int32))
     for a, b in ((out_f, out_r), (h_f, h_r), (c_f, c_r)):
         assert_close(a, b, torch.float32)
+
+
+@pytest.mark.parametrize("with_lengths", [False, True])
+@pytest.mark.parametrize("proj_size", [0, 3])
+def test_inference_in_several_projection_chunks(with_lengths, proj_size):
+    # Inference projects x in chunks of about 256 rows per direction: B=64 gives chunks
+    # of 4 steps, so T=10 makes two full chunks and a shorter last one.
+    ref, fused = models(2, True, proj_size, torch.float64)
+    T_, B = 10, 64
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(T_, B, I, generator=g, dtype=torch.float64)
+    lengths = torch.randint(1, T_ + 1, (B,), generator=g) if with_lengths else torch.full((B,), T_)
+    with torch.no_grad():
+        out_r, (h_r, c_r) = ref(pack_padded_sequence(x, lengths, enforce_sorted=False))
+        out_r, _ = pad_packed_sequence(out_r, total_length=T_)
+        out_f, (h_f, c_f) = fused(x, lengths=lengths) if with_lengths else fused(x)
+    for a, b, what in ((out_f, out_r, "output"), (h_f, h_r, "h_n"), (c_f, c_r, "c_n")):
+        assert_close(a, b, torch.float64, what)

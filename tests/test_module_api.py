@@ -119,3 +119,34 @@ def test_classifier_trains_unchanged_with_the_class_swapped():
     assert losses["ref"][-1] != losses["ref"][0]
     for (n, p), (_, q) in zip(ref.named_parameters(), fused.named_parameters()):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_inference_weight_cache_follows_every_change():
+    torch.manual_seed(0)
+    ref = nn.LSTM(4, 5, num_layers=2, bidirectional=True)
+    fused = FusedBiLSTM.from_lstm(ref)
+    x = torch.randn(6, 3, 4)
+
+    def check():
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x)[0], ref(x)[0], rtol=1e-5, atol=1e-5)
+
+    check()
+    with torch.no_grad():  # changed in place: the version counter moves
+        ref.weight_hh_l1_reverse.mul_(1.5)
+        fused.weight_hh_l1_reverse.mul_(1.5)
+    check()
+    other = nn.LSTM(4, 5, num_layers=2, bidirectional=True)
+    ref.load_state_dict(other.state_dict())
+    fused.load_state_dict(other.state_dict())
+    check()
+    ref.bias_ih_l0 = nn.Parameter(torch.randn(20))  # replaced outright
+    fused.bias_ih_l0 = nn.Parameter(ref.bias_ih_l0.detach().clone())
+    check()
+    import copy
+    import pickle
+
+    assert "_stacked" not in pickle.loads(pickle.dumps(fused)).__dict__
+    clone = copy.deepcopy(fused)
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x)[0], fused(x)[0])

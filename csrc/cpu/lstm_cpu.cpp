@@ -148,7 +148,18 @@ struct FwdParams {
   std::array<at::Tensor, 2> h_raw;   // [B,H] scratch with a projection: o * tanh(c) of one step
   std::array<at::Tensor, 2> h_proj;  // [B,P] scratch with a projection: h_raw W_hr^T
   const T* bias;                     // [D,4H], zeros when the layer has none
-  T* xg;                             // [T,B,D*4H] x W_ih^T on entry; activated gates on exit when training
+  T* xg;                             // [T,B,D*4H] x W_ih^T on entry; activated gates on exit when training;
+                                     // nullptr when the projection is made chunk by chunk (inference)
+  // Inference: x W_ih^T made per direction for `chunk` steps at a time, into a buffer
+  // that stays in cache, instead of for all steps at once (T*B*D*4H floats, mapped
+  // fresh from the OS and page-faulted in on every call).
+  int64_t chunk = 0;
+  const T* x = nullptr;                   // [T,B,I]
+  std::array<at::Tensor, 2> w_ih_t;       // [I,4H] = W_ih[d]^T
+  std::array<at::Tensor, 2> x_chunk;      // [chunk*B, I] the rows of x this direction reads next
+  std::array<at::Tensor, 2> xg_chunk;     // [chunk*B, 4H]
+  std::array<at::Tensor, 2> x_tail;       // the same two for the last, shorter chunk
+  std::array<at::Tensor, 2> xg_tail;
   T* y;                              // [T,B,D*P]
   T* c;                              // [D,B,H] c0 on entry, c_n on exit
   T* c_prev;                         // [T,B,D*H] saved when training
@@ -169,6 +180,15 @@ void forward_direction(const FwdParams<T>& p, int64_t d) {
   const T* h_proj = proj ? p.h_proj[d].template data_ptr<T>() : nullptr;
   auto row_of = [&](int64_t s, int64_t b) { return time_index(int(d), s, p.len ? p.len[b] : T_) * B + b; };
   for (int64_t s = 0; s < T_; ++s) {
+    if (p.chunk && s % p.chunk == 0) {
+      // Gather the x rows of the next steps in this direction's own order, then project.
+      const bool tail = s + p.chunk > T_;
+      const int64_t steps = tail ? T_ - s : p.chunk;
+      T* xc = p.x_chunk[d].template data_ptr<T>();
+      for (int64_t k = 0; k < steps; ++k)
+        for (int64_t b = 0; b < B; ++b) std::memcpy(xc + (k * B + b) * I, p.x + row_of(s + k, b) * I, I * sizeof(T));
+      matmul<T>(tail ? p.x_tail[d] : p.x_chunk[d], p.w_ih_t[d], tail ? p.xg_tail[d] : p.xg_chunk[d], T(0));
+    }
     matmul<T>(p.h[d], p.w_hh_t[d], p.rec[d], T(0));
     for (int64_t b = 0; b < B; ++b) {
       const int64_t row = row_of(s, b);
@@ -185,7 +205,8 @@ void forward_direction(const FwdParams<T>& p, int64_t d) {
         if (proj) std::memset(h_raw + b * H, 0, H * sizeof(T));
         continue;
       }
-      cell_forward_row<T, Training>(H, p.xg + row * D * G + d * G, rec + b * G, bias, cb, proj ? h_raw + b * H : hb);
+      T* xg = p.chunk ? p.xg_chunk[d].template data_ptr<T>() + ((s % p.chunk) * B + b) * G : p.xg + row * D * G + d * G;
+      cell_forward_row<T, Training>(H, xg, rec + b * G, bias, cb, proj ? h_raw + b * H : hb);
       if (!proj) std::memcpy(y, hb, H * sizeof(T));
     }
     if (!proj) continue;
@@ -332,7 +353,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor y = at::empty({T_, B, D * P}, opt);
   at::Tensor h = h0.clone(at::MemoryFormat::Contiguous);
   at::Tensor c = c0.clone(at::MemoryFormat::Contiguous);
-  at::Tensor xg = at::empty({T_, B, D * 4 * H}, opt);
+  // Rows of x per projection chunk in inference: large enough for an efficient GEMM.
+  constexpr int64_t kChunkRows = 256;
+  const int64_t chunk = training ? 0 : std::min<int64_t>(T_, std::max<int64_t>(1, kChunkRows / std::max<int64_t>(B, 1)));
+  at::Tensor xg = at::empty({training ? T_ : 0, B, D * 4 * H}, opt);
   at::Tensor c_prev = at::empty({saved, B, D * H}, opt);
   at::Tensor h_prev = at::empty({D, saved, B, P}, opt);
   at::Tensor h_raw = at::empty({D, proj ? saved : 0, B, H}, opt);
@@ -341,11 +365,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       using T = scalar_t;
       at::Tensor rec = at::empty({D, B, 4 * H}, opt);
       at::Tensor raw_step = at::empty({D, proj ? B : 0, H}, opt), proj_step = at::empty({D, proj ? B : 0, P}, opt);
-      // Input projection of every step and direction: [T*B, I] x [D*4H, I]^T.
-      matmul<T>(x.view({T_ * B, I}), w_ih.view({D * 4 * H, I}).t(), xg.view({T_ * B, D * 4 * H}), T(0));
       FwdParams<T> p{};
       p.n = n;
       p.len = len.defined() ? len.data_ptr<int64_t>() : nullptr;
+      at::Tensor x_chunk, xg_chunk;
+      if (training) {
+        // Input projection of every step and direction: [T*B, I] x [D*4H, I]^T.
+        matmul<T>(x.view({T_ * B, I}), w_ih.view({D * 4 * H, I}).t(), xg.view({T_ * B, D * 4 * H}), T(0));
+      } else {
+        const int64_t tail = T_ % chunk;
+        x_chunk = at::empty({D, chunk * B, I}, opt);
+        xg_chunk = at::empty({D, chunk * B, 4 * H}, opt);
+        p.chunk = chunk;
+        p.x = x.data_ptr<T>();
+        for (int64_t d = 0; d < D; ++d) {
+          p.w_ih_t[d] = w_ih[d].t();
+          p.x_chunk[d] = x_chunk[d];
+          p.xg_chunk[d] = xg_chunk[d];
+          p.x_tail[d] = x_chunk[d].narrow(0, 0, tail * B);
+          p.xg_tail[d] = xg_chunk[d].narrow(0, 0, tail * B);
+        }
+      }
       for (int64_t d = 0; d < D; ++d) {
         p.w_hh_t[d] = w_hh[d].t();
         p.h[d] = h[d];
@@ -357,7 +397,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         }
       }
       p.bias = bias.data_ptr<T>();
-      p.xg = xg.data_ptr<T>();
+      p.xg = training ? xg.data_ptr<T>() : nullptr;
       p.y = y.data_ptr<T>();
       p.c = c.data_ptr<T>();
       p.c_prev = training ? c_prev.data_ptr<T>() : nullptr;
