@@ -21,21 +21,26 @@ build: venv
 test: build
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
-# Fashion-MNIST comes from Debian's dataset-fashion-mnist; DATA=folder uses another
-# folder of MNIST-format IDX files instead.
+# The data comes from Debian: dataset-fashion-mnist for the classifier, fortunes for
+# the tagging task. DATA=folder uses another folder of MNIST-format IDX files instead.
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
+FORTUNES := /usr/share/games/fortunes
 DATA ?=
 
 demo: build
-	@if [ -z "$(DATA)" ] && [ ! -e $(FASHION_MNIST)/train-images-idx3-ubyte.gz ]; then \
+	@missing=""; \
+	if [ -z "$(DATA)" ] && [ ! -e $(FASHION_MNIST)/train-images-idx3-ubyte.gz ]; then missing="dataset-fashion-mnist"; fi; \
+	if [ ! -e $(FORTUNES)/fortunes ]; then missing="$$missing fortunes"; fi; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get install -y dataset-fashion-mnist || { apt-get update && apt-get install -y dataset-fashion-mnist; }; \
+	    apt-get install -y $$missing || { apt-get update && apt-get install -y $$missing; }; \
 	  else \
-	    echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist'," \
-	         "or 'make demo DATA=/folder/with/idx/files'"; exit 1; \
+	    echo "Missing data: run 'sudo apt-get install$$missing'" \
+	         "(or 'make demo DATA=/folder/with/idx/files' for the images)"; exit 1; \
 	  fi; \
 	fi
 	$(PYTHON) -m birnn_ext.demo --compare $(if $(DATA),--data $(DATA))
+	$(PYTHON) -m birnn_ext.tagging
 
 bench: build
 	$(PYTHON) benchmarks/bench_lstm.py --preset targets

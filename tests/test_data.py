@@ -64,3 +64,41 @@ def test_loads_an_mnist_format_folder(tmp_path):
     assert data["test"][0].shape == (3, 28, 28)
     with pytest.raises(FileNotFoundError, match="train-images"):
         load_image_classification(tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------- the tagging task's text
+
+from birnn_ext.text import batch, build_dataset, encode, read_fortunes, segment  # noqa: E402
+
+
+def test_read_fortunes_splits_entries_and_cleans_them(tmp_path):
+    (tmp_path / "wisdom").write_text("Look  before\nyou LEAP.\n%\nshort\n%\nTabs\tand caf\xe9 are fine here!\n%\n",
+                                     encoding="latin-1")
+    (tmp_path / "wisdom.dat").write_bytes(b"\x00\x01")  # index files are skipped
+    (tmp_path / "art").write_text("#### a picture, not prose ####\n%\n")  # skipped by name
+    entries = read_fortunes(tmp_path)
+    assert entries == ["look before you leap.", "tabs and caf are fine here!"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no fortune files"):
+        read_fortunes(tmp_path / "empty")
+
+
+def test_segment_labels_the_characters_before_a_space():
+    pieces = segment("the cat sat", max_chars=80)
+    assert pieces == [("thecatsat", [0, 0, 1, 0, 0, 1, 0, 0, 0])]
+    # Cut at word boundaries; a piece's last character is never labelled.
+    pieces = segment("aa bb cc dd", max_chars=5)
+    assert [p for p, _ in pieces] == ["aabb", "ccdd"]
+    assert [lab for _, lab in pieces] == [[0, 1, 0, 0], [0, 1, 0, 0]]
+    # A word longer than a piece is cut to fit.
+    assert segment("abcdefgh", max_chars=3) == [("abc", [0, 0, 0])]
+
+
+def test_dataset_split_encoding_and_padded_batches():
+    entries = [f"entry number {i} has some words in it" for i in range(20)]
+    train, test = build_dataset(entries, max_chars=12, test_every=10)
+    assert len(test) > 0 and len(train) > len(test)
+    assert encode("a!~") == [ord("a") - 32, 1, 94]
+    x, y, lengths = batch([(encode("abc"), [0, 1, 0]), (encode("de"), [1, 0])])
+    assert x.tolist() == [[65, 66, 67], [68, 69, 0]]
+    assert y.tolist() == [[0, 1, 0], [1, 0, 0]] and lengths.tolist() == [3, 2]
