@@ -29,7 +29,7 @@ DATA ?=
 
 demo: build
 	@missing=""; \
-	if [ -z "$(DATA)" ] && [ ! -e $(FASHION_MNIST)/train-images-idx3-ubyte.gz ]; then missing="dataset-fashion-mnist"; fi; \
+	if [ -z "$(DATA)" ] && [ ! -e $(FASHION_MNIST)/train-images-idx3-ubyte.gz ]; then missing=" dataset-fashion-mnist"; fi; \
 	if [ ! -e $(FORTUNES)/fortunes ]; then missing="$$missing fortunes"; fi; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
