@@ -120,6 +120,12 @@ void cell_backward_row<float>(int64_t H, const float* gates, const float* c_prev
   cell_backward_row_f32(H, gates, c_prev, dy, dh, dc, dg, dg_step);
 }
 
+// acc[k] += row[k]; a loop of its own so that it vectorizes.
+template <typename T>
+void add_row(int64_t n, const T* __restrict__ row, T* __restrict__ acc) {
+  for (int64_t k = 0; k < n; ++k) acc[k] += row[k];
+}
+
 // Runs fn(d) for each direction d, both at once on separate threads when the layer
 // is bidirectional and there are threads to spare. Inside, BLAS runs single-threaded.
 template <typename F>
@@ -238,6 +244,7 @@ struct BwdParams {
   T* dc;                              // [D,B,H] grad of c_n on entry, of c0 on exit
   T* dg;                              // [D,T,B,4H] out: grads of the gate pre-activations, time-ordered
   T* dh_proj_saved;                   // [D,T,B,P] out with a projection, for dW_hr
+  T* dbias;                           // [D,4H] out: the sum of every step's dg rows
 };
 
 template <typename T>
@@ -248,6 +255,7 @@ void backward_direction(const BwdParams<T>& p, int64_t d) {
   T* dh = p.dh[d].template data_ptr<T>();
   T* dc = p.dc + d * B * H;
   T* dg_step = p.dg_step[d].template data_ptr<T>();
+  std::vector<T> dbias(G, T(0));
   T* dh_proj = proj ? p.dh_proj[d].template data_ptr<T>() : nullptr;
   T* dh_raw = proj ? p.dh_raw[d].template data_ptr<T>() : nullptr;
   for (int64_t s = T_ - 1; s >= 0; --s) {
@@ -292,7 +300,11 @@ void backward_direction(const BwdParams<T>& p, int64_t d) {
     // dh_{t-1} = dg W_hh for the sequences that stepped; padded rows of dg_step are
     // zero, so their carried gradient is left as it was.
     matmul<T>(p.dg_step[d], p.w_hh[d], p.dh[d], T(1));
+    // The bias gradient, while the step's rows are in cache: in a fixed order (steps
+    // descending, rows ascending), so the same bits for any thread count.
+    for (int64_t b = 0; b < B; ++b) add_row(G, dg_step + b * G, dbias.data());
   }
+  for (int64_t k = 0; k < G; ++k) p.dbias[d * G + k] = dbias[k];
 }
 
 // c[M,N] = a[K,M]^T b[K,N] (a, b contiguous), summed over the K rows in blocks fixed by K
@@ -483,6 +495,7 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
     p.dc = dc.data_ptr<T>();
     p.dg = dg.data_ptr<T>();
     p.dh_proj_saved = proj ? dh_proj_saved.data_ptr<T>() : nullptr;
+    p.dbias = dbias.data_ptr<T>();
     for_each_direction(D, [&](int64_t d) { backward_direction<T>(p, d); });
     // What does not recur is done for all steps at once, in a few large GEMMs, per
     // direction so that every operand is contiguous or a plain transpose.
@@ -492,7 +505,6 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
       matmul_tn_fixed_order<T>(dg[d], x2, dw_ih[d]);
       matmul_tn_fixed_order<T>(dg[d], h_prev2[d], dw_hh[d]);
       if (proj) matmul_tn_fixed_order<T>(dh_proj_saved[d], h_raw.view({D, rows, H})[d], dw_hr[d]);
-      column_sums(dg.data_ptr<T>() + d * rows * G, rows, G, dbias.data_ptr<T>() + d * G);
     }
   });
   return {dx, dh, dc, dw_ih, dw_hh, dbias, dw_hr};
