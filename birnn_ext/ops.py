@@ -169,3 +169,35 @@ def lstm_cell(
     training = _needs_grad(x, h, c, w_ih, w_hh, bias)
     h_new, c_new, _ = _ops.lstm_cell_forward(x, h, c, w_ih, w_hh, bias, training)
     return h_new, c_new
+
+
+# ---------------------------------------------------------------- autocast
+
+_lib = torch.library.Library("birnn_ext", "IMPL")
+
+
+def _register_autocast(opname: str, device_type: str, dtype_of_region) -> None:
+    """Under autocast, cast the op's floating-point tensors on `device_type` to the
+    dtype dtype_of_region() returns, then run the op with autocast off for it. Only the
+    forward ops: their backward ops take what the forward saved, in the forward's dtypes."""
+    key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    key = getattr(torch._C.DispatchKey, key_name)
+    op = getattr(_ops, opname).default
+
+    @op.py_impl(key)  # the same rule where the Python dispatcher runs (torch.compile)
+    def autocast_kernel(*args):
+        dtype = dtype_of_region()
+        cast = [a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() and a.device.type == device_type
+                else a for a in args]
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return op(*cast)
+
+    _lib.impl(opname, lambda _keyset, *args: autocast_kernel(*args), key_name, with_keyset=True)
+
+
+for _name in ("lstm_layer_forward", "lstm_cell_forward"):
+    # CUDA: the kernels store float16 and bfloat16 themselves (float32 math and cell state).
+    _register_autocast(_name, "cuda", lambda: torch.get_autocast_dtype("cuda"))
+    # CPU: float32 until there is a bfloat16 CPU kernel; the casts make the mixed dtypes
+    # that autocast hands over (bfloat16 input, float32 weights) consistent.
+    _register_autocast(_name, "cpu", lambda: torch.float32)

@@ -155,3 +155,49 @@ def test_bitwise_determinism_whatever_the_thread_count():
     for run in runs[1:]:
         for a, b in zip(runs[0], run):
             assert torch.equal(a, b)
+
+
+class Mixed(nn.Module):
+    """Linear -> FusedBiLSTM -> Linear: under autocast the LSTM receives a lower-precision
+    input and full-precision weights."""
+
+    def __init__(self, lstm_cls=FusedBiLSTM):
+        super().__init__()
+        self.inp = nn.Linear(8, 8)
+        self.lstm = lstm_cls(8, 16, num_layers=2, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(32, 3)
+
+    def forward(self, x):
+        out, _ = self.lstm(self.inp(x))
+        return self.fc(out[:, -1])
+
+
+def test_cpu_autocast_runs_the_lstm_in_float32_for_now():
+    torch.manual_seed(0)
+    model = Mixed()
+    x = torch.randn(4, 5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inner = model.inp(x)
+        assert inner.dtype == torch.bfloat16
+        out, _ = model.lstm(inner)
+        y = model(x)
+    assert out.dtype == torch.float32  # no bfloat16 CPU kernel yet: the op runs in float32
+    y.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    torch.testing.assert_close(y.float(), model(x), rtol=5e-2, atol=5e-2)  # bfloat16 Linear layers around it
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_autocast_runs_the_lstm_in_the_region_dtype(dtype):
+    torch.manual_seed(0)
+    model = Mixed().cuda()
+    x = torch.randn(4, 5, 8, device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        out, (h, c) = model.lstm(model.inp(x))
+        y = model(x)
+    assert out.dtype == h.dtype == c.dtype == dtype
+    y.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    torch.testing.assert_close(y.float(), model(x), rtol=5e-2, atol=5e-2)
