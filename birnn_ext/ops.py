@@ -198,6 +198,7 @@ def _register_autocast(opname: str, device_type: str, dtype_of_region) -> None:
 for _name in ("lstm_layer_forward", "lstm_cell_forward"):
     # CUDA: the kernels store float16 and bfloat16 themselves (float32 math and cell state).
     _register_autocast(_name, "cuda", lambda: torch.get_autocast_dtype("cuda"))
-    # CPU: float32 until there is a bfloat16 CPU kernel; the casts make the mixed dtypes
-    # that autocast hands over (bfloat16 input, float32 weights) consistent.
-    _register_autocast(_name, "cpu", lambda: torch.float32)
+    # CPU: the kernels store bfloat16 (float32 math and cell state); a float16 region
+    # runs in float32, as there is no float16 CPU kernel.
+    _register_autocast(_name, "cpu", lambda: torch.bfloat16 if torch.get_autocast_dtype("cpu") == torch.bfloat16
+                       else torch.float32)

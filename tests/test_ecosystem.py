@@ -172,19 +172,27 @@ class Mixed(nn.Module):
         return self.fc(out[:, -1])
 
 
-def test_cpu_autocast_runs_the_lstm_in_float32_for_now():
+def test_cpu_autocast_runs_a_bfloat16_kernel():
     torch.manual_seed(0)
     model = Mixed()
     x = torch.randn(4, 5, 8)
+    saved = []
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inner = model.inp(x)
         assert inner.dtype == torch.bfloat16
-        out, _ = model.lstm(inner)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out, (h, c) = model.lstm(inner)
         y = model(x)
-    assert out.dtype == torch.float32  # no bfloat16 CPU kernel yet: the op runs in float32
+    # bfloat16 storage for the outputs and the saved gates; the cell state in float32.
+    assert out.dtype == h.dtype == c.dtype == torch.bfloat16
+    big = [t for t in saved if t.dim() == 3 and t.size(0) == 5]  # [T, B, ...] activations
+    assert {t.dtype for t in big} == {torch.bfloat16, torch.float32}, [t.dtype for t in big]
     y.float().sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
-    torch.testing.assert_close(y.float(), model(x), rtol=5e-2, atol=5e-2)  # bfloat16 Linear layers around it
+    torch.testing.assert_close(y.float(), model(x), rtol=5e-2, atol=5e-2)
+    # A float16 region has no float16 CPU kernel to use: the op runs in float32.
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert model.lstm(model.inp(x))[0].dtype == torch.float32
 
 
 @pytest.mark.cuda

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from birnn_ext import FusedBiLSTM, FusedLSTM
+from birnn_ext import FusedBiLSTM, FusedLSTM, FusedLSTMCell
 from helpers import DEVICES, TOL, assert_same_results, outputs_and_grads
 
 DTYPES = [torch.float32, torch.float64]
@@ -198,3 +198,40 @@ def test_cuda_half_storage_matches_float32(dtype, lengths):
     got = outputs_and_grads(fused, x.to("cuda", dtype), tuple(t.to("cuda", dtype) for t in hx), **kw)
     for k in want:
         torch.testing.assert_close(got[k].float().cpu(), want[k], **TOL[dtype], msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("lengths", [None, [6, 2, 5, 1]])
+@pytest.mark.parametrize("proj_size", [0, 4])
+def test_cpu_bfloat16_storage_matches_float32(lengths, proj_size):
+    # bfloat16 storage with float32 gate math, cell state and sums on the CPU, against
+    # the float32 path on the same (rounded) weights and inputs.
+    dtype = torch.bfloat16
+    ref32, _ = make_pair(7, 13, "cpu", torch.float32, num_layers=2, bidirectional=True, proj_size=proj_size)
+    ref32.load_state_dict({k: v.to(dtype).float() for k, v in ref32.state_dict().items()})
+    fused32 = FusedLSTM.from_lstm(ref32)
+    fused = FusedLSTM.from_lstm(ref32).to(dtype)
+    x, _ = make_input(6, 4, 7, 2, 2, 13, "cpu", torch.float32, False, False)
+    x = x.to(dtype).float()
+    kw = {"lengths": lengths} if lengths else {}
+    want = outputs_and_grads(fused32, x, **kw)
+    got = outputs_and_grads(fused, x.to(dtype), **kw)
+    assert got["output"].dtype == dtype
+    for k in want:
+        torch.testing.assert_close(got[k].float(), want[k], **TOL[dtype], msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_cpu_bfloat16_cell_matches_float32():
+    dtype = torch.bfloat16
+    torch.manual_seed(0)
+    cell32 = FusedLSTMCell(7, 13)
+    cell32.load_state_dict({k: v.to(dtype).float() for k, v in cell32.state_dict().items()})
+    cell = FusedLSTMCell(7, 13)
+    cell.load_state_dict(cell32.state_dict())
+    cell = cell.to(dtype)
+    x = torch.randn(5, 7).to(dtype)
+    hx = (torch.randn(5, 13).to(dtype), torch.randn(5, 13).to(dtype))
+    h32, c32 = cell32(x.float(), tuple(t.float() for t in hx))
+    h, c = cell(x, hx)
+    assert h.dtype == c.dtype == dtype
+    torch.testing.assert_close(h.float(), h32, **TOL[dtype])
+    torch.testing.assert_close(c.float(), c32, **TOL[dtype])

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <c10/util/Exception.h>
 #include <dlfcn.h>
 
@@ -81,10 +82,23 @@ inline void layout(const at::Tensor& t, bool& trans, int64_t& ld) {
 
 // c[M,N] = a[M,K] b[K,N] + beta c, on 2-D views with a unit stride in one dimension;
 // c is contiguous. Products large enough to amortise oneDNN's per-call cost go there.
+// bfloat16 always goes to oneDNN (bfloat16 storage, float32 accumulation; AVX-512 BF16
+// where the CPU has it), or, without oneDNN, through float32 copies.
 template <typename T>
-void matmul(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, T beta) {
+void matmul(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, at::opmath_type<T> beta) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   if (M == 0 || N == 0) return;
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (OnednnMatmul fn = onednn_matmul(); fn && K > 0) {
+      fn(a, b, c, beta, 1.0f);
+      return;
+    }
+    at::NoGradGuard no_grad;  // may run on an OpenMP worker, which carries no autograd state
+    at::Tensor r = at::mm(a.to(at::kFloat), b.to(at::kFloat));
+    if (beta != 0) r.add_(c.to(at::kFloat), beta);
+    c.copy_(r);
+    return;
+  } else {
   if constexpr (std::is_same_v<T, float>) {
     constexpr int64_t kOnednnMinWork = 1 << 21;  // M*N*K where the two engines break even
     if (K > 0 && M * N * K >= kOnednnMinWork) {
@@ -99,6 +113,7 @@ void matmul(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, T bet
   layout(a, ta, lda);
   layout(b, tb, ldb);
   gemm<T>(ta, tb, M, N, K, T(1), a.data_ptr<T>(), lda, b.data_ptr<T>(), ldb, beta, c.data_ptr<T>(), N);
+  }
 }
 
 }  // namespace birnn

@@ -19,6 +19,15 @@
 namespace birnn {
 namespace {
 
+// The math type: float for float and bfloat16 storage, double for double. The gate math,
+// the cell state and the sums run in it.
+template <typename T>
+using math_t = at::opmath_type<T>;
+
+inline at::ScalarType math_dtype(at::ScalarType storage) {
+  return storage == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 // The fused cell over one batch row (H elements). The loops are written to be
 // vectorized: restrict pointers, no branches, and lstm_cell.h's float exp and tanh.
 // Float rows are compiled for AVX-512, AVX2 and baseline x86-64, chosen at load time.
@@ -34,39 +43,41 @@ namespace {
 template <typename T, bool Training>
 __attribute__((always_inline)) inline void cell_forward_row_impl(int64_t H, T* __restrict__ xg,
                                                                  const T* __restrict__ rec,
-                                                                 const T* __restrict__ bias, T* __restrict__ c,
+                                                                 const T* __restrict__ bias, math_t<T>* __restrict__ c,
                                                                  T* __restrict__ h) {
+  using A = math_t<T>;
   for (int64_t j = 0; j < H; ++j) {
-    const Gates<T> a = activate(xg[j] + rec[j] + bias[j], xg[H + j] + rec[H + j] + bias[H + j],
-                                xg[2 * H + j] + rec[2 * H + j] + bias[2 * H + j],
-                                xg[3 * H + j] + rec[3 * H + j] + bias[3 * H + j]);
-    const T cn = cell_state(a, c[j]);
-    const T hn = hidden_state(a, cn);
+    A pre[4];
+    for (int k = 0; k < 4; ++k) pre[k] = A(xg[k * H + j]) + A(rec[k * H + j]) + A(bias[k * H + j]);
+    const Gates<A> a = activate(pre[0], pre[1], pre[2], pre[3]);
+    const A cn = cell_state(a, c[j]);
+    const A hn = hidden_state(a, cn);
     if (Training) {
-      xg[j] = a.i;
-      xg[H + j] = a.f;
-      xg[2 * H + j] = a.g;
-      xg[3 * H + j] = a.o;
+      xg[j] = T(a.i);
+      xg[H + j] = T(a.f);
+      xg[2 * H + j] = T(a.g);
+      xg[3 * H + j] = T(a.o);
     }
     c[j] = cn;
-    h[j] = hn;
+    h[j] = T(hn);
   }
 }
 
 template <typename T, bool HasDy>
 __attribute__((always_inline)) inline void cell_backward_loop(int64_t H, const T* __restrict__ gates,
-                                                              const T* __restrict__ c_prev, const T* __restrict__ dy,
-                                                              T* __restrict__ dh, T* __restrict__ dc,
-                                                              T* __restrict__ dg) {
+                                                              const math_t<T>* __restrict__ c_prev,
+                                                              const T* __restrict__ dy, T* __restrict__ dh,
+                                                              math_t<T>* __restrict__ dc, T* __restrict__ dg) {
+  using A = math_t<T>;
   for (int64_t j = 0; j < H; ++j) {
-    const Gates<T> a{gates[j], gates[H + j], gates[2 * H + j], gates[3 * H + j]};
-    T dh_total = dh[j];
-    if constexpr (HasDy) dh_total += dy[j];
-    const GateGrads<T> r = backward(a, c_prev[j], dh_total, dc[j]);
-    dg[j] = r.di;
-    dg[H + j] = r.df;
-    dg[2 * H + j] = r.dg;
-    dg[3 * H + j] = r.do_;
+    const Gates<A> a{A(gates[j]), A(gates[H + j]), A(gates[2 * H + j]), A(gates[3 * H + j])};
+    A dh_total = A(dh[j]);
+    if constexpr (HasDy) dh_total += A(dy[j]);
+    const GateGrads<A> r = backward(a, c_prev[j], dh_total, dc[j]);
+    dg[j] = T(r.di);
+    dg[H + j] = T(r.df);
+    dg[2 * H + j] = T(r.dg);
+    dg[3 * H + j] = T(r.do_);
     dc[j] = r.dc_prev;
     dh[j] = T(0);
   }
@@ -78,19 +89,21 @@ __attribute__((always_inline)) inline void cell_backward_loop(int64_t H, const T
 // The loop stays free of branches (dy's presence is decided outside it) and writes one
 // output stream per gate: with dg_step written in it too, GCC no longer vectorizes it.
 template <typename T>
-__attribute__((always_inline)) inline void cell_backward_row_impl(int64_t H, const T* gates, const T* c_prev,
-                                                                  const T* dy, T* dh, T* dc, T* dg, T* dg_step) {
+__attribute__((always_inline)) inline void cell_backward_row_impl(int64_t H, const T* gates, const math_t<T>* c_prev,
+                                                                  const T* dy, T* dh, math_t<T>* dc, T* dg,
+                                                                  T* dg_step) {
   dy ? cell_backward_loop<T, true>(H, gates, c_prev, dy, dh, dc, dg)
      : cell_backward_loop<T, false>(H, gates, c_prev, dy, dh, dc, dg);
   std::memcpy(dg_step, dg, 4 * H * sizeof(T));
 }
 
 template <typename T, bool Training>
-void cell_forward_row(int64_t H, T* xg, const T* rec, const T* bias, T* c, T* h) {
+void cell_forward_row(int64_t H, T* xg, const T* rec, const T* bias, math_t<T>* c, T* h) {
   cell_forward_row_impl<T, Training>(H, xg, rec, bias, c, h);
 }
 template <typename T>
-void cell_backward_row(int64_t H, const T* gates, const T* c_prev, const T* dy, T* dh, T* dc, T* dg, T* dg_step) {
+void cell_backward_row(int64_t H, const T* gates, const math_t<T>* c_prev, const T* dy, T* dh, math_t<T>* dc, T* dg,
+                       T* dg_step) {
   cell_backward_row_impl<T>(H, gates, c_prev, dy, dh, dc, dg, dg_step);
 }
 
@@ -122,8 +135,8 @@ void cell_backward_row<float>(int64_t H, const float* gates, const float* c_prev
 
 // acc[k] += row[k]; a loop of its own so that it vectorizes.
 template <typename T>
-void add_row(int64_t n, const T* __restrict__ row, T* __restrict__ acc) {
-  for (int64_t k = 0; k < n; ++k) acc[k] += row[k];
+void add_row(int64_t n, const T* __restrict__ row, math_t<T>* __restrict__ acc) {
+  for (int64_t k = 0; k < n; ++k) acc[k] += math_t<T>(row[k]);
 }
 
 // Runs fn(d) for each direction d, both at once on separate threads when the layer
@@ -167,8 +180,8 @@ struct FwdParams {
   std::array<at::Tensor, 2> x_tail;       // the same two for the last, shorter chunk
   std::array<at::Tensor, 2> xg_tail;
   T* y;                              // [T,B,D*P]
-  T* c;                              // [D,B,H] c0 on entry, c_n on exit
-  T* c_prev;                         // [T,B,D*H] saved when training
+  math_t<T>* c;                      // [D,B,H] c0 on entry, c_n on exit
+  math_t<T>* c_prev;                 // [T,B,D*H] saved when training
   T* h_prev;                         // [D,T,B,P] saved when training, direction-major for the dW_hh GEMM
   T* h_raw_saved;                    // [D,T,B,H] saved when training with a projection, for dW_hr
 };
@@ -180,7 +193,7 @@ void forward_direction(const FwdParams<T>& p, int64_t d) {
   const bool proj = p.w_hr_t[d].defined();
   const T* bias = p.bias + d * G;
   T* h = p.h[d].template data_ptr<T>();
-  T* c = p.c + d * B * H;
+  math_t<T>* c = p.c + d * B * H;
   T* rec = p.rec[d].template data_ptr<T>();
   T* h_raw = proj ? p.h_raw[d].template data_ptr<T>() : nullptr;
   const T* h_proj = proj ? p.h_proj[d].template data_ptr<T>() : nullptr;
@@ -200,10 +213,10 @@ void forward_direction(const FwdParams<T>& p, int64_t d) {
       const int64_t row = row_of(s, b);
       const bool active = s < (p.len ? p.len[b] : T_);
       T* hb = h + b * P;
-      T* cb = c + b * H;
+      math_t<T>* cb = c + b * H;
       if (Training) {
         std::memcpy(p.h_prev + (d * T_ * B + row) * P, hb, P * sizeof(T));
-        std::memcpy(p.c_prev + row * D * H + d * H, cb, H * sizeof(T));
+        std::memcpy(p.c_prev + row * D * H + d * H, cb, H * sizeof(math_t<T>));
       }
       T* y = p.y + row * D * P + d * P;
       if (!active) {  // padding: zero output, state carried unchanged
@@ -239,9 +252,9 @@ struct BwdParams {
   std::array<at::Tensor, 2> dh_proj;  // [B,P] scratch with a projection: total grad of h at one step
   std::array<at::Tensor, 2> dh_raw;   // [B,H] scratch with a projection: dh_proj W_hr
   const T* gates;                     // [T,B,D*4H] activated
-  const T* c_prev;                    // [T,B,D*H]
+  const math_t<T>* c_prev;            // [T,B,D*H]
   const T* dy;                        // [T,B,D*P] or nullptr
-  T* dc;                              // [D,B,H] grad of c_n on entry, of c0 on exit
+  math_t<T>* dc;                      // [D,B,H] grad of c_n on entry, of c0 on exit
   T* dg;                              // [D,T,B,4H] out: grads of the gate pre-activations, time-ordered
   T* dh_proj_saved;                   // [D,T,B,P] out with a projection, for dW_hr
   T* dbias;                           // [D,4H] out: the sum of every step's dg rows
@@ -253,9 +266,9 @@ void backward_direction(const BwdParams<T>& p, int64_t d) {
   const int64_t G = 4 * H;
   const bool proj = p.w_hr[d].defined();
   T* dh = p.dh[d].template data_ptr<T>();
-  T* dc = p.dc + d * B * H;
+  math_t<T>* dc = p.dc + d * B * H;
   T* dg_step = p.dg_step[d].template data_ptr<T>();
-  std::vector<T> dbias(G, T(0));
+  std::vector<math_t<T>> dbias(G, 0);
   T* dh_proj = proj ? p.dh_proj[d].template data_ptr<T>() : nullptr;
   T* dh_raw = proj ? p.dh_raw[d].template data_ptr<T>() : nullptr;
   for (int64_t s = T_ - 1; s >= 0; --s) {
@@ -272,7 +285,7 @@ void backward_direction(const BwdParams<T>& p, int64_t d) {
         }
         const T* dy = p.dy ? p.dy + row * D * P + d * P : nullptr;
         for (int64_t k = 0; k < P; ++k) {
-          dh_proj[b * P + k] = dh[b * P + k] + (dy ? dy[k] : T(0));
+          dh_proj[b * P + k] = T(math_t<T>(dh[b * P + k]) + (dy ? math_t<T>(dy[k]) : math_t<T>(0)));
           dh[b * P + k] = T(0);  // refilled with dg W_hh below
         }
         std::memcpy(out, dh_proj + b * P, P * sizeof(T));
@@ -289,13 +302,12 @@ void backward_direction(const BwdParams<T>& p, int64_t d) {
         continue;
       }
       const T* gates = p.gates + row * D * G + d * G;
-      const T* c_prev = p.c_prev + row * D * H + d * H;
+      const math_t<T>* c_prev = p.c_prev + row * D * H + d * H;
       if (proj)
-        cell_backward_row(H, gates, c_prev, static_cast<const T*>(nullptr), dh_raw + b * H, dc + b * H, dg,
-                          dg_step + b * G);
+        cell_backward_row<T>(H, gates, c_prev, nullptr, dh_raw + b * H, dc + b * H, dg, dg_step + b * G);
       else
-        cell_backward_row(H, gates, c_prev, p.dy ? p.dy + row * D * H + d * H : nullptr, dh + b * H, dc + b * H, dg,
-                          dg_step + b * G);
+        cell_backward_row<T>(H, gates, c_prev, p.dy ? p.dy + row * D * H + d * H : nullptr, dh + b * H, dc + b * H,
+                             dg, dg_step + b * G);
     }
     // dh_{t-1} = dg W_hh for the sequences that stepped; padded rows of dg_step are
     // zero, so their carried gradient is left as it was.
@@ -304,7 +316,7 @@ void backward_direction(const BwdParams<T>& p, int64_t d) {
     // descending, rows ascending), so the same bits for any thread count.
     for (int64_t b = 0; b < B; ++b) add_row(G, dg_step + b * G, dbias.data());
   }
-  for (int64_t k = 0; k < G; ++k) p.dbias[d * G + k] = dbias[k];
+  for (int64_t k = 0; k < G; ++k) p.dbias[d * G + k] = T(dbias[k]);
 }
 
 // c[M,N] = a[K,M]^T b[K,N] (a, b contiguous), summed over the K rows in blocks fixed by K
@@ -332,9 +344,9 @@ void matmul_tn_fixed_order(const at::Tensor& a, const at::Tensor& b, const at::T
   T* out = c.data_ptr<T>();
   at::parallel_for(0, M * N, 4096, [&](int64_t e0, int64_t e1) {
     for (int64_t e = e0; e < e1; ++e) {
-      T acc = src[e];
-      for (int64_t i = 1; i < blocks; ++i) acc += src[i * M * N + e];
-      out[e] = acc;
+      math_t<T> acc = src[e];
+      for (int64_t i = 1; i < blocks; ++i) acc += math_t<T>(src[i * M * N + e]);
+      out[e] = T(acc);
     }
   });
 }
@@ -343,9 +355,9 @@ void matmul_tn_fixed_order(const at::Tensor& a, const at::Tensor& b, const at::T
 template <typename T>
 void column_sums(const T* m, int64_t rows, int64_t cols, T* out) {
   at::parallel_for(0, cols, 256, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) out[c] = T(0);
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = c0; c < c1; ++c) out[c] += m[r * cols + c];
+    std::vector<math_t<T>> acc(c1 - c0, 0);
+    for (int64_t r = 0; r < rows; ++r) add_row(c1 - c0, m + r * cols + c0, acc.data());
+    for (int64_t c = c0; c < c1; ++c) out[c] = T(acc[c - c0]);
   });
 }
 
@@ -361,19 +373,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor w_hr = proj ? w_hr_->contiguous() : at::Tensor();
   const at::Tensor bias = bias_ ? bias_->contiguous() : at::zeros({D, 4 * H}, x.options());
   auto opt = x.options();
+  auto mopt = opt.dtype(math_dtype(x.scalar_type()));
   const int64_t saved = training ? T_ : 0;
   at::Tensor y = at::empty({T_, B, D * P}, opt);
   at::Tensor h = h0.clone(at::MemoryFormat::Contiguous);
-  at::Tensor c = c0.clone(at::MemoryFormat::Contiguous);
+  at::Tensor c = c0.to(mopt, /*non_blocking=*/false, /*copy=*/true).contiguous();
   // Rows of x per projection chunk in inference: large enough for an efficient GEMM.
   constexpr int64_t kChunkRows = 256;
   const int64_t chunk = training ? 0 : std::min<int64_t>(T_, std::max<int64_t>(1, kChunkRows / std::max<int64_t>(B, 1)));
   at::Tensor xg = at::empty({training ? T_ : 0, B, D * 4 * H}, opt);
-  at::Tensor c_prev = at::empty({saved, B, D * H}, opt);
+  at::Tensor c_prev = at::empty({saved, B, D * H}, mopt);
   at::Tensor h_prev = at::empty({D, saved, B, P}, opt);
   at::Tensor h_raw = at::empty({D, proj ? saved : 0, B, H}, opt);
   if (B > 0) {
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_layer_forward_cpu", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lstm_layer_forward_cpu", [&] {
       using T = scalar_t;
       at::Tensor rec = at::empty({D, B, 4 * H}, opt);
       at::Tensor raw_step = at::empty({D, proj ? B : 0, H}, opt), proj_step = at::empty({D, proj ? B : 0, P}, opt);
@@ -411,8 +424,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       p.bias = bias.data_ptr<T>();
       p.xg = training ? xg.data_ptr<T>() : nullptr;
       p.y = y.data_ptr<T>();
-      p.c = c.data_ptr<T>();
-      p.c_prev = training ? c_prev.data_ptr<T>() : nullptr;
+      p.c = c.data_ptr<math_t<T>>();
+      p.c_prev = training ? c_prev.data_ptr<math_t<T>>() : nullptr;
       p.h_prev = training ? h_prev.data_ptr<T>() : nullptr;
       p.h_raw_saved = training && proj ? h_raw.data_ptr<T>() : nullptr;
       for_each_direction(D, [&](int64_t d) {
@@ -421,7 +434,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     });
   }
   at::Tensor gates = training ? xg : at::empty({0, B, D * 4 * H}, opt);
-  return {y, h, c, gates, c_prev, h_prev, h_raw};
+  return {y, h, c.to(c0.scalar_type()), gates, c_prev, h_prev, h_raw};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -459,7 +472,8 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
   const at::Tensor dy = grad_y ? grad_y->contiguous() : at::Tensor();
   auto opt = x.options();
   at::Tensor dh = grad_h_n ? grad_h_n->clone(at::MemoryFormat::Contiguous) : at::zeros({D, B, P}, opt);
-  at::Tensor dc = grad_c_n ? grad_c_n->clone(at::MemoryFormat::Contiguous) : at::zeros({D, B, H}, opt);
+  auto mopt = opt.dtype(math_dtype(x.scalar_type()));
+  at::Tensor dc = grad_c_n ? grad_c_n->to(mopt, false, true).contiguous() : at::zeros({D, B, H}, mopt);
   at::Tensor dx = at::empty({T_, B, I}, opt);
   at::Tensor dw_ih = at::empty({D, 4 * H, I}, opt);
   at::Tensor dw_hh = at::empty({D, 4 * H, P}, opt);
@@ -467,9 +481,9 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
   at::Tensor dw_hr = at::empty({proj ? D : 0, P, H}, opt);
   if (B == 0) {
     dw_ih.zero_(), dw_hh.zero_(), dbias.zero_(), dw_hr.zero_();
-    return {dx, dh, dc, dw_ih, dw_hh, dbias, dw_hr};
+    return {dx, dh, dc.to(x.scalar_type()), dw_ih, dw_hh, dbias, dw_hr};
   }
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_layer_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lstm_layer_backward_cpu", [&] {
     using T = scalar_t;
     const int64_t G = 4 * H, rows = T_ * B;
     at::Tensor dg = at::empty({D, rows, G}, opt);
@@ -490,9 +504,9 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
       }
     }
     p.gates = gates.data_ptr<T>();
-    p.c_prev = c_prev.data_ptr<T>();
+    p.c_prev = c_prev.data_ptr<math_t<T>>();
     p.dy = dy.defined() ? dy.data_ptr<T>() : nullptr;
-    p.dc = dc.data_ptr<T>();
+    p.dc = dc.data_ptr<math_t<T>>();
     p.dg = dg.data_ptr<T>();
     p.dh_proj_saved = proj ? dh_proj_saved.data_ptr<T>() : nullptr;
     p.dbias = dbias.data_ptr<T>();
@@ -507,7 +521,7 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
       if (proj) matmul_tn_fixed_order<T>(dh_proj_saved[d], h_raw.view({D, rows, H})[d], dw_hr[d]);
     }
   });
-  return {dx, dh, dc, dw_ih, dw_hh, dbias, dw_hr};
+  return {dx, dh, dc.to(x.scalar_type()), dw_ih, dw_hh, dbias, dw_hr};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_cpu(const at::Tensor& x_, const at::Tensor& h_,
@@ -525,8 +539,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_cpu(const at::T
   const at::Tensor bias = bias_ ? bias_->contiguous() : at::zeros({4 * H}, x.options());
   at::Tensor pre = at::empty({B, 4 * H}, x.options());
   at::Tensor h_new = at::empty({B, H}, x.options());
-  at::Tensor c_new = c.clone(at::MemoryFormat::Contiguous);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_cell_cpu", [&] {
+  at::Tensor c_new = c.to(x.options().dtype(math_dtype(x.scalar_type())), false, true).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lstm_cell_cpu", [&] {
     using T = scalar_t;
     at::Tensor rec = at::empty({B, 4 * H}, x.options());
     matmul<T>(x, w_ih.t(), pre, T(0));
@@ -534,13 +548,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_cpu(const at::T
     for (int64_t b = 0; b < B; ++b) {
       T* g = pre.data_ptr<T>() + b * 4 * H;
       const T* r = rec.data_ptr<T>() + b * 4 * H;
-      T* cb = c_new.data_ptr<T>() + b * H;
+      math_t<T>* cb = c_new.data_ptr<math_t<T>>() + b * H;
       T* hb = h_new.data_ptr<T>() + b * H;
       training ? cell_forward_row<T, true>(H, g, r, bias.data_ptr<T>(), cb, hb)
                : cell_forward_row<T, false>(H, g, r, bias.data_ptr<T>(), cb, hb);
     }
   });
-  return {h_new, c_new, training ? pre : at::empty({0, 4 * H}, x.options())};
+  return {h_new, c_new.to(c.scalar_type()), training ? pre : at::empty({0, 4 * H}, x.options())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cell_backward_cpu(
@@ -555,20 +569,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_shape(op, gates_, "gates", {B, 4 * H}, "[B, 4H]");
   if (grad_h_new) check_shape(op, *grad_h_new, "grad_h_new", {B, H}, "[B, H]");
   if (grad_c_new) check_shape(op, *grad_c_new, "grad_c_new", {B, H}, "[B, H]");
-  const at::Tensor x = x_.contiguous(), h = h_.contiguous(), c = c_.contiguous();
+  const at::Tensor x = x_.contiguous(), h = h_.contiguous();
+  const at::Tensor c = c_.to(math_dtype(x_.scalar_type())).contiguous();
   const at::Tensor w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous(), gates = gates_.contiguous();
   auto opt = x.options();
   at::Tensor dh = grad_h_new ? grad_h_new->clone(at::MemoryFormat::Contiguous) : at::zeros({B, H}, opt);
-  at::Tensor dc = grad_c_new ? grad_c_new->clone(at::MemoryFormat::Contiguous) : at::zeros({B, H}, opt);
+  auto mopt = opt.dtype(math_dtype(x.scalar_type()));
+  at::Tensor dc = grad_c_new ? grad_c_new->to(mopt, false, true).contiguous() : at::zeros({B, H}, mopt);
   at::Tensor dg = at::empty({B, 4 * H}, opt);
   at::Tensor dx = at::empty({B, I}, opt), dw_ih = at::empty({4 * H, I}, opt), dw_hh = at::empty({4 * H, H}, opt);
   at::Tensor dbias = at::empty({4 * H}, opt);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_cell_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lstm_cell_cpu", [&] {
     using T = scalar_t;
     at::Tensor scratch = at::empty({4 * H}, opt);  // the row kernel's per-step copy of dg, unused here
     for (int64_t b = 0; b < B; ++b)
-      cell_backward_row<T>(H, gates.data_ptr<T>() + b * 4 * H, c.data_ptr<T>() + b * H, nullptr,
-                           dh.data_ptr<T>() + b * H, dc.data_ptr<T>() + b * H, dg.data_ptr<T>() + b * 4 * H,
+      cell_backward_row<T>(H, gates.data_ptr<T>() + b * 4 * H, c.data_ptr<math_t<T>>() + b * H, nullptr,
+                           dh.data_ptr<T>() + b * H, dc.data_ptr<math_t<T>>() + b * H, dg.data_ptr<T>() + b * 4 * H,
                            scratch.data_ptr<T>());
     matmul<T>(dg, w_ih, dx, T(0));
     matmul<T>(dg, w_hh, dh, T(0));
@@ -577,7 +593,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     column_sums(dg.data_ptr<T>(), B, 4 * H, dbias.data_ptr<T>());
   });
   if (B == 0) dw_ih.zero_(), dw_hh.zero_(), dbias.zero_();
-  return {dx, dh, dc, dw_ih, dw_hh, dbias};
+  return {dx, dh, dc.to(x.scalar_type()), dw_ih, dw_hh, dbias};
 }
 
 }  // namespace
