@@ -5,12 +5,15 @@ Each 28x28 image is a sequence of 28 steps of 28 pixels; two bidirectional layer
 
     python -m birnn_ext.demo --compare          # FusedBiLSTM and nn.LSTM, side by side
     python -m birnn_ext.demo --impl torch       # nn.LSTM only
+    torchrun --nproc-per-node=2 -m birnn_ext.demo   # DistributedDataParallel over gloo:
+                                                # each process trains its share of every batch
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,11 +51,23 @@ def evaluate(model, images, labels, batch_size=1000):
     return correct / len(images)
 
 
+def distributed() -> tuple[int, int]:
+    """(rank, world size); under torchrun, joins the gloo process group first."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
+
+
 def train(impl, data, args, out_dir):
     from tqdm import tqdm
 
-    torch.manual_seed(args.seed)
+    rank, world = distributed()
+    torch.manual_seed(args.seed)  # the same initial weights in every process
     model = RowClassifier(IMPLS[impl], hidden_size=args.hidden_size, num_layers=args.layers)
+    # Each process trains an equal share of every batch; DDP averages the gradients,
+    # which is the whole batch's gradient.
+    step_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     x_train, y_train = data["train"]
     x_test, y_test = data["test"]
@@ -62,28 +77,32 @@ def train(impl, data, args, out_dir):
     seen, train_seconds, step = 0, 0.0, 0
     for epoch in range(1, args.epochs + 1):
         order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed + epoch))
-        bar = tqdm(range(0, len(order), args.batch_size), desc=f"{impl} epoch {epoch}/{args.epochs}",
-                   unit="batch", file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(range(0, len(order) - world + 1, args.batch_size), desc=f"{impl} epoch {epoch}/{args.epochs}",
+                   unit="batch", file=sys.stderr, dynamic_ncols=True, disable=rank != 0)
         for i in bar:
-            idx = order[i : i + args.batch_size]
+            batch = order[i : i + args.batch_size]
+            share = len(batch) // world
+            idx = batch[rank * share : (rank + 1) * share]
             t0 = time.perf_counter()
-            loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
+            loss = nn.functional.cross_entropy(step_model(x_train[idx]), y_train[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             train_seconds += time.perf_counter() - t0
-            seen += len(idx)
+            seen += len(idx) * world
             step += 1
             if step % 10 == 0:
                 history["step"].append(step)
                 history["loss"].append(loss.item())
                 bar.set_postfix(loss=f"{loss.item():.3f}", samples_per_s=f"{seen / train_seconds:.0f}")
-        acc = evaluate(model, x_test, y_test)
+        acc = evaluate(model, x_test, y_test) if rank == 0 else float("nan")
         history["epoch"].append(epoch)
         history["test_accuracy"].append(acc)
-        print(f"{impl}: epoch {epoch} test accuracy {acc:.4f}", file=sys.stderr)
+        if rank == 0:
+            print(f"{impl}: epoch {epoch} test accuracy {acc:.4f}", file=sys.stderr)
     weights = out_dir / f"bilstm_{impl}.pt"
-    torch.save(model.state_dict(), weights)
+    if rank == 0:
+        torch.save(model.state_dict(), weights)
     return {
         "impl": impl, "test_accuracy": history["test_accuracy"][-1], "train_samples_per_s": seen / train_seconds,
         "train_seconds": train_seconds, "weights": str(weights), "history": history,
@@ -134,9 +153,16 @@ def main(argv=None):
                  f"(it installs to {FASHION_MNIST_DIR}); or point --data at a folder of MNIST-format IDX files.")
     args.out.mkdir(parents=True, exist_ok=True)
     impls = ["fused", "torch"] if args.compare else [args.impl]
-    print(f"Fashion-MNIST: {len(data['train'][0])} train / {len(data['test'][0])} test images, "
-          f"{torch.get_num_threads()} threads", file=sys.stderr)
+    rank, world = distributed()
+    if rank == 0:
+        print(f"{len(data['train'][0])} train / {len(data['test'][0])} test images, {world} process(es) of "
+              f"{torch.get_num_threads()} thread(s)", file=sys.stderr)
     results = [train(impl, data, args, args.out) for impl in impls]
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if rank != 0:
+        return
     plot(results, args.out / "curves.png")
     (args.out / "summary.json").write_text(json.dumps(results, indent=1))
 

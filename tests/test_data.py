@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import json
+from pathlib import Path
 import struct
 
 import numpy as np
@@ -102,3 +104,36 @@ def test_dataset_split_encoding_and_padded_batches():
     x, y, lengths = batch([(encode("abc"), [0, 1, 0]), (encode("de"), [1, 0])])
     assert x.tolist() == [[65, 66, 67], [68, 69, 0]]
     assert y.tolist() == [[0, 1, 0], [1, 0, 0]] and lengths.tolist() == [3, 2]
+
+
+def _write_tiny_mnist(folder, n_train=120, n_test=40):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, (n,), dtype=np.uint8)
+        images = (rng.integers(0, 40, (n, 28, 28)) + labels[:, None, None] * 20).astype(np.uint8)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels)
+
+
+@pytest.mark.slow
+def test_demo_trains_under_torchrun_with_two_processes(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    _write_tiny_mnist(tmp_path)
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29531", "-m",
+           "birnn_ext.demo", "--compare", "--epochs", "1", "--batch-size", "20", "--hidden-size", "16",
+           "--data", str(tmp_path), "--out", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [r["impl"] for r in summary] == ["fused", "torch"]
+    assert all(0 <= r["test_accuracy"] <= 1 for r in summary)
+    # The weights saved by rank 0 load into the same model built on nn.LSTM.
+    from birnn_ext.demo import RowClassifier
+
+    RowClassifier(torch.nn.LSTM, hidden_size=16).load_state_dict(torch.load(tmp_path / "out" / "bilstm_fused.pt"))
