@@ -122,6 +122,7 @@ def plot(results, path):
         ax_acc.plot(r["history"]["epoch"], r["history"]["test_accuracy"], marker="o", label=label)
     ax_loss.set(xlabel="step", ylabel="training loss", title="Fashion-MNIST, BiLSTM 2x128")
     ax_acc.set(xlabel="epoch", ylabel="test accuracy", title="Test accuracy")
+    ax_acc.set_xticks(results[0]["history"]["epoch"])
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
