@@ -61,7 +61,8 @@ struct CellDims {
 
 // Checks the arguments of the cell ops and returns the sizes.
 inline CellDims check_cell(const char* op, const at::Tensor& x, const at::Tensor& h, const at::Tensor& c,
-                           const at::Tensor& w_ih, const at::Tensor& w_hh) {
+                           const at::Tensor& w_ih, const at::Tensor& w_hh,
+                           const std::optional<at::Tensor>& bias = std::nullopt) {
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [B, I], got ", x.dim(), "-D ", x.sizes());
   TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(1) > 0 && w_hh.size(0) == 4 * w_hh.size(1), op,
               ": w_hh must be [4H, H], got ", w_hh.sizes());
@@ -70,7 +71,56 @@ inline CellDims check_cell(const char* op, const at::Tensor& x, const at::Tensor
   check_shape(op, h, "h", {d.B, d.H}, "[B, H]");
   check_shape(op, c, "c", {d.B, d.H}, "[B, H]");
   for (auto [t, name] : {std::pair{&h, "h"}, {&c, "c"}, {&w_ih, "w_ih"}, {&w_hh, "w_hh"}}) check_same(op, x, *t, name);
+  if (bias) {
+    check_shape(op, *bias, "bias", {4 * d.H}, "[4H]");
+    check_same(op, x, *bias, "bias");
+  }
   return d;
+}
+
+// Checks the arguments of lstm_cell_backward and returns the sizes.
+inline CellDims check_cell_backward(const std::optional<at::Tensor>& grad_h_new,
+                                    const std::optional<at::Tensor>& grad_c_new, const at::Tensor& x,
+                                    const at::Tensor& h, const at::Tensor& c, const at::Tensor& w_ih,
+                                    const at::Tensor& w_hh, const at::Tensor& gates) {
+  const char* op = "lstm_cell_backward";
+  const CellDims d = check_cell(op, x, h, c, w_ih, w_hh);
+  TORCH_CHECK(gates.size(0) == d.B, op,
+              ": nothing was saved for backward; the forward must run with training=True (gates has ",
+              gates.size(0), " rows, x has ", d.B, ")");
+  check_shape(op, gates, "gates", {d.B, 4 * d.H}, "[B, 4H]");
+  if (grad_h_new) check_shape(op, *grad_h_new, "grad_h_new", {d.B, d.H}, "[B, H]");
+  if (grad_c_new) check_shape(op, *grad_c_new, "grad_c_new", {d.B, d.H}, "[B, H]");
+  return d;
+}
+
+// Checks the arguments of lstm_layer_backward and returns the sizes.
+inline LayerDims check_layer_backward(const std::optional<at::Tensor>& grad_y,
+                                      const std::optional<at::Tensor>& grad_h_n,
+                                      const std::optional<at::Tensor>& grad_c_n, const at::Tensor& x,
+                                      const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                      const std::optional<at::Tensor>& w_hr, const at::Tensor& gates,
+                                      const at::Tensor& c_prev, const at::Tensor& h_prev, const at::Tensor& h_raw) {
+  const char* op = "lstm_layer_backward";
+  TORCH_CHECK(x.dim() == 3 && w_hh.dim() == 3, op, ": x must be [T,B,I] and w_hh [D,4H,P], got ", x.sizes(),
+              " and ", w_hh.sizes());
+  const LayerDims n{x.size(0), x.size(1), x.size(2), w_hh.size(1) / 4, w_hh.size(2), w_hh.size(0)};
+  const auto [T, B, I, H, P, D] = n;
+  TORCH_CHECK(gates.size(0) == T, op,
+              ": nothing was saved for backward; the forward must run with training=True (gates has ",
+              gates.size(0), " steps, x has ", T, ")");
+  check_shape(op, w_ih, "w_ih", {D, 4 * H, I}, "[D, 4H, I]");
+  if (w_hr) {
+    check_shape(op, *w_hr, "w_hr", {D, P, H}, "[D, P, H]");
+    check_shape(op, h_raw, "h_raw", {D, T, B, H}, "[D, T, B, H]");
+  }
+  check_shape(op, gates, "gates", {T, B, D * 4 * H}, "[T, B, D*4H]");
+  check_shape(op, c_prev, "c_prev", {T, B, D * H}, "[T, B, D*H]");
+  check_shape(op, h_prev, "h_prev", {D, T, B, P}, "[D, T, B, P]");
+  if (grad_y) check_shape(op, *grad_y, "grad_y", {T, B, D * P}, "[T, B, D*P]");
+  if (grad_h_n) check_shape(op, *grad_h_n, "grad_h_n", {D, B, P}, "[D, B, P]");
+  if (grad_c_n) check_shape(op, *grad_c_n, "grad_c_n", {D, B, H}, "[D, B, H]");
+  return n;
 }
 
 // Validates lengths against x [T, B, ...] and returns them as a contiguous int64 CPU

@@ -143,27 +143,13 @@ lstm_layer_backward_cuda(const std::optional<at::Tensor>& grad_y, const std::opt
                          const std::optional<at::Tensor>& lengths, const at::Tensor& w_ih_, const at::Tensor& w_hh_,
                          const std::optional<at::Tensor>& w_hr_, const at::Tensor& gates_, const at::Tensor& c_prev_,
                          const at::Tensor& h_prev_, const at::Tensor& h_raw_) {
-  const char* op = "lstm_layer_backward";
-  TORCH_CHECK(x_.dim() == 3 && w_hh_.dim() == 3, op, ": x must be [T,B,I] and w_hh [D,4H,P], got ", x_.sizes(),
-              " and ", w_hh_.sizes());
+  const LayerDims n =
+      check_layer_backward(grad_y, grad_h_n, grad_c_n, x_, w_ih_, w_hh_, w_hr_, gates_, c_prev_, h_prev_, h_raw_);
   const c10::cuda::CUDAGuard guard(x_.device());
   const bool proj = w_hr_.has_value();
-  const int64_t H = w_hh_.size(1) / 4;
-  const LayerDims n{x_.size(0), x_.size(1), x_.size(2), H, w_hh_.size(2), w_hh_.size(0)};
-  const auto [T_, B, I, H_, P, D] = n;
+  const auto [T_, B, I, H, P, D] = n;
   const int64_t G = 4 * H, rows = T_ * B;
-  TORCH_CHECK(gates_.size(0) == T_, op,
-              ": nothing was saved for backward; the forward must run with training=True (gates has ",
-              gates_.size(0), " steps, x has ", T_, ")");
-  check_shape(op, w_ih_, "w_ih", {D, G, I}, "[D, 4H, I]");
-  if (proj) check_shape(op, *w_hr_, "w_hr", {D, P, H}, "[D, P, H]");
-  check_shape(op, gates_, "gates", {T_, B, D * G}, "[T, B, D*4H]");
-  check_shape(op, c_prev_, "c_prev", {T_, B, D * H}, "[T, B, D*H]");
-  check_shape(op, h_prev_, "h_prev", {D, T_, B, P}, "[D, T, B, P]");
-  if (grad_y) check_shape(op, *grad_y, "grad_y", {T_, B, D * P}, "[T, B, D*P]");
-  if (grad_h_n) check_shape(op, *grad_h_n, "grad_h_n", {D, B, P}, "[D, B, P]");
-  if (grad_c_n) check_shape(op, *grad_c_n, "grad_c_n", {D, B, H}, "[D, B, H]");
-  const at::Tensor len_cpu = checked_lengths(op, lengths, T_, B);
+  const at::Tensor len_cpu = checked_lengths("lstm_layer_backward", lengths, T_, B);
   const at::Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const at::Tensor w_hr = proj ? w_hr_->contiguous() : at::Tensor(), h_raw = proj ? h_raw_.contiguous() : at::Tensor();
   const at::Tensor gates = gates_.contiguous(), c_prev = c_prev_.contiguous(), h_prev = h_prev_.contiguous();
@@ -223,12 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_cuda(const at::
                                                                       const at::Tensor& w_hh_,
                                                                       const std::optional<at::Tensor>& bias_,
                                                                       bool training) {
-  const char* op = "lstm_cell_forward";
-  const auto [B, I, H] = check_cell(op, x_, h_, c_, w_ih_, w_hh_);
-  if (bias_) {
-    check_shape(op, *bias_, "bias", {4 * H}, "[4H]");
-    check_same(op, x_, *bias_, "bias");
-  }
+  const auto [B, I, H] = check_cell("lstm_cell_forward", x_, h_, c_, w_ih_, w_hh_, bias_);
   const c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor x = x_.contiguous(), h = h_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const at::Tensor bias = bias_ ? bias_->contiguous() : at::Tensor();
@@ -258,14 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& grad_h_new, const std::optional<at::Tensor>& grad_c_new, const at::Tensor& x_,
     const at::Tensor& h_, const at::Tensor& c_, const at::Tensor& w_ih_, const at::Tensor& w_hh_,
     const at::Tensor& gates_) {
-  const char* op = "lstm_cell_backward";
-  const auto [B, I, H] = check_cell(op, x_, h_, c_, w_ih_, w_hh_);
-  TORCH_CHECK(gates_.size(0) == B, op,
-              ": nothing was saved for backward; the forward must run with training=True (gates has ",
-              gates_.size(0), " rows, x has ", B, ")");
-  check_shape(op, gates_, "gates", {B, 4 * H}, "[B, 4H]");
-  if (grad_h_new) check_shape(op, *grad_h_new, "grad_h_new", {B, H}, "[B, H]");
-  if (grad_c_new) check_shape(op, *grad_c_new, "grad_c_new", {B, H}, "[B, H]");
+  const auto [B, I, H] = check_cell_backward(grad_h_new, grad_c_new, x_, h_, c_, w_ih_, w_hh_, gates_);
   const c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor x = x_.contiguous(), h = h_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const at::Tensor gates = gates_.contiguous();

@@ -183,23 +183,9 @@ __global__ void column_sums_kernel(const ColumnSums<T> p) {
 
 }  // namespace
 
-template <typename T>
-cudaError_t launch_fwd_step(const FwdStep<T>& p, cudaStream_t stream) {
-  const int64_t n = p.D * p.B * p.H;
-  if (n == 0) return cudaSuccess;
-  const bool training = p.c_prev != nullptr || p.h_prev != nullptr;
-  if (training) {
-    auto kernel = fwd_step_kernel<T, true>;
-    BIRNN_LAUNCH(kernel, grid_for(n), dim3(kThreads), 0, stream, p);
-  } else {
-    auto kernel = fwd_step_kernel<T, false>;
-    BIRNN_LAUNCH(kernel, grid_for(n), dim3(kThreads), 0, stream, p);
-  }
-  return BIRNN_LAUNCH_ERROR();
-}
-
-// The cell op saves no c_prev/h_prev (its inputs are the saved state) but needs the
-// activated gates: the same kernel with Training forced on.
+// The activated gates are written back when `training`; c_prev and h_prev are saved
+// where their pointers are set (the layer sweep in training; never for the cell op,
+// whose inputs are the saved state).
 template <typename T>
 cudaError_t launch_cell_fwd(const FwdStep<T>& p, bool training, cudaStream_t stream) {
   const int64_t n = p.D * p.B * p.H;
@@ -212,6 +198,11 @@ cudaError_t launch_cell_fwd(const FwdStep<T>& p, bool training, cudaStream_t str
     BIRNN_LAUNCH(kernel, grid_for(n), dim3(kThreads), 0, stream, p);
   }
   return BIRNN_LAUNCH_ERROR();
+}
+
+template <typename T>
+cudaError_t launch_fwd_step(const FwdStep<T>& p, cudaStream_t stream) {
+  return launch_cell_fwd(p, p.c_prev != nullptr || p.h_prev != nullptr, stream);
 }
 
 template <typename T>
