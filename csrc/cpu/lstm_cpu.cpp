@@ -28,6 +28,34 @@ inline at::ScalarType math_dtype(at::ScalarType storage) {
   return storage == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Storage <-> math conversions for the row loops. c10::BFloat16's own conversions
+// branch on NaN and do not vectorize; these compute the same bits (round to nearest
+// even, NaN to the quiet NaN 0x7FC0) with shifts, adds and a select.
+template <typename T>
+inline math_t<T> load(T v) {
+  return math_t<T>(v);
+}
+template <>
+inline float load(at::BFloat16 v) {
+  const uint32_t u = uint32_t(v.x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+template <typename T>
+inline T store(math_t<T> v) {
+  return T(v);
+}
+template <>
+inline at::BFloat16 store<at::BFloat16>(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  at::BFloat16 b;
+  b.x = uint16_t(f != f ? 0x7FC0u : rounded);
+  return b;
+}
+
 // The fused cell over one batch row (H elements). The loops are written to be
 // vectorized: restrict pointers, no branches, and lstm_cell.h's float exp and tanh.
 // Float rows are compiled for AVX-512, AVX2 and baseline x86-64, chosen at load time.
@@ -48,18 +76,18 @@ __attribute__((always_inline)) inline void cell_forward_row_impl(int64_t H, T* _
   using A = math_t<T>;
   for (int64_t j = 0; j < H; ++j) {
     A pre[4];
-    for (int k = 0; k < 4; ++k) pre[k] = A(xg[k * H + j]) + A(rec[k * H + j]) + A(bias[k * H + j]);
+    for (int k = 0; k < 4; ++k) pre[k] = load(xg[k * H + j]) + load(rec[k * H + j]) + load(bias[k * H + j]);
     const Gates<A> a = activate(pre[0], pre[1], pre[2], pre[3]);
     const A cn = cell_state(a, c[j]);
     const A hn = hidden_state(a, cn);
     if (Training) {
-      xg[j] = T(a.i);
-      xg[H + j] = T(a.f);
-      xg[2 * H + j] = T(a.g);
-      xg[3 * H + j] = T(a.o);
+      xg[j] = store<T>(a.i);
+      xg[H + j] = store<T>(a.f);
+      xg[2 * H + j] = store<T>(a.g);
+      xg[3 * H + j] = store<T>(a.o);
     }
     c[j] = cn;
-    h[j] = T(hn);
+    h[j] = store<T>(hn);
   }
 }
 
@@ -70,16 +98,16 @@ __attribute__((always_inline)) inline void cell_backward_loop(int64_t H, const T
                                                               math_t<T>* __restrict__ dc, T* __restrict__ dg) {
   using A = math_t<T>;
   for (int64_t j = 0; j < H; ++j) {
-    const Gates<A> a{A(gates[j]), A(gates[H + j]), A(gates[2 * H + j]), A(gates[3 * H + j])};
-    A dh_total = A(dh[j]);
-    if constexpr (HasDy) dh_total += A(dy[j]);
+    const Gates<A> a{load(gates[j]), load(gates[H + j]), load(gates[2 * H + j]), load(gates[3 * H + j])};
+    A dh_total = load(dh[j]);
+    if constexpr (HasDy) dh_total += load(dy[j]);
     const GateGrads<A> r = backward(a, c_prev[j], dh_total, dc[j]);
-    dg[j] = T(r.di);
-    dg[H + j] = T(r.df);
-    dg[2 * H + j] = T(r.dg);
-    dg[3 * H + j] = T(r.do_);
+    dg[j] = store<T>(r.di);
+    dg[H + j] = store<T>(r.df);
+    dg[2 * H + j] = store<T>(r.dg);
+    dg[3 * H + j] = store<T>(r.do_);
     dc[j] = r.dc_prev;
-    dh[j] = T(0);
+    dh[j] = store<T>(A(0));
   }
 }
 
@@ -107,36 +135,41 @@ void cell_backward_row(int64_t H, const T* gates, const math_t<T>* c_prev, const
   cell_backward_row_impl<T>(H, gates, c_prev, dy, dh, dc, dg, dg_step);
 }
 
-BIRNN_SIMD_CLONES void cell_forward_row_f32_train(int64_t H, float* xg, const float* rec, const float* bias, float* c,
-                                                  float* h) {
-  cell_forward_row_impl<float, true>(H, xg, rec, bias, c, h);
-}
-BIRNN_SIMD_CLONES void cell_forward_row_f32_infer(int64_t H, float* xg, const float* rec, const float* bias, float* c,
-                                                  float* h) {
-  cell_forward_row_impl<float, false>(H, xg, rec, bias, c, h);
-}
-BIRNN_SIMD_CLONES void cell_backward_row_f32(int64_t H, const float* gates, const float* c_prev, const float* dy,
-                                             float* dh, float* dc, float* dg, float* dg_step) {
-  cell_backward_row_impl<float>(H, gates, c_prev, dy, dh, dc, dg, dg_step);
-}
-template <>
-void cell_forward_row<float, true>(int64_t H, float* xg, const float* rec, const float* bias, float* c, float* h) {
-  cell_forward_row_f32_train(H, xg, rec, bias, c, h);
-}
-template <>
-void cell_forward_row<float, false>(int64_t H, float* xg, const float* rec, const float* bias, float* c, float* h) {
-  cell_forward_row_f32_infer(H, xg, rec, bias, c, h);
-}
-template <>
-void cell_backward_row<float>(int64_t H, const float* gates, const float* c_prev, const float* dy, float* dh,
-                              float* dc, float* dg, float* dg_step) {
-  cell_backward_row_f32(H, gates, c_prev, dy, dh, dc, dg, dg_step);
-}
+// Per-CPU clones of the rows for the storage types that matter for speed.
+#define BIRNN_ROW_CLONES(T, suffix)                                                                             \
+  BIRNN_SIMD_CLONES void cell_forward_row_##suffix##_train(int64_t H, T* xg, const T* rec, const T* bias,       \
+                                                           math_t<T>* c, T* h) {                                \
+    cell_forward_row_impl<T, true>(H, xg, rec, bias, c, h);                                                     \
+  }                                                                                                             \
+  BIRNN_SIMD_CLONES void cell_forward_row_##suffix##_infer(int64_t H, T* xg, const T* rec, const T* bias,       \
+                                                           math_t<T>* c, T* h) {                                \
+    cell_forward_row_impl<T, false>(H, xg, rec, bias, c, h);                                                    \
+  }                                                                                                             \
+  BIRNN_SIMD_CLONES void cell_backward_row_##suffix(int64_t H, const T* gates, const math_t<T>* c_prev,         \
+                                                    const T* dy, T* dh, math_t<T>* dc, T* dg, T* dg_step) {     \
+    cell_backward_row_impl<T>(H, gates, c_prev, dy, dh, dc, dg, dg_step);                                       \
+  }                                                                                                             \
+  template <>                                                                                                   \
+  void cell_forward_row<T, true>(int64_t H, T * xg, const T* rec, const T* bias, math_t<T>* c, T* h) {          \
+    cell_forward_row_##suffix##_train(H, xg, rec, bias, c, h);                                                  \
+  }                                                                                                             \
+  template <>                                                                                                   \
+  void cell_forward_row<T, false>(int64_t H, T * xg, const T* rec, const T* bias, math_t<T>* c, T* h) {         \
+    cell_forward_row_##suffix##_infer(H, xg, rec, bias, c, h);                                                  \
+  }                                                                                                             \
+  template <>                                                                                                   \
+  void cell_backward_row<T>(int64_t H, const T* gates, const math_t<T>* c_prev, const T* dy, T* dh,             \
+                            math_t<T>* dc, T* dg, T* dg_step) {                                                 \
+    cell_backward_row_##suffix(H, gates, c_prev, dy, dh, dc, dg, dg_step);                                      \
+  }
+BIRNN_ROW_CLONES(float, f32)
+BIRNN_ROW_CLONES(at::BFloat16, bf16)
+#undef BIRNN_ROW_CLONES
 
 // acc[k] += row[k]; a loop of its own so that it vectorizes.
 template <typename T>
 void add_row(int64_t n, const T* __restrict__ row, math_t<T>* __restrict__ acc) {
-  for (int64_t k = 0; k < n; ++k) acc[k] += math_t<T>(row[k]);
+  for (int64_t k = 0; k < n; ++k) acc[k] += load(row[k]);
 }
 
 // Runs fn(d) for each direction d, both at once on separate threads when the layer
