@@ -362,7 +362,9 @@ template <typename T>
 void matmul_tn_fixed_order(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
   constexpr int64_t kMaxRows = 1024;
   const int64_t K = a.size(0), M = a.size(1), N = b.size(1);
-  const int64_t blocks = std::max<int64_t>(2, (K + kMaxRows - 1) / kMaxRows);
+  // An even count, so that two threads (the common case) share the blocks evenly.
+  int64_t blocks = std::max<int64_t>(2, (K + kMaxRows - 1) / kMaxRows);
+  blocks += blocks % 2;
   const int64_t rows = (K + blocks - 1) / blocks;
   at::Tensor partial = at::zeros({blocks, M, N}, c.options());
   std::vector<std::array<at::Tensor, 3>> operands;  // views made here, not on the workers
