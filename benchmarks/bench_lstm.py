@@ -10,6 +10,7 @@ Writes benchmarks/results/<name>.csv and .png.
     python benchmarks/bench_lstm.py --preset targets
     python benchmarks/bench_lstm.py --case 32,28,28,128,1 --case 64,100,128,256,1
     python benchmarks/bench_lstm.py --case var:32,10-100,64,256,1   # variable length
+    python benchmarks/bench_lstm.py --preset targets --autocast bf16  # both under autocast
 """
 
 from __future__ import annotations
@@ -99,12 +100,19 @@ def gemm_ceiling(threads: int) -> float:
     return best
 
 
-def time_fn(fn, threads, min_run_time):
+def time_fn(fn, threads, min_run_time, autocast=None):
+    if autocast is not None:  # both implementations inside the same autocast region
+        inner = fn
+
+        def fn():
+            with torch.autocast(autocast[0], dtype=autocast[1]):
+                inner()
+
     fn()  # warm-up outside the timer too: first calls build caches (oneDNN primitives)
     return tb.Timer("fn()", globals={"fn": fn}, num_threads=threads).blocked_autorange(min_run_time=min_run_time).median
 
 
-def bench_case(case: Case, device: str, threads: int, min_run_time: float):
+def bench_case(case: Case, device: str, threads: int, min_run_time: float, autocast=None):
     torch.manual_seed(0)
     ref = nn.LSTM(case.I, case.H, case.layers, bidirectional=True, device=device)
     fused = FusedBiLSTM.from_lstm(ref)
@@ -124,7 +132,7 @@ def bench_case(case: Case, device: str, threads: int, min_run_time: float):
                 inp = pack_padded_sequence(xi, lengths, enforce_sorted=False) if lengths is not None else xi
                 out, (h, c) = ref(inp)
                 if train:
-                    (out.data.sum() + h.sum()).backward()
+                    (out.data.float().sum() + h.float().sum()).backward()
             sync()
         return f
 
@@ -134,17 +142,18 @@ def bench_case(case: Case, device: str, threads: int, min_run_time: float):
             with torch.set_grad_enabled(train):
                 out, (h, c) = fused(xi, lengths=lengths) if lengths is not None else fused(xi)
                 if train:
-                    (out.sum() + h.sum()).backward()
+                    (out.float().sum() + h.float().sum()).backward()
             sync()
         return f
 
     rows = []
     for mode, train in (("inference", False), ("forward+backward", True)):
-        t_ref = time_fn(run_ref(train), threads, min_run_time)
-        t_fused = time_fn(run_fused(train), threads, min_run_time)
+        t_ref = time_fn(run_ref(train), threads, min_run_time, autocast)
+        t_fused = time_fn(run_fused(train), threads, min_run_time, autocast)
         flops = lstm_flops(case, steps) * (3 if train else 1)
         rows.append(dict(case=case.name, B=case.B, T=case.T, min_len=case.min_len, I=case.I, H=case.H,
                          layers=case.layers, mode=mode, device=device, threads=threads,
+                         autocast=str(autocast[1]).removeprefix("torch.") if autocast else "off",
                          nn_lstm_ms=t_ref * 1e3, fused_ms=t_fused * 1e3, ratio=t_ref / t_fused,
                          fused_gflops=flops / t_fused / 1e9, nn_lstm_gflops=flops / t_ref / 1e9))
     return rows
@@ -169,7 +178,8 @@ def plot(rows, path):
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
     ax.set_xticks(range(len(labels)), [f"{c}\nB{b} T{t} H{h} L{l}" for c, b, t, h, l in labels], fontsize=8)
     ax.set_ylabel("nn.LSTM time / FusedBiLSTM time")
-    ax.set_title(f"FusedBiLSTM vs nn.LSTM, float32, bidirectional ({rows[0]['device']}, {rows[0]['threads']} threads)")
+    dtype = "float32" if rows[0]["autocast"] == "off" else f"autocast {rows[0]['autocast']}"
+    ax.set_title(f"FusedBiLSTM vs nn.LSTM, {dtype}, bidirectional ({rows[0]['device']}, {rows[0]['threads']} threads)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -183,24 +193,27 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measurement")
     p.add_argument("--name", help="results file name (default: the preset's, or 'custom')")
+    p.add_argument("--autocast", choices=["bf16", "fp16"], help="time both implementations under torch.autocast")
     args = p.parse_args(argv)
     cases = (PRESETS[args.preset] if args.preset else []) + args.case
     if not cases:
         p.error("give --preset or at least one --case")
     threads = torch.get_num_threads()
+    autocast = (args.device, {"bf16": torch.bfloat16, "fp16": torch.float16}[args.autocast]) if args.autocast else None
     ceiling = gemm_ceiling(threads) if args.device == "cpu" else float("nan")
     print(f"{platform.processor() or platform.machine()}, {threads} threads, torch {torch.__version__}; "
-          f"large-GEMM ceiling {ceiling:.0f} GFLOP/s (float32, best of torch.mm and oneDNN)")
+          f"large-GEMM ceiling {ceiling:.0f} GFLOP/s (float32, best of torch.mm and oneDNN)"
+          + (f"; both under autocast {args.autocast}" if autocast else ""))
     header = f"{'case':<40} {'mode':<17} {'nn.LSTM ms':>10} {'fused ms':>9} {'ratio':>6} {'GFLOP/s':>8} {'of ceiling':>10}"
     print(header)
     rows = []
     for case in cases:
-        for r in bench_case(case, args.device, threads, args.min_run_time):
+        for r in bench_case(case, args.device, threads, args.min_run_time, autocast):
             r["ceiling_gflops"] = ceiling
             rows.append(r)
             print(f"{case.label():<40} {r['mode']:<17} {r['nn_lstm_ms']:>10.3f} {r['fused_ms']:>9.3f} "
                   f"{r['ratio']:>6.2f} {r['fused_gflops']:>8.1f} {r['fused_gflops'] / ceiling:>10.1%}", flush=True)
-    name = args.name or args.preset or "custom"
+    name = args.name or ((args.preset or "custom") + (f"-autocast-{args.autocast}" if args.autocast else ""))
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(RESULTS / f"{name}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
