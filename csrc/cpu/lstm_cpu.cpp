@@ -1,8 +1,10 @@
-// CPU kernels of the layer ops: one GEMM for the input projection of every step and
-// both directions, then per step a recurrent GEMM and the fused cell of lstm_cell.h.
-// The directions of a bidirectional layer are independent, so each runs its whole
-// sweep on its own thread. BLAS is called directly into preallocated buffers: at
+// CPU kernels of the layer and cell ops. A layer sweep: the input projection of every
+// step and direction (one GEMM in training; chunk by chunk per direction in inference),
+// then per step a recurrent GEMM and the fused cell of lstm_cell.h. The directions of a
+// bidirectional layer are independent, so each runs its whole sweep on its own thread.
+// GEMMs (BLAS or oneDNN, blas.h) are called directly into preallocated buffers: at
 // small batch, a dispatcher call per step would cost more than the step itself.
+// Storage float32, float64 or bfloat16; the math and the cell state in math_t.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -58,7 +60,8 @@ inline at::BFloat16 store<at::BFloat16>(float f) {
 
 // The fused cell over one batch row (H elements). The loops are written to be
 // vectorized: restrict pointers, no branches, and lstm_cell.h's float exp and tanh.
-// Float rows are compiled for AVX-512, AVX2 and baseline x86-64, chosen at load time.
+// Float and bfloat16 rows are compiled for AVX-512, AVX2 and baseline x86-64, chosen at
+// load time.
 #if defined(__x86_64__) && defined(__GNUC__)
 #define BIRNN_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -173,7 +176,8 @@ void add_row(int64_t n, const T* __restrict__ row, math_t<T>* __restrict__ acc) 
 }
 
 // Runs fn(d) for each direction d, both at once on separate threads when the layer
-// is bidirectional and there are threads to spare. Inside, BLAS runs single-threaded.
+// is bidirectional and there are threads to spare. Inside, the GEMM engines run
+// single-threaded.
 template <typename F>
 void for_each_direction(int64_t D, const F& fn) {
   if (D > 1 && at::get_num_threads() > 1) {
@@ -357,12 +361,11 @@ void backward_direction(const BwdParams<T>& p, int64_t d) {
 // sums are added in block order. A multi-threaded GEMM may split a long K differently
 // for different thread counts; this gives the same bits for any thread count. There are
 // always at least two blocks, so that the products run inside a parallel region, where
-// the GEMM engines stay single-threaded.
+// the GEMM engines stay single-threaded, and an even number, so two threads share them.
 template <typename T>
 void matmul_tn_fixed_order(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
   constexpr int64_t kMaxRows = 1024;
   const int64_t K = a.size(0), M = a.size(1), N = b.size(1);
-  // An even count, so that two threads (the common case) share the blocks evenly.
   int64_t blocks = std::max<int64_t>(2, (K + kMaxRows - 1) / kMaxRows);
   blocks += blocks % 2;
   const int64_t rows = (K + blocks - 1) / blocks;
