@@ -115,6 +115,7 @@ class FusedLSTM(nn.Module):
                     setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
                 self._flat_weights_names.extend(shapes)
                 self._all_weights.append(list(shapes))
+        self._shapes = self._expected_shapes()
         self.reset_parameters()
 
     def __getstate__(self):
@@ -220,8 +221,6 @@ class FusedLSTM(nn.Module):
     def _check_parameters(self, input: Tensor) -> None:
         """Parameters replaced after construction must still fit (a clear error here,
         not a failed stack or a wrong product later)."""
-        if "_shapes" not in self.__dict__:
-            self._shapes = self._expected_shapes()
         for name, shape in self._shapes:
             w = getattr(self, name)
             if w.shape != shape:

@@ -183,21 +183,21 @@ __global__ void column_sums_kernel(const ColumnSums<T> p) {
 
 }  // namespace
 
+// One thread per element of an n-element grid, in blocks of kThreads.
+template <typename P>
+cudaError_t launch_elementwise(void (*kernel)(P), int64_t n, const P& p, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  BIRNN_LAUNCH(kernel, grid_for(n), dim3(kThreads), 0, stream, p);
+  return BIRNN_LAUNCH_ERROR();
+}
+
 // The activated gates are written back when `training`; c_prev and h_prev are saved
 // where their pointers are set (the layer sweep in training; never for the cell op,
 // whose inputs are the saved state).
 template <typename T>
 cudaError_t launch_cell_fwd(const FwdStep<T>& p, bool training, cudaStream_t stream) {
-  const int64_t n = p.D * p.B * p.H;
-  if (n == 0) return cudaSuccess;
-  if (training) {
-    auto kernel = fwd_step_kernel<T, true>;
-    BIRNN_LAUNCH(kernel, grid_for(n), dim3(kThreads), 0, stream, p);
-  } else {
-    auto kernel = fwd_step_kernel<T, false>;
-    BIRNN_LAUNCH(kernel, grid_for(n), dim3(kThreads), 0, stream, p);
-  }
-  return BIRNN_LAUNCH_ERROR();
+  return launch_elementwise(training ? fwd_step_kernel<T, true> : fwd_step_kernel<T, false>, p.D * p.B * p.H, p,
+                            stream);
 }
 
 template <typename T>
@@ -207,29 +207,17 @@ cudaError_t launch_fwd_step(const FwdStep<T>& p, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t launch_proj_out(const ProjOut<T>& p, cudaStream_t stream) {
-  const int64_t n = p.D * p.B * p.H;
-  if (n == 0) return cudaSuccess;
-  auto kernel = proj_out_kernel<T>;
-  BIRNN_LAUNCH(kernel, grid_for(n), dim3(kThreads), 0, stream, p);
-  return BIRNN_LAUNCH_ERROR();
+  return launch_elementwise(proj_out_kernel<T>, p.D * p.B * p.H, p, stream);
 }
 
 template <typename T>
 cudaError_t launch_bwd_step(const BwdStep<T>& p, cudaStream_t stream) {
-  const int64_t n = p.D * p.B * p.H;
-  if (n == 0) return cudaSuccess;
-  auto kernel = bwd_step_kernel<T>;
-  BIRNN_LAUNCH(kernel, grid_for(n), dim3(kThreads), 0, stream, p);
-  return BIRNN_LAUNCH_ERROR();
+  return launch_elementwise(bwd_step_kernel<T>, p.D * p.B * p.H, p, stream);
 }
 
 template <typename T>
 cudaError_t launch_proj_bwd(const ProjBwd<T>& p, cudaStream_t stream) {
-  const int64_t n = p.D * p.B * p.P;
-  if (n == 0) return cudaSuccess;
-  auto kernel = proj_bwd_kernel<T>;
-  BIRNN_LAUNCH(kernel, grid_for(n), dim3(kThreads), 0, stream, p);
-  return BIRNN_LAUNCH_ERROR();
+  return launch_elementwise(proj_bwd_kernel<T>, p.D * p.B * p.P, p, stream);
 }
 
 template <typename T>
