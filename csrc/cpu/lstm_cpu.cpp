@@ -175,6 +175,51 @@ void add_row(int64_t n, const T* __restrict__ row, math_t<T>* __restrict__ acc) 
   for (int64_t k = 0; k < n; ++k) acc[k] += load(row[k]);
 }
 
+// Bit tests over storage values, in integer operations so that the loops vectorize.
+template <typename T>
+struct Bits;
+template <>
+struct Bits<float> {
+  using U = uint32_t;
+  static constexpr U kAbs = 0x7FFFFFFFu, kExp = 0x7F800000u;
+};
+template <>
+struct Bits<double> {
+  using U = uint64_t;
+  static constexpr U kAbs = 0x7FFFFFFFFFFFFFFFull, kExp = 0x7FF0000000000000ull;
+};
+template <>
+struct Bits<at::BFloat16> {
+  using U = uint16_t;
+  static constexpr U kAbs = 0x7FFF, kExp = 0x7F80;
+};
+
+// True when every one of the n values is +0 or -0.
+template <typename T>
+bool all_zero(const T* p, int64_t n) {
+  using U = typename Bits<T>::U;
+  U acc = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    U u;
+    std::memcpy(&u, p + i, sizeof u);
+    acc |= u;
+  }
+  return (acc & Bits<T>::kAbs) == 0;
+}
+
+// True when none of the n values is NaN or infinite.
+template <typename T>
+bool all_finite(const T* p, int64_t n) {
+  using U = typename Bits<T>::U;
+  int bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    U u;
+    std::memcpy(&u, p + i, sizeof u);
+    bad |= (u & Bits<T>::kExp) == Bits<T>::kExp;
+  }
+  return !bad;
+}
+
 // Runs fn(d) for each direction d, both at once on separate threads when the layer
 // is bidirectional and there are threads to spare. Inside, the GEMM engines run
 // single-threaded.
@@ -295,7 +340,35 @@ struct BwdParams {
   T* dg;                              // [D,T,B,4H] out: grads of the gate pre-activations, time-ordered
   T* dh_proj_saved;                   // [D,T,B,P] out with a projection, for dW_hr
   T* dbias;                           // [D,4H] out: the sum of every step's dg rows
+  // For the skip of steps with zero gradients (backward_direction): the values that
+  // nn.LSTM would multiply by those zeros, which must be finite for the products to be zero.
+  const T* x;                         // [T,B,I] the layer's input
+  const T* h_prev;                    // [D,T,B,P]
+  const T* h_raw;                     // [D,T,B,H] with a projection, else nullptr
+  const T* w_ih;                      // [D,4H,I]
+  // Out: per direction the rows [begin, end) of dg (and dh_proj_saved) that the
+  // after-sweep GEMMs read; every row outside is zero and left unwritten.
+  std::array<int64_t, 2>* rows;       // [D]
 };
+
+// A step of the backward sweep whose gradients are all zero: the carried dh and dc
+// are zero, and so is dy at every row the step reads. Its dg is then zero too, and
+// its dh_{t-1} and dc_{t-1} stay zero, provided that the saved gates and cell states
+// it would multiply by those zeros are finite (0 * NaN is NaN, as nn.LSTM computes it).
+template <typename T>
+bool step_has_zero_grads(const BwdParams<T>& p, int64_t d, int64_t s) {
+  const auto [T_, B, I, H, P, D] = p.n;
+  const int64_t G = 4 * H;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t L = p.len ? p.len[b] : T_;
+    if (s >= L) continue;  // padding: nothing flows through it
+    const int64_t row = time_index(int(d), s, L) * B + b;
+    if (p.dy && !all_zero(p.dy + row * D * P + d * P, P)) return false;
+    if (!all_finite(p.gates + row * D * G + d * G, G) || !all_finite(p.c_prev + row * D * H + d * H, H)) return false;
+  }
+  return true;
+}
+
 
 template <typename T>
 void backward_direction(const BwdParams<T>& p, int64_t d) {
@@ -308,7 +381,23 @@ void backward_direction(const BwdParams<T>& p, int64_t d) {
   std::vector<math_t<T>> dbias(G, 0);
   T* dh_proj = proj ? p.dh_proj[d].template data_ptr<T>() : nullptr;
   T* dh_raw = proj ? p.dh_raw[d].template data_ptr<T>() : nullptr;
+  // The sweep starts with the last step. Where no loss term reaches the first steps it
+  // meets (the reverse direction of a many-to-one model's top layer gets a gradient
+  // only at its own first step, the sweep's last), those steps are skipped: no cell, no
+  // GEMM, their dg rows not even written. Only while every weight is finite: each
+  // skipped product with them would be zero times a weight.
+  bool zeros_so_far = all_zero(dh, B * P) && all_zero(dc, B * H) && all_finite(p.w_ih + d * G * I, G * I) &&
+                      all_finite(p.w_hh[d].template data_ptr<T>(), G * P) &&
+                      (!proj || all_finite(p.w_hr[d].template data_ptr<T>(), P * H));
+  int64_t last_live = T_ - 1;  // steps past it were skipped
   for (int64_t s = T_ - 1; s >= 0; --s) {
+    if (zeros_so_far) {
+      if (step_has_zero_grads(p, d, s)) {
+        last_live = s - 1;
+        continue;
+      }
+      zeros_so_far = false;
+    }
     if (proj) {
       // The total gradient of this step's h (carried + output), then through W_hr.
       for (int64_t b = 0; b < B; ++b) {
@@ -354,6 +443,33 @@ void backward_direction(const BwdParams<T>& p, int64_t d) {
     for (int64_t b = 0; b < B; ++b) add_row(G, dg_step + b * G, dbias.data());
   }
   for (int64_t k = 0; k < G; ++k) p.dbias[d * G + k] = T(dbias[k]);
+
+  // The times [t0, t1) that hold every row a live step wrote; dead rows inside are
+  // zeroed below. (time_index maps steps to times, and times back to steps.)
+  auto length = [&](int64_t b) { return p.len ? p.len[b] : T_; };
+  int64_t t0 = T_, t1 = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t s = 0; s <= last_live; ++s) {
+      const int64_t t = time_index(int(d), s, length(b));
+      t0 = std::min(t0, t), t1 = std::max(t1, t + 1);
+    }
+  // Rows outside [t0, t1) are left out of the GEMMs. nn.LSTM multiplies their zero dg
+  // by x, h_prev (and h_raw): where one of those is not finite, the product is NaN, so
+  // the GEMMs then read every row.
+  auto outside_finite = [&](const T* m, int64_t width) {
+    return all_finite(m, t0 >= t1 ? T_ * B * width : t0 * B * width) &&
+           (t0 >= t1 || all_finite(m + t1 * B * width, (T_ - t1) * B * width));
+  };
+  if (!outside_finite(p.x, I) || !outside_finite(p.h_prev + d * T_ * B * P, P) ||
+      (proj && !outside_finite(p.h_raw + d * T_ * B * H, H)))
+    t0 = 0, t1 = T_;
+  for (int64_t t = t0; t < t1; ++t)
+    for (int64_t b = 0; b < B; ++b) {
+      if (time_index(int(d), t, length(b)) <= last_live) continue;
+      std::memset(p.dg + (d * T_ * B + t * B + b) * G, 0, G * sizeof(T));
+      if (proj) std::memset(p.dh_proj_saved + (d * T_ * B + t * B + b) * P, 0, P * sizeof(T));
+    }
+  p.rows[d] = t0 < t1 ? std::array<int64_t, 2>{t0 * B, t1 * B} : std::array<int64_t, 2>{0, 0};
 }
 
 // c[M,N] = a[K,M]^T b[K,N] (a, b contiguous), summed over the K rows in blocks fixed by K
@@ -531,15 +647,37 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
     p.dg = dg.data_ptr<T>();
     p.dh_proj_saved = proj ? dh_proj_saved.data_ptr<T>() : nullptr;
     p.dbias = dbias.data_ptr<T>();
+    p.x = x.data_ptr<T>();
+    p.h_prev = h_prev.data_ptr<T>();
+    p.h_raw = proj ? h_raw.data_ptr<T>() : nullptr;
+    p.w_ih = w_ih.data_ptr<T>();
+    std::array<std::array<int64_t, 2>, 2> live_rows{};
+    p.rows = live_rows.data();
     for_each_direction(D, [&](int64_t d) { backward_direction<T>(p, d); });
     // What does not recur is done for all steps at once, in a few large GEMMs, per
-    // direction so that every operand is contiguous or a plain transpose.
+    // direction so that every operand is contiguous or a plain transpose, over the rows
+    // where the direction's dg is not known to be zero.
     const at::Tensor x2 = x.view({rows, I}), dx2 = dx.view({rows, I}), h_prev2 = h_prev.view({D, rows, P});
+    // dx = the sum over directions of dg[d] W_ih[d]. A direction whose rows cover all
+    // of dx goes first and overwrites it; without one, dx starts from zero.
+    std::vector<int64_t> order;
+    for (int64_t d = 0; d < D; ++d)
+      if (live_rows[d][0] == 0 && live_rows[d][1] == rows) order.insert(order.begin(), d);
+      else order.push_back(d);
+    const bool overwrite = live_rows[order[0]][0] == 0 && live_rows[order[0]][1] == rows;
+    if (!overwrite) dx.zero_();
+    for (const int64_t d : order) {
+      const int64_t r0 = live_rows[d][0], k = live_rows[d][1] - live_rows[d][0];
+      matmul<T>(dg[d].narrow(0, r0, k), w_ih[d], dx2.narrow(0, r0, k), T(overwrite && d == order[0] ? 0 : 1));
+    }
     for (int64_t d = 0; d < D; ++d) {
-      matmul<T>(dg[d], w_ih[d], dx2, T(d == 0 ? 0 : 1));
-      matmul_tn_fixed_order<T>(dg[d], x2, dw_ih[d]);
-      matmul_tn_fixed_order<T>(dg[d], h_prev2[d], dw_hh[d]);
-      if (proj) matmul_tn_fixed_order<T>(dh_proj_saved[d], h_raw.view({D, rows, H})[d], dw_hr[d]);
+      const int64_t r0 = live_rows[d][0], k = live_rows[d][1] - live_rows[d][0];
+      const at::Tensor dg_live = dg[d].narrow(0, r0, k);
+      matmul_tn_fixed_order<T>(dg_live, x2.narrow(0, r0, k), dw_ih[d]);
+      matmul_tn_fixed_order<T>(dg_live, h_prev2[d].narrow(0, r0, k), dw_hh[d]);
+      if (proj)
+        matmul_tn_fixed_order<T>(dh_proj_saved[d].narrow(0, r0, k), h_raw.view({D, rows, H})[d].narrow(0, r0, k),
+                                 dw_hr[d]);
     }
   });
   return {dx, dh, dc.to(x.scalar_type()), dw_ih, dw_hh, dbias, dw_hr};

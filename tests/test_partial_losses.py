@@ -1,0 +1,126 @@
+"""Losses that reach only some steps of a layer: a classifier on the last step's output,
+a loss on one direction or on the final state only. The backward sweep skips the steps
+no gradient has reached yet and leaves their rows out of the weight-gradient GEMMs, so
+these check that every gradient still equals nn.LSTM's, NaN and Inf included."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from birnn_ext import FusedLSTM
+from helpers import assert_close
+
+T, B, I, H = 9, 5, 4, 6
+LENGTHS = [9, 4, 1, 7, 9]
+
+
+def pair(num_layers, proj_size=0, bias=True, dtype=torch.float64):
+    torch.manual_seed(0)
+    ref = nn.LSTM(I, H, num_layers, bias=bias, bidirectional=True, proj_size=proj_size, dtype=dtype)
+    return ref, FusedLSTM.from_lstm(ref)
+
+
+def last_step(out, lengths):
+    """Each sequence's output at its own last step: [B, 2P]."""
+    if lengths is None:
+        return out[-1]
+    return out[torch.tensor(lengths) - 1, torch.arange(out.shape[1])]
+
+
+# What the loss reads: (out [T, B, 2P], h_n, c_n, lengths) -> a tensor to weight and sum.
+LOSSES = {
+    "last step": lambda out, h, c, n: last_step(out, n),
+    "last step, reverse half": lambda out, h, c, n: last_step(out, n)[:, out.shape[-1] // 2:],
+    "forward half of every step": lambda out, h, c, n: out[..., : out.shape[-1] // 2],
+    "first step only": lambda out, h, c, n: out[0],
+    "h_n of the top layer": lambda out, h, c, n: h[-2:],
+    "c_n only": lambda out, h, c, n: c,
+}
+
+
+def run(module, x, lengths, loss_name, fused):
+    x = x.detach().requires_grad_()
+    if lengths is None:
+        out, (h, c) = module(x)
+    elif fused:
+        out, (h, c) = module(x, lengths=torch.tensor(lengths))
+    else:
+        packed, (h, c) = module(pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False))
+        out, _ = nn.utils.rnn.pad_packed_sequence(packed, total_length=x.shape[0])
+    picked = LOSSES[loss_name](out, h, c, lengths)
+    g = torch.Generator().manual_seed(3)
+    loss = (picked * torch.randn(picked.shape, generator=g, dtype=picked.dtype)).sum()
+    params = [p for _, p in module.named_parameters()]
+    return [loss, *torch.autograd.grad(loss, [x, *params])], ["loss", "grad_input"] + [
+        n for n, _ in module.named_parameters()
+    ]
+
+
+@pytest.mark.parametrize(
+    "loss_name,num_layers,proj_size,with_lengths",
+    list(itertools.product(LOSSES, [1, 2], [0, 3], [False, True])),
+)
+def test_partial_losses_match_nn_lstm(loss_name, num_layers, proj_size, with_lengths):
+    dtype = torch.float64
+    ref, fused = pair(num_layers, proj_size, dtype=dtype)
+    x = torch.randn(T, B, I, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    lengths = LENGTHS if with_lengths else None
+    got, names = run(fused, x, lengths, loss_name, fused=True)
+    want, _ = run(ref, x, lengths, loss_name, fused=False)
+    for name, a, b in zip(names, got, want):
+        assert_close(a, b, dtype, name)
+
+
+def test_the_classifier_of_the_demo_in_float32():
+    """The demo's shape of model, batch-first, the last step into a Linear layer."""
+    torch.manual_seed(0)
+    ref = nn.LSTM(28, 32, 2, batch_first=True, bidirectional=True)
+    fused = FusedLSTM.from_lstm(ref)
+    head = nn.Linear(64, 10)
+    x = torch.rand(16, 28, 28)
+    y = torch.randint(0, 10, (16,))
+    results = []
+    for m in (fused, ref):
+        loss = nn.functional.cross_entropy(head(m(x)[0][:, -1]), y)
+        results.append([loss, *torch.autograd.grad(loss, list(m.parameters()))])
+    for a, b in zip(*results):
+        assert_close(a, b, torch.float32)
+
+
+def assert_same_with_nan(got, want, names):
+    for name, a, b in zip(names, got, want):
+        assert torch.equal(a.isnan(), b.isnan()), f"{name}: NaN pattern differs"
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, equal_nan=True, msg=name)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("proj_size", [0, 3])
+def test_non_finite_input_where_no_gradient_reaches(value, proj_size):
+    """The loss reads only the reverse direction's output at the last step, which does
+    not depend on x[0]; nn.LSTM still multiplies the zero gradients there by x[0] and by
+    the NaN activations of the forward direction, and so must the fused path."""
+    ref, fused = pair(1, proj_size)
+    x = torch.randn(T, B, I, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x[0, 2, 1] = value
+    got, names = run(fused, x, None, "last step, reverse half", fused=True)
+    want, _ = run(ref, x, None, "last step, reverse half", fused=False)
+    assert not got[0].isnan(), "the loss itself stays finite"
+    assert any(g.isnan().any() for g in want[1:]), "nn.LSTM's gradients hold NaN here"
+    assert_same_with_nan(got, want, names)
+
+
+def test_non_finite_weight_in_a_direction_no_gradient_reaches():
+    ref, fused = pair(1)
+    with torch.no_grad():
+        for m in (ref, fused):
+            m.weight_hh_l0[3, 2] = float("nan")  # forward direction only
+    x = torch.randn(T, B, I, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    got, names = run(fused, x, None, "last step, reverse half", fused=True)
+    want, _ = run(ref, x, None, "last step, reverse half", fused=False)
+    assert not got[0].isnan()
+    assert_same_with_nan(got, want, names)
