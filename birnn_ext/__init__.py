@@ -3,6 +3,7 @@ replacements for torch.nn.LSTM and torch.nn.LSTMCell."""
 
 from birnn_ext import ops
 from birnn_ext.modules import FusedBiLSTM, FusedLSTM, FusedLSTMCell
+from birnn_ext.ops import cpu_cache_stats, empty_cpu_cache
 
-__all__ = ["FusedBiLSTM", "FusedLSTM", "FusedLSTMCell", "ops"]
+__all__ = ["FusedBiLSTM", "FusedLSTM", "FusedLSTMCell", "cpu_cache_stats", "empty_cpu_cache", "ops"]
 __version__ = "0.1.0"

@@ -171,6 +171,21 @@ def lstm_cell(
     return h_new, c_new
 
 
+def cpu_cache_stats() -> dict[str, int]:
+    """The pool that the CPU kernels take their large buffers from (activations saved
+    for backward, outputs, gate gradients): bytes kept free for reuse, the limit
+    (BIRNN_EXT_CPU_CACHE_MB, default 1024 MB; 0 turns the pool off), and how many requests
+    were served from kept blocks (hits) or went to the system (misses)."""
+    cached, limit, hits, misses = _ops.cpu_cache_stats()
+    return {"cached_bytes": cached, "limit_bytes": limit, "hits": hits, "misses": misses}
+
+
+def empty_cpu_cache() -> int:
+    """Returns every block the CPU pool keeps to the system; returns the bytes freed.
+    Tensors in use are not affected."""
+    return _ops.empty_cpu_cache()
+
+
 # ---------------------------------------------------------------- autocast
 
 _lib = torch.library.Library("birnn_ext", "IMPL")

@@ -40,4 +40,9 @@ TORCH_LIBRARY(birnn_ext, m) {
       "lstm_cell_backward(Tensor? grad_h_new, Tensor? grad_c_new, Tensor x, Tensor h, Tensor c, "
       "Tensor w_ih, Tensor w_hh, Tensor gates) -> (Tensor grad_x, Tensor grad_h, Tensor grad_c, "
       "Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias)");
+
+  // The CPU buffer pool (csrc/cpu/buffer_pool.h): [cached_bytes, limit_bytes, hits,
+  // misses], and the release of every kept block (returns the bytes freed).
+  m.def("cpu_cache_stats() -> int[]");
+  m.def("empty_cpu_cache() -> int");
 }

@@ -17,6 +17,7 @@
 #include "../layer_checks.h"
 #include "../lstm_cell.h"
 #include "blas.h"
+#include "buffer_pool.h"
 
 namespace birnn {
 namespace {
@@ -485,7 +486,7 @@ void matmul_tn_fixed_order(const at::Tensor& a, const at::Tensor& b, const at::T
   int64_t blocks = std::max<int64_t>(2, (K + kMaxRows - 1) / kMaxRows);
   blocks += blocks % 2;
   const int64_t rows = (K + blocks - 1) / blocks;
-  at::Tensor partial = at::zeros({blocks, M, N}, c.options());
+  at::Tensor partial = pooled_zeros({blocks, M, N}, c.options());
   std::vector<std::array<at::Tensor, 3>> operands;  // views made here, not on the workers
   for (int64_t i = 0; i < blocks; ++i) {
     const int64_t k0 = i * rows, k = std::min(rows, K - k0);
@@ -525,25 +526,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool proj = w_hr_.has_value();
   const at::Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const at::Tensor w_hr = proj ? w_hr_->contiguous() : at::Tensor();
-  const at::Tensor bias = bias_ ? bias_->contiguous() : at::zeros({D, 4 * H}, x.options());
+  const at::Tensor bias = bias_ ? bias_->contiguous() : pooled_zeros({D, 4 * H}, x.options());
   auto opt = x.options();
   auto mopt = opt.dtype(math_dtype(x.scalar_type()));
   const int64_t saved = training ? T_ : 0;
-  at::Tensor y = at::empty({T_, B, D * P}, opt);
+  at::Tensor y = pooled_empty({T_, B, D * P}, opt);
   at::Tensor h = h0.clone(at::MemoryFormat::Contiguous);
   at::Tensor c = c0.to(mopt, /*non_blocking=*/false, /*copy=*/true).contiguous();
   // Rows of x per projection chunk in inference: large enough for an efficient GEMM.
   constexpr int64_t kChunkRows = 256;
   const int64_t chunk = training ? 0 : std::min<int64_t>(T_, std::max<int64_t>(1, kChunkRows / std::max<int64_t>(B, 1)));
-  at::Tensor xg = at::empty({training ? T_ : 0, B, D * 4 * H}, opt);
-  at::Tensor c_prev = at::empty({saved, B, D * H}, mopt);
-  at::Tensor h_prev = at::empty({D, saved, B, P}, opt);
-  at::Tensor h_raw = at::empty({D, proj ? saved : 0, B, H}, opt);
+  at::Tensor xg = pooled_empty({training ? T_ : 0, B, D * 4 * H}, opt);
+  at::Tensor c_prev = pooled_empty({saved, B, D * H}, mopt);
+  at::Tensor h_prev = pooled_empty({D, saved, B, P}, opt);
+  at::Tensor h_raw = pooled_empty({D, proj ? saved : 0, B, H}, opt);
   if (B > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lstm_layer_forward_cpu", [&] {
       using T = scalar_t;
-      at::Tensor rec = at::empty({D, B, 4 * H}, opt);
-      at::Tensor raw_step = at::empty({D, proj ? B : 0, H}, opt), proj_step = at::empty({D, proj ? B : 0, P}, opt);
+      at::Tensor rec = pooled_empty({D, B, 4 * H}, opt);
+      at::Tensor raw_step = pooled_empty({D, proj ? B : 0, H}, opt), proj_step = pooled_empty({D, proj ? B : 0, P}, opt);
       FwdParams<T> p{};
       p.n = n;
       p.len = len.defined() ? len.data_ptr<int64_t>() : nullptr;
@@ -553,8 +554,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         matmul<T>(x.view({T_ * B, I}), w_ih.view({D * 4 * H, I}).t(), xg.view({T_ * B, D * 4 * H}), T(0));
       } else {
         const int64_t tail = T_ % chunk;
-        x_chunk = at::empty({D, chunk * B, I}, opt);
-        xg_chunk = at::empty({D, chunk * B, 4 * H}, opt);
+        x_chunk = pooled_empty({D, chunk * B, I}, opt);
+        xg_chunk = pooled_empty({D, chunk * B, 4 * H}, opt);
         p.chunk = chunk;
         p.x = x.data_ptr<T>();
         for (int64_t d = 0; d < D; ++d) {
@@ -587,7 +588,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       });
     });
   }
-  at::Tensor gates = training ? xg : at::empty({0, B, D * 4 * H}, opt);
+  at::Tensor gates = training ? xg : pooled_empty({0, B, D * 4 * H}, opt);
   return {y, h, c.to(c0.scalar_type()), gates, c_prev, h_prev, h_raw};
 }
 
@@ -608,14 +609,14 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
   const at::Tensor gates = gates_.contiguous(), c_prev = c_prev_.contiguous(), h_prev = h_prev_.contiguous();
   const at::Tensor dy = grad_y ? grad_y->contiguous() : at::Tensor();
   auto opt = x.options();
-  at::Tensor dh = grad_h_n ? grad_h_n->clone(at::MemoryFormat::Contiguous) : at::zeros({D, B, P}, opt);
+  at::Tensor dh = grad_h_n ? grad_h_n->clone(at::MemoryFormat::Contiguous) : pooled_zeros({D, B, P}, opt);
   auto mopt = opt.dtype(math_dtype(x.scalar_type()));
-  at::Tensor dc = grad_c_n ? grad_c_n->to(mopt, false, true).contiguous() : at::zeros({D, B, H}, mopt);
-  at::Tensor dx = at::empty({T_, B, I}, opt);
-  at::Tensor dw_ih = at::empty({D, 4 * H, I}, opt);
-  at::Tensor dw_hh = at::empty({D, 4 * H, P}, opt);
-  at::Tensor dbias = at::empty({D, 4 * H}, opt);
-  at::Tensor dw_hr = at::empty({proj ? D : 0, P, H}, opt);
+  at::Tensor dc = grad_c_n ? grad_c_n->to(mopt, false, true).contiguous() : pooled_zeros({D, B, H}, mopt);
+  at::Tensor dx = pooled_empty({T_, B, I}, opt);
+  at::Tensor dw_ih = pooled_empty({D, 4 * H, I}, opt);
+  at::Tensor dw_hh = pooled_empty({D, 4 * H, P}, opt);
+  at::Tensor dbias = pooled_empty({D, 4 * H}, opt);
+  at::Tensor dw_hr = pooled_empty({proj ? D : 0, P, H}, opt);
   if (B == 0) {
     dw_ih.zero_(), dw_hh.zero_(), dbias.zero_(), dw_hr.zero_();
     return {dx, dh, dc.to(x.scalar_type()), dw_ih, dw_hh, dbias, dw_hr};
@@ -623,10 +624,10 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lstm_layer_backward_cpu", [&] {
     using T = scalar_t;
     const int64_t G = 4 * H, rows = T_ * B;
-    at::Tensor dg = at::empty({D, rows, G}, opt);
-    at::Tensor dg_step = at::empty({D, B, G}, opt);
-    at::Tensor dh_proj_saved = at::empty({D, proj ? rows : 0, P}, opt);
-    at::Tensor dh_proj = at::empty({D, proj ? B : 0, P}, opt), dh_raw = at::empty({D, proj ? B : 0, H}, opt);
+    at::Tensor dg = pooled_empty({D, rows, G}, opt);
+    at::Tensor dg_step = pooled_empty({D, B, G}, opt);
+    at::Tensor dh_proj_saved = pooled_empty({D, proj ? rows : 0, P}, opt);
+    at::Tensor dh_proj = pooled_empty({D, proj ? B : 0, P}, opt), dh_raw = pooled_empty({D, proj ? B : 0, H}, opt);
     BwdParams<T> p{};
     p.n = n;
     p.len = len.defined() ? len.data_ptr<int64_t>() : nullptr;
@@ -690,13 +691,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_cpu(const at::T
                                                                      bool training) {
   const auto [B, I, H] = check_cell("lstm_cell_forward", x_, h_, c, w_ih_, w_hh_, bias_);
   const at::Tensor x = x_.contiguous(), h = h_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
-  const at::Tensor bias = bias_ ? bias_->contiguous() : at::zeros({4 * H}, x.options());
-  at::Tensor pre = at::empty({B, 4 * H}, x.options());
-  at::Tensor h_new = at::empty({B, H}, x.options());
+  const at::Tensor bias = bias_ ? bias_->contiguous() : pooled_zeros({4 * H}, x.options());
+  at::Tensor pre = pooled_empty({B, 4 * H}, x.options());
+  at::Tensor h_new = pooled_empty({B, H}, x.options());
   at::Tensor c_new = c.to(x.options().dtype(math_dtype(x.scalar_type())), false, true).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lstm_cell_cpu", [&] {
     using T = scalar_t;
-    at::Tensor rec = at::empty({B, 4 * H}, x.options());
+    at::Tensor rec = pooled_empty({B, 4 * H}, x.options());
     matmul<T>(x, w_ih.t(), pre, T(0));
     matmul<T>(h, w_hh.t(), rec, T(0));
     for (int64_t b = 0; b < B; ++b) {
@@ -708,7 +709,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_cpu(const at::T
                : cell_forward_row<T, false>(H, g, r, bias.data_ptr<T>(), cb, hb);
     }
   });
-  return {h_new, c_new.to(c.scalar_type()), training ? pre : at::empty({0, 4 * H}, x.options())};
+  return {h_new, c_new.to(c.scalar_type()), training ? pre : pooled_empty({0, 4 * H}, x.options())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cell_backward_cpu(
@@ -720,15 +721,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor c = c_.to(math_dtype(x_.scalar_type())).contiguous();
   const at::Tensor w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous(), gates = gates_.contiguous();
   auto opt = x.options();
-  at::Tensor dh = grad_h_new ? grad_h_new->clone(at::MemoryFormat::Contiguous) : at::zeros({B, H}, opt);
+  at::Tensor dh = grad_h_new ? grad_h_new->clone(at::MemoryFormat::Contiguous) : pooled_zeros({B, H}, opt);
   auto mopt = opt.dtype(math_dtype(x.scalar_type()));
-  at::Tensor dc = grad_c_new ? grad_c_new->to(mopt, false, true).contiguous() : at::zeros({B, H}, mopt);
-  at::Tensor dg = at::empty({B, 4 * H}, opt);
-  at::Tensor dx = at::empty({B, I}, opt), dw_ih = at::empty({4 * H, I}, opt), dw_hh = at::empty({4 * H, H}, opt);
-  at::Tensor dbias = at::empty({4 * H}, opt);
+  at::Tensor dc = grad_c_new ? grad_c_new->to(mopt, false, true).contiguous() : pooled_zeros({B, H}, mopt);
+  at::Tensor dg = pooled_empty({B, 4 * H}, opt);
+  at::Tensor dx = pooled_empty({B, I}, opt), dw_ih = pooled_empty({4 * H, I}, opt), dw_hh = pooled_empty({4 * H, H}, opt);
+  at::Tensor dbias = pooled_empty({4 * H}, opt);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lstm_cell_cpu", [&] {
     using T = scalar_t;
-    at::Tensor scratch = at::empty({4 * H}, opt);  // the row kernel's per-step copy of dg, unused here
+    at::Tensor scratch = pooled_empty({4 * H}, opt);  // the row kernel's per-step copy of dg, unused here
     for (int64_t b = 0; b < B; ++b)
       cell_backward_row<T>(H, gates.data_ptr<T>() + b * 4 * H, c.data_ptr<math_t<T>>() + b * H, nullptr,
                            dh.data_ptr<T>() + b * H, dc.data_ptr<math_t<T>>() + b * H, dg.data_ptr<T>() + b * 4 * H,
