@@ -7,10 +7,13 @@
 // Storage float32, float64 or bfloat16; the math and the cell state in math_t.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <array>
+#include <atomic>
+#include <thread>
 #include <cstring>
 #include <vector>
 
@@ -324,6 +327,49 @@ void forward_direction(const FwdParams<T>& p, int64_t d) {
   }
 }
 
+// The rows of one direction's dg, cut into blocks for the weight-gradient GEMMs. The cut
+// depends on the row range alone, so each block's product, and the order in which the
+// blocks are summed, are the same for any thread count: the same bits come out.
+struct RowBlocks {
+  static constexpr int64_t kMinRows = 512, kMaxBlocks = 16;
+  int64_t begin = 0, end = 0, size = 1, count = 0;
+  static RowBlocks over(int64_t begin, int64_t end) {
+    RowBlocks r;
+    r.begin = begin;
+    r.end = std::max(begin, end);
+    const int64_t K = r.end - r.begin;
+    if (K == 0) return r;
+    r.size = std::max(kMinRows, (K + kMaxBlocks - 1) / kMaxBlocks);
+    r.count = (K + r.size - 1) / r.size;
+    return r;
+  }
+  static int64_t max_count(int64_t rows) { return std::min(kMaxBlocks, (rows + kMinRows - 1) / kMinRows); }
+  int64_t first(int64_t i) const { return begin + i * size; }
+  int64_t last(int64_t i) const { return std::min(end, first(i) + size); }  // one past
+};
+
+// What the threads of one layer backward share. Each direction's sweep publishes its
+// row blocks once it knows which rows it will write (at its first live step), then how
+// far it has come; every thread whose own sweep is done takes the blocks whose dg rows
+// are final. So the weight gradients of a direction are computed while its sweep still
+// runs, on a core that would otherwise wait: in a many-to-one model's top layer, the
+// reverse direction has almost nothing to sweep.
+struct BlockWork {
+  struct Direction {
+    std::atomic<bool> planned{false};  // blocks and dx_here are set
+    std::atomic<int64_t> progress{0};  // every sweep step >= progress is done
+    RowBlocks blocks;
+    bool dx_here = false;  // the blocks also write their rows of dx (first direction, every row live)
+    std::array<std::atomic<bool>, RowBlocks::kMaxBlocks> taken;
+  };
+  std::array<Direction, 2> dir;
+  std::atomic<bool> failed{false};  // a worker threw: the others stop waiting for it
+  BlockWork() {
+    for (auto& d : dir)
+      for (auto& t : d.taken) t.store(false, std::memory_order_relaxed);
+  }
+};
+
 template <typename T>
 struct BwdParams {
   LayerDims n;
@@ -347,9 +393,7 @@ struct BwdParams {
   const T* h_prev;                    // [D,T,B,P]
   const T* h_raw;                     // [D,T,B,H] with a projection, else nullptr
   const T* w_ih;                      // [D,4H,I]
-  // Out: per direction the rows [begin, end) of dg (and dh_proj_saved) that the
-  // after-sweep GEMMs read; every row outside is zero and left unwritten.
-  std::array<int64_t, 2>* rows;       // [D]
+  BlockWork* work;                    // shared with the threads that take the weight-gradient blocks
 };
 
 // A step of the backward sweep whose gradients are all zero: the carried dh and dc
@@ -371,6 +415,47 @@ bool step_has_zero_grads(const BwdParams<T>& p, int64_t d, int64_t s) {
 }
 
 
+// Called by a direction's sweep at its first live step (or at its end, when every step
+// was skipped): steps past last_live will never be written. Decides the rows the
+// weight-gradient GEMMs read, zeroes the skipped rows among them, and publishes the
+// blocks.
+template <typename T>
+void plan_blocks(const BwdParams<T>& p, int64_t d, int64_t last_live) {
+  const auto [T_, B, I, H, P, D] = p.n;
+  const int64_t G = 4 * H;
+  const bool proj = p.w_hr[d].defined();
+  // The times [t0, t1) that hold every row a live step wrote; dead rows inside are
+  // zeroed below. (time_index maps steps to times, and times back to steps.)
+  auto length = [&](int64_t b) { return p.len ? p.len[b] : T_; };
+  int64_t t0 = T_, t1 = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t s = 0; s <= last_live; ++s) {
+      const int64_t t = time_index(int(d), s, length(b));
+      t0 = std::min(t0, t), t1 = std::max(t1, t + 1);
+    }
+  // Rows outside [t0, t1) are left out of the GEMMs. nn.LSTM multiplies their zero dg
+  // by x, h_prev (and h_raw): where one of those is not finite, the product is NaN, so
+  // the GEMMs then read every row.
+  auto outside_finite = [&](const T* m, int64_t width) {
+    return all_finite(m, t0 >= t1 ? T_ * B * width : t0 * B * width) &&
+           (t0 >= t1 || all_finite(m + t1 * B * width, (T_ - t1) * B * width));
+  };
+  if (!outside_finite(p.x, I) || !outside_finite(p.h_prev + d * T_ * B * P, P) ||
+      (proj && !outside_finite(p.h_raw + d * T_ * B * H, H)))
+    t0 = 0, t1 = T_;
+  for (int64_t t = t0; t < t1; ++t)
+    for (int64_t b = 0; b < B; ++b) {
+      if (time_index(int(d), t, length(b)) <= last_live) continue;
+      std::memset(p.dg + (d * T_ * B + t * B + b) * G, 0, G * sizeof(T));
+      if (proj) std::memset(p.dh_proj_saved + (d * T_ * B + t * B + b) * P, 0, P * sizeof(T));
+    }
+  BlockWork::Direction& work = p.work->dir[d];
+  work.blocks = t0 < t1 ? RowBlocks::over(t0 * B, t1 * B) : RowBlocks::over(0, 0);
+  work.dx_here = d == 0 && t0 == 0 && t1 == T_;
+  work.progress.store(last_live + 1, std::memory_order_relaxed);
+  work.planned.store(true, std::memory_order_release);
+}
+
 template <typename T>
 void backward_direction(const BwdParams<T>& p, int64_t d) {
   const auto [T_, B, I, H, P, D] = p.n;
@@ -391,6 +476,7 @@ void backward_direction(const BwdParams<T>& p, int64_t d) {
                       all_finite(p.w_hh[d].template data_ptr<T>(), G * P) &&
                       (!proj || all_finite(p.w_hr[d].template data_ptr<T>(), P * H));
   int64_t last_live = T_ - 1;  // steps past it were skipped
+  BlockWork::Direction& work = p.work->dir[d];
   for (int64_t s = T_ - 1; s >= 0; --s) {
     if (zeros_so_far) {
       if (step_has_zero_grads(p, d, s)) {
@@ -399,6 +485,7 @@ void backward_direction(const BwdParams<T>& p, int64_t d) {
       }
       zeros_so_far = false;
     }
+    if (!work.planned.load(std::memory_order_relaxed)) plan_blocks(p, d, last_live);
     if (proj) {
       // The total gradient of this step's h (carried + output), then through W_hr.
       for (int64_t b = 0; b < B; ++b) {
@@ -436,6 +523,7 @@ void backward_direction(const BwdParams<T>& p, int64_t d) {
         cell_backward_row<T>(H, gates, c_prev, p.dy ? p.dy + row * D * H + d * H : nullptr, dh + b * H, dc + b * H,
                              dg, dg_step + b * G);
     }
+    work.progress.store(s, std::memory_order_release);  // this step's dg rows are final
     // dh_{t-1} = dg W_hh for the sequences that stepped; padded rows of dg_step are
     // zero, so their carried gradient is left as it was.
     matmul<T>(p.dg_step[d], p.w_hh[d], p.dh[d], T(1));
@@ -445,32 +533,7 @@ void backward_direction(const BwdParams<T>& p, int64_t d) {
   }
   for (int64_t k = 0; k < G; ++k) p.dbias[d * G + k] = T(dbias[k]);
 
-  // The times [t0, t1) that hold every row a live step wrote; dead rows inside are
-  // zeroed below. (time_index maps steps to times, and times back to steps.)
-  auto length = [&](int64_t b) { return p.len ? p.len[b] : T_; };
-  int64_t t0 = T_, t1 = 0;
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t s = 0; s <= last_live; ++s) {
-      const int64_t t = time_index(int(d), s, length(b));
-      t0 = std::min(t0, t), t1 = std::max(t1, t + 1);
-    }
-  // Rows outside [t0, t1) are left out of the GEMMs. nn.LSTM multiplies their zero dg
-  // by x, h_prev (and h_raw): where one of those is not finite, the product is NaN, so
-  // the GEMMs then read every row.
-  auto outside_finite = [&](const T* m, int64_t width) {
-    return all_finite(m, t0 >= t1 ? T_ * B * width : t0 * B * width) &&
-           (t0 >= t1 || all_finite(m + t1 * B * width, (T_ - t1) * B * width));
-  };
-  if (!outside_finite(p.x, I) || !outside_finite(p.h_prev + d * T_ * B * P, P) ||
-      (proj && !outside_finite(p.h_raw + d * T_ * B * H, H)))
-    t0 = 0, t1 = T_;
-  for (int64_t t = t0; t < t1; ++t)
-    for (int64_t b = 0; b < B; ++b) {
-      if (time_index(int(d), t, length(b)) <= last_live) continue;
-      std::memset(p.dg + (d * T_ * B + t * B + b) * G, 0, G * sizeof(T));
-      if (proj) std::memset(p.dh_proj_saved + (d * T_ * B + t * B + b) * P, 0, P * sizeof(T));
-    }
-  p.rows[d] = t0 < t1 ? std::array<int64_t, 2>{t0 * B, t1 * B} : std::array<int64_t, 2>{0, 0};
+  if (!work.planned.load(std::memory_order_relaxed)) plan_blocks(p, d, last_live);  // every step was skipped
 }
 
 // c[M,N] = a[K,M]^T b[K,N] (a, b contiguous), summed over the K rows in blocks fixed by K
@@ -652,33 +715,102 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
     p.h_prev = h_prev.data_ptr<T>();
     p.h_raw = proj ? h_raw.data_ptr<T>() : nullptr;
     p.w_ih = w_ih.data_ptr<T>();
-    std::array<std::array<int64_t, 2>, 2> live_rows{};
-    p.rows = live_rows.data();
-    for_each_direction(D, [&](int64_t d) { backward_direction<T>(p, d); });
-    // What does not recur is done for all steps at once, in a few large GEMMs, per
-    // direction so that every operand is contiguous or a plain transpose, over the rows
-    // where the direction's dg is not known to be zero.
+    BlockWork work;
+    p.work = &work;
+    // Per direction and block, the block's share of dW_ih, dW_hh (and dW_hr).
+    const int64_t max_blocks = RowBlocks::max_count(rows);
+    at::Tensor part_ih = pooled_empty({D, max_blocks, G, I}, opt), part_hh = pooled_empty({D, max_blocks, G, P}, opt);
+    at::Tensor part_hr = pooled_empty({D, proj ? max_blocks : 0, P, H}, opt);
     const at::Tensor x2 = x.view({rows, I}), dx2 = dx.view({rows, I}), h_prev2 = h_prev.view({D, rows, P});
-    // dx = the sum over directions of dg[d] W_ih[d]. A direction whose rows cover all
-    // of dx goes first and overwrites it; without one, dx starts from zero.
-    std::vector<int64_t> order;
-    for (int64_t d = 0; d < D; ++d)
-      if (live_rows[d][0] == 0 && live_rows[d][1] == rows) order.insert(order.begin(), d);
-      else order.push_back(d);
-    const bool overwrite = live_rows[order[0]][0] == 0 && live_rows[order[0]][1] == rows;
-    if (!overwrite) dx.zero_();
-    for (const int64_t d : order) {
-      const int64_t r0 = live_rows[d][0], k = live_rows[d][1] - live_rows[d][0];
-      matmul<T>(dg[d].narrow(0, r0, k), w_ih[d], dx2.narrow(0, r0, k), T(overwrite && d == order[0] ? 0 : 1));
-    }
-    for (int64_t d = 0; d < D; ++d) {
-      const int64_t r0 = live_rows[d][0], k = live_rows[d][1] - live_rows[d][0];
-      const at::Tensor dg_live = dg[d].narrow(0, r0, k);
-      matmul_tn_fixed_order<T>(dg_live, x2.narrow(0, r0, k), dw_ih[d]);
-      matmul_tn_fixed_order<T>(dg_live, h_prev2[d].narrow(0, r0, k), dw_hh[d]);
-      if (proj)
-        matmul_tn_fixed_order<T>(dh_proj_saved[d].narrow(0, r0, k), h_raw.view({D, rows, H})[d].narrow(0, r0, k),
-                                 dw_hr[d]);
+    const at::Tensor h_raw2 = proj ? h_raw.view({D, rows, H}) : at::Tensor();
+
+    auto run_block = [&](int64_t d, int64_t i) {
+      const BlockWork::Direction& w = work.dir[d];
+      const int64_t r0 = w.blocks.first(i), k = w.blocks.last(i) - r0;
+      const at::Tensor dg_rows = dg[d].narrow(0, r0, k);
+      matmul<T>(dg_rows.t(), x2.narrow(0, r0, k), part_ih[d][i], T(0));
+      matmul<T>(dg_rows.t(), h_prev2[d].narrow(0, r0, k), part_hh[d][i], T(0));
+      if (proj) matmul<T>(dh_proj_saved[d].narrow(0, r0, k).t(), h_raw2[d].narrow(0, r0, k), part_hr[d][i], T(0));
+      if (w.dx_here) matmul<T>(dg_rows, w_ih[d], dx2.narrow(0, r0, k), T(0));
+    };
+    // A block is ready once the sweep has written all of its rows. The forward direction
+    // writes time s at step s; the reverse one time T-1-s, or, with lengths, a time that
+    // differs per sequence: its blocks wait for the end of the sweep.
+    auto ready = [&](int64_t d, int64_t i) {
+      const BlockWork::Direction& w = work.dir[d];
+      const int64_t done = w.progress.load(std::memory_order_acquire);
+      if (done == 0) return true;
+      if (d == 1 && p.len) return false;
+      const int64_t t_first = w.blocks.first(i) / B, t_last = (w.blocks.last(i) - 1) / B;
+      return d == 0 ? t_first >= done : T_ - 1 - t_last >= done;
+    };
+    // Takes ready blocks until every direction has published its blocks and all are taken.
+    auto take_blocks = [&]() {
+      while (!work.failed.load(std::memory_order_relaxed)) {
+        bool left = false, ran = false;
+        for (int64_t d = 0; d < D; ++d) {
+          BlockWork::Direction& w = work.dir[d];
+          if (!w.planned.load(std::memory_order_acquire)) {
+            left = true;
+            continue;
+          }
+          for (int64_t i = 0; i < w.blocks.count; ++i) {
+            if (w.taken[i].load(std::memory_order_relaxed)) continue;
+            if (!ready(d, i) || w.taken[i].exchange(true, std::memory_order_acq_rel)) {
+              left = true;
+              continue;
+            }
+            run_block(d, i);
+            ran = true;
+          }
+        }
+        if (!left) return;
+        if (!ran) std::this_thread::yield();
+      }
+    };
+    // One worker per direction sweeps it, then takes blocks; further threads only take
+    // blocks. A thread given several workers (a single thread, or a nested call) runs
+    // all its sweeps first, so it never waits on a sweep queued behind it.
+    const int64_t workers = std::max<int64_t>(D, std::min<int64_t>(at::get_num_threads(), D * (1 + max_blocks)));
+    const at::ThreadLocalState caller_state;  // views are made on the workers: give them the caller's state
+    at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+      at::ThreadLocalStateGuard guard(caller_state);
+      try {
+        for (int64_t w = w0; w < std::min(w1, D); ++w) backward_direction<T>(p, w);
+        take_blocks();
+      } catch (...) {
+        work.failed.store(true);
+        throw;  // at::parallel_for rethrows it on the caller
+      }
+    });
+
+    // dW = the blocks' shares summed in block order.
+    auto sum_blocks = [&](const at::Tensor& parts, const at::Tensor& out) {
+      for (int64_t d = 0; d < D; ++d) {
+        const int64_t count = work.dir[d].blocks.count, n = out[d].numel();
+        const T* src = parts[d].template data_ptr<T>();
+        T* dst = out[d].template data_ptr<T>();
+        at::parallel_for(0, n, 4096, [&](int64_t e0, int64_t e1) {
+          for (int64_t e = e0; e < e1; ++e) {
+            math_t<T> acc = 0;
+            for (int64_t i = 0; i < count; ++i) acc += math_t<T>(src[i * n + e]);
+            dst[e] = T(acc);
+          }
+        });
+      }
+    };
+    sum_blocks(part_ih, dw_ih);
+    sum_blocks(part_hh, dw_hh);
+    if (proj) sum_blocks(part_hr, dw_hr);
+    // dx = the sum over directions of dg[d] W_ih[d]. The forward direction's blocks wrote
+    // their rows when every row was live; the rest is added here, over each direction's
+    // rows, onto zeros when the blocks did not write them all.
+    const bool dx_written = work.dir[0].dx_here;
+    if (!dx_written) dx.zero_();
+    for (int64_t d = dx_written ? 1 : 0; d < D; ++d) {
+      const RowBlocks& r = work.dir[d].blocks;
+      const int64_t k = r.end - r.begin;
+      matmul<T>(dg[d].narrow(0, r.begin, k), w_ih[d], dx2.narrow(0, r.begin, k), T(1));
     }
   });
   return {dx, dh, dc.to(x.scalar_type()), dw_ih, dw_hh, dbias, dw_hr};
