@@ -179,6 +179,11 @@ void add_row(int64_t n, const T* __restrict__ row, math_t<T>* __restrict__ acc) 
   for (int64_t k = 0; k < n; ++k) acc[k] += load(row[k]);
 }
 
+// t itself when contiguous, else a contiguous copy in pooled memory.
+at::Tensor contiguous(const at::Tensor& t) {
+  return t.is_contiguous() ? t : pooled_empty(t.sizes(), t.options()).copy_(t);
+}
+
 // Bit tests over storage values, in integer operations so that the loops vectorize.
 template <typename T>
 struct Bits;
@@ -587,7 +592,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor len = checked_lengths("lstm_layer_forward", lengths, n.T, n.B);
   const auto [T_, B, I, H, P, D] = n;
   const bool proj = w_hr_.has_value();
-  const at::Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const at::Tensor x = contiguous(x_), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const at::Tensor w_hr = proj ? w_hr_->contiguous() : at::Tensor();
   const at::Tensor bias = bias_ ? bias_->contiguous() : pooled_zeros({D, 4 * H}, x.options());
   auto opt = x.options();
@@ -667,10 +672,11 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
   const bool proj = w_hr_.has_value();
   const at::Tensor len = checked_lengths("lstm_layer_backward", lengths, T_, B);
 
-  const at::Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
-  const at::Tensor w_hr = proj ? w_hr_->contiguous() : at::Tensor(), h_raw = proj ? h_raw_.contiguous() : at::Tensor();
-  const at::Tensor gates = gates_.contiguous(), c_prev = c_prev_.contiguous(), h_prev = h_prev_.contiguous();
-  const at::Tensor dy = grad_y ? grad_y->contiguous() : at::Tensor();
+  const at::Tensor x = contiguous(x_), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const at::Tensor w_hr = proj ? w_hr_->contiguous() : at::Tensor(), h_raw = proj ? contiguous(h_raw_) : at::Tensor();
+  const at::Tensor gates = contiguous(gates_), c_prev = contiguous(c_prev_), h_prev = contiguous(h_prev_);
+  // grad_y is often a view (a transpose for batch_first, a gradient scattered into zeros).
+  const at::Tensor dy = grad_y ? contiguous(*grad_y) : at::Tensor();
   auto opt = x.options();
   at::Tensor dh = grad_h_n ? grad_h_n->clone(at::MemoryFormat::Contiguous) : pooled_zeros({D, B, P}, opt);
   auto mopt = opt.dtype(math_dtype(x.scalar_type()));
