@@ -133,7 +133,7 @@ def plot(results, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
