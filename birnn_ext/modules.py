@@ -118,11 +118,6 @@ class FusedLSTM(nn.Module):
         self._shapes = self._expected_shapes()
         self.reset_parameters()
 
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state.pop("_stacked", None)  # a cache of copies of the weights: not part of the module
-        return state
-
     @property
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
@@ -346,29 +341,20 @@ class FusedLSTM(nn.Module):
         """The directions of one layer stacked as the layer op takes them: w_ih [D,4H,I],
         w_hh [D,4H,P], bias [D,4H] = b_ih + b_hh or None, w_hr [D,P,H] or None.
 
-        Where no gradient is needed, the stacked copies are kept and reused until a
-        parameter is replaced or changed in place (its version counter moves): at small
-        batch, stacking costs as much as a quarter of an inference call."""
+        Stacked on every call, never cached: a parameter changed through .data (EMA
+        updates, hand-written optimizers) keeps its version counter, so no cache key could
+        tell that a kept copy had gone stale."""
         D = self.num_directions
         params = [[getattr(self, n) for n in d] for d in self._all_weights[layer * D : (layer + 1) * D]]
-        flat = [p for d in params for p in d]
-        cacheable = not torch.compiler.is_compiling() and not (
-            torch.is_grad_enabled() and any(p.requires_grad for p in flat)
-        )
-        if cacheable:
-            key = tuple((id(p), p._version) for p in flat)
-            cache = self.__dict__.setdefault("_stacked", {})
-            hit = cache.get(layer)
-            if hit is not None and hit[0] == key:
-                return hit[1]
+        if D == 1:  # a view, no copy
+            p = params[0]
+            return (p[0].unsqueeze(0), p[1].unsqueeze(0), (p[2] + p[3]).unsqueeze(0) if self.bias else None,
+                    p[-1].unsqueeze(0) if self.proj_size > 0 else None)
         w_ih = torch.stack([p[0] for p in params])
         w_hh = torch.stack([p[1] for p in params])
         bias = torch.stack([p[2] + p[3] for p in params]) if self.bias else None
         w_hr = torch.stack([p[-1] for p in params]) if self.proj_size > 0 else None
-        stacked = (w_ih, w_hh, bias, w_hr)
-        if cacheable:
-            cache[layer] = (key, stacked)
-        return stacked
+        return w_ih, w_hh, bias, w_hr
 
 
 class FusedBiLSTM(FusedLSTM):
