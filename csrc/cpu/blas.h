@@ -18,6 +18,9 @@
 #include <limits>
 #include <type_traits>
 
+#include "buffer_pool.h"
+#include "small_gemm.h"
+
 extern "C" {
 void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
             const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
@@ -114,6 +117,43 @@ void matmul(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, at::o
   layout(b, tb, ldb);
   gemm<T>(ta, tb, M, N, K, T(1), a.data_ptr<T>(), lda, b.data_ptr<T>(), ldb, beta, c.data_ptr<T>(), N);
   }
+}
+
+// A weight matrix B [K,N] made ready for a sweep's step products c = a B: packed for
+// small_gemm (float32) when the sweep multiplies enough rows by it to repay the packing,
+// kept as a view for matmul otherwise. Made once per call, used every step.
+struct StepWeight {
+  // Rows (steps x batch) below which packing costs more than it saves: at batch 1, the
+  // BLAS product reads the weights in place, and a short sweep does not repay a copy.
+  static constexpr int64_t kMinRowsToPack = 256;
+  at::Tensor view;    // [K,N], for matmul
+  at::Tensor packed;  // small_gemm's panels, or undefined
+  int64_t K = 0, N = 0;
+
+  static StepWeight of(const at::Tensor& b, int64_t rows) {
+    StepWeight w;
+    w.view = b;
+    w.K = b.size(0), w.N = b.size(1);
+    if (b.scalar_type() == at::kFloat && rows >= kMinRowsToPack) {
+      w.packed = pooled_empty({small_gemm_packed_size(w.K, w.N)}, b.options());
+      small_gemm_pack(w.K, w.N, b.data_ptr<float>(), b.stride(0), b.stride(1), w.packed.data_ptr<float>());
+    }
+    return w;
+  }
+};
+
+// c[M,N] = a[M,K] B + beta c: one step's product.
+template <typename T>
+void step_product(const at::Tensor& a, const StepWeight& w, const at::Tensor& c, at::opmath_type<T> beta) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (w.packed.defined()) {
+      TORCH_INTERNAL_ASSERT(c.is_contiguous());
+      small_gemm(a.size(0), w.N, w.K, a.data_ptr<float>(), a.stride(0), a.stride(1), w.packed.data_ptr<float>(), beta,
+                 c.data_ptr<float>(), w.N);
+      return;
+    }
+  }
+  matmul<T>(a, w.view, c, beta);
 }
 
 }  // namespace birnn

@@ -251,8 +251,8 @@ struct FwdParams {
   const int64_t* len;  // [B] or nullptr: every sequence has T steps
   // Per-direction GEMM operands, made on the calling thread: OpenMP workers do not
   // carry its autograd state, so no view is created inside the parallel region.
-  std::array<at::Tensor, 2> w_hh_t;  // [P,4H] = W_hh[d]^T
-  std::array<at::Tensor, 2> w_hr_t;  // [H,P] = W_hr[d]^T, undefined without a projection
+  std::array<StepWeight, 2> w_hh_t;  // [P,4H] = W_hh[d]^T
+  std::array<StepWeight, 2> w_hr_t;  // [H,P] = W_hr[d]^T, empty without a projection
   std::array<at::Tensor, 2> h;       // [B,P] h0 on entry, h_n on exit
   std::array<at::Tensor, 2> rec;     // [B,4H] scratch: h W_hh^T of one step
   std::array<at::Tensor, 2> h_raw;   // [B,H] scratch with a projection: o * tanh(c) of one step
@@ -265,7 +265,7 @@ struct FwdParams {
   // fresh from the OS and page-faulted in on every call).
   int64_t chunk = 0;
   const T* x = nullptr;                   // [T,B,I]
-  std::array<at::Tensor, 2> w_ih_t;       // [I,4H] = W_ih[d]^T
+  std::array<StepWeight, 2> w_ih_t;       // [I,4H] = W_ih[d]^T
   std::array<at::Tensor, 2> x_chunk;      // [chunk*B, I] the rows of x this direction reads next
   std::array<at::Tensor, 2> xg_chunk;     // [chunk*B, 4H]
   std::array<at::Tensor, 2> x_tail;       // the same two for the last, shorter chunk
@@ -281,7 +281,7 @@ template <typename T, bool Training>
 void forward_direction(const FwdParams<T>& p, int64_t d) {
   const auto [T_, B, I, H, P, D] = p.n;
   const int64_t G = 4 * H;
-  const bool proj = p.w_hr_t[d].defined();
+  const bool proj = p.w_hr_t[d].view.defined();
   const T* bias = p.bias + d * G;
   T* h = p.h[d].template data_ptr<T>();
   math_t<T>* c = p.c + d * B * H;
@@ -297,9 +297,9 @@ void forward_direction(const FwdParams<T>& p, int64_t d) {
       T* xc = p.x_chunk[d].template data_ptr<T>();
       for (int64_t k = 0; k < steps; ++k)
         for (int64_t b = 0; b < B; ++b) std::memcpy(xc + (k * B + b) * I, p.x + row_of(s + k, b) * I, I * sizeof(T));
-      matmul<T>(tail ? p.x_tail[d] : p.x_chunk[d], p.w_ih_t[d], tail ? p.xg_tail[d] : p.xg_chunk[d], T(0));
+      step_product<T>(tail ? p.x_tail[d] : p.x_chunk[d], p.w_ih_t[d], tail ? p.xg_tail[d] : p.xg_chunk[d], T(0));
     }
-    matmul<T>(p.h[d], p.w_hh_t[d], p.rec[d], T(0));
+    step_product<T>(p.h[d], p.w_hh_t[d], p.rec[d], T(0));
     for (int64_t b = 0; b < B; ++b) {
       const int64_t row = row_of(s, b);
       const bool active = s < (p.len ? p.len[b] : T_);
@@ -321,7 +321,7 @@ void forward_direction(const FwdParams<T>& p, int64_t d) {
     }
     if (!proj) continue;
     // h = (o * tanh(c)) W_hr^T for the whole step, then out to the state and y.
-    matmul<T>(p.h_raw[d], p.w_hr_t[d], p.h_proj[d], T(0));
+    step_product<T>(p.h_raw[d], p.w_hr_t[d], p.h_proj[d], T(0));
     for (int64_t b = 0; b < B; ++b) {
       const int64_t row = row_of(s, b);
       if (Training) std::memcpy(p.h_raw_saved + (d * T_ * B + row) * H, h_raw + b * H, H * sizeof(T));
@@ -381,6 +381,7 @@ struct BwdParams {
   const int64_t* len;                 // [B] or nullptr
   std::array<at::Tensor, 2> w_hh;     // [4H,P] per direction
   std::array<at::Tensor, 2> w_hr;     // [P,H] per direction, undefined without a projection
+  std::array<StepWeight, 2> w_hh_step, w_hr_step;  // the same, ready for the step products
   std::array<at::Tensor, 2> dh;       // [B,P] grad of h_n on entry, of h0 on exit
   std::array<at::Tensor, 2> dg_step;  // [B,4H] scratch: dg of one step, for the recurrent GEMM
   std::array<at::Tensor, 2> dh_proj;  // [B,P] scratch with a projection: total grad of h at one step
@@ -509,7 +510,7 @@ void backward_direction(const BwdParams<T>& p, int64_t d) {
         }
         std::memcpy(out, dh_proj + b * P, P * sizeof(T));
       }
-      matmul<T>(p.dh_proj[d], p.w_hr[d], p.dh_raw[d], T(0));
+      step_product<T>(p.dh_proj[d], p.w_hr_step[d], p.dh_raw[d], T(0));
     }
     for (int64_t b = 0; b < B; ++b) {
       const int64_t L = p.len ? p.len[b] : T_;
@@ -531,7 +532,7 @@ void backward_direction(const BwdParams<T>& p, int64_t d) {
     work.progress.store(s, std::memory_order_release);  // this step's dg rows are final
     // dh_{t-1} = dg W_hh for the sequences that stepped; padded rows of dg_step are
     // zero, so their carried gradient is left as it was.
-    matmul<T>(p.dg_step[d], p.w_hh[d], p.dh[d], T(1));
+    step_product<T>(p.dg_step[d], p.w_hh_step[d], p.dh[d], T(1));
     // The bias gradient, while the step's rows are in cache: in a fixed order (steps
     // descending, rows ascending), so the same bits for any thread count.
     for (int64_t b = 0; b < B; ++b) add_row(G, dg_step + b * G, dbias.data());
@@ -627,7 +628,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         p.chunk = chunk;
         p.x = x.data_ptr<T>();
         for (int64_t d = 0; d < D; ++d) {
-          p.w_ih_t[d] = w_ih[d].t();
+          p.w_ih_t[d] = StepWeight::of(w_ih[d].t(), T_ * B);
           p.x_chunk[d] = x_chunk[d];
           p.xg_chunk[d] = xg_chunk[d];
           p.x_tail[d] = x_chunk[d].narrow(0, 0, tail * B);
@@ -635,11 +636,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         }
       }
       for (int64_t d = 0; d < D; ++d) {
-        p.w_hh_t[d] = w_hh[d].t();
+        p.w_hh_t[d] = StepWeight::of(w_hh[d].t(), T_ * B);
         p.h[d] = h[d];
         p.rec[d] = rec[d];
         if (proj) {
-          p.w_hr_t[d] = w_hr[d].t();
+          p.w_hr_t[d] = StepWeight::of(w_hr[d].t(), T_ * B);
           p.h_raw[d] = raw_step[d];
           p.h_proj[d] = proj_step[d];
         }
@@ -702,10 +703,12 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
     p.len = len.defined() ? len.data_ptr<int64_t>() : nullptr;
     for (int64_t d = 0; d < D; ++d) {
       p.w_hh[d] = w_hh[d];
+      p.w_hh_step[d] = StepWeight::of(w_hh[d], T_ * B);
       p.dh[d] = dh[d];
       p.dg_step[d] = dg_step[d];
       if (proj) {
         p.w_hr[d] = w_hr[d];
+        p.w_hr_step[d] = StepWeight::of(w_hr[d], T_ * B);
         p.dh_proj[d] = dh_proj[d];
         p.dh_raw[d] = dh_raw[d];
       }

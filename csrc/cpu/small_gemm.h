@@ -1,0 +1,28 @@
+// A register-blocked GEMM for the per-step products of a sweep: C[M,N] = A[M,K] B[K,N]
+// (+ beta C), float32, with B (the weights) packed once per call into panels of columns.
+//
+// Why not BLAS or oneDNN: a step multiplies a few rows (the batch) by a weight matrix that
+// stays in cache for the whole sweep. Four rows of A against 64 columns of B keep 16
+// AVX-512 accumulators busy, each B load feeding four FMAs. The weights are packed once
+// per layer call, not once per product, and there is no per-call setup: at these sizes
+// both cost BLAS and oneDNN more than the arithmetic
+// (benchmarks/bench_step_gemm.py times the three on the sweep's shapes).
+//
+// Each output sums its K products in order, k = 0, 1, ...: the same bits on every call.
+#pragma once
+
+#include <cstdint>
+
+namespace birnn {
+
+// B [K,N], B(k, n) = b[k * b_row + n * b_col], packed into panels of columns for
+// small_gemm: out must hold small_gemm_packed_size(K, N) floats.
+int64_t small_gemm_packed_size(int64_t K, int64_t N);
+void small_gemm_pack(int64_t K, int64_t N, const float* b, int64_t b_row, int64_t b_col, float* out);
+
+// C[M,N] = A B + beta C, B packed by small_gemm_pack. A(r, k) = a[r * a_row + k * a_col];
+// C(r, n) = c[r * ldc + n].
+void small_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_col, const float* packed,
+                float beta, float* c, int64_t ldc);
+
+}  // namespace birnn
