@@ -5,6 +5,8 @@
 #include "small_gemm.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 
 namespace birnn {
 namespace {
@@ -78,12 +80,16 @@ struct Kernel {
   int64_t width;
 };
 
+// BIRNN_EXT_SMALL_GEMM=avx2 or baseline picks a narrower build than the CPU could run
+// (the tests check all three on one machine); a build the CPU cannot run is not taken.
 const Kernel& kernel() {
   static const Kernel k = [] {
+    const char* env = std::getenv("BIRNN_EXT_SMALL_GEMM");
+    const std::string cap = env ? env : "";
 #if defined(__x86_64__) && defined(__GNUC__)
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("x86-64-v4")) return Kernel{gemm_avx512, 64};
-    if (__builtin_cpu_supports("x86-64-v3")) return Kernel{gemm_avx2, 24};
+    if (__builtin_cpu_supports("x86-64-v4") && cap.empty()) return Kernel{gemm_avx512, 64};
+    if (__builtin_cpu_supports("x86-64-v3") && cap != "baseline") return Kernel{gemm_avx2, 24};
 #endif
     return Kernel{gemm_baseline, 12};
   }();

@@ -1,0 +1,70 @@
+"""The float32 step products on small_gemm (csrc/cpu/small_gemm.cpp): sweeps of 256 rows
+(steps x batch) and more pack their weights and run on it. Parity with nn.LSTM at sizes
+that reach every part of the kernel (row blocks of 1-4, a last panel narrower than the
+kernel's width, projections, inference input chunks, lengths), for each of its three
+builds (AVX-512, AVX2, baseline x86-64) that this CPU can run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from birnn_ext import FusedLSTM
+from helpers import assert_close
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (T, B, I, H, proj_size): B % 4 = 1, 2, 3, 0; 4H and P not multiples of 64 or 24.
+CASES = [(40, 9, 5, 37, 0), (30, 10, 33, 20, 0), (64, 7, 16, 50, 11), (32, 8, 24, 64, 0), (260, 1, 3, 17, 5)]
+
+
+def compare(T, B, I, H, proj_size, with_lengths):
+    torch.manual_seed(0)
+    ref = nn.LSTM(I, H, 2, bidirectional=True, proj_size=proj_size)
+    fused = FusedLSTM.from_lstm(ref)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, B, I, generator=g)
+    lengths = torch.randint(1, T + 1, (B,), generator=g) if with_lengths else None
+    results = []
+    for m in (fused, ref):
+        xi = x.clone().requires_grad_()
+        if lengths is None:
+            out, (h, c) = m(xi)
+        elif m is fused:
+            out, (h, c) = m(xi, lengths=lengths)
+        else:
+            packed, (h, c) = m(pack_padded_sequence(xi, lengths, enforce_sorted=False))
+            out, _ = pad_packed_sequence(packed, total_length=T)
+        loss = (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(2))).sum() + h.sum() + c.sum()
+        grads = torch.autograd.grad(loss, [xi, *m.parameters()])
+        with torch.no_grad():  # inference: the input chunks' products too
+            inf = m(x)[0] if lengths is None else (m(x, lengths=lengths)[0] if m is fused else None)
+        results.append([out, h, c, *grads] + ([inf] if inf is not None else []))
+    for k, (a, b) in enumerate(zip(*results)):
+        assert_close(a, b, torch.float32, f"item {k}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}-B{}-I{}-H{}-P{}".format(*c))
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_float32_sweeps_on_small_gemm_match_nn_lstm(case, with_lengths):
+    compare(*case, with_lengths)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_the_narrower_builds_match_too(isa):
+    code = (
+        "import sys; sys.path.insert(0, 'tests')\n"
+        "from test_step_gemm import CASES, compare\n"
+        "for case in CASES: compare(*case, False); compare(*case, True)\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, BIRNN_EXT_SMALL_GEMM=isa, PYTHONPATH=str(ROOT))
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
