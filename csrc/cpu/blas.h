@@ -130,15 +130,19 @@ struct StepWeight {
   at::Tensor packed;  // small_gemm's panels, or undefined
   int64_t K = 0, N = 0;
 
+  // Made on the calling thread; the packing itself (pack()) runs on the thread of the
+  // direction that uses it, so the directions pack at the same time.
   static StepWeight of(const at::Tensor& b, int64_t rows) {
     StepWeight w;
     w.view = b;
     w.K = b.size(0), w.N = b.size(1);
-    if (b.scalar_type() == at::kFloat && rows >= kMinRowsToPack) {
+    if (b.scalar_type() == at::kFloat && rows >= kMinRowsToPack)
       w.packed = pooled_empty({small_gemm_packed_size(w.K, w.N)}, b.options());
-      small_gemm_pack(w.K, w.N, b.data_ptr<float>(), b.stride(0), b.stride(1), w.packed.data_ptr<float>());
-    }
     return w;
+  }
+  void pack() const {
+    if (packed.defined())
+      small_gemm_pack(K, N, view.data_ptr<float>(), view.stride(0), view.stride(1), packed.data_ptr<float>());
   }
 };
 

@@ -288,6 +288,9 @@ void forward_direction(const FwdParams<T>& p, int64_t d) {
   T* rec = p.rec[d].template data_ptr<T>();
   T* h_raw = proj ? p.h_raw[d].template data_ptr<T>() : nullptr;
   const T* h_proj = proj ? p.h_proj[d].template data_ptr<T>() : nullptr;
+  p.w_hh_t[d].pack();
+  p.w_hr_t[d].pack();
+  p.w_ih_t[d].pack();
   auto row_of = [&](int64_t s, int64_t b) { return time_index(int(d), s, p.len ? p.len[b] : T_) * B + b; };
   for (int64_t s = 0; s < T_; ++s) {
     if (p.chunk && s % p.chunk == 0) {
@@ -473,6 +476,8 @@ void backward_direction(const BwdParams<T>& p, int64_t d) {
   std::vector<math_t<T>> dbias(G, 0);
   T* dh_proj = proj ? p.dh_proj[d].template data_ptr<T>() : nullptr;
   T* dh_raw = proj ? p.dh_raw[d].template data_ptr<T>() : nullptr;
+  p.w_hh_step[d].pack();
+  p.w_hr_step[d].pack();
   // The sweep starts with the last step. Where no loss term reaches the first steps it
   // meets (the reverse direction of a many-to-one model's top layer gets a gradient
   // only at its own first step, the sweep's last), those steps are skipped: no cell, no

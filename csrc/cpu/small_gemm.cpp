@@ -105,13 +105,24 @@ int64_t small_gemm_packed_size(int64_t K, int64_t N) {
 
 void small_gemm_pack(int64_t K, int64_t N, const float* b, int64_t b_row, int64_t b_col, float* out) {
   const int64_t W = kernel().width;
+  // A B whose rows are strided (W^T, read from W) goes in 16 x 16 tiles, so that each
+  // cache line read is used 16 times while in L1.
+  constexpr int64_t kTile = 16;
   for (int64_t n0 = 0; n0 < N; n0 += W) {
     float* panel = out + (n0 / W) * K * W;
     const int64_t cols = std::min(W, N - n0);
-    for (int64_t k = 0; k < K; ++k) {
-      for (int64_t j = 0; j < cols; ++j) panel[k * W + j] = b[k * b_row + (n0 + j) * b_col];
-      for (int64_t j = cols; j < W; ++j) panel[k * W + j] = 0.f;
+    if (b_col == 1) {  // rows of B contiguous: row by row
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t j = 0; j < cols; ++j) panel[k * W + j] = b[k * b_row + n0 + j];
+        for (int64_t j = cols; j < W; ++j) panel[k * W + j] = 0.f;
+      }
+      continue;
     }
+    for (int64_t k0 = 0; k0 < K; k0 += kTile)
+      for (int64_t j0 = 0; j0 < W; j0 += kTile)
+        for (int64_t k = k0; k < std::min(K, k0 + kTile); ++k)
+          for (int64_t j = j0; j < std::min(W, j0 + kTile); ++j)
+            panel[k * W + j] = j < cols ? b[k * b_row + (n0 + j) * b_col] : 0.f;
   }
 }
 
