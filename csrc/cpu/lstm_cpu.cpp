@@ -1,10 +1,13 @@
 // CPU kernels of the layer and cell ops. A layer sweep: the input projection of every
 // step and direction (one GEMM in training; chunk by chunk per direction in inference),
-// then per step a recurrent GEMM and the fused cell of lstm_cell.h. The directions of a
-// bidirectional layer are independent, so each runs its whole sweep on its own thread.
-// GEMMs (BLAS or oneDNN, blas.h) are called directly into preallocated buffers: at
-// small batch, a dispatcher call per step would cost more than the step itself.
-// Storage float32, float64 or bfloat16; the math and the cell state in math_t.
+// then per step a recurrent product and the fused cell of lstm_cell.h. The directions
+// of a bidirectional layer are independent, so each runs its whole sweep on its own
+// thread. Products are called directly into preallocated buffers (blas.h): the step
+// products on small_gemm over weights packed once per call (float32), the large ones on
+// oneDNN. Backward sweeps skip the steps no gradient has reached, and the weight
+// gradients are computed in row blocks taken by whichever thread is free (BlockWork).
+// Large buffers come from buffer_pool.h. Storage float32, float64 or bfloat16; the math
+// and the cell state in math_t.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
