@@ -55,12 +55,12 @@ def _(x, lengths, h0, c0, w_ih, w_hh, bias, w_hr, training):
 
 
 @torch.library.register_fake("birnn_ext::lstm_layer_backward")
-def _(grad_y, grad_h_n, grad_c_n, x, lengths, w_ih, w_hh, w_hr, gates, c_prev, h_prev, h_raw):
+def _(grad_y, grad_h_n, grad_c_n, x, lengths, w_ih, w_hh, w_hr, gates, c_prev, h_prev, h_raw, input_grad=True):
     T, B, I = x.shape
     D, G, P = w_hh.shape
     H = G // 4
     return (
-        x.new_empty((T, B, I)),
+        x.new_empty((T, B, I) if input_grad else (0,)),
         x.new_empty((D, B, P)),
         x.new_empty((D, B, H)),
         w_ih.new_empty((D, G, I)),
@@ -99,10 +99,11 @@ def _layer_backward(ctx, grad_y, grad_h_n, grad_c_n, *_saved_grads):
     x, lengths, w_ih, w_hh, w_hr, gates, c_prev, h_prev, h_raw = ctx.saved_tensors
     if grad_y is None and grad_h_n is None and grad_c_n is None:
         return (None,) * 9
+    input_grad = ctx.needs_input_grad[0]
     dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr = _ops.lstm_layer_backward(
-        grad_y, grad_h_n, grad_c_n, x, lengths, w_ih, w_hh, w_hr, gates, c_prev, h_prev, h_raw
+        grad_y, grad_h_n, grad_c_n, x, lengths, w_ih, w_hh, w_hr, gates, c_prev, h_prev, h_raw, input_grad
     )
-    return (dx, None, dh0, dc0, dw_ih, dw_hh, dbias if ctx.has_bias else None,
+    return (dx if input_grad else None, None, dh0, dc0, dw_ih, dw_hh, dbias if ctx.has_bias else None,
             dw_hr if w_hr is not None else None, None)
 
 

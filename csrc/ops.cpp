@@ -20,12 +20,14 @@ TORCH_LIBRARY(birnn_ext, m) {
       "Tensor w_ih, Tensor w_hh, Tensor? bias, Tensor? w_hr, bool training) -> "
       "(Tensor y, Tensor h_n, Tensor c_n, Tensor gates, Tensor c_prev, Tensor h_prev, Tensor h_raw)");
   // Gradients of lstm_layer_forward. An absent grad_* counts as zeros. Returns
-  // grad_x [T,B,I], grad_h0 [D,B,P], grad_c0 [D,B,H], grad_w_ih [D,4H,I],
-  // grad_w_hh [D,4H,P], grad_bias [D,4H], grad_w_hr [D,P,H] (empty without w_hr).
+  // grad_x [T,B,I] (empty, [0], when not input_grad: the input of a first layer is
+  // data, and its gradient a GEMM as large as the input projection), grad_h0 [D,B,P],
+  // grad_c0 [D,B,H], grad_w_ih [D,4H,I], grad_w_hh [D,4H,P], grad_bias [D,4H],
+  // grad_w_hr [D,P,H] (empty without w_hr).
   m.def(
       "lstm_layer_backward(Tensor? grad_y, Tensor? grad_h_n, Tensor? grad_c_n, "
       "Tensor x, Tensor? lengths, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor gates, "
-      "Tensor c_prev, Tensor h_prev, Tensor h_raw) -> "
+      "Tensor c_prev, Tensor h_prev, Tensor h_raw, bool input_grad=True) -> "
       "(Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, "
       "Tensor grad_w_hh, Tensor grad_bias, Tensor grad_w_hr)");
 

@@ -136,10 +136,11 @@ def test_opcheck_layer_ops():
         x_, h0_, c0_, w_ih_, w_hh_, b_, w_hr_ = grad_args
         torch.library.opcheck(ops.lstm_layer_forward, (x_, ln, h0_, c0_, w_ih_, w_hh_, b_, w_hr_, True))
         _, _, _, gates, cp, hp, hr = ops.lstm_layer_forward(x, ln, h0, c0, w_ih, w_hh, b, w_hr, True)
-        torch.library.opcheck(
-            ops.lstm_layer_backward,
-            (r(T, B, D * P), r(D, B, P), None, x, ln, w_ih, w_hh, w_hr, gates, cp, hp, hr),
-        )
+        for input_grad in (True, False):
+            torch.library.opcheck(
+                ops.lstm_layer_backward,
+                (r(T, B, D * P), r(D, B, P), None, x, ln, w_ih, w_hh, w_hr, gates, cp, hp, hr, input_grad),
+            )
 
 
 @pytest.mark.parametrize("device", DEVICES)

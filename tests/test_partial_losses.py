@@ -124,3 +124,41 @@ def test_non_finite_weight_in_a_direction_no_gradient_reaches():
     want, _ = run(ref, x, None, "last step, reverse half", fused=False)
     assert not got[0].isnan()
     assert_same_with_nan(got, want, names)
+
+
+@pytest.mark.parametrize("proj_size", [0, 3])
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_input_without_grad(proj_size, with_lengths):
+    """Data as the first layer's input: its gradient is not computed (the backward op's
+    input_grad=False returns an empty grad_x); every weight gradient is still nn.LSTM's."""
+    ref, fused = pair(2, proj_size)
+    x = torch.randn(T, B, I, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    lengths = LENGTHS if with_lengths else None
+    results = []
+    for m, is_fused in ((fused, True), (ref, False)):
+        if lengths is None:
+            out, (h, c) = m(x)
+        elif is_fused:
+            out, (h, c) = m(x, lengths=torch.tensor(lengths))
+        else:
+            packed, (h, c) = m(pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False))
+            out, _ = nn.utils.rnn.pad_packed_sequence(packed, total_length=T)
+        loss = out.square().sum() + h.sum() + c.sum()
+        results.append(torch.autograd.grad(loss, list(m.parameters())))
+    for a, b in zip(*results):
+        assert_close(a, b, torch.float64, "weight gradient")
+    # The op itself: an empty grad_x, and the other gradients bit for bit those of a full call.
+    D, G, P = 2, 4 * H, proj_size or H
+    w_ih, w_hh = torch.randn(D, G, I, dtype=torch.float64), torch.randn(D, G, P, dtype=torch.float64)
+    w_hr = torch.randn(D, P, H, dtype=torch.float64) if proj_size else None
+    h0, c0 = torch.zeros(D, B, P, dtype=torch.float64), torch.zeros(D, B, H, dtype=torch.float64)
+    _, _, _, gates, cp, hp, hr = torch.ops.birnn_ext.lstm_layer_forward(x, None, h0, c0, w_ih, w_hh, None, w_hr, True)
+    grads = torch.ops.birnn_ext.lstm_layer_backward(
+        torch.ones(T, B, D * P, dtype=torch.float64), None, None, x, None, w_ih, w_hh, w_hr, gates, cp, hp, hr, False
+    )
+    assert grads[0].shape == (0,)
+    full = torch.ops.birnn_ext.lstm_layer_backward(
+        torch.ones(T, B, D * P, dtype=torch.float64), None, None, x, None, w_ih, w_hh, w_hr, gates, cp, hp, hr, True
+    )
+    for a, b in zip(grads[1:], full[1:]):
+        assert torch.equal(a, b)

@@ -406,6 +406,7 @@ struct BwdParams {
   const T* h_raw;                     // [D,T,B,H] with a projection, else nullptr
   const T* w_ih;                      // [D,4H,I]
   BlockWork* work;                    // shared with the threads that take the weight-gradient blocks
+  bool input_grad;                    // dx wanted
 };
 
 // A step of the backward sweep whose gradients are all zero: the carried dh and dc
@@ -463,7 +464,7 @@ void plan_blocks(const BwdParams<T>& p, int64_t d, int64_t last_live) {
     }
   BlockWork::Direction& work = p.work->dir[d];
   work.blocks = t0 < t1 ? RowBlocks::over(t0 * B, t1 * B) : RowBlocks::over(0, 0);
-  work.dx_here = d == 0 && t0 == 0 && t1 == T_;
+  work.dx_here = p.input_grad && d == 0 && t0 == 0 && t1 == T_;
   work.progress.store(last_live + 1, std::memory_order_relaxed);
   work.planned.store(true, std::memory_order_release);
 }
@@ -674,7 +675,7 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
                         const std::optional<at::Tensor>& grad_c_n, const at::Tensor& x_,
                         const std::optional<at::Tensor>& lengths, const at::Tensor& w_ih_, const at::Tensor& w_hh_,
                         const std::optional<at::Tensor>& w_hr_, const at::Tensor& gates_, const at::Tensor& c_prev_,
-                        const at::Tensor& h_prev_, const at::Tensor& h_raw_) {
+                        const at::Tensor& h_prev_, const at::Tensor& h_raw_, bool input_grad) {
   const LayerDims n =
       check_layer_backward(grad_y, grad_h_n, grad_c_n, x_, w_ih_, w_hh_, w_hr_, gates_, c_prev_, h_prev_, h_raw_);
   const auto [T_, B, I, H, P, D] = n;
@@ -690,7 +691,7 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
   at::Tensor dh = grad_h_n ? grad_h_n->clone(at::MemoryFormat::Contiguous) : pooled_zeros({D, B, P}, opt);
   auto mopt = opt.dtype(math_dtype(x.scalar_type()));
   at::Tensor dc = grad_c_n ? grad_c_n->to(mopt, false, true).contiguous() : pooled_zeros({D, B, H}, mopt);
-  at::Tensor dx = pooled_empty({T_, B, I}, opt);
+  at::Tensor dx = input_grad ? pooled_empty({T_, B, I}, opt) : pooled_empty({0}, opt);
   at::Tensor dw_ih = pooled_empty({D, 4 * H, I}, opt);
   at::Tensor dw_hh = pooled_empty({D, 4 * H, P}, opt);
   at::Tensor dbias = pooled_empty({D, 4 * H}, opt);
@@ -734,11 +735,13 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
     p.w_ih = w_ih.data_ptr<T>();
     BlockWork work;
     p.work = &work;
+    p.input_grad = input_grad;
     // Per direction and block, the block's share of dW_ih, dW_hh (and dW_hr).
     const int64_t max_blocks = RowBlocks::max_count(rows);
     at::Tensor part_ih = pooled_empty({D, max_blocks, G, I}, opt), part_hh = pooled_empty({D, max_blocks, G, P}, opt);
     at::Tensor part_hr = pooled_empty({D, proj ? max_blocks : 0, P, H}, opt);
-    const at::Tensor x2 = x.view({rows, I}), dx2 = dx.view({rows, I}), h_prev2 = h_prev.view({D, rows, P});
+    const at::Tensor x2 = x.view({rows, I}), dx2 = input_grad ? dx.view({rows, I}) : at::Tensor();
+    const at::Tensor h_prev2 = h_prev.view({D, rows, P});
     const at::Tensor h_raw2 = proj ? h_raw.view({D, rows, H}) : at::Tensor();
 
     auto run_block = [&](int64_t d, int64_t i) {
@@ -823,8 +826,8 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
     // their rows when every row was live; the rest is added here, over each direction's
     // rows, onto zeros when the blocks did not write them all.
     const bool dx_written = work.dir[0].dx_here;
-    if (!dx_written) dx.zero_();
-    for (int64_t d = dx_written ? 1 : 0; d < D; ++d) {
+    if (input_grad && !dx_written) dx.zero_();
+    for (int64_t d = dx_written ? 1 : 0; d < D && input_grad; ++d) {
       const RowBlocks& r = work.dir[d].blocks;
       const int64_t k = r.end - r.begin;
       matmul<T>(dg[d].narrow(0, r.begin, k), w_ih[d], dx2.narrow(0, r.begin, k), T(1));

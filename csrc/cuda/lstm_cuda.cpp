@@ -142,7 +142,7 @@ lstm_layer_backward_cuda(const std::optional<at::Tensor>& grad_y, const std::opt
                          const std::optional<at::Tensor>& grad_c_n, const at::Tensor& x_,
                          const std::optional<at::Tensor>& lengths, const at::Tensor& w_ih_, const at::Tensor& w_hh_,
                          const std::optional<at::Tensor>& w_hr_, const at::Tensor& gates_, const at::Tensor& c_prev_,
-                         const at::Tensor& h_prev_, const at::Tensor& h_raw_) {
+                         const at::Tensor& h_prev_, const at::Tensor& h_raw_, bool input_grad) {
   const LayerDims n =
       check_layer_backward(grad_y, grad_h_n, grad_c_n, x_, w_ih_, w_hh_, w_hr_, gates_, c_prev_, h_prev_, h_raw_);
   const c10::cuda::CUDAGuard guard(x_.device());
@@ -156,7 +156,7 @@ lstm_layer_backward_cuda(const std::optional<at::Tensor>& grad_y, const std::opt
   const at::Tensor dy = grad_y ? grad_y->contiguous() : at::Tensor();
   const at::Tensor len = len_cpu.defined() ? len_cpu.to(x.device()) : at::Tensor();
   auto opt = x.options();
-  at::Tensor dx = at::zeros({T_, B, I}, opt), dh0, dc0;
+  at::Tensor dx = input_grad ? at::zeros({T_, B, I}, opt) : at::empty({0}, opt), dh0, dc0;
   at::Tensor dw_ih = at::zeros({D, G, I}, opt), dw_hh = at::zeros({D, G, P}, opt), dbias = at::zeros({D, G}, opt);
   at::Tensor dw_hr = at::zeros({proj ? D : 0, P, H}, opt);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lstm_layer_backward_cuda", [&] {
@@ -188,8 +188,10 @@ lstm_layer_backward_cuda(const std::optional<at::Tensor>& grad_y, const std::opt
                 Storage<math_t<T> >::id, P, B * P, D);
       }
       // What does not recur, for all steps at once.
-      at::Tensor dx2 = dx.view({rows, I});
-      for (int64_t d = 0; d < D; ++d) dx2.addmm_(dg[d], w_ih[d]);
+      if (input_grad) {
+        at::Tensor dx2 = dx.view({rows, I});
+        for (int64_t d = 0; d < D; ++d) dx2.addmm_(dg[d], w_ih[d]);
+      }
       at::bmm_out(dw_ih, dg.transpose(1, 2), x.view({1, rows, I}).expand({D, rows, I}));  // x is shared
       at::bmm_out(dw_hh, dg.transpose(1, 2), h_prev.view({D, rows, P}));
       if (proj) at::bmm_out(dw_hr, dh_proj_saved.transpose(1, 2), h_raw.view({D, rows, H}));
