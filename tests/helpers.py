@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -59,3 +64,13 @@ def assert_same_results(fused, ref, dtype):
     assert fused.keys() == ref.keys()
     for k in ref:
         assert_close(fused[k], ref[k], dtype, k)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    """Runs code in a fresh interpreter from the repository root, with env added to the
+    environment: settings the library reads once, at load time."""
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT), **env))

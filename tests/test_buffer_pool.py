@@ -4,17 +4,11 @@ the cache can be emptied."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import torch
 
 import birnn_ext
 from birnn_ext import FusedBiLSTM
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import run_python
 
 
 def model_and_input():
@@ -78,8 +72,7 @@ def run_with_limit(limit: str):
         "for _ in range(3): m(x)[0].sum().backward()\n"
         "print(birnn_ext.cpu_cache_stats())\n"
     )
-    env = dict(os.environ, BIRNN_EXT_CPU_CACHE_MB=limit, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    return run_python(code, BIRNN_EXT_CPU_CACHE_MB=limit)
 
 
 def test_the_limit_from_the_environment_holds():

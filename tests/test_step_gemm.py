@@ -6,20 +6,13 @@ builds (AVX-512, AVX2, baseline x86-64) that this CPU can run."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from birnn_ext import FusedLSTM
-from helpers import assert_close
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import assert_close, run_python
 
 # (T, B, I, H, proj_size): B % 4 = 1, 2, 3, 0; 4H and P not multiples of 64 or 24.
 CASES = [(40, 9, 5, 37, 0), (30, 10, 33, 20, 0), (64, 7, 16, 50, 11), (32, 8, 24, 64, 0), (260, 1, 3, 17, 5)]
@@ -65,6 +58,5 @@ def test_the_narrower_builds_match_too(isa):
         "for case in CASES: compare(*case, False); compare(*case, True)\n"
         "print('ok')\n"
     )
-    env = dict(os.environ, BIRNN_EXT_SMALL_GEMM=isa, PYTHONPATH=str(ROOT))
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    run = run_python(code, BIRNN_EXT_SMALL_GEMM=isa)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
