@@ -1,15 +1,18 @@
 """Times the GEMM engines on a sweep step's products, one thread: small_gemm
-(csrc/cpu/small_gemm.cpp), oneDNN (the matmul libtorch exports) and BLAS (sgemm_).
+(csrc/cpu/small_gemm.cpp) over packed weights, oneDNN (the matmul libtorch exports),
+BLAS (sgemm_), and small_gemm_in_place over the weights as they lie.
 
-    python benchmarks/bench_step_gemm.py
+    python benchmarks/bench_step_gemm.py [--overlapped]
 
 A step multiplies B rows (the batch) by a weight matrix in row-major layout: h W_hh^T,
 dg W_hh, and a chunk of inputs times W_ih^T in inference. The shapes are those of the
-cases of bench_lstm.py's `targets` preset.
+cases of bench_lstm.py's `targets` preset, and of a few small batches. Each product waits
+for the one before, as a step waits for the last (--overlapped times independent calls).
 """
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 from pathlib import Path
 
@@ -25,29 +28,48 @@ DRIVER = r"""
 #include "small_gemm.h"
 
 // Seconds per call of engine 0 (small_gemm, b packed once beforehand as in a sweep),
-// 1 (oneDNN) or 2 (BLAS): c = a b.
-double time_engine(int64_t engine, at::Tensor a, at::Tensor b, at::Tensor c, int64_t iters) {
+// 1 (oneDNN), 2 (BLAS) or 3 (small_gemm_in_place, b read where it lies): c = a b. b is
+// [K,N] row-major, or the transpose of a row-major [N,K] matrix (a weight as nn.LSTM
+// stores it).
+double time_engine(int64_t engine, at::Tensor a, at::Tensor b, at::Tensor c, int64_t iters, bool chain) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  const bool bt = b.stride(0) == 1;
   at::Tensor packed = at::empty({birnn::small_gemm_packed_size(K, N)}, b.options());
-  birnn::small_gemm_pack(K, N, b.data_ptr<float>(), N, 1, packed.data_ptr<float>());
+  birnn::small_gemm_pack(K, N, b.data_ptr<float>(), b.stride(0), b.stride(1), packed.data_ptr<float>());
+  // In a sweep each product waits for the previous step's: time that chain, not
+  // independent calls that the processor could overlap. a's first element takes a
+  // zero-weighted part of the last output, so each call depends on the one before.
+  float* a0 = a.data_ptr<float>();
+  const float* c0 = c.data_ptr<float>();
   const auto start = std::chrono::steady_clock::now();
   for (int64_t i = 0; i < iters; ++i) {
+    if (chain) *a0 += *c0 * 0.f;
     if (engine == 0) {
       birnn::small_gemm(M, N, K, a.data_ptr<float>(), K, 1, packed.data_ptr<float>(), 0.f, c.data_ptr<float>(), N);
     } else if (engine == 1) {
       birnn::onednn_matmul()(a, b, c, 0.f, 1.f);
-    } else {
-      birnn::gemm<float>(false, false, M, N, K, 1.f, a.data_ptr<float>(), K, b.data_ptr<float>(), N, 0.f,
+    } else if (engine == 2) {
+      birnn::gemm<float>(false, bt, M, N, K, 1.f, a.data_ptr<float>(), K, b.data_ptr<float>(), bt ? K : N, 0.f,
                          c.data_ptr<float>(), N);
+    } else {
+      if (!birnn::small_gemm_in_place_fits(K, 1, b.stride(0), b.stride(1))) return -1;
+      birnn::small_gemm_in_place(M, N, K, a.data_ptr<float>(), K, 1, b.data_ptr<float>(), b.stride(0), b.stride(1),
+                                 0.f, c.data_ptr<float>(), N);
     }
   }
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / iters;
 }
 """
 
-# (what, M, K, N)
+# (what, M, K, N); B is the transpose of a row-major weight in x W_ih^T and h W_hh^T.
 SHAPES = [
     ("latency h W_hh^T", 1, 128, 512),
+    ("latency dg W_hh", 1, 512, 128),
+    ("latency x W_ih^T (chunk)", 28, 28, 512),
+    ("B=4 h W_hh^T", 4, 128, 512),
+    ("B=4 dg W_hh", 4, 512, 128),
+    ("B=16 h W_hh^T", 16, 128, 512),
+    ("B=16 dg W_hh", 16, 512, 128),
     ("classic h W_hh^T", 100, 128, 512),
     ("classic dg W_hh", 100, 512, 128),
     ("medium h W_hh^T", 64, 256, 1024),
@@ -55,9 +77,15 @@ SHAPES = [
     ("large h W_hh^T", 16, 512, 2048),
     ("large x W_ih^T (chunk)", 256, 256, 2048),
 ]
+ENGINES = ["small_gemm", "oneDNN", "BLAS", "in place"]
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--overlapped", action="store_true",
+                        help="time independent calls, which the processor may overlap, instead of a chain of "
+                             "dependent ones as in a sweep")
+    args = parser.parse_args()
     build = Path(tempfile.gettempdir()) / "birnn_ext_bench_step_gemm"
     build.mkdir(exist_ok=True)
     ext = load_inline(
@@ -65,19 +93,23 @@ def main():
         extra_include_paths=[str(CSRC)], extra_cflags=["-O3"], build_directory=str(build),
     )
     torch.set_num_threads(1)
-    print(f"{'product':26s} {'M':>4s} {'K':>4s} {'N':>5s}   small_gemm      oneDNN        BLAS   (us, GFLOP/s)")
+    print(f"{'product':26s} {'M':>4s} {'K':>4s} {'N':>5s}  " + "".join(f"{e:>14s}" for e in ENGINES)
+          + "   (us, GFLOP/s)")
     for what, M, K, N in SHAPES:
-        a, b = torch.randn(M, K), torch.randn(K, N)
+        a = torch.randn(M, K)
+        b = torch.randn(N, K).t() if "^T" in what else torch.randn(K, N)
         want = a @ b
         cells = []
-        for engine in range(3):
+        for engine in range(len(ENGINES)):
             c = torch.empty(M, N)
-            ext.time_engine(engine, a, b, c, 3)
+            if ext.time_engine(engine, a, b, c, 3, False) < 0:  # a layout the engine does not take
+                cells.append(f"{'-':>13s}")
+                continue
             torch.testing.assert_close(c, want, rtol=1e-4, atol=1e-3)
             iters = max(20, int(3e8 / (M * N * K)))
-            t = min(ext.time_engine(engine, a, b, c, iters) for _ in range(3))
-            cells.append(f"{t * 1e6:7.1f} {2 * M * N * K / t / 1e9:4.0f}")
-        print(f"{what:26s} {M:4d} {K:4d} {N:5d}   " + "   ".join(cells))
+            t = min(ext.time_engine(engine, a, b, c, iters, not args.overlapped) for _ in range(3))
+            cells.append(f"{t * 1e6:8.1f} {2 * M * N * K / t / 1e9:4.0f}")
+        print(f"{what:26s} {M:4d} {K:4d} {N:5d}  " + " ".join(cells))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
-"""The float32 step products on small_gemm (csrc/cpu/small_gemm.cpp): sweeps of 256 rows
-(steps x batch) and more pack their weights and run on it. Parity with nn.LSTM at sizes
-that reach every part of the kernel (row blocks of 1-4, a last panel narrower than the
-kernel's width, projections, inference input chunks, lengths), for each of its three
-builds (AVX-512, AVX2, baseline x86-64) that this CPU can run."""
+"""The float32 step products on small_gemm (csrc/cpu/small_gemm.cpp). Sweeps of 256 rows
+(steps x batch) and more pack their weights; shorter ones multiply the weights where
+they lie (small_gemm_in_place: B's rows contiguous, or dot products against W's rows).
+Parity with nn.LSTM at sizes that reach every part of both: row blocks of 1-4, a last
+panel or column block narrower than the kernel's width, dot products with a tail past
+the vector width and ones too short for the dot kernel (those go to BLAS), projections,
+inference input chunks, lengths; for each of the three builds (AVX-512, AVX2, baseline
+x86-64) that this CPU can run."""
 
 from __future__ import annotations
 
@@ -14,8 +17,14 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from birnn_ext import FusedLSTM
 from helpers import assert_close, run_python
 
-# (T, B, I, H, proj_size): B % 4 = 1, 2, 3, 0; 4H and P not multiples of 64 or 24.
-CASES = [(40, 9, 5, 37, 0), (30, 10, 33, 20, 0), (64, 7, 16, 50, 11), (32, 8, 24, 64, 0), (260, 1, 3, 17, 5)]
+# (T, B, I, H, proj_size). Packed: B % 4 = 1, 2, 3, 0; 4H and P not multiples of 64 or 24.
+PACKED = [(40, 9, 5, 37, 0), (30, 10, 33, 20, 0), (64, 7, 16, 50, 11), (32, 8, 24, 64, 0), (260, 1, 3, 17, 5)]
+# In place (T*B < 256): batch 1, 3 (under a row block), 6 (a block and two single rows);
+# H = 71 and 67: dot products of 71 and 67 (a tail past 16, 8 and 4 lanes) into 4H
+# columns that leave a partial column block; H = 33: dot products too short, BLAS; a
+# projection (h_raw W_hr^T with K = 80, dh W_hr with 70 columns).
+IN_PLACE = [(20, 1, 5, 71, 0), (12, 3, 8, 67, 0), (10, 6, 8, 33, 0), (15, 2, 10, 80, 70)]
+CASES = PACKED + IN_PLACE
 
 
 def compare(T, B, I, H, proj_size, with_lengths):
@@ -46,7 +55,7 @@ def compare(T, B, I, H, proj_size, with_lengths):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}-B{}-I{}-H{}-P{}".format(*c))
 @pytest.mark.parametrize("with_lengths", [False, True])
-def test_float32_sweeps_on_small_gemm_match_nn_lstm(case, with_lengths):
+def test_float32_step_products_match_nn_lstm(case, with_lengths):
     compare(*case, with_lengths)
 
 

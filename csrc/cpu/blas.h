@@ -83,6 +83,9 @@ inline void layout(const at::Tensor& t, bool& trans, int64_t& ld) {
   }
 }
 
+// M*N*K where oneDNN's per-call cost and BLAS's slower kernels break even.
+constexpr int64_t kOnednnMinWork = 1 << 21;
+
 // c[M,N] = a[M,K] b[K,N] + beta c, on 2-D views with a unit stride in one dimension;
 // c is contiguous. Products large enough to amortise oneDNN's per-call cost go there.
 // bfloat16 always goes to oneDNN (bfloat16 storage, float32 accumulation; AVX-512 BF16
@@ -103,7 +106,6 @@ void matmul(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, at::o
     return;
   } else {
   if constexpr (std::is_same_v<T, float>) {
-    constexpr int64_t kOnednnMinWork = 1 << 21;  // M*N*K where the two engines break even
     if (K > 0 && M * N * K >= kOnednnMinWork) {
       if (OnednnMatmul fn = onednn_matmul()) {
         fn(a, b, c, beta, 1.0f);
@@ -147,13 +149,23 @@ struct StepWeight {
 };
 
 // c[M,N] = a[M,K] B + beta c: one step's product.
+// Unpacked float32 products below matmul's oneDNN threshold (a few rows: batch 1, or
+// a short sweep) go to small_gemm_in_place, which reads the weights where they lie and
+// beats the BLAS call at every such size benchmarks/bench_step_gemm.py times.
 template <typename T>
 void step_product(const at::Tensor& a, const StepWeight& w, const at::Tensor& c, at::opmath_type<T> beta) {
   if constexpr (std::is_same_v<T, float>) {
+    const int64_t M = a.size(0);
     if (w.packed.defined()) {
       TORCH_INTERNAL_ASSERT(c.is_contiguous());
-      small_gemm(a.size(0), w.N, w.K, a.data_ptr<float>(), a.stride(0), a.stride(1), w.packed.data_ptr<float>(), beta,
+      small_gemm(M, w.N, w.K, a.data_ptr<float>(), a.stride(0), a.stride(1), w.packed.data_ptr<float>(), beta,
                  c.data_ptr<float>(), w.N);
+      return;
+    }
+    const int64_t b_row = w.view.stride(0), b_col = w.view.stride(1);
+    if (M * w.N * w.K < kOnednnMinWork && c.is_contiguous() && small_gemm_in_place_fits(w.K, a.stride(1), b_row, b_col)) {
+      small_gemm_in_place(M, w.N, w.K, a.data_ptr<float>(), a.stride(0), a.stride(1), w.view.data_ptr<float>(), b_row,
+                          b_col, beta, c.data_ptr<float>(), w.N);
       return;
     }
   }

@@ -1,12 +1,15 @@
-// See small_gemm.h. The kernel is compiled three times, for AVX-512, AVX2+FMA and baseline
-// x86-64, each with a panel width that keeps the 4 x width accumulators in that ISA's
-// registers; the widest one the CPU runs is picked once, at load time. The packing
-// follows the width picked.
+// See small_gemm.h. The kernels are compiled three times, for AVX-512, AVX2+FMA and
+// baseline x86-64, each with a panel width that keeps the 4 x width accumulators in that
+// ISA's registers (and a vector width for the dot products); the widest set the CPU runs
+// is picked once, at load time. The packing follows the width picked.
 #include "small_gemm.h"
+
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <string>
+#include <utility>
 
 namespace birnn {
 namespace {
@@ -55,28 +58,190 @@ __attribute__((always_inline)) inline void gemm_impl(int64_t M, int64_t N, int64
   }
 }
 
+// Stores one accumulated output: C = acc, or acc + beta C.
+__attribute__((always_inline)) inline void put(float* c, float acc, float beta) {
+  *c = beta == 0.f ? acc : acc + beta * *c;
+}
+
+// In place, B's rows contiguous (B(k, n) = b[k * b_row + n]): rows 0 .. R-1 of A against
+// columns 0 .. W-1 of B, the loop of tile() reading B where it lies.
+template <int R, int W>
+__attribute__((always_inline)) inline void tile_rows(int64_t K, const float* __restrict a, int64_t a_row,
+                                                     int64_t a_col, const float* __restrict b, int64_t b_row,
+                                                     float beta, float* __restrict c, int64_t ldc) {
+  float acc[R][W];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < W; ++j) acc[r][j] = 0.f;
+  for (int64_t k = 0; k < K; ++k) {
+    const float* bk = b + k * b_row;
+    for (int r = 0; r < R; ++r) {
+      const float ark = a[r * a_row + k * a_col];
+      for (int j = 0; j < W; ++j) acc[r][j] += ark * bk[j];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < W; ++j) put(c + r * ldc + j, acc[r][j], beta);
+}
+
+// Columns n0 .. n0+W-1 of C, every row of A, in blocks of four.
+template <int W>
+__attribute__((always_inline)) inline void rows_panel(int64_t M, int64_t K, const float* a, int64_t a_row,
+                                                      int64_t a_col, const float* b, int64_t b_row, float beta,
+                                                      float* c, int64_t ldc) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) tile_rows<4, W>(K, a + m * a_row, a_row, a_col, b, b_row, beta, c + m * ldc, ldc);
+  for (; m < M; ++m) tile_rows<1, W>(K, a + m * a_row, a_row, a_col, b, b_row, beta, c + m * ldc, ldc);
+}
+
+// In place, B's rows contiguous: panels of W columns, then of 8, then one at a time.
+template <int W>
+__attribute__((always_inline)) inline void rows_impl(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row,
+                                                     int64_t a_col, const float* b, int64_t b_row, float beta,
+                                                     float* c, int64_t ldc) {
+  int64_t n = 0;
+  if (M < 4)  // one row: twice the width, the same number of accumulators
+    for (; n + 2 * W <= N; n += 2 * W) rows_panel<2 * W>(M, K, a, a_row, a_col, b + n, b_row, beta, c + n, ldc);
+  for (; n + W <= N; n += W) rows_panel<W>(M, K, a, a_row, a_col, b + n, b_row, beta, c + n, ldc);
+  for (; n + 8 <= N; n += 8) rows_panel<8>(M, K, a, a_row, a_col, b + n, b_row, beta, c + n, ldc);
+  for (; n < N; ++n) rows_panel<1>(M, K, a, a_row, a_col, b + n, b_row, beta, c + n, ldc);
+}
+
+// V floats in one vector register (GCC vector extensions: the same code for every
+// instruction set the file is compiled for).
+template <int V>
+struct Vec {
+  typedef float type __attribute__((vector_size(V * sizeof(float))));
+};
+template <int V>
+__attribute__((always_inline)) inline typename Vec<V>::type load_vec(const float* p) {
+  typename Vec<V>::type v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+// The sum of v's lanes, halves added until one lane is left: a fixed order.
+template <int V>
+__attribute__((always_inline)) inline float lane_sum(typename Vec<V>::type v) {
+  if constexpr (V == 1) {
+    return v[0];
+  } else {
+    typename Vec<V / 2>::type lo, hi;
+    __builtin_memcpy(&lo, &v, sizeof lo);
+    __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+    return lane_sum<V / 2>(lo + hi);
+  }
+}
+
+// The lane sums of R = V/2 vectors at once, into one vector of R sums. Each step adds
+// two vectors' first and second halves of every lane group, so it halves the lanes per
+// row and the number of vectors; row r's lanes are added in lane_sum's order.
+//   pick(u, w): the first (Half = 0) or second half of each of u's G lane groups, then of
+//   w's: 2G groups, V / (2G) lanes each, the rows of u before those of w.
+constexpr int pick_lane(int lane, int V, int G, int half) {
+  const int g = V / G, h = g / 2, q = lane / h, o = lane % h + half * h;
+  return q < G ? q * g + o : V + (q - G) * g + o;
+}
+template <int V, int G, int Half, std::size_t... L>
+__attribute__((always_inline)) inline typename Vec<V>::type pick(typename Vec<V>::type u, typename Vec<V>::type w,
+                                                                 std::index_sequence<L...>) {
+  return __builtin_shufflevector(u, w, pick_lane(int(L), V, G, Half)...);
+}
+template <int V, int G, int N>
+__attribute__((always_inline)) inline void fold(typename Vec<V>::type* v) {
+  if constexpr (N > 1) {
+    constexpr auto lanes = std::make_index_sequence<V>();
+    for (int i = 0; i < N / 2; ++i)
+      v[i] = pick<V, G, 0>(v[2 * i], v[2 * i + 1], lanes) + pick<V, G, 1>(v[2 * i], v[2 * i + 1], lanes);
+    fold<V, 2 * G, N / 2>(v);
+  }
+}
+template <int V, std::size_t... L>
+__attribute__((always_inline)) inline typename Vec<V / 2>::type pair_sums(typename Vec<V>::type v,
+                                                                          std::index_sequence<L...>) {
+  return __builtin_shufflevector(v, v, (2 * L)...) + __builtin_shufflevector(v, v, (2 * L + 1)...);
+}
+
+// In place, B's columns contiguous (B(k, n) = b[k + n * b_col], B the transpose of a
+// row-major weight matrix): each output is a dot product of a row of A with a column of
+// B. R columns at a time, each summed in V lanes over k (a row of A must be contiguous),
+// the lanes added at the end: a load of A feeds R FMAs, no horizontal sum in the loop.
+template <int R, int V>
+__attribute__((always_inline)) inline void dot_tile(int64_t K, const float* __restrict a, const float* __restrict b,
+                                                    int64_t b_col, float beta, float* __restrict c) {
+  static_assert(R == 1 || R == V / 2, "dot_tile sums one column, or V/2 at once");
+  using vf = typename Vec<V>::type;
+  vf acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = vf{};
+  int64_t k = 0;
+  for (; k + V <= K; k += V) {
+    const vf ak = load_vec<V>(a + k);
+    for (int r = 0; r < R; ++r) acc[r] += ak * load_vec<V>(b + r * b_col + k);
+  }
+  float sum[R];
+  if constexpr (R == 1) {
+    sum[0] = lane_sum<V>(acc[0]);
+  } else {
+    fold<V, 1, R>(acc);
+    const typename Vec<R>::type s = pair_sums<V>(acc[0], std::make_index_sequence<R>());
+    __builtin_memcpy(sum, &s, sizeof sum);
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int64_t t = k; t < K; ++t) sum[r] += a[t] * b[r * b_col + t];
+    put(c + r, sum[r], beta);
+  }
+}
+
+template <int V>
+__attribute__((always_inline)) inline void dot_impl(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row,
+                                                    const float* b, int64_t b_col, float beta, float* c,
+                                                    int64_t ldc) {
+  constexpr int R = V / 2;
+  int64_t n = 0;
+  // Columns outside, rows of A inside: a block of B is read from memory once.
+  for (; n + R <= N; n += R)
+    for (int64_t m = 0; m < M; ++m) dot_tile<R, V>(K, a + m * a_row, b + n * b_col, b_col, beta, c + m * ldc + n);
+  for (; n < N; ++n)
+    for (int64_t m = 0; m < M; ++m) dot_tile<1, V>(K, a + m * a_row, b + n * b_col, b_col, beta, c + m * ldc + n);
+}
+
 using GemmFn = void (*)(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, float, float*,
                         int64_t);
+using RowsFn = void (*)(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, float,
+                        float*, int64_t);
+using DotFn = void (*)(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float, float*,
+                       int64_t);
+
+// One set of kernels per instruction set: the packed GEMM at panel width W, the in-place
+// kernels at the same width and at V lanes.
+#define BIRNN_SMALL_GEMM_KERNELS(suffix, W, V)                                                                       \
+  void gemm_##suffix(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_col,                \
+                     const float* packed, float beta, float* c, int64_t ldc) {                                     \
+    gemm_impl<W>(M, N, K, a, a_row, a_col, packed, beta, c, ldc);                                                  \
+  }                                                                                                                \
+  void rows_##suffix(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_col, const float* b, \
+                     int64_t b_row, float beta, float* c, int64_t ldc) {                                           \
+    rows_impl<W>(M, N, K, a, a_row, a_col, b, b_row, beta, c, ldc);                                                \
+  }                                                                                                                \
+  void dot_##suffix(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, const float* b, int64_t b_col, \
+                    float beta, float* c, int64_t ldc) {                                                           \
+    dot_impl<V>(M, N, K, a, a_row, b, b_col, beta, c, ldc);                                                        \
+  }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target("arch=x86-64-v4"))) void gemm_avx512(int64_t M, int64_t N, int64_t K, const float* a,
-                                                           int64_t a_row, int64_t a_col, const float* packed,
-                                                           float beta, float* c, int64_t ldc) {
-  gemm_impl<64>(M, N, K, a, a_row, a_col, packed, beta, c, ldc);
-}
-__attribute__((target("arch=x86-64-v3"))) void gemm_avx2(int64_t M, int64_t N, int64_t K, const float* a,
-                                                         int64_t a_row, int64_t a_col, const float* packed, float beta,
-                                                         float* c, int64_t ldc) {
-  gemm_impl<24>(M, N, K, a, a_row, a_col, packed, beta, c, ldc);
-}
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4")
+BIRNN_SMALL_GEMM_KERNELS(avx512, 64, 16)
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v3")
+BIRNN_SMALL_GEMM_KERNELS(avx2, 24, 8)
+#pragma GCC pop_options
 #endif
-void gemm_baseline(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_col, const float* packed,
-                   float beta, float* c, int64_t ldc) {
-  gemm_impl<12>(M, N, K, a, a_row, a_col, packed, beta, c, ldc);
-}
+BIRNN_SMALL_GEMM_KERNELS(baseline, 12, 4)
 
 struct Kernel {
   GemmFn fn;
+  RowsFn rows;
+  DotFn dot;
   int64_t width;
 };
 
@@ -88,10 +253,10 @@ const Kernel& kernel() {
     const std::string cap = env ? env : "";
 #if defined(__x86_64__) && defined(__GNUC__)
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("x86-64-v4") && cap.empty()) return Kernel{gemm_avx512, 64};
-    if (__builtin_cpu_supports("x86-64-v3") && cap != "baseline") return Kernel{gemm_avx2, 24};
+    if (__builtin_cpu_supports("x86-64-v4") && cap.empty()) return Kernel{gemm_avx512, rows_avx512, dot_avx512, 64};
+    if (__builtin_cpu_supports("x86-64-v3") && cap != "baseline") return Kernel{gemm_avx2, rows_avx2, dot_avx2, 24};
 #endif
-    return Kernel{gemm_baseline, 12};
+    return Kernel{gemm_baseline, rows_baseline, dot_baseline, 12};
   }();
   return k;
 }
@@ -129,6 +294,24 @@ void small_gemm_pack(int64_t K, int64_t N, const float* b, int64_t b_row, int64_
 void small_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_col, const float* packed,
                 float beta, float* c, int64_t ldc) {
   kernel().fn(M, N, K, a, a_row, a_col, packed, beta, c, ldc);
+}
+
+bool small_gemm_in_place_fits(int64_t K, int64_t a_col, int64_t b_row, int64_t b_col) {
+  // Shorter dot products spend more on their scalar tails and lane sums than on the
+  // vector loop: at 28 x 28 x 512 (an input projection) BLAS is several times faster.
+  constexpr int64_t kDotMinK = 64;
+  return b_col == 1 || (b_row == 1 && a_col == 1 && K >= kDotMinK);
+}
+
+void small_gemm_in_place(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_col,
+                         const float* b, int64_t b_row, int64_t b_col, float beta, float* c, int64_t ldc) {
+  TORCH_INTERNAL_ASSERT(small_gemm_in_place_fits(K, a_col, b_row, b_col), "small_gemm_in_place: unsupported layout");
+  if (M == 0 || N == 0) return;
+  if (b_col == 1) {
+    kernel().rows(M, N, K, a, a_row, a_col, b, b_row, beta, c, ldc);
+  } else {
+    kernel().dot(M, N, K, a, a_row, b, b_col, beta, c, ldc);
+  }
 }
 
 }  // namespace birnn

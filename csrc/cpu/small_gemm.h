@@ -25,4 +25,15 @@ void small_gemm_pack(int64_t K, int64_t N, const float* b, int64_t b_row, int64_
 void small_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_col, const float* packed,
                 float beta, float* c, int64_t ldc);
 
+// C[M,N] = A B + beta C with B read where it lies, for products of a few rows, where
+// packing B would cost more than the product saves. B(k, n) = b[k * b_row + n * b_col].
+// Two layouts (small_gemm_in_place_fits says whether a product has one):
+//  - b_col == 1, B's rows contiguous: each row of A scales them into vector accumulators;
+//  - b_row == 1, B the transpose of a row-major matrix (a weight as nn.LSTM stores it):
+//    each output is a dot product, summed in vector lanes; A's rows must be contiguous
+//    (a_col == 1) and K at least 64.
+bool small_gemm_in_place_fits(int64_t K, int64_t a_col, int64_t b_row, int64_t b_col);
+void small_gemm_in_place(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_col,
+                         const float* b, int64_t b_row, int64_t b_col, float beta, float* c, int64_t ldc);
+
 }  // namespace birnn
