@@ -217,7 +217,7 @@ class FusedLSTM(nn.Module):
         """Parameters replaced after construction must still fit (a clear error here,
         not a failed stack or a wrong product later)."""
         for name, shape in self._shapes:
-            w = getattr(self, name)
+            w = self._param(name)
             if w.shape != shape:
                 raise RuntimeError(f"{name} must have shape {shape}, got {tuple(w.shape)}")
             if w.device != input.device:
@@ -239,6 +239,13 @@ class FusedLSTM(nn.Module):
                 "PackedSequence.batch_sizes must be positive, non-increasing and sum to data.size(0) = "
                 f"{rows}, got {sizes} (sum {sum(sizes)})"
             )
+
+    def _param(self, name: str) -> Tensor:
+        """getattr(self, name), from _parameters when it is there: nn.Module.__getattr__
+        costs about a microsecond a name, and forward reads every weight twice. A name
+        that is not there (torch.nn.utils.parametrize moves it) goes through getattr."""
+        w = self._parameters.get(name)
+        return w if w is not None else getattr(self, name)
 
     @property
     def _h_size(self) -> int:
@@ -335,6 +342,8 @@ class FusedLSTM(nn.Module):
             c_n.append(c)
             if self.dropout > 0 and self.training and layer + 1 < self.num_layers:
                 x = F.dropout(x, self.dropout, training=True)
+        if len(h_n) == 1:
+            return x, (h_n[0], c_n[0])
         return x, (torch.cat(h_n), torch.cat(c_n))
 
     def _layer_weights(self, layer: int):
@@ -345,7 +354,7 @@ class FusedLSTM(nn.Module):
         updates, hand-written optimizers) keeps its version counter, so no cache key could
         tell that a kept copy had gone stale."""
         D = self.num_directions
-        params = [[getattr(self, n) for n in d] for d in self._all_weights[layer * D : (layer + 1) * D]]
+        params = [[self._param(n) for n in d] for d in self._all_weights[layer * D : (layer + 1) * D]]
         if D == 1:  # a view, no copy
             p = params[0]
             return (p[0].unsqueeze(0), p[1].unsqueeze(0), (p[2] + p[3]).unsqueeze(0) if self.bias else None,

@@ -154,3 +154,27 @@ def test_inference_follows_every_change_of_the_weights():
     clone = copy.deepcopy(fused)
     with torch.no_grad():
         torch.testing.assert_close(clone(x)[0], fused(x)[0])
+
+
+class _Scaled(nn.Module):
+    def forward(self, w):
+        return 0.5 * w
+
+
+def test_parametrized_weights_are_used_and_trained():
+    """torch.nn.utils.parametrize moves a weight out of _parameters behind a property:
+    forward must read the parametrized weight, and gradients reach the original."""
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    ref = nn.LSTM(4, 6, bidirectional=True)
+    fused = FusedBiLSTM.from_lstm(ref)
+    parametrize.register_parametrization(fused, "weight_hh_l0_reverse", _Scaled())
+    with torch.no_grad():
+        ref.weight_hh_l0_reverse.mul_(0.5)
+    x = torch.randn(5, 2, 4)
+    torch.testing.assert_close(fused(x)[0], ref(x)[0], rtol=1e-5, atol=1e-5)
+    fused(x)[0].sum().backward()
+    ref(x)[0].sum().backward()
+    original = fused.parametrizations.weight_hh_l0_reverse.original
+    torch.testing.assert_close(original.grad, 0.5 * ref.weight_hh_l0_reverse.grad, rtol=1e-5, atol=1e-6)
