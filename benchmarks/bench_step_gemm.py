@@ -33,7 +33,8 @@ DRIVER = r"""
 // stores it).
 double time_engine(int64_t engine, at::Tensor a, at::Tensor b, at::Tensor c, int64_t iters, bool chain) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
-  const bool bt = b.stride(0) == 1;
+  const bool ta = a.stride(0) == 1 && M > 1, tb = b.stride(0) == 1;  // transposed operands
+  const int64_t a_row = a.stride(0), a_col = a.stride(1);
   at::Tensor packed = at::empty({birnn::small_gemm_packed_size(K, N)}, b.options());
   birnn::small_gemm_pack(K, N, b.data_ptr<float>(), b.stride(0), b.stride(1), packed.data_ptr<float>());
   // In a sweep each product waits for the previous step's: time that chain, not
@@ -45,23 +46,25 @@ double time_engine(int64_t engine, at::Tensor a, at::Tensor b, at::Tensor c, int
   for (int64_t i = 0; i < iters; ++i) {
     if (chain) *a0 += *c0 * 0.f;
     if (engine == 0) {
-      birnn::small_gemm(M, N, K, a.data_ptr<float>(), K, 1, packed.data_ptr<float>(), 0.f, c.data_ptr<float>(), N);
+      birnn::small_gemm(M, N, K, a.data_ptr<float>(), a_row, a_col, packed.data_ptr<float>(), 0.f, c.data_ptr<float>(),
+                        N);
     } else if (engine == 1) {
       birnn::onednn_matmul()(a, b, c, 0.f, 1.f);
     } else if (engine == 2) {
-      birnn::gemm<float>(false, bt, M, N, K, 1.f, a.data_ptr<float>(), K, b.data_ptr<float>(), bt ? K : N, 0.f,
+      birnn::gemm<float>(ta, tb, M, N, K, 1.f, a.data_ptr<float>(), ta ? M : K, b.data_ptr<float>(), tb ? K : N, 0.f,
                          c.data_ptr<float>(), N);
     } else {
-      if (!birnn::small_gemm_in_place_fits(K, 1, b.stride(0), b.stride(1))) return -1;
-      birnn::small_gemm_in_place(M, N, K, a.data_ptr<float>(), K, 1, b.data_ptr<float>(), b.stride(0), b.stride(1),
-                                 0.f, c.data_ptr<float>(), N);
+      if (!birnn::small_gemm_in_place_fits(K, a_col, b.stride(0), b.stride(1))) return -1;
+      birnn::small_gemm_in_place(M, N, K, a.data_ptr<float>(), a_row, a_col, b.data_ptr<float>(), b.stride(0),
+                                 b.stride(1), 0.f, c.data_ptr<float>(), N);
     }
   }
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / iters;
 }
 """
 
-# (what, M, K, N); B is the transpose of a row-major weight in x W_ih^T and h W_hh^T.
+# (what, M, K, N); B is the transpose of a row-major weight in x W_ih^T and h W_hh^T, and
+# A that of the gate gradients in dg^T (a weight gradient over one block of rows).
 SHAPES = [
     ("latency h W_hh^T", 1, 128, 512),
     ("latency dg W_hh", 1, 512, 128),
@@ -76,6 +79,8 @@ SHAPES = [
     ("medium x W_ih^T (chunk)", 256, 128, 1024),
     ("large h W_hh^T", 16, 512, 2048),
     ("large x W_ih^T (chunk)", 256, 256, 2048),
+    ("latency dW_hh: dg^T h", 512, 28, 128),
+    ("latency dW_ih: dg^T x", 512, 28, 28),
 ]
 ENGINES = ["small_gemm", "oneDNN", "BLAS", "in place"]
 
@@ -96,8 +101,8 @@ def main():
     print(f"{'product':26s} {'M':>4s} {'K':>4s} {'N':>5s}  " + "".join(f"{e:>14s}" for e in ENGINES)
           + "   (us, GFLOP/s)")
     for what, M, K, N in SHAPES:
-        a = torch.randn(M, K)
-        b = torch.randn(N, K).t() if "^T" in what else torch.randn(K, N)
+        a = torch.randn(K, M).t() if "dg^T" in what else torch.randn(M, K)
+        b = torch.randn(N, K).t() if "W_ih^T" in what or "W_hh^T" in what else torch.randn(K, N)
         want = a @ b
         cells = []
         for engine in range(len(ENGINES)):

@@ -745,9 +745,13 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
       const BlockWork::Direction& w = work.dir[d];
       const int64_t r0 = w.blocks.first(i), k = w.blocks.last(i) - r0;
       const at::Tensor dg_rows = dg[d].narrow(0, r0, k);
-      matmul<T>(dg_rows.t(), x2.narrow(0, r0, k), part_ih[d][i], T(0));
-      matmul<T>(dg_rows.t(), h_prev2[d].narrow(0, r0, k), part_hh[d][i], T(0));
-      if (proj) matmul<T>(dh_proj_saved[d].narrow(0, r0, k).t(), h_raw2[d].narrow(0, r0, k), part_hr[d][i], T(0));
+      // A direction's only block writes its dW directly: there is nothing to sum.
+      const bool only = w.blocks.count == 1;
+      matmul<T>(dg_rows.t(), x2.narrow(0, r0, k), only ? dw_ih[d] : part_ih[d][i], T(0));
+      matmul<T>(dg_rows.t(), h_prev2[d].narrow(0, r0, k), only ? dw_hh[d] : part_hh[d][i], T(0));
+      if (proj)
+        matmul<T>(dh_proj_saved[d].narrow(0, r0, k).t(), h_raw2[d].narrow(0, r0, k), only ? dw_hr[d] : part_hr[d][i],
+                  T(0));
       if (w.dx_here) matmul<T>(dg_rows, w_ih[d], dx2.narrow(0, r0, k), T(0));
     };
     // A block is ready once the sweep has written all of its rows. The forward direction
@@ -801,10 +805,11 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
       }
     });
 
-    // dW = the blocks' shares summed in block order.
+    // dW = the blocks' shares summed in block order (a single block wrote dW itself).
     auto sum_blocks = [&](const at::Tensor& parts, const at::Tensor& out) {
       for (int64_t d = 0; d < D; ++d) {
         const int64_t count = work.dir[d].blocks.count, n = out[d].numel();
+        if (count == 1) continue;
         const T* src = parts[d].template data_ptr<T>();
         T* dst = out[d].template data_ptr<T>();
         at::parallel_for(0, n, 4096, [&](int64_t e0, int64_t e1) {
