@@ -151,7 +151,10 @@ struct StepWeight {
 // c[M,N] = a[M,K] B + beta c: one step's product.
 // Unpacked float32 products below matmul's oneDNN threshold (a few rows: batch 1, or
 // a short sweep) go to small_gemm_in_place, which reads the weights where they lie and
-// beats the BLAS call at every such size benchmarks/bench_step_gemm.py times.
+// beats the BLAS call on the step shapes benchmarks/bench_step_gemm.py times (batch 1
+// to 16). It is not matmul's engine in general: with many rows and a column count that
+// leaves a remainder past its vector panels (a weight gradient, 512 x 28 x 28) its
+// scalar columns make it several times slower than BLAS.
 template <typename T>
 void step_product(const at::Tensor& a, const StepWeight& w, const at::Tensor& c, at::opmath_type<T> beta) {
   if constexpr (std::is_same_v<T, float>) {
