@@ -14,16 +14,23 @@
 namespace birnn {
 namespace {
 
-// Rows 0 .. R-1 of A against one panel (K x W, contiguous): C columns 0 .. cols-1.
+// Stores one accumulated output: C = acc, or acc + beta C.
+__attribute__((always_inline)) inline void put(float* c, float acc, float beta) {
+  *c = beta == 0.f ? acc : acc + beta * *c;
+}
+
+// Rows 0 .. R-1 of A against W columns of B whose rows lie ldb apart (a packed panel,
+// ldb = W, or B in place): C columns 0 .. cols-1 (a last packed panel is padded with
+// zero columns).
 template <int R, int W>
 __attribute__((always_inline)) inline void tile(int64_t K, const float* __restrict a, int64_t a_row, int64_t a_col,
-                                                const float* __restrict panel, float beta, float* __restrict c,
-                                                int64_t ldc, int64_t cols) {
+                                                const float* __restrict b, int64_t ldb, float beta,
+                                                float* __restrict c, int64_t ldc, int64_t cols) {
   float acc[R][W];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < W; ++j) acc[r][j] = 0.f;
   for (int64_t k = 0; k < K; ++k) {
-    const float* bk = panel + k * W;
+    const float* bk = b + k * ldb;
     for (int r = 0; r < R; ++r) {
       const float ark = a[r * a_row + k * a_col];
       for (int j = 0; j < W; ++j) acc[r][j] += ark * bk[j];
@@ -31,10 +38,10 @@ __attribute__((always_inline)) inline void tile(int64_t K, const float* __restri
   }
   if (cols == W) {
     for (int r = 0; r < R; ++r)
-      for (int j = 0; j < W; ++j) c[r * ldc + j] = beta == 0.f ? acc[r][j] : acc[r][j] + beta * c[r * ldc + j];
-  } else {  // the last panel, padded with zero columns
+      for (int j = 0; j < W; ++j) put(c + r * ldc + j, acc[r][j], beta);
+  } else {
     for (int r = 0; r < R; ++r)
-      for (int64_t j = 0; j < cols; ++j) c[r * ldc + j] = beta == 0.f ? acc[r][j] : acc[r][j] + beta * c[r * ldc + j];
+      for (int64_t j = 0; j < cols; ++j) put(c + r * ldc + j, acc[r][j], beta);
   }
 }
 
@@ -48,39 +55,14 @@ __attribute__((always_inline)) inline void gemm_impl(int64_t M, int64_t N, int64
     const float* panel = packed + (n0 / W) * K * W;
     const int64_t cols = std::min<int64_t>(W, N - n0);
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4) tile<4, W>(K, a + m * a_row, a_row, a_col, panel, beta, c + m * ldc + n0, ldc, cols);
+    for (; m + 4 <= M; m += 4) tile<4, W>(K, a + m * a_row, a_row, a_col, panel, W, beta, c + m * ldc + n0, ldc, cols);
     switch (M - m) {
-      case 3: tile<3, W>(K, a + m * a_row, a_row, a_col, panel, beta, c + m * ldc + n0, ldc, cols); break;
-      case 2: tile<2, W>(K, a + m * a_row, a_row, a_col, panel, beta, c + m * ldc + n0, ldc, cols); break;
-      case 1: tile<1, W>(K, a + m * a_row, a_row, a_col, panel, beta, c + m * ldc + n0, ldc, cols); break;
+      case 3: tile<3, W>(K, a + m * a_row, a_row, a_col, panel, W, beta, c + m * ldc + n0, ldc, cols); break;
+      case 2: tile<2, W>(K, a + m * a_row, a_row, a_col, panel, W, beta, c + m * ldc + n0, ldc, cols); break;
+      case 1: tile<1, W>(K, a + m * a_row, a_row, a_col, panel, W, beta, c + m * ldc + n0, ldc, cols); break;
       default: break;
     }
   }
-}
-
-// Stores one accumulated output: C = acc, or acc + beta C.
-__attribute__((always_inline)) inline void put(float* c, float acc, float beta) {
-  *c = beta == 0.f ? acc : acc + beta * *c;
-}
-
-// In place, B's rows contiguous (B(k, n) = b[k * b_row + n]): rows 0 .. R-1 of A against
-// columns 0 .. W-1 of B, the loop of tile() reading B where it lies.
-template <int R, int W>
-__attribute__((always_inline)) inline void tile_rows(int64_t K, const float* __restrict a, int64_t a_row,
-                                                     int64_t a_col, const float* __restrict b, int64_t b_row,
-                                                     float beta, float* __restrict c, int64_t ldc) {
-  float acc[R][W];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < W; ++j) acc[r][j] = 0.f;
-  for (int64_t k = 0; k < K; ++k) {
-    const float* bk = b + k * b_row;
-    for (int r = 0; r < R; ++r) {
-      const float ark = a[r * a_row + k * a_col];
-      for (int j = 0; j < W; ++j) acc[r][j] += ark * bk[j];
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < W; ++j) put(c + r * ldc + j, acc[r][j], beta);
 }
 
 // Columns n0 .. n0+W-1 of C, every row of A, in blocks of four.
@@ -89,8 +71,8 @@ __attribute__((always_inline)) inline void rows_panel(int64_t M, int64_t K, cons
                                                       int64_t a_col, const float* b, int64_t b_row, float beta,
                                                       float* c, int64_t ldc) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) tile_rows<4, W>(K, a + m * a_row, a_row, a_col, b, b_row, beta, c + m * ldc, ldc);
-  for (; m < M; ++m) tile_rows<1, W>(K, a + m * a_row, a_row, a_col, b, b_row, beta, c + m * ldc, ldc);
+  for (; m + 4 <= M; m += 4) tile<4, W>(K, a + m * a_row, a_row, a_col, b, b_row, beta, c + m * ldc, ldc, W);
+  for (; m < M; ++m) tile<1, W>(K, a + m * a_row, a_row, a_col, b, b_row, beta, c + m * ldc, ldc, W);
 }
 
 // In place, B's rows contiguous: panels of W columns, then of 8, then one at a time.
