@@ -335,9 +335,9 @@ class FusedLSTM(nn.Module):
             hx = (x.new_zeros((self.num_layers * D, B, self._h_size)), x.new_zeros((self.num_layers * D, B, H)))
         h_n, c_n = [], []
         for layer in range(self.num_layers):
-            w_ih, w_hh, bias, w_hr = self._layer_weights(layer)
+            w_ih, w_hh, b_ih, b_hh, w_hr = self._layer_weights(layer)
             h0, c0 = hx[0][layer * D : (layer + 1) * D], hx[1][layer * D : (layer + 1) * D]
-            x, h, c = ops.lstm_layer(x, h0, c0, w_ih, w_hh, bias, lengths, w_hr)
+            x, h, c = ops.lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, w_hr)
             h_n.append(h)
             c_n.append(c)
             if self.dropout > 0 and self.training and layer + 1 < self.num_layers:
@@ -347,23 +347,18 @@ class FusedLSTM(nn.Module):
         return x, (torch.cat(h_n), torch.cat(c_n))
 
     def _layer_weights(self, layer: int):
-        """The directions of one layer stacked as the layer op takes them: w_ih [D,4H,I],
-        w_hh [D,4H,P], bias [D,4H] = b_ih + b_hh or None, w_hr [D,P,H] or None.
-
-        Stacked on every call, never cached: a parameter changed through .data (EMA
-        updates, hand-written optimizers) keeps its version counter, so no cache key could
-        tell that a kept copy had gone stale."""
+        """One layer's Parameters as the layer op takes them, a list per kind with one
+        tensor per direction: w_ih, w_hh, b_ih, b_hh (empty without bias), w_hr (empty
+        without projection). The op reads them in place: no copy, nothing cached, so a
+        parameter changed in any way (through .data too) is what the next call uses."""
         D = self.num_directions
         params = [[self._param(n) for n in d] for d in self._all_weights[layer * D : (layer + 1) * D]]
-        if D == 1:  # a view, no copy
-            p = params[0]
-            return (p[0].unsqueeze(0), p[1].unsqueeze(0), (p[2] + p[3]).unsqueeze(0) if self.bias else None,
-                    p[-1].unsqueeze(0) if self.proj_size > 0 else None)
-        w_ih = torch.stack([p[0] for p in params])
-        w_hh = torch.stack([p[1] for p in params])
-        bias = torch.stack([p[2] + p[3] for p in params]) if self.bias else None
-        w_hr = torch.stack([p[-1] for p in params]) if self.proj_size > 0 else None
-        return w_ih, w_hh, bias, w_hr
+        w_ih = [p[0] for p in params]
+        w_hh = [p[1] for p in params]
+        b_ih = [p[2] for p in params] if self.bias else []
+        b_hh = [p[3] for p in params] if self.bias else []
+        w_hr = [p[-1] for p in params] if self.proj_size > 0 else []
+        return w_ih, w_hh, b_ih, b_hh, w_hr
 
 
 class FusedBiLSTM(FusedLSTM):

@@ -6,6 +6,8 @@ The schemas live in csrc/ops.cpp and the kernels in csrc/cpu and csrc/cuda.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -37,10 +39,14 @@ def _check_devices(op: str, x: Tensor, **tensors: Tensor | None) -> None:
 
 
 @torch.library.register_fake("birnn_ext::lstm_layer_forward")
-def _(x, lengths, h0, c0, w_ih, w_hh, bias, w_hr, training):
-    _check_devices("lstm_layer_forward", x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, bias=bias, w_hr=w_hr)
+def _(x, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ih_reverse, w_hh_reverse, b_ih_reverse, b_hh_reverse,
+      w_hr_reverse, training):
+    _check_devices("lstm_layer_forward", x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr,
+                   w_ih_reverse=w_ih_reverse, w_hh_reverse=w_hh_reverse, b_ih_reverse=b_ih_reverse,
+                   b_hh_reverse=b_hh_reverse, w_hr_reverse=w_hr_reverse)
     T, B, _ = x.shape
-    D, G, P = w_hh.shape
+    D = 2 if w_hh_reverse is not None else 1
+    G, P = w_hh.shape
     H = G // 4
     saved = T if training else 0
     return (
@@ -55,18 +61,20 @@ def _(x, lengths, h0, c0, w_ih, w_hh, bias, w_hr, training):
 
 
 @torch.library.register_fake("birnn_ext::lstm_layer_backward")
-def _(grad_y, grad_h_n, grad_c_n, x, lengths, w_ih, w_hh, w_hr, gates, c_prev, h_prev, h_raw, input_grad=True):
+def _(grad_y, grad_h_n, grad_c_n, x, lengths, w_ih, w_hh, w_hr, w_ih_reverse, w_hh_reverse, w_hr_reverse, gates,
+      c_prev, h_prev, h_raw, input_grad=True):
     T, B, I = x.shape
-    D, G, P = w_hh.shape
+    D = 2 if w_hh_reverse is not None else 1
+    G, P = w_hh.shape
     H = G // 4
     return (
         x.new_empty((T, B, I) if input_grad else (0,)),
         x.new_empty((D, B, P)),
         x.new_empty((D, B, H)),
-        w_ih.new_empty((D, G, I)),
-        w_hh.new_empty((D, G, P)),
-        w_hh.new_empty((D, G)),
-        w_hh.new_empty((D if w_hr is not None else 0, P, H)),
+        x.new_empty((D, G, I)),
+        x.new_empty((D, G, P)),
+        x.new_empty((D, G)),
+        x.new_empty((D if w_hr is not None else 0, P, H)),
     )
 
 
@@ -87,29 +95,54 @@ def _(grad_h_new, grad_c_new, x, h, c, w_ih, w_hh, gates):
 
 
 def _layer_setup_context(ctx, inputs, output):
-    x, lengths, _h0, _c0, w_ih, w_hh, bias, w_hr, _training = inputs
+    x, lengths, _h0, _c0, w_ih, w_hh, b_ih, _b_hh, w_hr, w_ih_r, w_hh_r, _b_ih_r, _b_hh_r, w_hr_r, _training = inputs
     _y, _h_n, _c_n, gates, c_prev, h_prev, h_raw = output
     ctx.mark_non_differentiable(gates, c_prev, h_prev, h_raw)
     ctx.set_materialize_grads(False)  # an unused output costs no zero tensor
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, lengths, w_ih, w_hh, w_hr, gates, c_prev, h_prev, h_raw)
+    ctx.has_bias, ctx.D, ctx.proj = b_ih is not None, 2 if w_hh_r is not None else 1, w_hr is not None
+    ctx.save_for_backward(x, lengths, w_ih, w_hh, w_hr, w_ih_r, w_hh_r, w_hr_r, gates, c_prev, h_prev, h_raw)
 
 
 def _layer_backward(ctx, grad_y, grad_h_n, grad_c_n, *_saved_grads):
-    x, lengths, w_ih, w_hh, w_hr, gates, c_prev, h_prev, h_raw = ctx.saved_tensors
+    x, lengths, *weights, gates, c_prev, h_prev, h_raw = ctx.saved_tensors
     if grad_y is None and grad_h_n is None and grad_c_n is None:
-        return (None,) * 9
+        return (None,) * 15
     input_grad = ctx.needs_input_grad[0]
     dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr = _ops.lstm_layer_backward(
-        grad_y, grad_h_n, grad_c_n, x, lengths, w_ih, w_hh, w_hr, gates, c_prev, h_prev, h_raw, input_grad
+        grad_y, grad_h_n, grad_c_n, x, lengths, *weights, gates, c_prev, h_prev, h_raw, input_grad
     )
-    return (dx if input_grad else None, None, dh0, dc0, dw_ih, dw_hh, dbias if ctx.has_bias else None,
-            dw_hr if w_hr is not None else None, None)
+    # The op stacks the weights' gradients over directions; each Parameter gets its row.
+    # b_ih and b_hh enter the gates as a sum: both get the same gradient.
+    per_direction = []
+    for d in range(2):
+        if d < ctx.D:
+            db = dbias[d] if ctx.has_bias else None
+            per_direction += [dw_ih[d], dw_hh[d], db, db, dw_hr[d] if ctx.proj else None]
+        else:
+            per_direction += [None] * 5
+    return (dx if input_grad else None, None, dh0, dc0, *per_direction, None)
 
 
 torch.library.register_autograd(
     "birnn_ext::lstm_layer_forward", _layer_backward, setup_context=_layer_setup_context
 )
+
+
+class _LayerFunction(torch.autograd.Function):
+    """The same autograd as registered above (the same setup and backward functions), for
+    the modules' calls. Through the registered autograd, each call that needs a gradient
+    passes PyTorch's fill_defaults, whose cost grows with the square of the op's argument
+    count: about 40 us per call at these 15 arguments, a third of a whole batch-1 layer."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        output = _ops.lstm_layer_forward(*args)  # grad mode is off in here: no second graph node
+        _layer_setup_context(ctx, args, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _layer_backward(ctx, *grads[:3])
 
 
 def _cell_setup_context(ctx, inputs, output):
@@ -144,21 +177,38 @@ def lstm_layer(
     x: Tensor,
     h0: Tensor,
     c0: Tensor,
-    w_ih: Tensor,
-    w_hh: Tensor,
-    bias: Tensor | None = None,
+    w_ih: Sequence[Tensor],
+    w_hh: Sequence[Tensor],
+    b_ih: Sequence[Tensor] = (),
+    b_hh: Sequence[Tensor] = (),
     lengths: Tensor | None = None,
-    w_hr: Tensor | None = None,
+    w_hr: Sequence[Tensor] = (),
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One LSTM layer over all steps, D = w_hh.size(0) directions in one sweep.
+    """One LSTM layer over all steps, D = len(w_hh) directions in one sweep.
 
-    x [T,B,I]; h0 [D,B,P]; c0 [D,B,H]; w_ih [D,4H,I]; w_hh [D,4H,P]; bias [D,4H]
-    (b_ih + b_hh) or None; lengths [B] int64 or None; w_hr [D,P,H] or None (then P = H).
+    x [T,B,I]; h0 [D,B,P]; c0 [D,B,H]; one tensor per direction of each of nn.LSTM's
+    weights: w_ih [4H,I], w_hh [4H,P], b_ih and b_hh [4H] (both empty: no bias), w_hr
+    [P,H] (empty: no projection, P = H); lengths [B] int64 or None.
     Returns y [T,B,D*P], h_n [D,B,P], c_n [D,B,H]. Saves activations for backward only
     when a gradient is needed.
     """
-    training = _needs_grad(x, h0, c0, w_ih, w_hh, bias, w_hr)
-    y, h_n, c_n, *_ = _ops.lstm_layer_forward(x, lengths, h0, c0, w_ih, w_hh, bias, w_hr, training)
+    D = len(w_hh)
+    if D not in (1, 2):
+        raise ValueError(f"lstm_layer: w_hh must hold one tensor per direction, 1 or 2, got {D}")
+    args = []
+    for name, seq in (("w_ih", w_ih), ("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh), ("w_hr", w_hr)):
+        if len(seq) not in ((D,) if name in ("w_ih", "w_hh") else (0, D)):
+            raise ValueError(f"lstm_layer: {name} must hold one tensor per direction ({D}), got {len(seq)}")
+        args.append(seq)
+    forward, reverse = [s[0] if s else None for s in args], [s[1] if len(s) > 1 else None for s in args]
+    training = _needs_grad(x, h0, c0, *forward, *reverse)
+    args = (x, lengths, h0, c0, *forward, *reverse, training)
+    # Under autocast the registered autograd is taken: the autocast rule casts the inputs
+    # before it, so that the tensors saved for backward are the ones the kernel used.
+    if training and not torch.is_autocast_enabled(x.device.type):
+        y, h_n, c_n, *_ = _LayerFunction.apply(*args)
+    else:
+        y, h_n, c_n, *_ = _ops.lstm_layer_forward(*args)
     return y, h_n, c_n
 
 
@@ -203,6 +253,7 @@ def _register_autocast(opname: str, device_type: str, dtype_of_region) -> None:
     @op.py_impl(key)  # the same rule where the Python dispatcher runs (torch.compile)
     def autocast_kernel(*args):
         dtype = dtype_of_region()
+
         cast = [a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() and a.device.type == device_type
                 else a for a in args]
         with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):

@@ -4,6 +4,9 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
+#include <string>
+
 namespace birnn {
 
 // P is the size of h: proj_size with a projection, else H.
@@ -24,34 +27,100 @@ inline void check_shape(const char* op, const at::Tensor& t, const char* name, a
               t.sizes());
 }
 
+// A layer's weights per direction, as the layer ops take them (nn.LSTM's Parameters,
+// the reverse direction's under *_reverse). Absent ones are undefined.
+struct LayerWeights {
+  int64_t D = 1;
+  std::array<at::Tensor, 2> w_ih, w_hh, b_ih, b_hh, w_hr;
+  bool bias() const { return b_ih[0].defined(); }
+  bool proj() const { return w_hr[0].defined(); }
+  // The D tensors of one kind, or none when that kind is absent.
+  at::TensorList of(const std::array<at::Tensor, 2>& kind) const {
+    return kind[0].defined() ? at::TensorList(kind.data(), D) : at::TensorList();
+  }
+};
+
+// Gathers the weight arguments of a layer op. The reverse direction is there when
+// w_ih_reverse and w_hh_reverse are; an optional weight must then be given for both
+// directions or for neither, and b_ih and b_hh come together.
+inline LayerWeights layer_weights(const char* op, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                  const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+                                  const std::optional<at::Tensor>& w_hr,
+                                  const std::optional<at::Tensor>& w_ih_reverse,
+                                  const std::optional<at::Tensor>& w_hh_reverse,
+                                  const std::optional<at::Tensor>& b_ih_reverse,
+                                  const std::optional<at::Tensor>& b_hh_reverse,
+                                  const std::optional<at::Tensor>& w_hr_reverse) {
+  TORCH_CHECK(w_ih_reverse.has_value() == w_hh_reverse.has_value(), op,
+              ": w_ih_reverse and w_hh_reverse must be given together (a bidirectional layer) or not at all, got ",
+              w_ih_reverse ? "w_ih_reverse" : "w_hh_reverse", " alone");
+  LayerWeights w;
+  w.D = w_hh_reverse ? 2 : 1;
+  auto pair = [&](std::array<at::Tensor, 2>& kind, const std::optional<at::Tensor>& fwd,
+                  const std::optional<at::Tensor>& rev, const char* name) {
+    if (w.D == 2) {
+      TORCH_CHECK(fwd.has_value() == rev.has_value(), op, ": ", name, " and ", name,
+                  "_reverse must both be given or both be None, got ", fwd ? name : c10::str(name, "_reverse"),
+                  " alone");
+    } else {
+      TORCH_CHECK(!rev, op, ": ", name, "_reverse was given without the reverse direction's w_ih_reverse and ",
+                  "w_hh_reverse");
+    }
+    if (fwd) kind[0] = *fwd;
+    if (rev) kind[1] = *rev;
+  };
+  w.w_ih = {w_ih, w.D == 2 ? *w_ih_reverse : at::Tensor()};
+  w.w_hh = {w_hh, w.D == 2 ? *w_hh_reverse : at::Tensor()};
+  pair(w.b_ih, b_ih, b_ih_reverse, "b_ih");
+  pair(w.b_hh, b_hh, b_hh_reverse, "b_hh");
+  pair(w.w_hr, w_hr, w_hr_reverse, "w_hr");
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), op, ": b_ih and b_hh must both be given or both be None, got ",
+              b_ih ? "b_ih" : "b_hh", " alone");
+  return w;
+}
+
+// One kind of weight, each direction's of shape `want`, with x's dtype and device.
+// Errors name the tensor: "w_hh_reverse".
+inline void check_weights(const char* op, const at::Tensor& x, at::TensorList list, const char* name, int64_t D,
+                          at::IntArrayRef want, const char* layout) {
+  for (int64_t d = 0; d < D; ++d) {
+    const std::string item = d == 0 ? std::string(name) : c10::str(name, "_reverse");
+    check_shape(op, list[d], item.c_str(), want, layout);
+    check_same(op, x, list[d], item.c_str());
+  }
+}
+
+// The sizes of a layer, read from x [T,B,I] and w_hh [4H,P].
+inline LayerDims layer_dims(const char* op, const at::Tensor& x, const LayerWeights& w) {
+  TORCH_CHECK(x.dim() == 3, op, ": x must be 3-D [T, B, I], got ", x.dim(), "-D ", x.sizes());
+  const at::Tensor& w_hh = w.w_hh[0];
+  TORCH_CHECK(w_hh.dim() == 2, op, ": w_hh must be 2-D [4H, P], got ", w_hh.dim(), "-D ", w_hh.sizes());
+  TORCH_CHECK(w_hh.size(0) > 0 && w_hh.size(0) % 4 == 0, op, ": w_hh.size(0) must be 4H > 0, got ", w_hh.size(0));
+  return LayerDims{x.size(0), x.size(1), x.size(2), w_hh.size(0) / 4, w_hh.size(1), w.D};
+}
+
 // Checks the shapes, dtypes and devices of the forward op's arguments and returns the sizes.
 inline LayerDims check_layer_forward(const at::Tensor& x, const std::optional<at::Tensor>& lengths,
-                                     const at::Tensor& h0, const at::Tensor& c0,
-                                     const at::Tensor& w_ih, const at::Tensor& w_hh,
-                                     const std::optional<at::Tensor>& bias,
-                                     const std::optional<at::Tensor>& w_hr) {
+                                     const at::Tensor& h0, const at::Tensor& c0, const LayerWeights& w) {
   const char* op = "lstm_layer_forward";
-  TORCH_CHECK(x.dim() == 3, op, ": x must be 3-D [T, B, I], got ", x.dim(), "-D ", x.sizes());
-  TORCH_CHECK(w_hh.dim() == 3, op, ": w_hh must be 3-D [D, 4H, P], got ", w_hh.sizes());
-  TORCH_CHECK(w_hh.size(1) > 0 && w_hh.size(1) % 4 == 0, op, ": w_hh.size(1) must be 4H > 0, got ", w_hh.size(1));
-  LayerDims d{x.size(0), x.size(1), x.size(2), w_hh.size(1) / 4, w_hh.size(2), w_hh.size(0)};
-  TORCH_CHECK(d.D == 1 || d.D == 2, op, ": w_hh.size(0) is the number of directions, 1 or 2, got ", d.D);
+  const LayerDims d = layer_dims(op, x, w);
   TORCH_CHECK(d.T > 0, op, ": x must have at least one time step, got T = 0");
-  if (w_hr) {
-    check_shape(op, *w_hr, "w_hr", {d.D, d.P, d.H}, "[D, P, H]");
-    check_same(op, x, *w_hr, "w_hr");
+  const bool proj = w.proj();
+  if (proj) {
+    check_weights(op, x, w.of(w.w_hr), "w_hr", d.D, {d.P, d.H}, "[P, H]");
   } else {
-    TORCH_CHECK(d.P == d.H, op, ": without w_hr, w_hh must be [D, 4H, H], got ", w_hh.sizes());
+    TORCH_CHECK(d.P == d.H, op, ": without w_hr, w_hh must be [4H, H], got ", w.w_hh[0].sizes());
   }
-  check_shape(op, w_ih, "w_ih", {d.D, 4 * d.H, d.I}, "[D, 4H, I]");
-  check_shape(op, h0, "h0", {d.D, d.B, d.P}, w_hr ? "[D, B, P]" : "[D, B, H]");
+  check_weights(op, x, w.of(w.w_ih), "w_ih", d.D, {4 * d.H, d.I}, "[4H, I]");
+  check_weights(op, x, w.of(w.w_hh), "w_hh", d.D, {4 * d.H, d.P}, proj ? "[4H, P]" : "[4H, H]");
+  if (w.bias()) {
+    check_weights(op, x, w.of(w.b_ih), "b_ih", d.D, {4 * d.H}, "[4H]");
+    check_weights(op, x, w.of(w.b_hh), "b_hh", d.D, {4 * d.H}, "[4H]");
+  }
+  check_shape(op, h0, "h0", {d.D, d.B, d.P}, proj ? "[D, B, P]" : "[D, B, H]");
   check_shape(op, c0, "c0", {d.D, d.B, d.H}, "[D, B, H]");
-  for (auto [t, name] : {std::pair{&h0, "h0"}, {&c0, "c0"}, {&w_ih, "w_ih"}, {&w_hh, "w_hh"}})
-    check_same(op, x, *t, name);
-  if (bias) {
-    check_shape(op, *bias, "bias", {d.D, 4 * d.H}, "[D, 4H]");
-    check_same(op, x, *bias, "bias");
-  }
+  check_same(op, x, h0, "h0");
+  check_same(op, x, c0, "c0");
   return d;
 }
 
@@ -98,21 +167,21 @@ inline CellDims check_cell_backward(const std::optional<at::Tensor>& grad_h_new,
 inline LayerDims check_layer_backward(const std::optional<at::Tensor>& grad_y,
                                       const std::optional<at::Tensor>& grad_h_n,
                                       const std::optional<at::Tensor>& grad_c_n, const at::Tensor& x,
-                                      const at::Tensor& w_ih, const at::Tensor& w_hh,
-                                      const std::optional<at::Tensor>& w_hr, const at::Tensor& gates,
-                                      const at::Tensor& c_prev, const at::Tensor& h_prev, const at::Tensor& h_raw) {
+                                      const LayerWeights& w, const at::Tensor& gates, const at::Tensor& c_prev, const at::Tensor& h_prev,
+                                      const at::Tensor& h_raw) {
   const char* op = "lstm_layer_backward";
-  TORCH_CHECK(x.dim() == 3 && w_hh.dim() == 3, op, ": x must be [T,B,I] and w_hh [D,4H,P], got ", x.sizes(),
-              " and ", w_hh.sizes());
-  const LayerDims n{x.size(0), x.size(1), x.size(2), w_hh.size(1) / 4, w_hh.size(2), w_hh.size(0)};
+  const LayerDims n = layer_dims(op, x, w);
   const auto [T, B, I, H, P, D] = n;
   TORCH_CHECK(gates.size(0) == T, op,
               ": nothing was saved for backward; the forward must run with training=True (gates has ",
               gates.size(0), " steps, x has ", T, ")");
-  check_shape(op, w_ih, "w_ih", {D, 4 * H, I}, "[D, 4H, I]");
-  if (w_hr) {
-    check_shape(op, *w_hr, "w_hr", {D, P, H}, "[D, P, H]");
+  check_weights(op, x, w.of(w.w_ih), "w_ih", D, {4 * H, I}, "[4H, I]");
+  check_weights(op, x, w.of(w.w_hh), "w_hh", D, {4 * H, P}, "[4H, P]");
+  if (w.proj()) {
+    check_weights(op, x, w.of(w.w_hr), "w_hr", D, {P, H}, "[P, H]");
     check_shape(op, h_raw, "h_raw", {D, T, B, H}, "[D, T, B, H]");
+  } else {
+    TORCH_CHECK(P == H, op, ": without w_hr, w_hh must be [4H, H], got ", w.w_hh[0].sizes());
   }
   check_shape(op, gates, "gates", {T, B, D * 4 * H}, "[T, B, D*4H]");
   check_shape(op, c_prev, "c_prev", {T, B, D * H}, "[T, B, D*H]");

@@ -5,10 +5,14 @@
 
 TORCH_LIBRARY(birnn_ext, m) {
   // One LSTM layer, every time step, D = 1 or 2 directions in one sweep.
-  //   x [T,B,I]; lengths [B] int64 (1 <= len <= T) or None for all T;
-  //   h0 [D,B,P]; c0 [D,B,H]; w_ih [D,4H,I]; w_hh [D,4H,P]; bias [D,4H] (b_ih + b_hh)
-  //   or None; w_hr [D,P,H] (LSTM with projections, h = (o * tanh(c)) W_hr^T) or None,
-  //   and then P = H.
+  //   x [T,B,I]; lengths [B] int64 (1 <= len <= T) or None for all T; h0 [D,B,P]; c0 [D,B,H].
+  //   The weights are the module's own Parameters, under nn.LSTM's names, read in place
+  //   (no stacked copy): w_ih [4H,I]; w_hh [4H,P]; b_ih, b_hh [4H], both or neither;
+  //   w_hr [P,H] (LSTM with projections, h = (o * tanh(c)) W_hr^T) or None, and then
+  //   P = H. The *_reverse ones are the reverse direction's: given (w_ih_reverse and
+  //   w_hh_reverse, and the others as for the forward direction), D = 2.
+  //   Separate tensors rather than lists: a Tensor[] argument sends every autograd call
+  //   through pytree flattening in Python, tens of microseconds per call.
   // Returns y [T,B,D*P] (zero where t >= len), h_n [D,B,P] and c_n [D,B,H] taken at
   // each sequence's own end, and what backward needs when `training` (else empty):
   //   gates [T,B,D*4H] activated i,f,g,o; c_prev [T,B,D*H] and h_prev [D,T,B,P], the
@@ -16,18 +20,20 @@ TORCH_LIBRARY(birnn_ext, m) {
   //   The cell state is kept in the math type: c_prev is float32 for float16 and
   //   bfloat16 storage (float64 for float64).
   m.def(
-      "lstm_layer_forward(Tensor x, Tensor? lengths, Tensor h0, Tensor c0, "
-      "Tensor w_ih, Tensor w_hh, Tensor? bias, Tensor? w_hr, bool training) -> "
+      "lstm_layer_forward(Tensor x, Tensor? lengths, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, "
+      "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? w_ih_reverse, Tensor? w_hh_reverse, "
+      "Tensor? b_ih_reverse, Tensor? b_hh_reverse, Tensor? w_hr_reverse, bool training) -> "
       "(Tensor y, Tensor h_n, Tensor c_n, Tensor gates, Tensor c_prev, Tensor h_prev, Tensor h_raw)");
   // Gradients of lstm_layer_forward. An absent grad_* counts as zeros. Returns
   // grad_x [T,B,I] (empty, [0], when not input_grad: the input of a first layer is
   // data, and its gradient a GEMM as large as the input projection), grad_h0 [D,B,P],
-  // grad_c0 [D,B,H], grad_w_ih [D,4H,I], grad_w_hh [D,4H,P], grad_bias [D,4H],
-  // grad_w_hr [D,P,H] (empty without w_hr).
+  // grad_c0 [D,B,H], and the weights' gradients stacked over directions:
+  // grad_w_ih [D,4H,I], grad_w_hh [D,4H,P], grad_bias [D,4H] (the gradient of b_ih and
+  // of b_hh alike), grad_w_hr [D,P,H] (empty without w_hr).
   m.def(
-      "lstm_layer_backward(Tensor? grad_y, Tensor? grad_h_n, Tensor? grad_c_n, "
-      "Tensor x, Tensor? lengths, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor gates, "
-      "Tensor c_prev, Tensor h_prev, Tensor h_raw, bool input_grad=True) -> "
+      "lstm_layer_backward(Tensor? grad_y, Tensor? grad_h_n, Tensor? grad_c_n, Tensor x, Tensor? lengths, "
+      "Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? w_ih_reverse, Tensor? w_hh_reverse, Tensor? w_hr_reverse, "
+      "Tensor gates, Tensor c_prev, Tensor h_prev, Tensor h_raw, bool input_grad=True) -> "
       "(Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, "
       "Tensor grad_w_hh, Tensor grad_bias, Tensor grad_w_hr)");
 

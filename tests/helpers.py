@@ -74,3 +74,23 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     environment: settings the library reads once, at load time."""
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(ROOT), **env))
+
+
+def layer_weight_args(w_ih, w_hh, bias=None, w_hr=None, backward=False):
+    """The layer ops' weight arguments from weights stacked over directions (w_ih
+    [D,4H,I], w_hh [D,4H,P], bias [D,4H] = b_ih + b_hh or None, w_hr [D,P,H] or None):
+    per direction w_ih, w_hh, b_ih, b_hh, w_hr for the forward op (bias as b_ih, zeros as
+    b_hh: the sum is bias exactly), w_ih, w_hh, w_hr for the backward op; None for the
+    reverse direction of a one-direction layer."""
+    args = []
+    for d in range(2):
+        if d >= w_hh.size(0):
+            args += [None] * (3 if backward else 5)
+            continue
+        hr = w_hr[d] if w_hr is not None else None
+        if backward:
+            args += [w_ih[d], w_hh[d], hr]
+        else:
+            b_ih, b_hh = (bias[d], torch.zeros_like(bias[d])) if bias is not None else (None, None)
+            args += [w_ih[d], w_hh[d], b_ih, b_hh, hr]
+    return args

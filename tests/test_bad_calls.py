@@ -103,34 +103,51 @@ def test_lengths_with_packed_input_is_refused():
 
 OP_CASES = [
     ("x 2-D", dict(x=torch.randn(T, I)), r"x must be 3-D \[T, B, I\], got 2-D"),
-    ("w_ih wrong I", dict(w_ih=torch.randn(D, 4 * H, I + 1)), r"w_ih must have shape \[D, 4H, I\] = \[2, 24, 5\], got \[2, 24, 6\]"),
+    ("w_ih_reverse wrong I", dict(w_ih_reverse=torch.randn(4 * H, I + 1)),
+     r"w_ih_reverse must have shape \[4H, I\] = \[24, 5\], got \[24, 6\]"),
     ("h0 wrong batch", dict(h0=torch.zeros(D, B + 1, H)), r"h0 must have shape \[D, B, H\] = \[2, 3, 6\], got \[2, 4, 6\]"),
     ("c0 float64", dict(c0=torch.zeros(D, B, H, dtype=torch.float64)), r"c0 must have the dtype of x \(Float\), got Double"),
-    ("bias wrong size", dict(bias=torch.zeros(D, 4 * H + 1)), r"bias must have shape \[D, 4H\] = \[2, 24\], got \[2, 25\]"),
-    ("three directions", dict(w_hh=torch.randn(3, 4 * H, H)), r"number of directions, 1 or 2, got 3"),
+    ("w_hh_reverse float64", dict(w_hh_reverse=torch.randn(4 * H, H, dtype=torch.float64)),
+     r"w_hh_reverse must have the dtype of x \(Float\), got Double"),
+    ("b_hh wrong size", dict(b_hh=torch.zeros(4 * H + 1)), r"b_hh must have shape \[4H\] = \[24\], got \[25\]"),
+    ("w_ih_reverse alone", dict(w_hh_reverse=None), r"w_ih_reverse and w_hh_reverse must be given together .* got w_ih_reverse alone"),
+    ("b_ih without b_hh", dict(b_hh=None, b_hh_reverse=None), r"b_ih and b_hh must both be given or both be None, got b_ih alone"),
+    ("b_ih_reverse missing", dict(b_ih_reverse=None), r"b_ih and b_ih_reverse must both be given or both be None, got b_ih alone"),
+    ("reverse bias, one direction", dict(w_ih_reverse=None, w_hh_reverse=None, h0=torch.zeros(1, B, H),
+                                         c0=torch.zeros(1, B, H)), r"b_ih_reverse was given without the reverse direction"),
     ("lengths int32", dict(lengths=torch.tensor([1, 2, 3], dtype=torch.int32)), r"lengths must be int64, got Int"),
     ("lengths past T", dict(lengths=torch.tensor([1, 2, T + 1])), r"lengths must lie in \[1, T = 4\], got values from 1 to 5"),
     ("T = 0", dict(x=torch.randn(0, B, I)), r"at least one time step, got T = 0"),
-    ("w_hh not square without w_hr", dict(w_hh=torch.randn(D, 4 * H, H - 1)),
-     r"without w_hr, w_hh must be \[D, 4H, H\], got \[2, 24, 5\]"),
+    ("w_hh not square without w_hr", dict(w_hh=torch.randn(4 * H, H - 1)),
+     r"without w_hr, w_hh must be \[4H, H\], got \[24, 5\]"),
 ]
+
+
+def layer_args(**override):
+    """The forward op's arguments for a bidirectional layer, by name, in schema order."""
+    args = dict(x=torch.randn(T, B, I), lengths=None, h0=torch.zeros(D, B, H), c0=torch.zeros(D, B, H))
+    for sfx in ("", "_reverse"):
+        args.update({f"w_ih{sfx}": torch.randn(4 * H, I), f"w_hh{sfx}": torch.randn(4 * H, H),
+                     f"b_ih{sfx}": torch.zeros(4 * H), f"b_hh{sfx}": torch.zeros(4 * H), f"w_hr{sfx}": None})
+    order = ["x", "lengths", "h0", "c0"] + [f"{n}{sfx}" for sfx in ("", "_reverse")
+                                            for n in ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr")]
+    args = {k: args[k] for k in order}
+    args.update(override)
+    return args
 
 
 @pytest.mark.parametrize("case,override,msg", OP_CASES, ids=[c[0] for c in OP_CASES])
 def test_op_checks_name_argument_expected_and_got(case, override, msg):
-    args = dict(x=torch.randn(T, B, I), lengths=None, h0=torch.zeros(D, B, H), c0=torch.zeros(D, B, H),
-                w_ih=torch.randn(D, 4 * H, I), w_hh=torch.randn(D, 4 * H, H), bias=torch.zeros(D, 4 * H))
-    args.update(override)
     with pytest.raises(RuntimeError, match=msg):
-        torch.ops.birnn_ext.lstm_layer_forward(*args.values(), None, False)
+        torch.ops.birnn_ext.lstm_layer_forward(*layer_args(**override).values(), False)
 
 
 def test_backward_without_saved_activations_is_refused():
-    x, h0 = torch.randn(T, B, I), torch.zeros(D, B, H)
-    w_ih, w_hh = torch.randn(D, 4 * H, I), torch.randn(D, 4 * H, H)
-    _, _, _, gates, cp, hp, hr = torch.ops.birnn_ext.lstm_layer_forward(x, None, h0, h0, w_ih, w_hh, None, None, False)
+    a = layer_args(b_ih=None, b_hh=None, b_ih_reverse=None, b_hh_reverse=None)
+    _, _, _, gates, cp, hp, hr = torch.ops.birnn_ext.lstm_layer_forward(*a.values(), False)
     with pytest.raises(RuntimeError, match="nothing was saved for backward"):
-        torch.ops.birnn_ext.lstm_layer_backward(None, h0, None, x, None, w_ih, w_hh, None, gates, cp, hp, hr)
+        torch.ops.birnn_ext.lstm_layer_backward(None, a["h0"], None, a["x"], None, a["w_ih"], a["w_hh"], None,
+                                                a["w_ih_reverse"], a["w_hh_reverse"], None, gates, cp, hp, hr)
 
 
 def _replace_weight(m):

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from birnn_ext import _build
-from helpers import TOL
+from helpers import TOL, layer_weight_args
 
 pytestmark = pytest.mark.skipif(_build.find_cuda_home() is None, reason="no CUDA toolkit headers")
 
@@ -80,11 +80,11 @@ def reference_layer(case, dtype):
     work = torch.float64 if dtype == torch.float64 else torch.float32
     c = {k: (v.to(work) if v is not None and v.is_floating_point() else v) for k, v in case.items()}
     ops = torch.ops.birnn_ext
-    y, h_n, c_n, gates, cp, hp, hr = ops.lstm_layer_forward(c["x"], c["lengths"], c["h0"], c["c0"], c["w_ih"],
-                                                            c["w_hh"], c["bias"], c["w_hr"], True)
+    y, h_n, c_n, gates, cp, hp, hr = ops.lstm_layer_forward(
+        c["x"], c["lengths"], c["h0"], c["c0"], *layer_weight_args(c["w_ih"], c["w_hh"], c["bias"], c["w_hr"]), True)
     dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr = ops.lstm_layer_backward(
-        c["grad_y"], c["grad_h_n"], c["grad_c_n"], c["x"], c["lengths"], c["w_ih"], c["w_hh"], c["w_hr"], gates, cp,
-        hp, hr)
+        c["grad_y"], c["grad_h_n"], c["grad_c_n"], c["x"], c["lengths"],
+        *layer_weight_args(c["w_ih"], c["w_hh"], w_hr=c["w_hr"], backward=True), gates, cp, hp, hr)
     out = dict(y=y, h_n=h_n, c_n=c_n, dx=dx, dh0=dh0, dc0=dc0, dw_ih=dw_ih, dw_hh=dw_hh, dbias=dbias)
     if case["w_hr"] is not None:
         out["dw_hr"] = dw_hr

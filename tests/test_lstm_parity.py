@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from birnn_ext import FusedBiLSTM, FusedLSTM, FusedLSTMCell
-from helpers import DEVICES, TOL, assert_same_results, outputs_and_grads
+from helpers import DEVICES, TOL, assert_same_results, layer_weight_args, outputs_and_grads
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -131,15 +131,17 @@ def test_opcheck_layer_ops():
         w_ih, w_hh = r(D, 4 * H, I), r(D, 4 * H, P)
         b = r(D, 4 * H) if with_bias else None
         w_hr = r(D, P, H) if P != H else None
-        torch.library.opcheck(ops.lstm_layer_forward, (x, ln, h0, c0, w_ih, w_hh, b, w_hr, False))
-        grad_args = [t.clone().requires_grad_() if t is not None else None for t in (x, h0, c0, w_ih, w_hh, b, w_hr)]
-        x_, h0_, c0_, w_ih_, w_hh_, b_, w_hr_ = grad_args
-        torch.library.opcheck(ops.lstm_layer_forward, (x_, ln, h0_, c0_, w_ih_, w_hh_, b_, w_hr_, True))
-        _, _, _, gates, cp, hp, hr = ops.lstm_layer_forward(x, ln, h0, c0, w_ih, w_hh, b, w_hr, True)
+        weights = layer_weight_args(w_ih, w_hh, b, w_hr)
+        torch.library.opcheck(ops.lstm_layer_forward, (x, ln, h0, c0, *weights, False))
+        grad_args = [t.clone().requires_grad_() if t is not None else None for t in (x, h0, c0, *weights)]
+        x_, h0_, c0_, *weights_ = grad_args
+        torch.library.opcheck(ops.lstm_layer_forward, (x_, ln, h0_, c0_, *weights_, True))
+        _, _, _, gates, cp, hp, hr = ops.lstm_layer_forward(x, ln, h0, c0, *weights, True)
         for input_grad in (True, False):
             torch.library.opcheck(
                 ops.lstm_layer_backward,
-                (r(T, B, D * P), r(D, B, P), None, x, ln, w_ih, w_hh, w_hr, gates, cp, hp, hr, input_grad),
+                (r(T, B, D * P), r(D, B, P), None, x, ln, *layer_weight_args(w_ih, w_hh, w_hr=w_hr, backward=True),
+                 gates, cp, hp, hr, input_grad),
             )
 
 

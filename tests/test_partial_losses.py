@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from birnn_ext import FusedLSTM
-from helpers import assert_close
+from helpers import assert_close, layer_weight_args
 
 T, B, I, H = 9, 5, 4, 6
 LENGTHS = [9, 4, 1, 7, 9]
@@ -152,13 +152,15 @@ def test_input_without_grad(proj_size, with_lengths):
     w_ih, w_hh = torch.randn(D, G, I, dtype=torch.float64), torch.randn(D, G, P, dtype=torch.float64)
     w_hr = torch.randn(D, P, H, dtype=torch.float64) if proj_size else None
     h0, c0 = torch.zeros(D, B, P, dtype=torch.float64), torch.zeros(D, B, H, dtype=torch.float64)
-    _, _, _, gates, cp, hp, hr = torch.ops.birnn_ext.lstm_layer_forward(x, None, h0, c0, w_ih, w_hh, None, w_hr, True)
+    _, _, _, gates, cp, hp, hr = torch.ops.birnn_ext.lstm_layer_forward(
+        x, None, h0, c0, *layer_weight_args(w_ih, w_hh, w_hr=w_hr), True)
+    weights = layer_weight_args(w_ih, w_hh, w_hr=w_hr, backward=True)
     grads = torch.ops.birnn_ext.lstm_layer_backward(
-        torch.ones(T, B, D * P, dtype=torch.float64), None, None, x, None, w_ih, w_hh, w_hr, gates, cp, hp, hr, False
+        torch.ones(T, B, D * P, dtype=torch.float64), None, None, x, None, *weights, gates, cp, hp, hr, False
     )
     assert grads[0].shape == (0,)
     full = torch.ops.birnn_ext.lstm_layer_backward(
-        torch.ones(T, B, D * P, dtype=torch.float64), None, None, x, None, w_ih, w_hh, w_hr, gates, cp, hp, hr, True
+        torch.ones(T, B, D * P, dtype=torch.float64), None, None, x, None, *weights, gates, cp, hp, hr, True
     )
     for a, b in zip(grads[1:], full[1:]):
         assert torch.equal(a, b)

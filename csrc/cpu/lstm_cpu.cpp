@@ -187,6 +187,16 @@ at::Tensor contiguous(const at::Tensor& t) {
   return t.is_contiguous() ? t : pooled_empty(t.sizes(), t.options()).copy_(t);
 }
 
+// One kind of a layer's weights, per direction, each contiguous (undefined past D, or
+// when absent).
+using Weights = std::array<at::Tensor, 2>;
+Weights weights(const Weights& kind) {
+  Weights w;
+  for (size_t d = 0; d < 2; ++d)
+    if (kind[d].defined()) w[d] = contiguous(kind[d]);
+  return w;
+}
+
 // Bit tests over storage values, in integer operations so that the loops vectorize.
 template <typename T>
 struct Bits;
@@ -403,7 +413,7 @@ struct BwdParams {
   const T* x;                         // [T,B,I] the layer's input
   const T* h_prev;                    // [D,T,B,P]
   const T* h_raw;                     // [D,T,B,H] with a projection, else nullptr
-  const T* w_ih;                      // [D,4H,I]
+  std::array<const T*, 2> w_ih;       // [4H,I] per direction
   BlockWork* work;                    // shared with the threads that take the weight-gradient blocks
   bool input_grad;                    // dx wanted
 };
@@ -486,7 +496,7 @@ void backward_direction(const BwdParams<T>& p, int64_t d) {
   // only at its own first step, the sweep's last), those steps are skipped: no cell, no
   // GEMM, their dg rows not even written. Only while every weight is finite: each
   // skipped product with them would be zero times a weight.
-  bool zeros_so_far = all_zero(dh, B * P) && all_zero(dc, B * H) && all_finite(p.w_ih + d * G * I, G * I) &&
+  bool zeros_so_far = all_zero(dh, B * P) && all_zero(dc, B * H) && all_finite(p.w_ih[d], G * I) &&
                       all_finite(p.w_hh[d].view.template data_ptr<T>(), G * P) &&
                       (!proj || all_finite(p.w_hr[d].view.template data_ptr<T>(), P * H));
   int64_t last_live = T_ - 1;  // steps past it were skipped
@@ -595,15 +605,21 @@ void column_sums(const T* m, int64_t rows, int64_t cols, T* out) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cpu(
     const at::Tensor& x_, const std::optional<at::Tensor>& lengths, const at::Tensor& h0, const at::Tensor& c0,
-    const at::Tensor& w_ih_, const at::Tensor& w_hh_, const std::optional<at::Tensor>& bias_,
-    const std::optional<at::Tensor>& w_hr_, bool training) {
-  const LayerDims n = check_layer_forward(x_, lengths, h0, c0, w_ih_, w_hh_, bias_, w_hr_);
+    const at::Tensor& w_ih_, const at::Tensor& w_hh_, const std::optional<at::Tensor>& b_ih_,
+    const std::optional<at::Tensor>& b_hh_, const std::optional<at::Tensor>& w_hr_,
+    const std::optional<at::Tensor>& w_ih_reverse, const std::optional<at::Tensor>& w_hh_reverse,
+    const std::optional<at::Tensor>& b_ih_reverse, const std::optional<at::Tensor>& b_hh_reverse,
+    const std::optional<at::Tensor>& w_hr_reverse, bool training) {
+  const LayerWeights wts = layer_weights("lstm_layer_forward", w_ih_, w_hh_, b_ih_, b_hh_, w_hr_, w_ih_reverse,
+                                         w_hh_reverse, b_ih_reverse, b_hh_reverse, w_hr_reverse);
+  const LayerDims n = check_layer_forward(x_, lengths, h0, c0, wts);
   const at::Tensor len = checked_lengths("lstm_layer_forward", lengths, n.T, n.B);
   const auto [T_, B, I, H, P, D] = n;
-  const bool proj = w_hr_.has_value();
-  const at::Tensor x = contiguous(x_), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
-  const at::Tensor w_hr = proj ? w_hr_->contiguous() : at::Tensor();
-  const at::Tensor bias = bias_ ? bias_->contiguous() : pooled_zeros({D, 4 * H}, x.options());
+  const bool proj = wts.proj();
+  const at::Tensor x = contiguous(x_);
+  // The module's own Parameters, read in place: no stacked copy per call (a copy costs
+  // its time, and leaves the weights cold in the cache of the core that reads them).
+  const Weights w_ih = weights(wts.w_ih), w_hh = weights(wts.w_hh), w_hr = weights(wts.w_hr);
   auto opt = x.options();
   auto mopt = opt.dtype(math_dtype(x.scalar_type()));
   const int64_t saved = training ? T_ : 0;
@@ -620,6 +636,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (B > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lstm_layer_forward_cpu", [&] {
       using T = scalar_t;
+      // b_ih + b_hh, summed here (zeros without a bias).
+      at::Tensor bias = pooled_empty({D, 4 * H}, opt);
+      T* bsum = bias.data_ptr<T>();
+      for (int64_t d = 0; d < D; ++d) {
+        if (!wts.bias()) {
+          std::fill(bsum + d * 4 * H, bsum + (d + 1) * 4 * H, T(0));
+          continue;
+        }
+        const at::Tensor bi = wts.b_ih[d].contiguous(), bh = wts.b_hh[d].contiguous();
+        const T *pi = bi.data_ptr<T>(), *ph = bh.data_ptr<T>();
+        for (int64_t g = 0; g < 4 * H; ++g) bsum[d * 4 * H + g] = T(math_t<T>(pi[g]) + math_t<T>(ph[g]));
+      }
       at::Tensor rec = pooled_empty({D, B, 4 * H}, opt);
       at::Tensor raw_step = pooled_empty({D, proj ? B : 0, H}, opt), proj_step = pooled_empty({D, proj ? B : 0, P}, opt);
       FwdParams<T> p{};
@@ -627,8 +655,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       p.len = len.defined() ? len.data_ptr<int64_t>() : nullptr;
       at::Tensor x_chunk, xg_chunk;
       if (training) {
-        // Input projection of every step and direction: [T*B, I] x [D*4H, I]^T.
-        matmul<T>(x.view({T_ * B, I}), w_ih.view({D * 4 * H, I}).t(), xg.view({T_ * B, D * 4 * H}), T(0));
+        // Input projection of every step and direction: [T*B, I] x [D*4H, I]^T, with the
+        // directions' W_ih side by side (a copy, small beside the training work).
+        const at::Tensor w_ih_all = D == 1 ? w_ih[0] : pooled_empty({D * 4 * H, I}, opt);
+        for (int64_t d = 0; d < D && D > 1; ++d) w_ih_all.narrow(0, d * 4 * H, 4 * H).copy_(w_ih[d]);
+        matmul<T>(x.view({T_ * B, I}), w_ih_all.t(), xg.view({T_ * B, D * 4 * H}), T(0));
       } else {
         const int64_t tail = T_ % chunk;
         x_chunk = pooled_empty({D, chunk * B, I}, opt);
@@ -673,16 +704,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::optional<at::Tensor>& grad_h_n,
                         const std::optional<at::Tensor>& grad_c_n, const at::Tensor& x_,
                         const std::optional<at::Tensor>& lengths, const at::Tensor& w_ih_, const at::Tensor& w_hh_,
-                        const std::optional<at::Tensor>& w_hr_, const at::Tensor& gates_, const at::Tensor& c_prev_,
+                        const std::optional<at::Tensor>& w_hr_, const std::optional<at::Tensor>& w_ih_reverse,
+                        const std::optional<at::Tensor>& w_hh_reverse, const std::optional<at::Tensor>& w_hr_reverse,
+                        const at::Tensor& gates_, const at::Tensor& c_prev_,
                         const at::Tensor& h_prev_, const at::Tensor& h_raw_, bool input_grad) {
-  const LayerDims n =
-      check_layer_backward(grad_y, grad_h_n, grad_c_n, x_, w_ih_, w_hh_, w_hr_, gates_, c_prev_, h_prev_, h_raw_);
+  const LayerWeights wts = layer_weights("lstm_layer_backward", w_ih_, w_hh_, std::nullopt, std::nullopt, w_hr_,
+                                         w_ih_reverse, w_hh_reverse, std::nullopt, std::nullopt, w_hr_reverse);
+  const LayerDims n = check_layer_backward(grad_y, grad_h_n, grad_c_n, x_, wts, gates_, c_prev_, h_prev_, h_raw_);
   const auto [T_, B, I, H, P, D] = n;
-  const bool proj = w_hr_.has_value();
+  const bool proj = wts.proj();
   const at::Tensor len = checked_lengths("lstm_layer_backward", lengths, T_, B);
 
-  const at::Tensor x = contiguous(x_), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
-  const at::Tensor w_hr = proj ? w_hr_->contiguous() : at::Tensor(), h_raw = proj ? contiguous(h_raw_) : at::Tensor();
+  const at::Tensor x = contiguous(x_), h_raw = proj ? contiguous(h_raw_) : at::Tensor();
+  const Weights w_ih = weights(wts.w_ih), w_hh = weights(wts.w_hh), w_hr = weights(wts.w_hr);
   const at::Tensor gates = contiguous(gates_), c_prev = contiguous(c_prev_), h_prev = contiguous(h_prev_);
   // grad_y is often a view (a transpose for batch_first, a gradient scattered into zeros).
   const at::Tensor dy = grad_y ? contiguous(*grad_y) : at::Tensor();
@@ -729,7 +763,7 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
     p.x = x.data_ptr<T>();
     p.h_prev = h_prev.data_ptr<T>();
     p.h_raw = proj ? h_raw.data_ptr<T>() : nullptr;
-    p.w_ih = w_ih.data_ptr<T>();
+    for (int64_t d = 0; d < D; ++d) p.w_ih[d] = w_ih[d].data_ptr<T>();
     BlockWork work;
     p.work = &work;
     p.input_grad = input_grad;

@@ -83,17 +83,24 @@ math_t<typename Storage<S>::type>* math_ptr(const at::Tensor& t) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cuda(
     const at::Tensor& x_, const std::optional<at::Tensor>& lengths, const at::Tensor& h0, const at::Tensor& c0,
-    const at::Tensor& w_ih_, const at::Tensor& w_hh_, const std::optional<at::Tensor>& bias_,
-    const std::optional<at::Tensor>& w_hr_, bool training) {
-  const LayerDims n = check_layer_forward(x_, lengths, h0, c0, w_ih_, w_hh_, bias_, w_hr_);
+    const at::Tensor& w_ih_, const at::Tensor& w_hh_, const std::optional<at::Tensor>& b_ih_,
+    const std::optional<at::Tensor>& b_hh_, const std::optional<at::Tensor>& w_hr_,
+    const std::optional<at::Tensor>& w_ih_reverse, const std::optional<at::Tensor>& w_hh_reverse,
+    const std::optional<at::Tensor>& b_ih_reverse, const std::optional<at::Tensor>& b_hh_reverse,
+    const std::optional<at::Tensor>& w_hr_reverse, bool training) {
+  const LayerWeights wts = layer_weights("lstm_layer_forward", w_ih_, w_hh_, b_ih_, b_hh_, w_hr_, w_ih_reverse,
+                                         w_hh_reverse, b_ih_reverse, b_hh_reverse, w_hr_reverse);
+  const LayerDims n = check_layer_forward(x_, lengths, h0, c0, wts);
   const c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor len_cpu = checked_lengths("lstm_layer_forward", lengths, n.T, n.B);
   const auto [T_, B, I, H, P, D] = n;
   const int64_t G = 4 * H, rows = T_ * B, saved = training ? T_ : 0;
-  const bool proj = w_hr_.has_value();
-  const at::Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
-  const at::Tensor w_hr = proj ? w_hr_->contiguous() : at::Tensor();
-  const at::Tensor bias = bias_ ? bias_->contiguous() : at::Tensor();
+  const bool proj = wts.proj();
+  // The kernels take each weight with its directions stacked [D, ...]: one batched GEMM
+  // per step covers both directions. A copy of the weights on the device, made per call.
+  const at::Tensor x = x_.contiguous(), w_ih = at::stack(wts.of(wts.w_ih)), w_hh = at::stack(wts.of(wts.w_hh));
+  const at::Tensor w_hr = proj ? at::stack(wts.of(wts.w_hr)) : at::Tensor();
+  const at::Tensor bias = wts.bias() ? at::stack(wts.of(wts.b_ih)) + at::stack(wts.of(wts.b_hh)) : at::Tensor();
   const at::Tensor len = len_cpu.defined() ? len_cpu.to(x.device()) : at::Tensor();
   auto opt = x.options();
   at::Tensor y = at::empty({T_, B, D * P}, opt);
@@ -141,17 +148,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 lstm_layer_backward_cuda(const std::optional<at::Tensor>& grad_y, const std::optional<at::Tensor>& grad_h_n,
                          const std::optional<at::Tensor>& grad_c_n, const at::Tensor& x_,
                          const std::optional<at::Tensor>& lengths, const at::Tensor& w_ih_, const at::Tensor& w_hh_,
-                         const std::optional<at::Tensor>& w_hr_, const at::Tensor& gates_, const at::Tensor& c_prev_,
+                         const std::optional<at::Tensor>& w_hr_, const std::optional<at::Tensor>& w_ih_reverse,
+                         const std::optional<at::Tensor>& w_hh_reverse, const std::optional<at::Tensor>& w_hr_reverse,
+                         const at::Tensor& gates_, const at::Tensor& c_prev_,
                          const at::Tensor& h_prev_, const at::Tensor& h_raw_, bool input_grad) {
-  const LayerDims n =
-      check_layer_backward(grad_y, grad_h_n, grad_c_n, x_, w_ih_, w_hh_, w_hr_, gates_, c_prev_, h_prev_, h_raw_);
+  const LayerWeights wts = layer_weights("lstm_layer_backward", w_ih_, w_hh_, std::nullopt, std::nullopt, w_hr_,
+                                         w_ih_reverse, w_hh_reverse, std::nullopt, std::nullopt, w_hr_reverse);
+  const LayerDims n = check_layer_backward(grad_y, grad_h_n, grad_c_n, x_, wts, gates_, c_prev_, h_prev_, h_raw_);
   const c10::cuda::CUDAGuard guard(x_.device());
-  const bool proj = w_hr_.has_value();
+  const bool proj = wts.proj();
   const auto [T_, B, I, H, P, D] = n;
   const int64_t G = 4 * H, rows = T_ * B;
   const at::Tensor len_cpu = checked_lengths("lstm_layer_backward", lengths, T_, B);
-  const at::Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
-  const at::Tensor w_hr = proj ? w_hr_->contiguous() : at::Tensor(), h_raw = proj ? h_raw_.contiguous() : at::Tensor();
+  const at::Tensor x = x_.contiguous(), w_ih = at::stack(wts.of(wts.w_ih)), w_hh = at::stack(wts.of(wts.w_hh));
+  const at::Tensor w_hr = proj ? at::stack(wts.of(wts.w_hr)) : at::Tensor();
+  const at::Tensor h_raw = proj ? h_raw_.contiguous() : at::Tensor();
   const at::Tensor gates = gates_.contiguous(), c_prev = c_prev_.contiguous(), h_prev = h_prev_.contiguous();
   const at::Tensor dy = grad_y ? grad_y->contiguous() : at::Tensor();
   const at::Tensor len = len_cpu.defined() ? len_cpu.to(x.device()) : at::Tensor();
