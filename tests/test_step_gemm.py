@@ -1,11 +1,12 @@
-"""The float32 step products on small_gemm (csrc/cpu/small_gemm.cpp). Sweeps of 256 rows
-(steps x batch) and more pack their weights; shorter ones multiply the weights where
-they lie (small_gemm_in_place: B's rows contiguous, or dot products against W's rows).
+"""The float32 step products on small_gemm (csrc/cpu/small_gemm.cpp). A sweep packs a
+weight it reads transposed (h W_hh^T, x W_ih^T) from 16 rows (steps x batch), one it
+reads by rows (dg W_hh) from 256; shorter ones multiply the weights where they lie
+(small_gemm_in_place: B's rows contiguous, or dot products against W's rows).
 Parity with nn.LSTM at sizes that reach every part of both: row blocks of 1-4, a last
-panel or column block narrower than the kernel's width, dot products with a tail past
-the vector width and ones too short for the dot kernel (those go to BLAS), projections,
-inference input chunks, lengths; for each of the three builds (AVX-512, AVX2, baseline
-x86-64) that this CPU can run."""
+panel or column block narrower than the kernel's width, packing transposed blocks with
+ragged edges, dot products with a tail past the vector width and ones too short for the
+dot kernel (those go to BLAS), projections, inference input chunks, lengths; for each
+of the three builds (AVX-512, AVX2, baseline x86-64) that this CPU can run."""
 
 from __future__ import annotations
 
@@ -19,12 +20,15 @@ from helpers import assert_close, run_python
 
 # (T, B, I, H, proj_size). Packed: B % 4 = 1, 2, 3, 0; 4H and P not multiples of 64 or 24.
 PACKED = [(40, 9, 5, 37, 0), (30, 10, 33, 20, 0), (64, 7, 16, 50, 11), (32, 8, 24, 64, 0), (260, 1, 3, 17, 5)]
-# In place (T*B < 256): batch 1, 3 (under a row block), 6 (a block and two single rows);
-# H = 71 and 67: dot products of 71 and 67 (a tail past 16, 8 and 4 lanes) into 4H
-# columns that leave a partial column block; H = 33: dot products too short, BLAS; a
-# projection (h_raw W_hr^T with K = 80, dh W_hr with 70 columns).
-IN_PLACE = [(20, 1, 5, 71, 0), (12, 3, 8, 67, 0), (10, 6, 8, 33, 0), (15, 2, 10, 80, 70)]
-CASES = PACKED + IN_PLACE
+# Mixed (16 <= T*B < 256): the transposed products packed (K = 71, 67, 33, 80 past the
+# transpose blocks of 16, 8 and 4), the backward's dg W_hh in place; batch 1, 3 (under
+# a row block), 6 (a block and two single rows), and a projection.
+MIXED = [(20, 1, 5, 71, 0), (12, 3, 8, 67, 0), (10, 6, 8, 33, 0), (15, 2, 10, 80, 70)]
+# In place (T*B < 16): H = 71 and 67: dot products of 71 and 67 (a tail past 16, 8 and
+# 4 lanes) into 4H columns that leave a partial column block; H = 33: dot products too
+# short, BLAS; a projection (h_raw W_hr^T with K = 80, dh W_hr with 70 columns).
+IN_PLACE = [(12, 1, 5, 71, 0), (5, 3, 8, 67, 0), (2, 6, 8, 33, 0), (7, 2, 10, 80, 70)]
+CASES = PACKED + MIXED + IN_PLACE
 
 
 def compare(T, B, I, H, proj_size, with_lengths):

@@ -185,6 +185,73 @@ __attribute__((always_inline)) inline void dot_impl(int64_t M, int64_t N, int64_
     for (int64_t m = 0; m < M; ++m) dot_tile<1, V>(K, a + m * a_row, b + n * b_col, b_col, beta, c + m * ldc + n);
 }
 
+// A V x V block transposed in registers: log2(V) stages, stage b swapping bit b of the
+// row index with bit b of the lane index (row i's lanes with that bit set trade places
+// with row i+b's lanes without it).
+constexpr int swap_lane(int lane, int V, int b, int upper) {
+  return upper ? ((lane & b) ? V + lane : lane + b) : ((lane & b) ? V + lane - b : lane);
+}
+template <int V, int B, int Upper, std::size_t... L>
+__attribute__((always_inline)) inline typename Vec<V>::type swap_half(typename Vec<V>::type u,
+                                                                      typename Vec<V>::type w,
+                                                                      std::index_sequence<L...>) {
+  return __builtin_shufflevector(u, w, swap_lane(int(L), V, B, Upper)...);
+}
+template <int V, int B = 1>
+__attribute__((always_inline)) inline void transpose_block(typename Vec<V>::type* r) {
+  if constexpr (B < V) {
+    constexpr auto lanes = std::make_index_sequence<V>();
+    for (int i = 0; i < V; ++i) {
+      if (i & B) continue;
+      const typename Vec<V>::type lo = swap_half<V, B, 0>(r[i], r[i + B], lanes);
+      const typename Vec<V>::type hi = swap_half<V, B, 1>(r[i], r[i + B], lanes);
+      r[i] = lo, r[i + B] = hi;
+    }
+    transpose_block<V, 2 * B>(r);
+  }
+}
+
+// Packs B [K,N] into panels of W columns (small_gemm's layout: panel p holds
+// B(k, p*W + j) at k*W + j, zero past N). B's rows contiguous (b_col == 1): row by row.
+// B the transpose of a row-major matrix (b_row == 1, a weight as nn.LSTM stores it):
+// V x V blocks transposed in registers, the ragged edges one value at a time.
+template <int W, int V>
+__attribute__((always_inline)) inline void pack_impl(int64_t K, int64_t N, const float* b, int64_t b_row,
+                                                     int64_t b_col, float* out) {
+  using vf = typename Vec<V>::type;
+  for (int64_t n0 = 0; n0 < N; n0 += W) {
+    float* panel = out + (n0 / W) * K * W;
+    const int64_t cols = std::min<int64_t>(W, N - n0);
+    if (b_col == 1) {
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t j = 0; j < cols; ++j) panel[k * W + j] = b[k * b_row + n0 + j];
+        for (int64_t j = cols; j < W; ++j) panel[k * W + j] = 0.f;
+      }
+      continue;
+    }
+    if (b_row != 1) {  // neither layout: any strides, one value at a time
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t j = 0; j < W; ++j) panel[k * W + j] = j < cols ? b[k * b_row + (n0 + j) * b_col] : 0.f;
+      continue;
+    }
+    const int64_t k_blocks = K / V * V, j_blocks = cols / V * V;
+    for (int64_t j0 = 0; j0 < j_blocks; j0 += V) {
+      const float* src = b + (n0 + j0) * b_col;  // V rows of the matrix: V columns of B
+      for (int64_t k0 = 0; k0 < k_blocks; k0 += V) {
+        vf r[V];
+        for (int i = 0; i < V; ++i) r[i] = load_vec<V>(src + i * b_col + k0);
+        transpose_block<V>(r);
+        for (int i = 0; i < V; ++i) __builtin_memcpy(panel + (k0 + i) * W + j0, &r[i], sizeof(vf));
+      }
+      for (int64_t k = k_blocks; k < K; ++k)
+        for (int64_t j = j0; j < j0 + V; ++j) panel[k * W + j] = b[k + (n0 + j) * b_col];
+    }
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = j_blocks; j < W; ++j) panel[k * W + j] = j < cols ? b[k + (n0 + j) * b_col] : 0.f;
+  }
+}
+
+using PackFn = void (*)(int64_t, int64_t, const float*, int64_t, int64_t, float*);
 using GemmFn = void (*)(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, float, float*,
                         int64_t);
 using RowsFn = void (*)(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, float,
@@ -206,6 +273,9 @@ using DotFn = void (*)(int64_t, int64_t, int64_t, const float*, int64_t, const f
   void dot_##suffix(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, const float* b, int64_t b_col, \
                     float beta, float* c, int64_t ldc) {                                                           \
     dot_impl<V>(M, N, K, a, a_row, b, b_col, beta, c, ldc);                                                        \
+  }                                                                                                                \
+  void pack_##suffix(int64_t K, int64_t N, const float* b, int64_t b_row, int64_t b_col, float* out) {             \
+    pack_impl<W, V>(K, N, b, b_row, b_col, out);                                                                   \
   }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -224,6 +294,7 @@ struct Kernel {
   GemmFn fn;
   RowsFn rows;
   DotFn dot;
+  PackFn pack;
   int64_t width;
 };
 
@@ -235,10 +306,10 @@ const Kernel& kernel() {
     const std::string cap = env ? env : "";
 #if defined(__x86_64__) && defined(__GNUC__)
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("x86-64-v4") && cap.empty()) return Kernel{gemm_avx512, rows_avx512, dot_avx512, 64};
-    if (__builtin_cpu_supports("x86-64-v3") && cap != "baseline") return Kernel{gemm_avx2, rows_avx2, dot_avx2, 24};
+    if (__builtin_cpu_supports("x86-64-v4") && cap.empty()) return Kernel{gemm_avx512, rows_avx512, dot_avx512, pack_avx512, 64};
+    if (__builtin_cpu_supports("x86-64-v3") && cap != "baseline") return Kernel{gemm_avx2, rows_avx2, dot_avx2, pack_avx2, 24};
 #endif
-    return Kernel{gemm_baseline, rows_baseline, dot_baseline, 12};
+    return Kernel{gemm_baseline, rows_baseline, dot_baseline, pack_baseline, 12};
   }();
   return k;
 }
@@ -251,26 +322,7 @@ int64_t small_gemm_packed_size(int64_t K, int64_t N) {
 }
 
 void small_gemm_pack(int64_t K, int64_t N, const float* b, int64_t b_row, int64_t b_col, float* out) {
-  const int64_t W = kernel().width;
-  // A B whose rows are strided (W^T, read from W) goes in 16 x 16 tiles, so that each
-  // cache line read is used 16 times while in L1.
-  constexpr int64_t kTile = 16;
-  for (int64_t n0 = 0; n0 < N; n0 += W) {
-    float* panel = out + (n0 / W) * K * W;
-    const int64_t cols = std::min(W, N - n0);
-    if (b_col == 1) {  // rows of B contiguous: row by row
-      for (int64_t k = 0; k < K; ++k) {
-        for (int64_t j = 0; j < cols; ++j) panel[k * W + j] = b[k * b_row + n0 + j];
-        for (int64_t j = cols; j < W; ++j) panel[k * W + j] = 0.f;
-      }
-      continue;
-    }
-    for (int64_t k0 = 0; k0 < K; k0 += kTile)
-      for (int64_t j0 = 0; j0 < W; j0 += kTile)
-        for (int64_t k = k0; k < std::min(K, k0 + kTile); ++k)
-          for (int64_t j = j0; j < std::min(W, j0 + kTile); ++j)
-            panel[k * W + j] = j < cols ? b[k * b_row + (n0 + j) * b_col] : 0.f;
-  }
+  kernel().pack(K, N, b, b_row, b_col, out);
 }
 
 void small_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_col, const float* packed,
