@@ -203,11 +203,17 @@ def lstm_layer(
     forward, reverse = [s[0] if s else None for s in args], [s[1] if len(s) > 1 else None for s in args]
     training = _needs_grad(x, h0, c0, *forward, *reverse)
     args = (x, lengths, h0, c0, *forward, *reverse, training)
-    # Under autocast the registered autograd is taken: the autocast rule casts the inputs
-    # before it, so that the tensors saved for backward are the ones the kernel used.
-    if training and not torch.is_autocast_enabled(x.device.type):
+    if not training and not torch.compiler.is_compiling():
+        # Nothing to record: past the registered autograd kernel, whose Python layer
+        # (that only finds that no gradient is needed) costs about 7 us a call. The
+        # keys above autograd (autocast, Python, functorch) still apply.
+        with torch._C._AutoDispatchBelowAutograd():
+            y, h_n, c_n, *_ = _ops.lstm_layer_forward(*args)
+    elif training and not torch.is_autocast_enabled(x.device.type):
         y, h_n, c_n, *_ = _LayerFunction.apply(*args)
     else:
+        # Under autocast the registered autograd is taken: the autocast rule casts the
+        # inputs before it, so that the tensors saved for backward are the ones the kernel used.
         y, h_n, c_n, *_ = _ops.lstm_layer_forward(*args)
     return y, h_n, c_n
 

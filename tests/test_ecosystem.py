@@ -194,6 +194,9 @@ def test_cpu_autocast_runs_a_bfloat16_kernel():
     y.float().sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     torch.testing.assert_close(y.float(), model(x), rtol=5e-2, atol=5e-2)
+    # Inference takes the same rule: a float32 input runs the bfloat16 kernel.
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.lstm(inner.float())[0].dtype == torch.bfloat16
     # A float16 region has no float16 CPU kernel to use: the op runs in float32.
     with torch.autocast("cpu", dtype=torch.float16):
         assert model.lstm(model.inp(x))[0].dtype == torch.float32
