@@ -128,23 +128,6 @@ torch.library.register_autograd(
 )
 
 
-class _LayerFunction(torch.autograd.Function):
-    """The same autograd as registered above (the same setup and backward functions), for
-    the modules' calls. Through the registered autograd, each call that needs a gradient
-    passes PyTorch's fill_defaults, whose cost grows with the square of the op's argument
-    count: about 40 us per call at these 15 arguments, a third of a whole batch-1 layer."""
-
-    @staticmethod
-    def forward(ctx, *args):
-        output = _ops.lstm_layer_forward(*args)  # grad mode is off in here: no second graph node
-        _layer_setup_context(ctx, args, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return _layer_backward(ctx, *grads[:3])
-
-
 def _cell_setup_context(ctx, inputs, output):
     x, h, c, w_ih, w_hh, bias, _training = inputs
     gates = output[2]
@@ -166,7 +149,40 @@ torch.library.register_autograd(
 )
 
 
-# ---------------------------------------------------------------- wrappers
+def _function(name: str, op, setup_context, backward) -> type[torch.autograd.Function]:
+    """The autograd registered above for `op` (the same setup and backward functions), as
+    an autograd.Function for the modules' calls. Through the registration, each call that
+    needs a gradient passes PyTorch's fill_defaults, whose cost grows with the square of
+    the op's argument count: about 40 us a call at the layer op's 15 arguments, a third of
+    a whole batch-1 layer."""
+
+    def forward(ctx, *args):
+        output = op(*args)  # grad mode is off in here: no second graph node
+        setup_context(ctx, args, output)
+        return output
+
+    # Made with type() so that autograd names the graph node <name>Backward.
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
+_LayerFunction = _function("LstmLayer", _ops.lstm_layer_forward, _layer_setup_context, _layer_backward)
+_CellFunction = _function("LstmCell", _ops.lstm_cell_forward, _cell_setup_context, _cell_backward)
+
+
+def _call(op, function, args, training: bool, device_type: str):
+    """Runs a forward op (its last argument `training`) the cheapest way that records
+    what autograd needs. Under torch.compile, and under autocast, through the registered
+    autograd: the compiler traces the op itself, and the autocast rule casts the inputs
+    before that autograd, so that the tensors saved for backward are the ones the kernel
+    used."""
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled(device_type):
+        return op(*args)
+    if training:
+        return function.apply(*args)
+    # Nothing to record: past the registered autograd kernel, whose Python layer (that
+    # only finds that no gradient is needed) costs about 7 us a call.
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
 
 
 def _needs_grad(*tensors: Tensor | None) -> bool:
@@ -203,18 +219,7 @@ def lstm_layer(
     forward, reverse = [s[0] if s else None for s in args], [s[1] if len(s) > 1 else None for s in args]
     training = _needs_grad(x, h0, c0, *forward, *reverse)
     args = (x, lengths, h0, c0, *forward, *reverse, training)
-    if not training and not torch.compiler.is_compiling():
-        # Nothing to record: past the registered autograd kernel, whose Python layer
-        # (that only finds that no gradient is needed) costs about 7 us a call. The
-        # keys above autograd (autocast, Python, functorch) still apply.
-        with torch._C._AutoDispatchBelowAutograd():
-            y, h_n, c_n, *_ = _ops.lstm_layer_forward(*args)
-    elif training and not torch.is_autocast_enabled(x.device.type):
-        y, h_n, c_n, *_ = _LayerFunction.apply(*args)
-    else:
-        # Under autocast the registered autograd is taken: the autocast rule casts the
-        # inputs before it, so that the tensors saved for backward are the ones the kernel used.
-        y, h_n, c_n, *_ = _ops.lstm_layer_forward(*args)
+    y, h_n, c_n, *_ = _call(_ops.lstm_layer_forward, _LayerFunction, args, training, x.device.type)
     return y, h_n, c_n
 
 
@@ -224,7 +229,8 @@ def lstm_cell(
     """One LSTM step: x [B,I], h, c [B,H], w_ih [4H,I], w_hh [4H,H], bias [4H]
     (b_ih + b_hh) or None. Returns h', c' [B,H]."""
     training = _needs_grad(x, h, c, w_ih, w_hh, bias)
-    h_new, c_new, _ = _ops.lstm_cell_forward(x, h, c, w_ih, w_hh, bias, training)
+    h_new, c_new, _ = _call(_ops.lstm_cell_forward, _CellFunction, (x, h, c, w_ih, w_hh, bias, training), training,
+                            x.device.type)
     return h_new, c_new
 
 
