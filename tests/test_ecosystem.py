@@ -161,6 +161,28 @@ def test_bitwise_determinism_whatever_the_thread_count(loss_on_last_step):
             assert torch.equal(a, b)
 
 
+def _cell_grads(threads, batch):
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cell = FusedLSTMCell(24, 40)
+    x = torch.randn(batch, 24, requires_grad=True)
+    h, c = cell(x)
+    (h.square().sum() + c.sum()).backward()
+    return [h, c, x.grad, *[p.grad for p in cell.parameters()]]
+
+
+@pytest.mark.parametrize("batch", [1, 48, 200])  # weight gradients in one pass over the batch; in blocks
+def test_cell_bitwise_determinism_whatever_the_thread_count(batch):
+    threads = torch.get_num_threads()
+    try:
+        runs = [_cell_grads(t, batch) for t in (1, 2, max(2, threads), 3)]
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert torch.equal(a, b)
+
+
 class Mixed(nn.Module):
     """Linear -> FusedBiLSTM -> Linear: under autocast the LSTM receives a lower-precision
     input and full-precision weights."""

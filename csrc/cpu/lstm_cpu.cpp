@@ -566,10 +566,31 @@ void backward_direction(const BwdParams<T>& p, int64_t d) {
 // for different thread counts; this gives the same bits for any thread count. There are
 // always at least two blocks, so that the products run inside a parallel region, where
 // the GEMM engines stay single-threaded, and an even number, so two threads share them.
+//
+// A float32 product over a few rows (a cell's batch) goes to small_gemm_in_place
+// instead, its output rows split between the threads: each output is one pass in k
+// order, the same bits for any thread count, without the partial sums (at batch 1, a
+// [2, 4H, H] buffer zeroed and summed per call). A split takes at least 64K
+// multiply-adds, so a tiny product stays on the calling thread.
 template <typename T>
 void matmul_tn_fixed_order(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
-  constexpr int64_t kMaxRows = 1024;
+  constexpr int64_t kMaxRows = 1024, kMaxRowsInPlace = 64;
   const int64_t K = a.size(0), M = a.size(1), N = b.size(1);
+  if constexpr (std::is_same_v<T, float>) {
+    if (K <= kMaxRowsInPlace && small_gemm_in_place_fits(K, M, N, 1)) {  // A(r, k) = a[k*M + r]
+      const float *pa = a.data_ptr<float>(), *pb = b.data_ptr<float>();
+      float* pc = c.data_ptr<float>();
+      // In quads of rows: the kernel takes rows four at a time, then one at a time, and
+      // those two paths may round differently, so a split must not move a row between them.
+      const int64_t quads = (M + 3) / 4;
+      const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, N * K));
+      at::parallel_for(0, quads, grain, [&](int64_t q0, int64_t q1) {
+        const int64_t m0 = 4 * q0, m1 = std::min(M, 4 * q1);
+        small_gemm_in_place(m1 - m0, N, K, pa + m0, 1, M, pb, N, 1, 0.f, pc + m0 * N, N);
+      });
+      return;
+    }
+  }
   int64_t blocks = std::max<int64_t>(2, (K + kMaxRows - 1) / kMaxRows);
   blocks += blocks % 2;
   const int64_t rows = (K + blocks - 1) / blocks;
@@ -591,6 +612,48 @@ void matmul_tn_fixed_order(const at::Tensor& a, const at::Tensor& b, const at::T
       out[e] = T(acc);
     }
   });
+}
+
+// c[M,N] = a[M,K] b[K,N] (a contiguous), a's rows in blocks fixed by M alone, each
+// block's product on one thread inside a parallel region, where the GEMM engines stay
+// single-threaded: the same bits for any thread count (a BLAS call of its own threads
+// may compute the same product differently for different thread counts). At least two
+// tasks, so that even one block runs inside the region.
+template <typename T>
+void matmul_rows_fixed_order(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
+  constexpr int64_t kRows = 64;
+  const int64_t M = a.size(0);
+  const int64_t blocks = std::max<int64_t>(1, (M + kRows - 1) / kRows), rows = (M + blocks - 1) / blocks;
+  std::vector<std::array<at::Tensor, 3>> operands;  // views made here, not on the workers
+  for (int64_t i = 0; i < blocks; ++i) {
+    const int64_t m0 = i * rows, k = std::min(rows, M - m0);
+    if (k > 0) operands.push_back({a.narrow(0, m0, k), b, c.narrow(0, m0, k)});
+  }
+  const int64_t n = int64_t(operands.size());
+  at::parallel_for(0, std::max<int64_t>(2, n), 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < std::min(i1, n); ++i) matmul<T>(operands[i][0], operands[i][1], operands[i][2], T(0));
+  });
+}
+
+// c[M,N] = a[M,K] b[K,N] for a cell step, the same bits for any thread count. float32
+// products that small_gemm_in_place takes run there, a's rows split between threads in
+// quads (see matmul_tn_fixed_order); the rest go through matmul_rows_fixed_order.
+template <typename T>
+void cell_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  if constexpr (std::is_same_v<T, float>) {
+    if (a.is_contiguous() && c.is_contiguous() && small_gemm_in_place_fits(K, 1, b.stride(0), b.stride(1))) {
+      const float *pa = a.data_ptr<float>(), *pb = b.data_ptr<float>();
+      float* pc = c.data_ptr<float>();
+      const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, N * K));
+      at::parallel_for(0, (M + 3) / 4, grain, [&](int64_t q0, int64_t q1) {
+        const int64_t m0 = 4 * q0, m1 = std::min(M, 4 * q1);
+        small_gemm_in_place(m1 - m0, N, K, pa + m0 * K, K, 1, pb, b.stride(0), b.stride(1), 0.f, pc + m0 * N, N);
+      });
+      return;
+    }
+  }
+  matmul_rows_fixed_order<T>(a, b, c);
 }
 
 // Column sums of a [rows, cols] matrix in row order: the same bits for any thread count.
@@ -886,8 +949,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_cpu(const at::T
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lstm_cell_cpu", [&] {
     using T = scalar_t;
     at::Tensor rec = pooled_empty({B, 4 * H}, x.options());
-    matmul<T>(x, w_ih.t(), pre, T(0));
-    matmul<T>(h, w_hh.t(), rec, T(0));
+    cell_product<T>(x, w_ih.t(), pre);
+    cell_product<T>(h, w_hh.t(), rec);
     for (int64_t b = 0; b < B; ++b) {
       T* g = pre.data_ptr<T>() + b * 4 * H;
       const T* r = rec.data_ptr<T>() + b * 4 * H;
@@ -922,8 +985,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       cell_backward_row<T>(H, gates.data_ptr<T>() + b * 4 * H, c.data_ptr<math_t<T>>() + b * H, nullptr,
                            dh.data_ptr<T>() + b * H, dc.data_ptr<math_t<T>>() + b * H, dg.data_ptr<T>() + b * 4 * H,
                            scratch.data_ptr<T>());
-    matmul<T>(dg, w_ih, dx, T(0));
-    matmul<T>(dg, w_hh, dh, T(0));
+    cell_product<T>(dg, w_ih, dx);
+    cell_product<T>(dg, w_hh, dh);
     matmul_tn_fixed_order<T>(dg, x, dw_ih);
     matmul_tn_fixed_order<T>(dg, h, dw_hh);
     column_sums(dg.data_ptr<T>(), B, 4 * H, dbias.data_ptr<T>());

@@ -75,7 +75,7 @@ __attribute__((always_inline)) inline void rows_panel(int64_t M, int64_t K, cons
   for (; m < M; ++m) tile<1, W>(K, a + m * a_row, a_row, a_col, b, b_row, beta, c + m * ldc, ldc, W);
 }
 
-// In place, B's rows contiguous: panels of W columns, then of 8, then one at a time.
+// In place, B's rows contiguous: panels of W columns, then of 8, of 4, then one at a time.
 template <int W>
 __attribute__((always_inline)) inline void rows_impl(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row,
                                                      int64_t a_col, const float* b, int64_t b_row, float beta,
@@ -85,6 +85,7 @@ __attribute__((always_inline)) inline void rows_impl(int64_t M, int64_t N, int64
     for (; n + 2 * W <= N; n += 2 * W) rows_panel<2 * W>(M, K, a, a_row, a_col, b + n, b_row, beta, c + n, ldc);
   for (; n + W <= N; n += W) rows_panel<W>(M, K, a, a_row, a_col, b + n, b_row, beta, c + n, ldc);
   for (; n + 8 <= N; n += 8) rows_panel<8>(M, K, a, a_row, a_col, b + n, b_row, beta, c + n, ldc);
+  for (; n + 4 <= N; n += 4) rows_panel<4>(M, K, a, a_row, a_col, b + n, b_row, beta, c + n, ldc);
   for (; n < N; ++n) rows_panel<1>(M, K, a, a_row, a_col, b + n, b_row, beta, c + n, ldc);
 }
 
