@@ -124,7 +124,7 @@ def test_demo_trains_under_torchrun_with_two_processes(tmp_path):
     _write_tiny_mnist(tmp_path)
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29531", "-m",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
            "birnn_ext.demo", "--compare", "--epochs", "1", "--batch-size", "20", "--hidden-size", "16",
            "--data", str(tmp_path), "--out", str(tmp_path / "out")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
