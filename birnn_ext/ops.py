@@ -211,12 +211,12 @@ def lstm_layer(
     D = len(w_hh)
     if D not in (1, 2):
         raise ValueError(f"lstm_layer: w_hh must hold one tensor per direction, 1 or 2, got {D}")
-    args = []
-    for name, seq in (("w_ih", w_ih), ("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh), ("w_hr", w_hr)):
+    kinds = (("w_ih", w_ih), ("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh), ("w_hr", w_hr))
+    for name, seq in kinds:
         if len(seq) not in ((D,) if name in ("w_ih", "w_hh") else (0, D)):
             raise ValueError(f"lstm_layer: {name} must hold one tensor per direction ({D}), got {len(seq)}")
-        args.append(seq)
-    forward, reverse = [s[0] if s else None for s in args], [s[1] if len(s) > 1 else None for s in args]
+    forward = [seq[0] if len(seq) else None for _, seq in kinds]
+    reverse = [seq[1] if len(seq) > 1 else None for _, seq in kinds]
     training = _needs_grad(x, h0, c0, *forward, *reverse)
     args = (x, lengths, h0, c0, *forward, *reverse, training)
     y, h_n, c_n, *_ = _call(_ops.lstm_layer_forward, _LayerFunction, args, training, x.device.type)
@@ -265,7 +265,6 @@ def _register_autocast(opname: str, device_type: str, dtype_of_region) -> None:
     @op.py_impl(key)  # the same rule where the Python dispatcher runs (torch.compile)
     def autocast_kernel(*args):
         dtype = dtype_of_region()
-
         cast = [a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() and a.device.type == device_type
                 else a for a in args]
         with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):

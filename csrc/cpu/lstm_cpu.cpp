@@ -564,6 +564,20 @@ void backward_direction(const BwdParams<T>& p, int64_t d) {
   if (!work.planned.load(std::memory_order_relaxed)) plan_blocks(p, d, last_live);  // every step was skipped
 }
 
+// small_gemm_in_place's C[M,N] = A B with the rows of A (and C) split between threads:
+// each output is one pass in k order, the same bits for any thread count. In quads of
+// rows: the kernel takes rows four at a time, then one at a time, and those two paths
+// may round differently, so a split must not move a row between them. A split takes at
+// least 64K multiply-adds, so a tiny product stays on the calling thread.
+void in_place_rows_split(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_col,
+                         const float* b, int64_t b_row, int64_t b_col, float* c) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, N * K));
+  at::parallel_for(0, (M + 3) / 4, grain, [&](int64_t q0, int64_t q1) {
+    const int64_t m0 = 4 * q0, m1 = std::min(M, 4 * q1);
+    small_gemm_in_place(m1 - m0, N, K, a + m0 * a_row, a_row, a_col, b, b_row, b_col, 0.f, c + m0 * N, N);
+  });
+}
+
 // c[M,N] = a[K,M]^T b[K,N] (a, b contiguous), summed over the K rows in blocks fixed by K
 // alone: each block is one product computed on one thread, and the blocks' partial
 // sums are added in block order. A multi-threaded GEMM may split a long K differently
@@ -571,27 +585,15 @@ void backward_direction(const BwdParams<T>& p, int64_t d) {
 // always at least two blocks, so that the products run inside a parallel region, where
 // the GEMM engines stay single-threaded, and an even number, so two threads share them.
 //
-// A float32 product over a few rows (a cell's batch) goes to small_gemm_in_place
-// instead, its output rows split between the threads: each output is one pass in k
-// order, the same bits for any thread count, without the partial sums (at batch 1, a
-// [2, 4H, H] buffer zeroed and summed per call). A split takes at least 64K
-// multiply-adds, so a tiny product stays on the calling thread.
+// A float32 product over a few rows (a cell's batch) goes to in_place_rows_split
+// instead: no partial sums (at batch 1, a [2, 4H, H] buffer zeroed and summed per call).
 template <typename T>
 void matmul_tn_fixed_order(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
   constexpr int64_t kMaxRows = 1024, kMaxRowsInPlace = 64;
   const int64_t K = a.size(0), M = a.size(1), N = b.size(1);
   if constexpr (std::is_same_v<T, float>) {
     if (K <= kMaxRowsInPlace && small_gemm_in_place_fits(K, M, N, 1)) {  // A(r, k) = a[k*M + r]
-      const float *pa = a.data_ptr<float>(), *pb = b.data_ptr<float>();
-      float* pc = c.data_ptr<float>();
-      // In quads of rows: the kernel takes rows four at a time, then one at a time, and
-      // those two paths may round differently, so a split must not move a row between them.
-      const int64_t quads = (M + 3) / 4;
-      const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, N * K));
-      at::parallel_for(0, quads, grain, [&](int64_t q0, int64_t q1) {
-        const int64_t m0 = 4 * q0, m1 = std::min(M, 4 * q1);
-        small_gemm_in_place(m1 - m0, N, K, pa + m0, 1, M, pb, N, 1, 0.f, pc + m0 * N, N);
-      });
+      in_place_rows_split(M, N, K, a.data_ptr<float>(), 1, M, b.data_ptr<float>(), N, 1, c.data_ptr<float>());
       return;
     }
   }
@@ -639,21 +641,16 @@ void matmul_rows_fixed_order(const at::Tensor& a, const at::Tensor& b, const at:
   });
 }
 
-// c[M,N] = a[M,K] b[K,N] for a cell step, the same bits for any thread count. float32
-// products that small_gemm_in_place takes run there, a's rows split between threads in
-// quads (see matmul_tn_fixed_order); the rest go through matmul_rows_fixed_order.
+// c[M,N] = a[M,K] b[K,N] for a cell step, the same bits for any thread count: float32
+// products that small_gemm_in_place takes through in_place_rows_split, the rest through
+// matmul_rows_fixed_order.
 template <typename T>
 void cell_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   if constexpr (std::is_same_v<T, float>) {
     if (a.is_contiguous() && c.is_contiguous() && small_gemm_in_place_fits(K, 1, b.stride(0), b.stride(1))) {
-      const float *pa = a.data_ptr<float>(), *pb = b.data_ptr<float>();
-      float* pc = c.data_ptr<float>();
-      const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, N * K));
-      at::parallel_for(0, (M + 3) / 4, grain, [&](int64_t q0, int64_t q1) {
-        const int64_t m0 = 4 * q0, m1 = std::min(M, 4 * q1);
-        small_gemm_in_place(m1 - m0, N, K, pa + m0 * K, K, 1, pb, b.stride(0), b.stride(1), 0.f, pc + m0 * N, N);
-      });
+      in_place_rows_split(M, N, K, a.data_ptr<float>(), K, 1, b.data_ptr<float>(), b.stride(0), b.stride(1),
+                          c.data_ptr<float>());
       return;
     }
   }
