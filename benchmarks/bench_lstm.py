@@ -11,6 +11,11 @@ Writes benchmarks/results/<name>.csv and .png.
     python benchmarks/bench_lstm.py --case 32,28,28,128,1 --case 64,100,128,256,1
     python benchmarks/bench_lstm.py --case var:32,10-100,64,256,1   # variable length
     python benchmarks/bench_lstm.py --preset targets --autocast bf16  # both under autocast
+    python benchmarks/bench_lstm.py --preset targets --device cuda --name targets-cuda
+
+On a GPU both sides compute float32 in IEEE float32 unless --tf32 is given: cuDNN's
+default (torch.backends.cudnn.allow_tf32) is TF32, the fused path's cuBLAS calls follow
+torch.backends.cuda.matmul.allow_tf32 (default off); the flag turns both on.
 """
 
 from __future__ import annotations
@@ -194,7 +199,9 @@ def main(argv=None):
     p.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measurement")
     p.add_argument("--name", help="results file name (default: the preset's, or 'custom')")
     p.add_argument("--autocast", choices=["bf16", "fp16"], help="time both implementations under torch.autocast")
+    p.add_argument("--tf32", action="store_true", help="GPU: let both implementations use TF32 for float32 products")
     args = p.parse_args(argv)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32
     cases = (PRESETS[args.preset] if args.preset else []) + args.case
     if not cases:
         p.error("give --preset or at least one --case")
@@ -203,17 +210,20 @@ def main(argv=None):
     ceiling = gemm_ceiling(threads) if args.device == "cpu" else float("nan")
     print(f"{platform.processor() or platform.machine()}, {threads} threads, torch {torch.__version__}; "
           f"large-GEMM ceiling {ceiling:.0f} GFLOP/s (float32, best of torch.mm and oneDNN)"
-          + (f"; both under autocast {args.autocast}" if autocast else ""))
+          + (f"; both under autocast {args.autocast}" if autocast else "")
+          + (f"; {torch.cuda.get_device_name()}, TF32 {'on' if args.tf32 else 'off'}" if args.device == "cuda" else ""))
     header = f"{'case':<40} {'mode':<17} {'nn.LSTM ms':>10} {'fused ms':>9} {'ratio':>6} {'GFLOP/s':>8} {'of ceiling':>10}"
     print(header)
     rows = []
     for case in cases:
         for r in bench_case(case, args.device, threads, args.min_run_time, autocast):
             r["ceiling_gflops"] = ceiling
+            r["tf32"] = args.tf32 if args.device == "cuda" else ""
             rows.append(r)
             print(f"{case.label():<40} {r['mode']:<17} {r['nn_lstm_ms']:>10.3f} {r['fused_ms']:>9.3f} "
                   f"{r['ratio']:>6.2f} {r['fused_gflops']:>8.1f} {r['fused_gflops'] / ceiling:>10.1%}", flush=True)
-    name = args.name or ((args.preset or "custom") + (f"-autocast-{args.autocast}" if args.autocast else ""))
+    name = args.name or ((args.preset or "custom") + (f"-{args.device}" if args.device != "cpu" else "")
+                         + (f"-autocast-{args.autocast}" if args.autocast else "") + ("-tf32" if args.tf32 else ""))
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(RESULTS / f"{name}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -48,8 +48,10 @@ def outputs_and_grads(module: nn.Module, x, hx=None, seed=1, **kw):
     y, (h, c) = module(x, hx, **kw) if kw else module(x, hx)
     if packed:
         y, x = y.data, x.data
+    # The weights are drawn in float64 and rounded to each output's dtype: drawn in that
+    # dtype, they would not be the same numbers (randn takes another path per dtype).
     g = torch.Generator(device="cpu").manual_seed(seed)
-    loss = sum((t * torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device)).sum() for t in (y, h, c))
+    loss = sum((t * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t)).sum() for t in (y, h, c))
     inputs = [x, *(hx or ())]
     names = [n for n, _ in module.named_parameters()]
     grads = torch.autograd.grad(loss, inputs + [p for _, p in module.named_parameters()])

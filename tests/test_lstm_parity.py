@@ -3,6 +3,7 @@ states and every gradient, over the constructor's flags and odd shapes."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
@@ -31,6 +32,24 @@ def make_input(T, B, I, D, L, H, device, dtype, batch_first, with_state):
     return x, hx
 
 
+def reference_results(ref, x, hx, dtype):
+    """nn.LSTM's outputs and gradients, to compare the fused module's with. On a GPU in
+    float32 they are those of nn.LSTM run in float64 on the same weights, rounded to
+    float32: cuDNN's own float32 results (TF32 off) were measured on an H100 to be off
+    the float64 ones by up to 4.4x the float32 tolerance in the weight gradients, where
+    the fused CUDA path and both CPU paths stay under 0.1x at these sizes, so comparing
+    with them would test cuDNN's rounding, not the fused path."""
+    if dtype != torch.float32 or not is_cuda(x):
+        return outputs_and_grads(ref, x, hx)
+    ref64 = copy.deepcopy(ref).double()
+    got = outputs_and_grads(ref64, x.double(), tuple(t.double() for t in hx) if hx is not None else None)
+    return {k: v.float() for k, v in got.items()}
+
+
+def is_cuda(x):
+    return (x.data if isinstance(x, nn.utils.rnn.PackedSequence) else x).is_cuda
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
@@ -42,7 +61,7 @@ def test_matches_nn_lstm(device, dtype, num_layers, bidirectional, batch_first, 
     ref, fused = make_pair(I, H, device, dtype, num_layers=num_layers, bidirectional=bidirectional,
                            batch_first=batch_first, bias=bias)
     x, hx = make_input(T, B, I, 2 if bidirectional else 1, num_layers, H, device, dtype, batch_first, with_state)
-    assert_same_results(outputs_and_grads(fused, x, hx), outputs_and_grads(ref, x, hx), dtype)
+    assert_same_results(outputs_and_grads(fused, x, hx), reference_results(ref, x, hx, dtype), dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -52,7 +71,7 @@ def test_matches_nn_lstm(device, dtype, num_layers, bidirectional, batch_first, 
 def test_shapes(device, dtype, T, B, I, H, bidirectional):
     ref, fused = make_pair(I, H, device, dtype, num_layers=2, bidirectional=bidirectional)
     x, hx = make_input(T, B, I, 2 if bidirectional else 1, 2, H, device, dtype, False, True)
-    assert_same_results(outputs_and_grads(fused, x, hx), outputs_and_grads(ref, x, hx), dtype)
+    assert_same_results(outputs_and_grads(fused, x, hx), reference_results(ref, x, hx, dtype), dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -160,9 +179,9 @@ def test_proj_size_matches(device, dtype, num_layers, bidirectional, bias):
     hx = (torch.randn(num_layers * D, B, P, generator=g, dtype=dtype).to(device),
           torch.randn(num_layers * D, B, H, generator=g, dtype=dtype).to(device))
     for state in (hx, None):
-        assert_same_results(outputs_and_grads(fused, x, state), outputs_and_grads(ref, x, state), dtype)
+        assert_same_results(outputs_and_grads(fused, x, state), reference_results(ref, x, state, dtype), dtype)
     packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([2, 5, 3]), enforce_sorted=False)
-    assert_same_results(outputs_and_grads(fused, packed, hx), outputs_and_grads(ref, packed, hx), dtype)
+    assert_same_results(outputs_and_grads(fused, packed, hx), reference_results(ref, packed, hx, dtype), dtype)
 
 
 @pytest.mark.parametrize("lengths", [None, [5, 1, 3, 4] * 16])
