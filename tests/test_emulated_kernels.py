@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -60,7 +61,7 @@ def make_case(dtype, mode, T, B, I, H, P, D, lengths, bias, proj, seed=0):
     return header, case
 
 
-def run_emulated(exe, header, case, tmp_path):
+def run_emulated(exe, header, case, tmp_path, args=()):
     order = ["x", "h0", "c0", "w_ih", "w_hh", "bias", "w_hr", "grad_y", "grad_h_n", "grad_c_n"]
     with open(tmp_path / "in.bin", "wb") as f:
         f.write(np.array(header, dtype=np.int64).tobytes())
@@ -70,8 +71,8 @@ def run_emulated(exe, header, case, tmp_path):
             if case[k] is not None:
                 f.write(case[k].numpy().tobytes())
     env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1", "UBSAN_OPTIONS": "print_stacktrace=1"}
-    proc = subprocess.run([str(exe), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")], capture_output=True,
-                          text=True, env=env)
+    proc = subprocess.run([str(exe), str(tmp_path / "in.bin"), str(tmp_path / "out.bin"), *map(str, args)],
+                          capture_output=True, text=True, env=env)
     return proc, np.fromfile(tmp_path / "out.bin", dtype=np.float64) if proc.returncode == 0 else None
 
 
@@ -138,6 +139,47 @@ def test_layer_kernels_match_cpu(emulator, tmp_path, dtype, name):
     compare(unpack(flat, want), want, dtype)
 
 
+# The sweep kernel's cuts of H = 8 units and B = 4 rows: one unit per block and the whole
+# batch in one tile (many lanes per dot product); 3 units per block, so that each
+# direction's last block holds 2, and one-row tiles; one block per direction with a
+# partial last tile of 3 rows.
+SWEEP_CUTS = {"units1-tile4": (1, 4), "units3-tile1": (3, 1), "units8-tile3": (8, 3)}
+
+
+# Every cut and layer case in float32, every dtype with one cut (the storage type changes
+# the loads and stores, not the indexing): each run takes seconds under the sanitizers.
+SWEEP_RUNS = [(torch.float32, cut, name) for cut in SWEEP_CUTS for name, c in LAYER_CASES.items() if not c["proj"]]
+SWEEP_RUNS += [(dtype, "units3-tile1", "bi-lengths") for dtype in DTYPES if dtype != torch.float32]
+
+
+@pytest.mark.parametrize("dtype,cut,name", SWEEP_RUNS, ids=lambda v: str(v).removeprefix("torch."))
+def test_sweep_kernel_matches_cpu(emulator, tmp_path, dtype, cut, name):
+    header, case = make_case(dtype, 0, T=5, B=4, I=6, H=8, P=8, **LAYER_CASES[name])
+    proc, flat = run_emulated(emulator, header, case, tmp_path, ("sweep", *SWEEP_CUTS[cut]))
+    assert proc.returncode == 0, proc.stderr
+    want = reference_layer(case, dtype)
+    compare(unpack(flat, want), want, dtype)
+
+
+def _plan(H, B, D, max_blocks, max_shared, elem=4, math=4):
+    out = subprocess.run([str(build("run_kernels")), "plan", *map(str, (H, B, D, elem, math, max_blocks, max_shared))],
+                         capture_output=True, text=True, check=True).stdout.split()
+    if out == ["none"]:
+        return None
+    units, blocks, batch_tile, lanes, shared = map(int, out)
+    assert shared <= max_shared and blocks <= max_blocks and 1 <= lanes <= 32
+    return SimpleNamespace(units=units, blocks=blocks, batch_tile=batch_tile)
+
+
+def test_sweep_plans():
+    # Fewest units per block that fit the blocks, then the largest batch tile that fits.
+    pl = _plan(H=128, B=100, D=2, max_blocks=132, max_shared=227 * 1024)
+    assert (pl.units, pl.blocks, pl.batch_tile) == (2, 128, 100)
+    pl = _plan(H=512, B=16, D=2, max_blocks=132, max_shared=227 * 1024)
+    assert (pl.units, pl.blocks, pl.batch_tile) == (8, 128, 16)
+    assert _plan(H=4096, B=1, D=2, max_blocks=132, max_shared=227 * 1024) is None  # W_hh rows do not fit
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
 @pytest.mark.parametrize("bias", [True, False])
 def test_cell_kernels_match_cpu(emulator, tmp_path, dtype, bias):
@@ -148,15 +190,18 @@ def test_cell_kernels_match_cpu(emulator, tmp_path, dtype, bias):
     compare(unpack(flat, want), want, dtype)
 
 
-@pytest.mark.parametrize("defect", ["BIRNN_BREAK_OFF_BY_ONE", "BIRNN_BREAK_MISSING_BARRIER", "BIRNN_BREAK_LEAK"])
+@pytest.mark.parametrize("defect", ["BIRNN_BREAK_OFF_BY_ONE", "BIRNN_BREAK_MISSING_BARRIER", "BIRNN_BREAK_LEAK",
+                                    "BIRNN_BREAK_SWEEP_BARRIER"])
 def test_a_broken_kernel_is_caught(tmp_path, defect):
     """The harness can fail: a build with a deliberate defect (the reverse direction's
     time index off by one; the barrier before the shared-memory reduction removed; a
-    leaked allocation) must be caught, by a sanitizer or by a wrong answer."""
+    leaked allocation; the sweep's barrier between its dot products and its cell update
+    removed) must be caught, by a sanitizer or by a wrong answer."""
     exe = build(f"run_kernels_{defect.lower()}", (defect,))
     header, case = make_case(torch.float32, 0, T=5, B=4, I=6, H=8, P=8, D=2, lengths=[5, 2, 1, 4], bias=True,
                              proj=False)
-    proc, flat = run_emulated(exe, header, case, tmp_path)
+    args = ("sweep", 3, 4) if "SWEEP" in defect else ()
+    proc, flat = run_emulated(exe, header, case, tmp_path, args)
     if proc.returncode != 0:
         assert "Sanitizer" in proc.stderr or "runtime error" in proc.stderr, proc.stderr[-2000:]
         return

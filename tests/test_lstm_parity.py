@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from birnn_ext import FusedBiLSTM, FusedLSTM, FusedLSTMCell
-from helpers import DEVICES, TOL, assert_same_results, layer_weight_args, outputs_and_grads
+from helpers import DEVICES, TOL, assert_close, assert_same_results, layer_weight_args, outputs_and_grads
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -200,6 +200,23 @@ def test_large_products_match(lengths):
         want = outputs_and_grads(ref, packed, hx)
         got = outputs_and_grads(fused, packed, hx)
     assert_same_results(got, want, torch.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.parametrize("B,H", [(3, 13), (520, 128)])
+def test_cuda_forward_paths_match(B, H):
+    # The CUDA layer forward has two paths: the one-launch sweep while B H^2 < 2^23
+    # (csrc/cuda/lstm_cuda.cpp, use_sweep), and a GEMM and a launch per step beyond:
+    # B 520, H 128 takes the second. The other tests' shapes all take the first.
+    ref, fused = make_pair(7, H, "cuda", torch.float64, bidirectional=True)
+    x, hx = make_input(4, B, 7, 2, 1, H, "cuda", torch.float64, False, True)
+    assert_same_results(outputs_and_grads(fused, x, hx), outputs_and_grads(ref, x, hx), torch.float64)
+    with torch.no_grad():
+        y, (h, c) = fused(x, hx)
+        y_ref, (h_ref, c_ref) = ref(x, hx)
+    for got, want in ((y, y_ref), (h, h_ref), (c, c_ref)):
+        assert_close(got, want, torch.float64)
 
 
 @pytest.mark.cuda

@@ -8,6 +8,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cublas_v2.h>
+#include <cstdlib>
+#include <string>
 #include <torch/library.h>
 
 #include "../layer_checks.h"
@@ -81,6 +83,24 @@ math_t<typename Storage<S>::type>* math_ptr(const at::Tensor& t) {
   return t.numel() ? t.data_ptr<math_t<typename Storage<S>::type>>() : nullptr;
 }
 
+// Whether a layer's forward runs as one sweep launch (cuda::SweepFwd, where it also
+// fits the device) rather than a GEMM and a launch per step. The sweep wins while a
+// step's work is small. Inference on an H100, two runs of benchmarks/bench_lstm.py with
+// BIRNN_EXT_CUDA_SWEEP=0 and without (the second: benchmarks/results/cuda-sweep-*.csv):
+// 1.15-2.3x faster in both at B 1 to 100 with H 128, B 8 and 16 with H 512, and B 32
+// with H 256 (B H^2 from 2^14 to 2^22); mixed at B 64 with H 256 (2^22: 1.16x faster,
+// then 1.22x slower) and B 32 with H 512 (2^23: 1.08x faster, then 1.38x slower); 2.7x
+// slower at B 256 with H 256 (2^24), where each block's share of a step outgrows what
+// its 256 threads turn around quickly. BIRNN_EXT_CUDA_SWEEP=0 turns it off (read once,
+// at first use).
+bool use_sweep(int64_t B, int64_t H) {
+  static const bool on = [] {
+    const char* v = std::getenv("BIRNN_EXT_CUDA_SWEEP");
+    return !(v && std::string(v) == "0");
+  }();
+  return on && B * H * H < (int64_t(1) << 23);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cuda(
     const at::Tensor& x_, const std::optional<at::Tensor>& lengths, const at::Tensor& h0, const at::Tensor& c0,
     const at::Tensor& w_ih_, const at::Tensor& w_hh_, const std::optional<at::Tensor>& b_ih_,
@@ -117,12 +137,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     c_prev = at::empty({saved, B, D * H}, mopt);
     if (B == 0) return;
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    at::Tensor rec = at::empty({D, B, G}, mopt);
-    at::Tensor h_raw = at::empty({D, proj ? B : 0, H}, opt), h_proj = at::empty({D, proj ? B : 0, P}, opt);
     // Input projection of every step and direction: [T*B, I] x [D*4H, I]^T.
     at::Tensor xg2 = xg.view({rows, D * G});
     at::mm_out(xg2, x.view({rows, I}), w_ih.view({D * G, I}).t());
     const int64_t* lp = len.defined() ? len.data_ptr<int64_t>() : nullptr;
+    if (!proj && use_sweep(B, H)) {
+      const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+      cuda::SweepPlan plan;
+      if (cuda::choose_sweep_plan(H, B, D, sizeof(T), sizeof(math_t<T>), prop->multiProcessorCount,
+                                  int64_t(prop->sharedMemPerBlockOptin), &plan) &&
+          cuda::sweep_fwd_fits<T>(plan, training, prop->multiProcessorCount)) {
+        at::Tensor hs = at::empty({2, D, B, H}, opt);  // step s reads hs[s % 2], writes hs[(s + 1) % 2]
+        hs[0].copy_(h0);
+        cuda::SweepFwd<T> sw{T_, B, H, D, 0, T_, plan.units, plan.batch_tile, plan.lanes, plan.h_offset,
+                             plan.part_offset, lp, ptr<S>(w_hh), bias.defined() ? ptr<S>(bias) : nullptr, ptr<S>(xg),
+                             math_ptr<S>(c), ptr<S>(hs), ptr<S>(y), training ? math_ptr<S>(c_prev) : nullptr,
+                             training ? ptr<S>(h_prev) : nullptr};
+        C10_CUDA_CHECK(cuda::launch_sweep_fwd(sw, plan.shared_bytes, /*cooperative=*/true, stream));
+        h = hs[T_ % 2];
+        return;
+      }
+    }
+    at::Tensor rec = at::empty({D, B, G}, mopt);
+    at::Tensor h_raw = at::empty({D, proj ? B : 0, H}, opt), h_proj = at::empty({D, proj ? B : 0, P}, opt);
     for (int64_t s = 0; s < T_; ++s) {
       // rec[d] = h[d] W_hh[d]^T, both directions in one batched GEMM.
       gemm<S>(false, true, B, G, P, ptr<S>(h), P, B * P, ptr<S>(w_hh), P, G * P, 0.0, math_ptr<S>(rec),

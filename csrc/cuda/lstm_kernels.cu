@@ -17,6 +17,10 @@
   extern __shared__ unsigned char birnn_smem_[]; \
   type* name = reinterpret_cast<type*>(birnn_smem_)
 #define BIRNN_LAUNCH_ERROR() cudaGetLastError()
+#include <cooperative_groups.h>
+#define BIRNN_GRID_SYNC() cooperative_groups::this_grid().sync()
+#else
+#define BIRNN_GRID_SYNC() ::birnn_emu::fail("grid sync: the emulator runs the sweep one step per launch")
 #endif
 
 namespace birnn::cuda {
@@ -159,6 +163,137 @@ __global__ void proj_bwd_kernel(const ProjBwd<T> p) {
   p.dh_proj_saved[(d * p.T_ * p.B + row) * P + k] = from_math<T>(v);
 }
 
+// A load of what other blocks wrote before the last grid barrier: through L2, never
+// from this SM's L1, which is not coherent with the other SMs' writes.
+template <typename T>
+__device__ __forceinline__ T load_coherent(const T* p) {
+#if defined(BIRNN_EMU)
+  return *p;
+#else
+  if constexpr (sizeof(T) == 2) {
+    const unsigned short bits = __ldcg(reinterpret_cast<const unsigned short*>(p));
+    T v;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+  } else {
+    return __ldcg(p);
+  }
+#endif
+}
+
+template <typename T, bool Training>
+__global__ void sweep_fwd_kernel(const SweepFwd<T> p) {
+  using A = math_t<T>;
+  // Shared-memory indices fit in int; global offsets stay int64_t.
+  const int H = int(p.H), U = int(p.units), R = 4 * U, half = R / 2, L = int(p.lanes), stride = H + 1;
+  const int64_t G = 4 * p.H, B = p.B, D = p.D;
+  const int per_dir = (H + U - 1) / U;
+  const int64_t d = blockIdx.x / per_dir;
+  const int j0 = (blockIdx.x % per_dir) * U;
+  const int nu = H - j0 < U ? H - j0 : U;  // this block's units: fewer in a direction's last block
+  const int tid = threadIdx.x, nt = blockDim.x;
+  BIRNN_DYNAMIC_SHARED(unsigned char, smem);
+  T* w_s = reinterpret_cast<T*>(smem);                   // [R][stride]: row g*U + u is W_hh row g*H + j0 + u
+  T* h_s = reinterpret_cast<T*>(smem + p.h_offset);     // [4 * quads][stride]: h of the tile's rows, zero past them
+  A* part = reinterpret_cast<A*>(smem + p.part_offset);  // [batch_tile * R][L] partial dot products
+  for (int i = tid; i < R * H; i += nt) {
+    const int r = i / H, k = i % H, g = r / U, u = r % U;
+    w_s[r * stride + k] = u < nu ? p.w_hh[(d * G + g * H + j0 + u) * H + k] : from_math<T>(A(0));
+  }
+  for (int64_t s = p.s_begin; s < p.s_end; ++s) {
+    const T* h_cur = p.h + ((s & 1) * D + d) * B * H;
+    T* h_next = p.h + (((s + 1) & 1) * D + d) * B * H;
+    for (int64_t b0 = 0; b0 < B; b0 += p.batch_tile) {
+      const int nb = int(B - b0 < p.batch_tile ? B - b0 : p.batch_tile), quads = (nb + 3) / 4;
+      // Eight loads in flight per thread before their stores: one at a time, each waits
+      // out a trip to L2.
+      const int n_h = 4 * quads * H;
+      for (int i0 = tid; i0 < n_h; i0 += 8 * nt) {
+        T v[8];
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {
+          const int i = i0 + q * nt, bb = i / H;
+          v[q] = i < n_h && bb < nb ? load_coherent(h_cur + b0 * H + i) : from_math<T>(A(0));
+        }
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {
+          const int i = i0 + q * nt;
+          if (i < n_h) h_s[(i / H) * stride + i % H] = v[q];
+        }
+      }
+      __syncthreads();
+      // Dot products, each thread a 4 x 2 tile of them: tile rows 4 bq .. 4 bq + 3 against
+      // weight rows rp and rp + R/2, over k = l, l + L, ... (item order: rp fastest).
+      for (int t = tid; t < half * L * quads; t += nt) {
+        const int rp = t % half, l = (t / half) % L, bq = t / (half * L);
+        const T* w0 = w_s + rp * stride;
+        const T* w1 = w0 + half * stride;
+        const T* hq = h_s + 4 * bq * stride;
+        A acc[4][2] = {};
+#pragma unroll 2
+        for (int k = l; k < H; k += L) {
+          const A a0 = to_math(w0[k]), a1 = to_math(w1[k]);
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const A hv = to_math(hq[q * stride + k]);
+            acc[q][0] += a0 * hv;
+            acc[q][1] += a1 * hv;
+          }
+        }
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int bb = 4 * bq + q;
+          if (bb < nb) {
+            part[(bb * R + rp) * L + l] = acc[q][0];
+            part[(bb * R + rp + half) * L + l] = acc[q][1];
+          }
+        }
+      }
+#if !defined(BIRNN_BREAK_SWEEP_BARRIER)
+      __syncthreads();
+#endif
+      for (int t = tid; t < nb * nu; t += nt) {
+        const int bb = t / nu, u = t % nu, j = j0 + u;
+        const int64_t b = b0 + bb;
+        const int64_t len = p.len ? p.len[b] : p.T_;
+        const int64_t row = step_time(d, s, len) * B + b;
+        const int64_t state = d * B + b;
+        const T h_old = h_s[bb * stride + j];
+        if (p.c_prev) p.c_prev[row * D * H + d * H + j] = p.c[state * H + j];
+        if (p.h_prev) p.h_prev[(d * p.T_ * B + row) * H + j] = h_old;
+        T* y = p.y + row * D * H + d * H;
+        if (s >= len) {  // padding: zero output, state carried unchanged
+          y[j] = from_math<T>(A(0));
+          h_next[b * H + j] = h_old;
+          continue;
+        }
+        T* xg = p.xg + row * D * G + d * G;
+        A pre[4];
+        for (int g = 0; g < 4; ++g) {
+          const A* sums = part + (bb * R + g * U + u) * L;
+          A rec = A(0);
+          for (int l = 0; l < L; ++l) rec += sums[l];
+          pre[g] = to_math(xg[g * H + j]) + rec + (p.bias ? to_math(p.bias[d * G + g * H + j]) : A(0));
+        }
+        const Gates<A> a = activate(pre[0], pre[1], pre[2], pre[3]);
+        const A c = cell_state(a, p.c[state * H + j]);
+        const A h = hidden_state(a, c);
+        if (Training) {
+          xg[j] = from_math<T>(a.i);
+          xg[H + j] = from_math<T>(a.f);
+          xg[2 * H + j] = from_math<T>(a.g);
+          xg[3 * H + j] = from_math<T>(a.o);
+        }
+        p.c[state * H + j] = c;
+        h_next[b * H + j] = from_math<T>(h);
+        y[j] = from_math<T>(h);
+      }
+      __syncthreads();  // the next tile overwrites h_s and part
+    }
+    if (s + 1 < p.s_end) BIRNN_GRID_SYNC();
+  }
+}
+
 // Block (32, 8): each column of the tile is summed by 8 threads over interleaved rows,
 // then their partial sums are reduced in shared memory in a fixed tree order.
 template <typename T>
@@ -230,13 +365,54 @@ cudaError_t launch_column_sums(const ColumnSums<T>& p, cudaStream_t stream) {
   return BIRNN_LAUNCH_ERROR();
 }
 
+template <typename T>
+cudaError_t launch_sweep_fwd(const SweepFwd<T>& p, int64_t shared_bytes, bool cooperative, cudaStream_t stream) {
+  if (p.B == 0 || p.s_begin >= p.s_end) return cudaSuccess;
+  auto kernel = p.c_prev ? sweep_fwd_kernel<T, true> : sweep_fwd_kernel<T, false>;
+  const int64_t blocks = p.D * ((p.H + p.units - 1) / p.units);
+#if !defined(BIRNN_EMU)
+  if (cooperative) {
+    void* args[] = {const_cast<SweepFwd<T>*>(&p)};
+    return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(unsigned(blocks)),
+                                       dim3(unsigned(kSweepThreads)), args, size_t(shared_bytes), stream);
+  }
+#else
+  if (cooperative || p.s_end - p.s_begin != 1) return cudaErrorNotSupported;
+#endif
+  BIRNN_LAUNCH(kernel, dim3(unsigned(blocks)), dim3(unsigned(kSweepThreads)), size_t(shared_bytes), stream, p);
+  return BIRNN_LAUNCH_ERROR();
+}
+
+#if !defined(BIRNN_EMU)
+template <typename T>
+bool sweep_fwd_fits(const SweepPlan& plan, bool training, int multiprocessors) {
+  auto kernel = training ? sweep_fwd_kernel<T, true> : sweep_fwd_kernel<T, false>;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.shared_bytes)) != cudaSuccess) {
+    (void)cudaGetLastError();  // a size over the device's limit: no sweep, and no error left behind
+    return false;
+  }
+  int per_sm = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, int(kSweepThreads), size_t(plan.shared_bytes)) !=
+      cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return int64_t(per_sm) * multiprocessors >= plan.blocks;
+}
+#define BIRNN_INSTANTIATE_FITS(T) template bool sweep_fwd_fits<T>(const SweepPlan&, bool, int);
+#else
+#define BIRNN_INSTANTIATE_FITS(T)
+#endif
+
 #define BIRNN_INSTANTIATE(T)                                                          \
   template cudaError_t launch_fwd_step<T>(const FwdStep<T>&, cudaStream_t);         \
   template cudaError_t launch_cell_fwd<T>(const FwdStep<T>&, bool, cudaStream_t);   \
   template cudaError_t launch_proj_out<T>(const ProjOut<T>&, cudaStream_t);         \
   template cudaError_t launch_bwd_step<T>(const BwdStep<T>&, cudaStream_t);         \
   template cudaError_t launch_proj_bwd<T>(const ProjBwd<T>&, cudaStream_t);         \
-  template cudaError_t launch_column_sums<T>(const ColumnSums<T>&, cudaStream_t);
+  template cudaError_t launch_column_sums<T>(const ColumnSums<T>&, cudaStream_t);       \
+  template cudaError_t launch_sweep_fwd<T>(const SweepFwd<T>&, int64_t, bool, cudaStream_t); \
+  BIRNN_INSTANTIATE_FITS(T)
 BIRNN_INSTANTIATE(float)
 BIRNN_INSTANTIATE(double)
 BIRNN_INSTANTIATE(__half)

@@ -4,16 +4,23 @@
 // writes the inputs, runs this under AddressSanitizer and UndefinedBehaviorSanitizer,
 // and compares what it writes back with the CPU path.
 //
-// Usage: run_kernels IN OUT. IN: 14 int64 (mode 0 layer / 1 cell, dtype 0 f32 / 1 f64 /
+// Usage: run_kernels plan H B D ELEM_BYTES MATH_BYTES MAX_BLOCKS MAX_SHARED prints the
+// sweep plan choose_sweep_plan makes ("units blocks batch_tile lanes shared_bytes", or
+// "none"). run_kernels IN OUT [sweep UNITS BATCH_TILE] runs the kernels. With "sweep", a layer without a
+// projection runs its forward through the sweep kernel (one step per launch, cut into
+// blocks of UNITS hidden units and batch tiles of BATCH_TILE rows) instead of the
+// per-step GEMM and cell kernel. IN: 14 int64 (mode 0 layer / 1 cell, dtype 0 f32 / 1 f64 /
 // 2 f16 / 3 bf16, T, B, I, H, P, D, has_lengths, has_bias, has_proj, has_grad_y,
 // has_grad_h, has_grad_c), then lengths as int64 [B] if any, then float64 arrays:
 // x [T,B,I], h0 [D,B,P], c0 [D,B,H], w_ih [D,4H,I], w_hh [D,4H,P], bias [D,4H] if any,
 // w_hr [D,P,H] if any, grad_y [T,B,D*P], grad_h_n [D,B,P], grad_c_n [D,B,H] if any.
 // OUT: float64 arrays y, h_n, c_n, dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr (if any).
 // The cell mode uses T = D = 1, P = H and writes h', c', dx, dh, dc, dw_ih, dw_hh, dbias.
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "../cuda/lstm_kernels.h"
@@ -66,6 +73,11 @@ void check(cudaError_t e) {
   if (e != cudaSuccess) throw std::runtime_error("launch failed");
 }
 
+struct SweepOption {
+  bool on = false;
+  int64_t units = 0, batch_tile = 0;
+} sweep_option;
+
 struct Reader {
   FILE* f;
   std::vector<double> doubles(size_t n) {
@@ -104,7 +116,20 @@ void run_layer(const int64_t* hd, Reader& in, Writer& out) {
   std::vector<A> rec(D * B * G), c_prev(rows * D * H);
   std::vector<T> h_prev(D * rows * P), h_raw_saved(proj ? D * rows * H : 0);
   gemm(false, true, rows, D * G, I, x.data(), I, w_ih.data(), I, 0.0, xg.data(), D * G);
-  for (int64_t s = 0; s < T_; ++s) {
+  const bool sweep = sweep_option.on && !proj;
+  if (sweep) {
+    const SweepPlan pl = sweep_plan(H, B, D, sweep_option.units, sweep_option.batch_tile, sizeof(T), sizeof(A));
+    std::vector<T> hs(2 * D * B * H);
+    std::copy(h.begin(), h.end(), hs.begin());
+    for (int64_t s = 0; s < T_; ++s) {
+      SweepFwd<T> sw{T_, B, H, D, s, s + 1, pl.units, pl.batch_tile, pl.lanes, pl.h_offset, pl.part_offset, lp,
+                     w_hh.data(), has_bias ? bias.data() : nullptr, xg.data(), c.data(), hs.data(), y.data(),
+                     c_prev.data(), h_prev.data()};
+      check(launch_sweep_fwd(sw, pl.shared_bytes, false, nullptr));
+    }
+    std::copy(hs.begin() + (T_ % 2) * D * B * H, hs.begin() + (T_ % 2 + 1) * D * B * H, h.begin());
+  }
+  for (int64_t s = 0; s < (sweep ? 0 : T_); ++s) {
     for (int64_t d = 0; d < D; ++d)
       gemm(false, true, B, G, P, h.data() + d * B * P, P, w_hh.data() + d * G * P, P, 0.0, rec.data() + d * B * G, G);
     FwdStep<T> f{T_, B, H, P, D, s, lp, rec.data(), has_bias ? bias.data() : nullptr, xg.data(), c.data(), h.data(),
@@ -218,8 +243,19 @@ __attribute__((noinline)) void leak_on_purpose() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 3) {
-    std::fprintf(stderr, "usage: %s IN OUT\n", argv[0]);
+  if (argc == 9 && std::string(argv[1]) == "plan") {  // plan H B D ELEM MATH MAX_BLOCKS MAX_SHARED
+    int64_t a[7];
+    for (int i = 0; i < 7; ++i) a[i] = std::atoll(argv[2 + i]);
+    SweepPlan pl;
+    if (!choose_sweep_plan(a[0], a[1], a[2], a[3], a[4], a[5], a[6], &pl)) return std::puts("none"), 0;
+    std::printf("%lld %lld %lld %lld %lld\n", (long long)pl.units, (long long)pl.blocks, (long long)pl.batch_tile,
+                (long long)pl.lanes, (long long)pl.shared_bytes);
+    return 0;
+  }
+  if (argc == 6 && std::string(argv[3]) == "sweep") {
+    sweep_option = {true, std::atoll(argv[4]), std::atoll(argv[5])};
+  } else if (argc != 3) {
+    std::fprintf(stderr, "usage: %s IN OUT [sweep UNITS BATCH_TILE]\n", argv[0]);
     return 2;
   }
   Reader in{std::fopen(argv[1], "rb")};
