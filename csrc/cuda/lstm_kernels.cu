@@ -57,6 +57,26 @@ __host__ __device__ __forceinline__ int64_t step_time(int64_t d, int64_t s, int6
   return time_index(int(d), s, len);
 }
 
+// One element's forward step: the gates from its x W_ih^T (xg: this row and direction),
+// recurrent sums and bias (this direction's, or nullptr); the cell state c updated in
+// place; the activated gates written back over xg when training. Returns the new h.
+template <typename T, bool Training>
+__host__ __device__ __forceinline__ math_t<T> cell_forward(T* xg, const math_t<T> (&rec)[4], const T* bias,
+                                                           math_t<T>& c, int64_t H, int64_t j) {
+  using A = math_t<T>;
+  A pre[4];
+  for (int k = 0; k < 4; ++k) pre[k] = to_math(xg[k * H + j]) + rec[k] + (bias ? to_math(bias[k * H + j]) : A(0));
+  const Gates<A> a = activate(pre[0], pre[1], pre[2], pre[3]);
+  c = cell_state(a, c);
+  if (Training) {
+    xg[j] = from_math<T>(a.i);
+    xg[H + j] = from_math<T>(a.f);
+    xg[2 * H + j] = from_math<T>(a.g);
+    xg[3 * H + j] = from_math<T>(a.o);
+  }
+  return hidden_state(a, c);
+}
+
 template <typename T, bool Training>
 __global__ void fwd_step_kernel(const FwdStep<T> p) {
   using A = math_t<T>;
@@ -75,21 +95,10 @@ __global__ void fwd_step_kernel(const FwdStep<T> p) {
     if (p.h_raw) p.h_raw[state * H + j] = from_math<T>(A(0));
     return;
   }
-  T* xg = p.xg + row * D * G + d * G;
   const A* rec = p.rec + state * G;
-  A pre[4];
-  for (int k = 0; k < 4; ++k)
-    pre[k] = to_math(xg[k * H + j]) + rec[k * H + j] + (p.bias ? to_math(p.bias[d * G + k * H + j]) : A(0));
-  const Gates<A> a = activate(pre[0], pre[1], pre[2], pre[3]);
-  const A c = cell_state(a, p.c[state * H + j]);
-  const A h = hidden_state(a, c);
-  if (Training) {
-    xg[j] = from_math<T>(a.i);
-    xg[H + j] = from_math<T>(a.f);
-    xg[2 * H + j] = from_math<T>(a.g);
-    xg[3 * H + j] = from_math<T>(a.o);
-  }
-  p.c[state * H + j] = c;
+  const A sums[4] = {rec[j], rec[H + j], rec[2 * H + j], rec[3 * H + j]};
+  const A h = cell_forward<T, Training>(p.xg + row * D * G + d * G, sums, p.bias ? p.bias + d * G : nullptr,
+                                        p.c[state * H + j], H, j);
   if (p.h_raw) {
     p.h_raw[state * H + j] = from_math<T>(h);
   } else {
@@ -267,24 +276,14 @@ __global__ void sweep_fwd_kernel(const SweepFwd<T> p) {
           h_next[b * H + j] = h_old;
           continue;
         }
-        T* xg = p.xg + row * D * G + d * G;
-        A pre[4];
+        A sums[4];
         for (int g = 0; g < 4; ++g) {
-          const A* sums = part + (bb * R + g * U + u) * L;
-          A rec = A(0);
-          for (int l = 0; l < L; ++l) rec += sums[l];
-          pre[g] = to_math(xg[g * H + j]) + rec + (p.bias ? to_math(p.bias[d * G + g * H + j]) : A(0));
+          const A* lanes = part + (bb * R + g * U + u) * L;
+          sums[g] = A(0);
+          for (int l = 0; l < L; ++l) sums[g] += lanes[l];
         }
-        const Gates<A> a = activate(pre[0], pre[1], pre[2], pre[3]);
-        const A c = cell_state(a, p.c[state * H + j]);
-        const A h = hidden_state(a, c);
-        if (Training) {
-          xg[j] = from_math<T>(a.i);
-          xg[H + j] = from_math<T>(a.f);
-          xg[2 * H + j] = from_math<T>(a.g);
-          xg[3 * H + j] = from_math<T>(a.o);
-        }
-        p.c[state * H + j] = c;
+        const A h = cell_forward<T, Training>(p.xg + row * D * G + d * G, sums, p.bias ? p.bias + d * G : nullptr,
+                                              p.c[state * H + j], H, j);
         h_next[b * H + j] = from_math<T>(h);
         y[j] = from_math<T>(h);
       }
