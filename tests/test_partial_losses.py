@@ -43,8 +43,8 @@ LOSSES = {
 }
 
 
-def run(module, x, lengths, loss_name, fused):
-    x = x.detach().requires_grad_()
+def forward(module, x, lengths, fused):
+    """out (padded), h_n, c_n: the fused module takes lengths=, nn.LSTM a PackedSequence."""
     if lengths is None:
         out, (h, c) = module(x)
     elif fused:
@@ -52,6 +52,12 @@ def run(module, x, lengths, loss_name, fused):
     else:
         packed, (h, c) = module(pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False))
         out, _ = nn.utils.rnn.pad_packed_sequence(packed, total_length=x.shape[0])
+    return out, h, c
+
+
+def run(module, x, lengths, loss_name, fused):
+    x = x.detach().requires_grad_()
+    out, h, c = forward(module, x, lengths, fused)
     picked = LOSSES[loss_name](out, h, c, lengths)
     g = torch.Generator().manual_seed(3)
     loss = (picked * torch.randn(picked.shape, generator=g, dtype=picked.dtype)).sum()
@@ -136,13 +142,7 @@ def test_input_without_grad(proj_size, with_lengths):
     lengths = LENGTHS if with_lengths else None
     results = []
     for m, is_fused in ((fused, True), (ref, False)):
-        if lengths is None:
-            out, (h, c) = m(x)
-        elif is_fused:
-            out, (h, c) = m(x, lengths=torch.tensor(lengths))
-        else:
-            packed, (h, c) = m(pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False))
-            out, _ = nn.utils.rnn.pad_packed_sequence(packed, total_length=T)
+        out, h, c = forward(m, x, lengths, is_fused)
         loss = out.square().sum() + h.sum() + c.sum()
         results.append(torch.autograd.grad(loss, list(m.parameters())))
     for a, b in zip(*results):
