@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -32,6 +33,12 @@ namespace {
 // the cell state and the sums run in it.
 template <typename T>
 using math_t = at::opmath_type<T>;
+
+// Entered first by every kernel: the tensors a kernel makes are its scratch and its
+// outputs, never part of an autograd graph, so its own ATen calls (views, allocations,
+// copies) skip the autograd and view-tracking layers. At batch 1 a layer call makes
+// about forty of them, and each paid a microsecond or more for that bookkeeping.
+using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
 inline at::ScalarType math_dtype(at::ScalarType storage) {
   return storage == at::kDouble ? at::kDouble : at::kFloat;
@@ -674,6 +681,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& w_ih_reverse, const std::optional<at::Tensor>& w_hh_reverse,
     const std::optional<at::Tensor>& b_ih_reverse, const std::optional<at::Tensor>& b_hh_reverse,
     const std::optional<at::Tensor>& w_hr_reverse, bool training) {
+  const BelowAutograd below_autograd;
   const LayerWeights wts = layer_weights("lstm_layer_forward", w_ih_, w_hh_, b_ih_, b_hh_, w_hr_, w_ih_reverse,
                                          w_hh_reverse, b_ih_reverse, b_hh_reverse, w_hr_reverse);
   const LayerDims n = check_layer_forward(x_, lengths, h0, c0, wts);
@@ -772,6 +780,7 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
                         const std::optional<at::Tensor>& w_hh_reverse, const std::optional<at::Tensor>& w_hr_reverse,
                         const at::Tensor& gates_, const at::Tensor& c_prev_,
                         const at::Tensor& h_prev_, const at::Tensor& h_raw_, bool input_grad) {
+  const BelowAutograd below_autograd;
   const LayerWeights wts = layer_weights("lstm_layer_backward", w_ih_, w_hh_, std::nullopt, std::nullopt, w_hr_,
                                          w_ih_reverse, w_hh_reverse, std::nullopt, std::nullopt, w_hr_reverse);
   const LayerDims n = check_layer_backward(grad_y, grad_h_n, grad_c_n, x_, wts, gates_, c_prev_, h_prev_, h_raw_);
@@ -941,6 +950,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_cpu(const at::T
                                                                      const at::Tensor& w_hh_,
                                                                      const std::optional<at::Tensor>& bias_,
                                                                      bool training) {
+  const BelowAutograd below_autograd;
   const auto [B, I, H] = check_cell("lstm_cell_forward", x_, h_, c, w_ih_, w_hh_, bias_);
   const at::Tensor x = x_.contiguous(), h = h_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const at::Tensor bias = bias_ ? bias_->contiguous() : pooled_zeros({4 * H}, x.options());
@@ -968,6 +978,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& grad_h_new, const std::optional<at::Tensor>& grad_c_new, const at::Tensor& x_,
     const at::Tensor& h_, const at::Tensor& c_, const at::Tensor& w_ih_, const at::Tensor& w_hh_,
     const at::Tensor& gates_) {
+  const BelowAutograd below_autograd;
   const auto [B, I, H] = check_cell_backward(grad_h_new, grad_c_new, x_, h_, c_, w_ih_, w_hh_, gates_);
   const at::Tensor x = x_.contiguous(), h = h_.contiguous();
   const at::Tensor c = c_.to(math_dtype(x_.scalar_type())).contiguous();
