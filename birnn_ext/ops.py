@@ -1,7 +1,8 @@
 """Python side of the registered ops: fake kernels (for torch.compile and
-torch.export), autograd through the backward ops, and thin wrappers.
+torch.export), autocast rules, and thin wrappers.
 
-The schemas live in csrc/ops.cpp and the kernels in csrc/cpu and csrc/cuda.
+The schemas live in csrc/ops.cpp, the kernels in csrc/cpu and csrc/cuda, and the
+autograd in csrc/autograd.cpp.
 """
 
 from __future__ import annotations
@@ -92,97 +93,10 @@ def _(grad_h_new, grad_c_new, x, h, c, w_ih, w_hh, gates):
 
 
 # ---------------------------------------------------------------- autograd
-
-
-def _layer_setup_context(ctx, inputs, output):
-    x, lengths, _h0, _c0, w_ih, w_hh, b_ih, _b_hh, w_hr, w_ih_r, w_hh_r, _b_ih_r, _b_hh_r, w_hr_r, _training = inputs
-    _y, _h_n, _c_n, gates, c_prev, h_prev, h_raw = output
-    ctx.mark_non_differentiable(gates, c_prev, h_prev, h_raw)
-    ctx.set_materialize_grads(False)  # an unused output costs no zero tensor
-    ctx.has_bias, ctx.D, ctx.proj = b_ih is not None, 2 if w_hh_r is not None else 1, w_hr is not None
-    ctx.save_for_backward(x, lengths, w_ih, w_hh, w_hr, w_ih_r, w_hh_r, w_hr_r, gates, c_prev, h_prev, h_raw)
-
-
-def _layer_backward(ctx, grad_y, grad_h_n, grad_c_n, *_saved_grads):
-    x, lengths, *weights, gates, c_prev, h_prev, h_raw = ctx.saved_tensors
-    if grad_y is None and grad_h_n is None and grad_c_n is None:
-        return (None,) * 15
-    input_grad = ctx.needs_input_grad[0]
-    dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr = _ops.lstm_layer_backward(
-        grad_y, grad_h_n, grad_c_n, x, lengths, *weights, gates, c_prev, h_prev, h_raw, input_grad
-    )
-    # The op stacks the weights' gradients over directions; each Parameter gets its row.
-    # b_ih and b_hh enter the gates as a sum: both get the same gradient.
-    per_direction = []
-    for d in range(2):
-        if d < ctx.D:
-            db = dbias[d] if ctx.has_bias else None
-            per_direction += [dw_ih[d], dw_hh[d], db, db, dw_hr[d] if ctx.proj else None]
-        else:
-            per_direction += [None] * 5
-    return (dx if input_grad else None, None, dh0, dc0, *per_direction, None)
-
-
-torch.library.register_autograd(
-    "birnn_ext::lstm_layer_forward", _layer_backward, setup_context=_layer_setup_context
-)
-
-
-def _cell_setup_context(ctx, inputs, output):
-    x, h, c, w_ih, w_hh, bias, _training = inputs
-    gates = output[2]
-    ctx.mark_non_differentiable(gates)
-    ctx.set_materialize_grads(False)
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, h, c, w_ih, w_hh, gates)
-
-
-def _cell_backward(ctx, grad_h_new, grad_c_new, _grad_gates):
-    if grad_h_new is None and grad_c_new is None:
-        return (None,) * 7
-    dx, dh, dc, dw_ih, dw_hh, dbias = _ops.lstm_cell_backward(grad_h_new, grad_c_new, *ctx.saved_tensors)
-    return dx, dh, dc, dw_ih, dw_hh, (dbias if ctx.has_bias else None), None
-
-
-torch.library.register_autograd(
-    "birnn_ext::lstm_cell_forward", _cell_backward, setup_context=_cell_setup_context
-)
-
-
-def _function(name: str, op, setup_context, backward) -> type[torch.autograd.Function]:
-    """The autograd registered above for `op` (the same setup and backward functions), as
-    an autograd.Function for the modules' calls. Through the registration, each call that
-    needs a gradient passes PyTorch's fill_defaults, whose cost grows with the square of
-    the op's argument count: about 40 us a call at the layer op's 15 arguments, a third of
-    a whole batch-1 layer."""
-
-    def forward(ctx, *args):
-        output = op(*args)  # grad mode is off in here: no second graph node
-        setup_context(ctx, args, output)
-        return output
-
-    # Made with type() so that autograd names the graph node <name>Backward.
-    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
-
-
-_LayerFunction = _function("LstmLayer", _ops.lstm_layer_forward, _layer_setup_context, _layer_backward)
-_CellFunction = _function("LstmCell", _ops.lstm_cell_forward, _cell_setup_context, _cell_backward)
-
-
-def _call(op, function, args, training: bool, device_type: str):
-    """Runs a forward op (its last argument `training`) the cheapest way that records
-    what autograd needs. Under torch.compile, and under autocast, through the registered
-    autograd: the compiler traces the op itself, and the autocast rule casts the inputs
-    before that autograd, so that the tensors saved for backward are the ones the kernel
-    used."""
-    if torch.compiler.is_compiling() or torch.is_autocast_enabled(device_type):
-        return op(*args)
-    if training:
-        return function.apply(*args)
-    # Nothing to record: past the registered autograd kernel, whose Python layer (that
-    # only finds that no gradient is needed) costs about 7 us a call.
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*args)
+#
+# The forward ops' autograd is registered in C++ (csrc/autograd.cpp), for every
+# backend: it saves what the backward ops need and calls them. Calls that need no
+# gradient go straight to the backend kernel.
 
 
 def _needs_grad(*tensors: Tensor | None) -> bool:
@@ -218,8 +132,7 @@ def lstm_layer(
     forward = [seq[0] if len(seq) else None for _, seq in kinds]
     reverse = [seq[1] if len(seq) > 1 else None for _, seq in kinds]
     training = _needs_grad(x, h0, c0, *forward, *reverse)
-    args = (x, lengths, h0, c0, *forward, *reverse, training)
-    y, h_n, c_n, *_ = _call(_ops.lstm_layer_forward, _LayerFunction, args, training, x.device.type)
+    y, h_n, c_n, *_ = _ops.lstm_layer_forward(x, lengths, h0, c0, *forward, *reverse, training)
     return y, h_n, c_n
 
 
@@ -229,8 +142,7 @@ def lstm_cell(
     """One LSTM step: x [B,I], h, c [B,H], w_ih [4H,I], w_hh [4H,H], bias [4H]
     (b_ih + b_hh) or None. Returns h', c' [B,H]."""
     training = _needs_grad(x, h, c, w_ih, w_hh, bias)
-    h_new, c_new, _ = _call(_ops.lstm_cell_forward, _CellFunction, (x, h, c, w_ih, w_hh, bias, training), training,
-                            x.device.type)
+    h_new, c_new, _ = _ops.lstm_cell_forward(x, h, c, w_ih, w_hh, bias, training)
     return h_new, c_new
 
 

@@ -1,6 +1,7 @@
 // Every birnn_ext op schema, in one place. Backends register their kernels with
-// TORCH_LIBRARY_IMPL in csrc/cpu/ and csrc/cuda/; autograd, fake (meta) kernels and
-// autocast rules are registered from Python in birnn_ext/ops.py.
+// TORCH_LIBRARY_IMPL in csrc/cpu/ and csrc/cuda/, the forward ops' autograd in
+// csrc/autograd.cpp; fake (meta) kernels and autocast rules are registered from Python
+// in birnn_ext/ops.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY(birnn_ext, m) {

@@ -150,6 +150,22 @@ def test_backward_without_saved_activations_is_refused():
                                                 a["w_ih_reverse"], a["w_hh_reverse"], None, gates, cp, hp, hr)
 
 
+@pytest.mark.parametrize("requires_grad", ["x", "w_hh_reverse", "b_ih"])
+def test_forward_op_without_training_refuses_a_gradient(requires_grad):
+    """training=False saves nothing for backward: with a gradient required, the call
+    fails at once and says what to pass, rather than at backward time."""
+    a = layer_args()
+    a[requires_grad] = a[requires_grad].requires_grad_()
+    with pytest.raises(RuntimeError, match="training=False, but an input requires a gradient: pass training=True"):
+        torch.ops.birnn_ext.lstm_layer_forward(*a.values(), False)
+    with torch.no_grad():  # no gradient wanted: the same call runs
+        y, *_ = torch.ops.birnn_ext.lstm_layer_forward(*a.values(), False)
+    assert y.shape == (T, B, D * H) and not y.requires_grad
+    cell_args = [torch.randn(B, I), torch.zeros(B, H), torch.zeros(B, H), torch.randn(4 * H, I), torch.randn(4 * H, H)]
+    cell_args[{"x": 0, "w_hh_reverse": 4, "b_ih": 3}[requires_grad]].requires_grad_()
+    with pytest.raises(RuntimeError, match="lstm_cell_forward: training=False, but an input requires a gradient"):
+        torch.ops.birnn_ext.lstm_cell_forward(*cell_args, None, False)
+
 def _replace_weight(m):
     m.weight_hh_l1 = nn.Parameter(torch.randn(4 * H, H + 1))
     return m(good_input())

@@ -1,0 +1,212 @@
+// Autograd of the forward ops, in C++ and for every backend: registered at the Autograd
+// key, it saves what the backward op needs and calls it when gradients flow back.
+//
+// In C++ rather than through torch.library.register_autograd: at batch 1 a layer call
+// is about 0.1 ms of work, and the Python autograd path (an autograd.Function's apply
+// and setup_context, then a Python backward that unpacks the saved tensors and calls
+// the backward op through torch.ops) added about 30 us to each forward and as much to
+// each backward. torch.compile traces through this kernel like any other: the forward
+// op (through its fake kernel) and the backward op appear in its graphs.
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <optional>
+
+namespace birnn {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = std::optional<at::Tensor>;
+
+at::Tensor value_or_undefined(const OptTensor& t) { return t ? *t : at::Tensor(); }
+OptTensor defined_or_none(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+
+bool any_requires_grad(std::initializer_list<const at::Tensor*> tensors) {
+  for (const at::Tensor* t : tensors)
+    if (t->defined() && t->requires_grad()) return true;
+  return false;
+}
+
+// ---------------------------------------------------------------- layer
+
+using LayerOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using LayerForwardSig = LayerOutputs(const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
+                                     const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
+                                     const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                                     const OptTensor&, const OptTensor&, bool);
+using LayerBackwardSig = LayerOutputs(const OptTensor&, const OptTensor&, const OptTensor&, const at::Tensor&,
+                                      const OptTensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
+                                      const OptTensor&, const OptTensor&, const OptTensor&, const at::Tensor&,
+                                      const at::Tensor&, const at::Tensor&, const at::Tensor&, bool);
+
+const c10::TypedOperatorHandle<LayerForwardSig>& layer_forward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("birnn_ext::lstm_layer_forward", "").typed<LayerForwardSig>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<LayerBackwardSig>& layer_backward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("birnn_ext::lstm_layer_backward", "").typed<LayerBackwardSig>();
+  return op;
+}
+
+}  // namespace
+
+// Outside the anonymous namespace so that the graph node reads
+// CppNode<birnn::LstmLayer> in grad_fn.name() and in profiles.
+class LstmLayer : public torch::autograd::Function<LstmLayer> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& lengths,
+                               const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+                               const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+                               const OptTensor& w_hr, const OptTensor& w_ih_r, const OptTensor& w_hh_r,
+                               const OptTensor& b_ih_r, const OptTensor& b_hh_r, const OptTensor& w_hr_r,
+                               bool training) {
+    TORCH_CHECK(training,
+                "lstm_layer_forward: training=False, but an input requires a gradient: pass training=True so "
+                "that the activations backward needs are saved");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [y, h_n, c_n, gates, c_prev, h_prev, h_raw] = layer_forward_op().call(
+        x, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r, training);
+    ctx->mark_non_differentiable({gates, c_prev, h_prev, h_raw});
+    ctx->set_materialize_grads(false);  // an unused output costs no zero tensor
+    ctx->saved_data["has_bias"] = b_ih.has_value();
+    ctx->save_for_backward({x, value_or_undefined(lengths), w_ih, w_hh, value_or_undefined(w_hr),
+                            value_or_undefined(w_ih_r), value_or_undefined(w_hh_r), value_or_undefined(w_hr_r),
+                            gates, c_prev, h_prev, h_raw});
+    return {y, h_n, c_n, gates, c_prev, h_prev, h_raw};
+  }
+
+  // One gradient per forward argument (15), undefined where an argument is not a
+  // tensor or is absent.
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(15);
+    const at::Tensor &grad_y = grads[0], &grad_h_n = grads[1], &grad_c_n = grads[2];
+    if (!grad_y.defined() && !grad_h_n.defined() && !grad_c_n.defined()) return out;
+    const variable_list s = ctx->get_saved_variables();
+    const at::Tensor &x = s[0], &w_ih = s[2], &w_hh = s[3], &w_hr = s[4], &w_ih_r = s[5], &w_hh_r = s[6],
+                     &w_hr_r = s[7];
+    const bool input_grad = ctx->needs_input_grad(0);
+    auto [dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr] = layer_backward_op().call(
+        defined_or_none(grad_y), defined_or_none(grad_h_n), defined_or_none(grad_c_n), x, defined_or_none(s[1]),
+        w_ih, w_hh, defined_or_none(w_hr), defined_or_none(w_ih_r), defined_or_none(w_hh_r),
+        defined_or_none(w_hr_r), s[8], s[9], s[10], s[11], input_grad);
+    // The op stacks the weights' gradients over directions; each Parameter gets its
+    // row. b_ih and b_hh enter the gates as a sum: both get the same gradient.
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const int64_t D = w_hh_r.defined() ? 2 : 1;
+    if (input_grad) out[0] = dx;
+    out[2] = dh0, out[3] = dc0;
+    for (int64_t d = 0; d < D; ++d) {
+      const size_t k = 4 + 5 * d;  // w_ih, w_hh, b_ih, b_hh, w_hr of direction d
+      out[k] = dw_ih[d], out[k + 1] = dw_hh[d];
+      if (has_bias) out[k + 2] = out[k + 3] = dbias[d];
+      if (w_hr.defined()) out[k + 4] = dw_hr[d];
+    }
+    return out;
+  }
+};
+
+namespace {
+
+LayerOutputs lstm_layer_forward_autograd(const at::Tensor& x, const OptTensor& lengths, const at::Tensor& h0,
+                                         const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                         const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
+                                         const OptTensor& w_ih_r, const OptTensor& w_hh_r, const OptTensor& b_ih_r,
+                                         const OptTensor& b_hh_r, const OptTensor& w_hr_r, bool training) {
+  const at::Tensor none;
+  auto opt = [&](const OptTensor& t) { return t ? &*t : &none; };
+  const bool needs_grad =
+      at::GradMode::is_enabled() &&
+      any_requires_grad({&x, &h0, &c0, &w_ih, &w_hh, opt(b_ih), opt(b_hh), opt(w_hr), opt(w_ih_r), opt(w_hh_r),
+                         opt(b_ih_r), opt(b_hh_r), opt(w_hr_r)});
+  if (!needs_grad) {  // nothing to record: straight to the backend
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return layer_forward_op().call(x, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ih_r, w_hh_r, b_ih_r, b_hh_r,
+                                   w_hr_r, training);
+  }
+  variable_list r =
+      LstmLayer::apply(x, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r, training);
+  return {r[0], r[1], r[2], r[3], r[4], r[5], r[6]};
+}
+
+// ---------------------------------------------------------------- cell
+
+using CellOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using CellForwardSig = CellOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, const OptTensor&, bool);
+using CellBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const OptTensor&, const OptTensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&);
+
+const c10::TypedOperatorHandle<CellForwardSig>& cell_forward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("birnn_ext::lstm_cell_forward", "").typed<CellForwardSig>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<CellBackwardSig>& cell_backward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("birnn_ext::lstm_cell_backward", "").typed<CellBackwardSig>();
+  return op;
+}
+
+}  // namespace
+
+class LstmCell : public torch::autograd::Function<LstmCell> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& h, const at::Tensor& c,
+                               const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& bias, bool training) {
+    TORCH_CHECK(training,
+                "lstm_cell_forward: training=False, but an input requires a gradient: pass training=True so that "
+                "the gates backward needs are saved");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [h_new, c_new, gates] = cell_forward_op().call(x, h, c, w_ih, w_hh, bias, training);
+    ctx->mark_non_differentiable({gates});
+    ctx->set_materialize_grads(false);
+    ctx->saved_data["has_bias"] = bias.has_value();
+    ctx->save_for_backward({x, h, c, w_ih, w_hh, gates});
+    return {h_new, c_new, gates};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(7);
+    if (!grads[0].defined() && !grads[1].defined()) return out;
+    const variable_list s = ctx->get_saved_variables();
+    auto [dx, dh, dc, dw_ih, dw_hh, dbias] =
+        cell_backward_op().call(defined_or_none(grads[0]), defined_or_none(grads[1]), s[0], s[1], s[2], s[3], s[4],
+                                s[5]);
+    out[0] = dx, out[1] = dh, out[2] = dc, out[3] = dw_ih, out[4] = dw_hh;
+    if (ctx->saved_data["has_bias"].toBool()) out[5] = dbias;
+    return out;
+  }
+};
+
+namespace {
+
+CellOutputs lstm_cell_forward_autograd(const at::Tensor& x, const at::Tensor& h, const at::Tensor& c,
+                                       const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& bias,
+                                       bool training) {
+  const at::Tensor none;
+  const bool needs_grad =
+      at::GradMode::is_enabled() && any_requires_grad({&x, &h, &c, &w_ih, &w_hh, bias ? &*bias : &none});
+  if (!needs_grad) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return cell_forward_op().call(x, h, c, w_ih, w_hh, bias, training);
+  }
+  variable_list r = LstmCell::apply(x, h, c, w_ih, w_hh, bias, training);
+  return {r[0], r[1], r[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(birnn_ext, Autograd, m) {
+  m.impl("lstm_layer_forward", &lstm_layer_forward_autograd);
+  m.impl("lstm_cell_forward", &lstm_cell_forward_autograd);
+}
+
+}  // namespace birnn
