@@ -1,7 +1,8 @@
 """The float32 step products on small_gemm (csrc/cpu/small_gemm.cpp). A sweep packs a
 weight it reads transposed (h W_hh^T, x W_ih^T) from 16 rows (steps x batch), one it
 reads by rows (dg W_hh) from 256; shorter ones multiply the weights where they lie
-(small_gemm_in_place: B's rows contiguous, or dot products against W's rows).
+(small_gemm_in_place: B's rows contiguous, or dot products against W's rows), and so
+does a weight gradient over 64 rows or fewer with 64 columns or more (dW_hh, dW_hr).
 Parity with nn.LSTM at sizes that reach every part of both: row blocks of 1-4, a last
 panel or column block narrower than the kernel's width, packing transposed blocks with
 ragged edges, dot products with a tail past the vector width and ones too short for the

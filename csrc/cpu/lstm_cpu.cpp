@@ -571,6 +571,26 @@ void backward_direction(const BwdParams<T>& p, int64_t d) {
   if (!work.planned.load(std::memory_order_relaxed)) plan_blocks(p, d, last_live);  // every step was skipped
 }
 
+// One block's share of a weight gradient: c[M,N] = a[K,M]^T b[K,N], a and b rows of dg
+// and of the layer's input or h (contiguous rows). A short block (a small batch over few
+// steps) of a wide weight goes to small_gemm_in_place, which reads both where they lie:
+// at batch 1, T 28, H 128, dW_hh (512 x 28 x 128) takes 17 us there against 35 us in BLAS
+// (benchmarks/bench_step_gemm.py). Narrower ones (dW_ih at a small input size) stay on
+// matmul: with a few columns the in-place kernel's tiles hold too few accumulators.
+template <typename T>
+void weight_grad(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
+  constexpr int64_t kMaxRowsInPlace = 64, kMinColsInPlace = 64;
+  const int64_t K = a.size(0), M = a.size(1), N = b.size(1);
+  if constexpr (std::is_same_v<T, float>) {
+    if (K <= kMaxRowsInPlace && N >= kMinColsInPlace && a.stride(1) == 1 && b.stride(1) == 1 && c.is_contiguous()) {
+      small_gemm_in_place(M, N, K, a.data_ptr<float>(), 1, a.stride(0), b.data_ptr<float>(), b.stride(0), 1, 0.f,
+                          c.data_ptr<float>(), N);
+      return;
+    }
+  }
+  matmul<T>(a.t(), b, c, T(0));
+}
+
 // small_gemm_in_place's C[M,N] = A B with the rows of A (and C) split between threads:
 // each output is one pass in k order, the same bits for any thread count. In quads of
 // rows: the kernel takes rows four at a time, then one at a time, and those two paths
@@ -854,11 +874,10 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
       const at::Tensor dg_rows = dg[d].narrow(0, r0, k);
       // A direction's only block writes its dW directly: there is nothing to sum.
       const bool only = w.blocks.count == 1;
-      matmul<T>(dg_rows.t(), x2.narrow(0, r0, k), only ? dw_ih[d] : part_ih[d][i], T(0));
-      matmul<T>(dg_rows.t(), h_prev2[d].narrow(0, r0, k), only ? dw_hh[d] : part_hh[d][i], T(0));
+      weight_grad<T>(dg_rows, x2.narrow(0, r0, k), only ? dw_ih[d] : part_ih[d][i]);
+      weight_grad<T>(dg_rows, h_prev2[d].narrow(0, r0, k), only ? dw_hh[d] : part_hh[d][i]);
       if (proj)
-        matmul<T>(dh_proj_saved[d].narrow(0, r0, k).t(), h_raw2[d].narrow(0, r0, k), only ? dw_hr[d] : part_hr[d][i],
-                  T(0));
+        weight_grad<T>(dh_proj_saved[d].narrow(0, r0, k), h_raw2[d].narrow(0, r0, k), only ? dw_hr[d] : part_hr[d][i]);
       if (w.dx_here) matmul<T>(dg_rows, w_ih[d], dx2.narrow(0, r0, k), T(0));
     };
     // A block is ready once the sweep has written all of its rows. The forward direction
