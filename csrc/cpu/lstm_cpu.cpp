@@ -391,7 +391,7 @@ struct BlockWork {
     std::atomic<bool> planned{false};  // blocks and dx_here are set
     std::atomic<int64_t> progress{0};  // every sweep step >= progress is done
     RowBlocks blocks;
-    bool dx_here = false;  // the blocks also write their rows of dx (first direction, every row live)
+    bool dx_here = false;  // every row is live: the blocks also write their rows of dg W_ih (see below)
     std::array<std::atomic<bool>, RowBlocks::kMaxBlocks> taken;
   };
   std::array<Direction, 2> dir;
@@ -484,7 +484,7 @@ void plan_blocks(const BwdParams<T>& p, int64_t d, int64_t last_live) {
     }
   BlockWork::Direction& work = p.work->dir[d];
   work.blocks = t0 < t1 ? RowBlocks::over(t0 * B, t1 * B) : RowBlocks::over(0, 0);
-  work.dx_here = p.input_grad && d == 0 && t0 == 0 && t1 == T_;
+  work.dx_here = p.input_grad && t0 == 0 && t1 == T_;
   work.progress.store(last_live + 1, std::memory_order_relaxed);
   work.planned.store(true, std::memory_order_release);
 }
@@ -864,6 +864,8 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
     const int64_t max_blocks = RowBlocks::max_count(rows);
     at::Tensor part_ih = pooled_empty({D, max_blocks, G, I}, opt), part_hh = pooled_empty({D, max_blocks, G, P}, opt);
     at::Tensor part_hr = pooled_empty({D, proj ? max_blocks : 0, P, H}, opt);
+    // The reverse direction's share of dx, dg[1] W_ih[1], where its blocks write it.
+    at::Tensor dx_reverse = pooled_empty({input_grad && D == 2 ? rows : 0, I}, opt);
     const at::Tensor x2 = x.view({rows, I}), dx2 = input_grad ? dx.view({rows, I}) : at::Tensor();
     const at::Tensor h_prev2 = h_prev.view({D, rows, P});
     const at::Tensor h_raw2 = proj ? h_raw.view({D, rows, H}) : at::Tensor();
@@ -878,7 +880,7 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
       weight_grad<T>(dg_rows, h_prev2[d].narrow(0, r0, k), only ? dw_hh[d] : part_hh[d][i]);
       if (proj)
         weight_grad<T>(dh_proj_saved[d].narrow(0, r0, k), h_raw2[d].narrow(0, r0, k), only ? dw_hr[d] : part_hr[d][i]);
-      if (w.dx_here) matmul<T>(dg_rows, w_ih[d], dx2.narrow(0, r0, k), T(0));
+      if (w.dx_here) matmul<T>(dg_rows, w_ih[d], (d == 0 ? dx2 : dx_reverse).narrow(0, r0, k), T(0));
     };
     // A block is ready once the sweep has written all of its rows. The forward direction
     // writes time s at step s; the reverse one time T-1-s, or, with lengths, a time that
@@ -950,15 +952,26 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
     sum_blocks(part_ih, dw_ih);
     sum_blocks(part_hh, dw_hh);
     if (proj) sum_blocks(part_hr, dw_hr);
-    // dx = the sum over directions of dg[d] W_ih[d]. The forward direction's blocks wrote
-    // their rows when every row was live; the rest is added here, over each direction's
-    // rows, onto zeros when the blocks did not write them all.
-    const bool dx_written = work.dir[0].dx_here;
-    if (input_grad && !dx_written) dx.zero_();
-    for (int64_t d = dx_written ? 1 : 0; d < D && input_grad; ++d) {
-      const RowBlocks& r = work.dir[d].blocks;
-      const int64_t k = r.end - r.begin;
-      matmul<T>(dg[d].narrow(0, r.begin, k), w_ih[d], dx2.narrow(0, r.begin, k), T(1));
+    // dx = dg[0] W_ih[0] + dg[1] W_ih[1]. When every row of a direction was live, its
+    // blocks wrote its product, the forward direction's into dx and the reverse one's
+    // into dx_reverse, on the threads that took them. The rest is computed here, over
+    // the direction's rows (onto zeros where the forward direction wrote nothing).
+    if (input_grad) {
+      const bool wrote_forward = work.dir[0].dx_here;
+      if (!wrote_forward) dx.zero_();
+      for (int64_t d = wrote_forward ? 1 : 0; d < D; ++d) {
+        if (d == 1 && work.dir[1].dx_here) {
+          T* out = dx.data_ptr<T>();
+          const T* rev = dx_reverse.data_ptr<T>();
+          at::parallel_for(0, rows * I, 4096, [&](int64_t e0, int64_t e1) {
+            for (int64_t e = e0; e < e1; ++e) out[e] = T(math_t<T>(out[e]) + math_t<T>(rev[e]));
+          });
+          continue;
+        }
+        const RowBlocks& r = work.dir[d].blocks;
+        const int64_t k = r.end - r.begin;
+        matmul<T>(dg[d].narrow(0, r.begin, k), w_ih[d], dx2.narrow(0, r.begin, k), T(1));
+      }
     }
   });
   return {dx, dh, dc.to(x.scalar_type()), dw_ih, dw_hh, dbias, dw_hr};
