@@ -87,7 +87,7 @@ inline void layout(const at::Tensor& t, bool& trans, int64_t& ld) {
 constexpr int64_t kOnednnMinWork = 1 << 21;
 
 // c[M,N] = a[M,K] b[K,N] + beta c, on 2-D views with a unit stride in one dimension;
-// c is contiguous. Products large enough to amortise oneDNN's per-call cost go there.
+// c's rows are contiguous (c may be a block of columns of a wider matrix). Products large enough to amortise oneDNN's per-call cost go there.
 // bfloat16 always goes to oneDNN (bfloat16 storage, float32 accumulation; AVX-512 BF16
 // where the CPU has it), or, without oneDNN, through float32 copies.
 template <typename T>
@@ -106,7 +106,7 @@ void matmul(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, at::o
     return;
   } else {
   if constexpr (std::is_same_v<T, float>) {
-    if (K > 0 && M * N * K >= kOnednnMinWork) {
+    if (K > 0 && M * N * K >= kOnednnMinWork && c.is_contiguous()) {
       if (OnednnMatmul fn = onednn_matmul()) {
         fn(a, b, c, beta, 1.0f);
         return;
@@ -117,7 +117,9 @@ void matmul(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, at::o
   int64_t lda, ldb;
   layout(a, ta, lda);
   layout(b, tb, ldb);
-  gemm<T>(ta, tb, M, N, K, T(1), a.data_ptr<T>(), lda, b.data_ptr<T>(), ldb, beta, c.data_ptr<T>(), N);
+  TORCH_INTERNAL_ASSERT(c.stride(1) == 1 || N == 1, "birnn_ext: GEMM output rows must be contiguous");
+  gemm<T>(ta, tb, M, N, K, T(1), a.data_ptr<T>(), lda, b.data_ptr<T>(), ldb, beta, c.data_ptr<T>(),
+          std::max<int64_t>(c.stride(0), N));
   }
 }
 
@@ -155,27 +157,26 @@ struct StepWeight {
   }
 };
 
-// c[M,N] = a[M,K] B + beta c: one step's product.
+// c[M,N] = a[M,K] B + beta c: one step's product (c's rows contiguous).
 // Unpacked float32 products below matmul's oneDNN threshold (a few rows: batch 1, or
 // a short sweep) go to small_gemm_in_place, which reads the weights where they lie and
 // beats the BLAS call on the step shapes benchmarks/bench_step_gemm.py times (batch 1
-// to 16). It is not matmul's engine in general: with many rows and a column count that
-// leaves a remainder past its vector panels (a weight gradient, 512 x 28 x 28) its
-// scalar columns make it several times slower than BLAS.
+// to 16). It is not matmul's engine in general: with many rows and a few columns (a
+// weight gradient, 512 x 28 x 28) its narrow tiles are slower than BLAS.
 template <typename T>
 void step_product(const at::Tensor& a, const StepWeight& w, const at::Tensor& c, at::opmath_type<T> beta) {
   if constexpr (std::is_same_v<T, float>) {
-    const int64_t M = a.size(0);
+    const int64_t M = a.size(0), ldc = std::max<int64_t>(c.stride(0), w.N);
+    TORCH_INTERNAL_ASSERT(c.stride(1) == 1 || w.N == 1, "birnn_ext: step product rows must be contiguous");
     if (w.packed.defined()) {
-      TORCH_INTERNAL_ASSERT(c.is_contiguous());
       small_gemm(M, w.N, w.K, a.data_ptr<float>(), a.stride(0), a.stride(1), w.packed.data_ptr<float>(), beta,
-                 c.data_ptr<float>(), w.N);
+                 c.data_ptr<float>(), ldc);
       return;
     }
     const int64_t b_row = w.view.stride(0), b_col = w.view.stride(1);
-    if (M * w.N * w.K < kOnednnMinWork && c.is_contiguous() && small_gemm_in_place_fits(w.K, a.stride(1), b_row, b_col)) {
+    if (M * w.N * w.K < kOnednnMinWork && small_gemm_in_place_fits(w.K, a.stride(1), b_row, b_col)) {
       small_gemm_in_place(M, w.N, w.K, a.data_ptr<float>(), a.stride(0), a.stride(1), w.view.data_ptr<float>(), b_row,
-                          b_col, beta, c.data_ptr<float>(), w.N);
+                          b_col, beta, c.data_ptr<float>(), ldc);
       return;
     }
   }
