@@ -24,6 +24,12 @@ using OptTensor = std::optional<at::Tensor>;
 at::Tensor value_or_undefined(const OptTensor& t) { return t ? *t : at::Tensor(); }
 OptTensor defined_or_none(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
+// The op `name` with its C++ signature, for calls through the dispatcher.
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> typed_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
 bool any_requires_grad(std::initializer_list<const at::Tensor*> tensors) {
   for (const at::Tensor* t : tensors)
     if (t->defined() && t->requires_grad()) return true;
@@ -43,14 +49,12 @@ using LayerBackwardSig = LayerOutputs(const OptTensor&, const OptTensor&, const 
                                       const at::Tensor&, const at::Tensor&, const at::Tensor&, bool);
 
 const c10::TypedOperatorHandle<LayerForwardSig>& layer_forward_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("birnn_ext::lstm_layer_forward", "").typed<LayerForwardSig>();
+  static const auto op = typed_op<LayerForwardSig>("birnn_ext::lstm_layer_forward");
   return op;
 }
 
 const c10::TypedOperatorHandle<LayerBackwardSig>& layer_backward_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("birnn_ext::lstm_layer_backward", "").typed<LayerBackwardSig>();
+  static const auto op = typed_op<LayerBackwardSig>("birnn_ext::lstm_layer_backward");
   return op;
 }
 
@@ -144,14 +148,12 @@ using CellBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor&, const at::Tensor&);
 
 const c10::TypedOperatorHandle<CellForwardSig>& cell_forward_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("birnn_ext::lstm_cell_forward", "").typed<CellForwardSig>();
+  static const auto op = typed_op<CellForwardSig>("birnn_ext::lstm_cell_forward");
   return op;
 }
 
 const c10::TypedOperatorHandle<CellBackwardSig>& cell_backward_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("birnn_ext::lstm_cell_backward", "").typed<CellBackwardSig>();
+  static const auto op = typed_op<CellBackwardSig>("birnn_ext::lstm_cell_backward");
   return op;
 }
 
