@@ -24,10 +24,13 @@ using OptTensor = std::optional<at::Tensor>;
 at::Tensor value_or_undefined(const OptTensor& t) { return t ? *t : at::Tensor(); }
 OptTensor defined_or_none(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
-// The op `name` with its C++ signature, for calls through the dispatcher.
+// The op `name`, typed with its C++ signature Sig, for calls through the dispatcher;
+// looked up on the first call. Each signature below belongs to one op only, so one
+// handle per Sig.
 template <typename Sig>
-c10::TypedOperatorHandle<Sig> typed_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+const c10::TypedOperatorHandle<Sig>& op_handle(const char* name) {
+  static const auto handle = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+  return handle;
 }
 
 bool any_requires_grad(std::initializer_list<const at::Tensor*> tensors) {
@@ -48,16 +51,6 @@ using LayerBackwardSig = LayerOutputs(const OptTensor&, const OptTensor&, const 
                                       const OptTensor&, const OptTensor&, const OptTensor&, const at::Tensor&,
                                       const at::Tensor&, const at::Tensor&, const at::Tensor&, bool);
 
-const c10::TypedOperatorHandle<LayerForwardSig>& layer_forward_op() {
-  static const auto op = typed_op<LayerForwardSig>("birnn_ext::lstm_layer_forward");
-  return op;
-}
-
-const c10::TypedOperatorHandle<LayerBackwardSig>& layer_backward_op() {
-  static const auto op = typed_op<LayerBackwardSig>("birnn_ext::lstm_layer_backward");
-  return op;
-}
-
 }  // namespace
 
 // Outside the anonymous namespace so that the graph node reads
@@ -74,7 +67,8 @@ class LstmLayer : public torch::autograd::Function<LstmLayer> {
                 "lstm_layer_forward: training=False, but an input requires a gradient: pass training=True so "
                 "that the activations backward needs are saved");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [y, h_n, c_n, gates, c_prev, h_prev, h_raw] = layer_forward_op().call(
+    const auto& op = op_handle<LayerForwardSig>("birnn_ext::lstm_layer_forward");
+    auto [y, h_n, c_n, gates, c_prev, h_prev, h_raw] = op.call(
         x, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r, training);
     ctx->mark_non_differentiable({gates, c_prev, h_prev, h_raw});
     ctx->set_materialize_grads(false);  // an unused output costs no zero tensor
@@ -95,7 +89,8 @@ class LstmLayer : public torch::autograd::Function<LstmLayer> {
     const at::Tensor &x = s[0], &w_ih = s[2], &w_hh = s[3], &w_hr = s[4], &w_ih_r = s[5], &w_hh_r = s[6],
                      &w_hr_r = s[7];
     const bool input_grad = ctx->needs_input_grad(0);
-    auto [dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr] = layer_backward_op().call(
+    const auto& op = op_handle<LayerBackwardSig>("birnn_ext::lstm_layer_backward");
+    auto [dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr] = op.call(
         defined_or_none(grad_y), defined_or_none(grad_h_n), defined_or_none(grad_c_n), x, defined_or_none(s[1]),
         w_ih, w_hh, defined_or_none(w_hr), defined_or_none(w_ih_r), defined_or_none(w_hh_r),
         defined_or_none(w_hr_r), s[8], s[9], s[10], s[11], input_grad);
@@ -130,11 +125,11 @@ LayerOutputs lstm_layer_forward_autograd(const at::Tensor& x, const OptTensor& l
                          opt(b_ih_r), opt(b_hh_r), opt(w_hr_r)});
   if (!needs_grad) {  // nothing to record: straight to the backend
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return layer_forward_op().call(x, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ih_r, w_hh_r, b_ih_r, b_hh_r,
-                                   w_hr_r, training);
+    const auto& op = op_handle<LayerForwardSig>("birnn_ext::lstm_layer_forward");
+    return op.call(x, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r, training);
   }
-  variable_list r =
-      LstmLayer::apply(x, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r, training);
+  variable_list r = LstmLayer::apply(x, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ih_r, w_hh_r, b_ih_r, b_hh_r,
+                                     w_hr_r, training);
   return {r[0], r[1], r[2], r[3], r[4], r[5], r[6]};
 }
 
@@ -147,16 +142,6 @@ using CellBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const OptTensor&, const OptTensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&);
 
-const c10::TypedOperatorHandle<CellForwardSig>& cell_forward_op() {
-  static const auto op = typed_op<CellForwardSig>("birnn_ext::lstm_cell_forward");
-  return op;
-}
-
-const c10::TypedOperatorHandle<CellBackwardSig>& cell_backward_op() {
-  static const auto op = typed_op<CellBackwardSig>("birnn_ext::lstm_cell_backward");
-  return op;
-}
-
 }  // namespace
 
 class LstmCell : public torch::autograd::Function<LstmCell> {
@@ -167,7 +152,8 @@ class LstmCell : public torch::autograd::Function<LstmCell> {
                 "lstm_cell_forward: training=False, but an input requires a gradient: pass training=True so that "
                 "the gates backward needs are saved");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [h_new, c_new, gates] = cell_forward_op().call(x, h, c, w_ih, w_hh, bias, training);
+    const auto& op = op_handle<CellForwardSig>("birnn_ext::lstm_cell_forward");
+    auto [h_new, c_new, gates] = op.call(x, h, c, w_ih, w_hh, bias, training);
     ctx->mark_non_differentiable({gates});
     ctx->set_materialize_grads(false);
     ctx->saved_data["has_bias"] = bias.has_value();
@@ -179,9 +165,9 @@ class LstmCell : public torch::autograd::Function<LstmCell> {
     variable_list out(7);
     if (!grads[0].defined() && !grads[1].defined()) return out;
     const variable_list s = ctx->get_saved_variables();
+    const auto& op = op_handle<CellBackwardSig>("birnn_ext::lstm_cell_backward");
     auto [dx, dh, dc, dw_ih, dw_hh, dbias] =
-        cell_backward_op().call(defined_or_none(grads[0]), defined_or_none(grads[1]), s[0], s[1], s[2], s[3], s[4],
-                                s[5]);
+        op.call(defined_or_none(grads[0]), defined_or_none(grads[1]), s[0], s[1], s[2], s[3], s[4], s[5]);
     out[0] = dx, out[1] = dh, out[2] = dc, out[3] = dw_ih, out[4] = dw_hh;
     if (ctx->saved_data["has_bias"].toBool()) out[5] = dbias;
     return out;
@@ -198,7 +184,8 @@ CellOutputs lstm_cell_forward_autograd(const at::Tensor& x, const at::Tensor& h,
       at::GradMode::is_enabled() && any_requires_grad({&x, &h, &c, &w_ih, &w_hh, bias ? &*bias : &none});
   if (!needs_grad) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return cell_forward_op().call(x, h, c, w_ih, w_hh, bias, training);
+    const auto& op = op_handle<CellForwardSig>("birnn_ext::lstm_cell_forward");
+    return op.call(x, h, c, w_ih, w_hh, bias, training);
   }
   variable_list r = LstmCell::apply(x, h, c, w_ih, w_hh, bias, training);
   return {r[0], r[1], r[2]};
