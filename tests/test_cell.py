@@ -45,6 +45,49 @@ def test_matches_nn_lstm_cell(device, dtype, bias, with_state, batched):
         assert_close(got, want, dtype)
 
 
+
+@pytest.mark.parametrize("training", [False, True])
+def test_float32_activations_over_the_whole_range(training):
+    """The CPU cell's float32 math (lstm_cell.h's exp polynomial and tanh split near 0,
+    and their AVX-512 form in csrc/cpu/cell_avx512.cpp where the processor has it)
+    against float64, with pre-activations set exactly: W_ih the identity, W_hh zero,
+    b_hh zero. x covers [-100, 100], both sides of the tanh split (|x| = 0.625), the exp
+    clamps (-87, 88), values far outside them, +-0 and tiny values; +-inf and NaN come
+    in through b_ih (through x, the identity's zeros would multiply them). H = 37 puts a
+    partial vector at the end of every gate. Each activation is within about 2 ulp of
+    the exact value, and c and h add two or three rounded products of them: the error
+    allowed is 3 float32 eps times max(|reference|, 1) (1.0 eps was measured)."""
+    H = 37
+    g = torch.Generator().manual_seed(0)
+    special = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 0.6249, 0.6251, -0.6251, 87.5, -88.5, 1e4, -1e4])
+    grid = torch.cat([torch.linspace(-100, 100, 4001), special])
+    x = grid[torch.randint(grid.numel(), (160, 4 * H), generator=g)]
+    cell = FusedLSTMCell(4 * H, H)
+    with torch.no_grad():
+        cell.weight_ih.copy_(torch.eye(4 * H))
+        cell.weight_hh.zero_()
+        cell.bias_hh.zero_()
+        cell.bias_ih.zero_()
+        # i, f, g and o of unit 3 +inf, -inf, NaN, -inf; g of unit 20 +inf; o of unit 36 NaN.
+        cell.bias_ih[[3, H + 3, 2 * H + 3, 3 * H + 3, 2 * H + 20, 3 * H + 36]] = torch.tensor(
+            [float("inf"), float("-inf"), float("nan"), float("-inf"), float("inf"), float("nan")])
+    c0 = torch.randn(x.shape[0], H, generator=g) * 3
+    with torch.set_grad_enabled(training):
+        h, c = cell(x.requires_grad_(training), (torch.zeros(x.shape[0], H), c0))
+    i, f, gate, o = (x.detach() + cell.bias_ih.detach()).double().chunk(4, 1)
+    c_ref = torch.sigmoid(f) * c0.double() + torch.sigmoid(i) * torch.tanh(gate)
+    h_ref = torch.sigmoid(o) * torch.tanh(c_ref)
+    eps = torch.finfo(torch.float32).eps
+    for name, got, want in (("c", c, c_ref), ("h", h, h_ref)):
+        got = got.detach().double()
+        assert torch.equal(got.isnan(), want.isnan()), name
+        assert got.isnan().any() and not got.isnan().all(), name
+        ok = ~want.isnan()
+        assert torch.equal(got[ok].isinf(), want[ok].isinf()), name
+        ok &= ~want.isinf()
+        err = (got[ok] - want[ok]).abs() / want[ok].abs().clamp(min=1)
+        assert err.max() <= 3 * eps, f"{name}: {err.max() / eps:.2f} eps"
+
 def test_api_like_nn_lstm_cell():
     for kw in (dict(), dict(bias=False)):
         torch.manual_seed(5)

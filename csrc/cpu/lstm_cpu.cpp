@@ -25,6 +25,7 @@
 #include "../lstm_cell.h"
 #include "blas.h"
 #include "buffer_pool.h"
+#include "cell_avx512.h"
 
 namespace birnn {
 namespace {
@@ -152,6 +153,19 @@ void cell_backward_row(int64_t H, const T* gates, const math_t<T>* c_prev, const
   cell_backward_row_impl<T>(H, gates, c_prev, dy, dh, dc, dg, dg_step);
 }
 
+// The float32 forward row of cell_avx512.h, where the processor has AVX-512. It leaves
+// the activated gates in xg in inference too, where xg is scratch.
+template <typename T>
+inline bool forward_row_avx512(int64_t, T*, const T*, const T*, math_t<T>*, T*) {
+  return false;
+}
+template <>
+inline bool forward_row_avx512<float>(int64_t H, float* xg, const float* rec, const float* bias, float* c, float* h) {
+  if (!cell_avx512_supported()) return false;
+  cell_forward_row_avx512(H, xg, rec, bias, c, h);
+  return true;
+}
+
 // Per-CPU clones of the rows for the storage types that matter for speed.
 #define BIRNN_ROW_CLONES(T, suffix)                                                                             \
   BIRNN_SIMD_CLONES void cell_forward_row_##suffix##_train(int64_t H, T* xg, const T* rec, const T* bias,       \
@@ -168,11 +182,11 @@ void cell_backward_row(int64_t H, const T* gates, const math_t<T>* c_prev, const
   }                                                                                                             \
   template <>                                                                                                   \
   void cell_forward_row<T, true>(int64_t H, T * xg, const T* rec, const T* bias, math_t<T>* c, T* h) {          \
-    cell_forward_row_##suffix##_train(H, xg, rec, bias, c, h);                                                  \
+    if (!forward_row_avx512<T>(H, xg, rec, bias, c, h)) cell_forward_row_##suffix##_train(H, xg, rec, bias, c, h); \
   }                                                                                                             \
   template <>                                                                                                   \
   void cell_forward_row<T, false>(int64_t H, T * xg, const T* rec, const T* bias, math_t<T>* c, T* h) {         \
-    cell_forward_row_##suffix##_infer(H, xg, rec, bias, c, h);                                                  \
+    if (!forward_row_avx512<T>(H, xg, rec, bias, c, h)) cell_forward_row_##suffix##_infer(H, xg, rec, bias, c, h); \
   }                                                                                                             \
   template <>                                                                                                   \
   void cell_backward_row<T>(int64_t H, const T* gates, const math_t<T>* c_prev, const T* dy, T* dh,             \
