@@ -110,9 +110,12 @@ bool cell_avx512_supported() {
 
 #else
 
+#include <cstdlib>
+
 namespace birnn {
 bool cell_avx512_supported() { return false; }
-void cell_forward_row_avx512(int64_t, float*, const float*, const float*, float*, float*) {}
+// Never called: callers check cell_avx512_supported() first.
+void cell_forward_row_avx512(int64_t, float*, const float*, const float*, float*, float*) { std::abort(); }
 }  // namespace birnn
 
 #endif
