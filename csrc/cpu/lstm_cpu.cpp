@@ -590,6 +590,10 @@ void backward_direction(const BwdParams<T>& p, int64_t d) {
   if (!work.planned.load(std::memory_order_relaxed)) plan_blocks(p, d, last_live);  // every step was skipped
 }
 
+// The longest sum (rows of a and b in a^T b) that a weight gradient takes to
+// small_gemm_in_place rather than to a GEMM engine: a small batch over a few steps.
+constexpr int64_t kMaxRowsInPlace = 64;
+
 // One block's share of a weight gradient: c[M,N] = a[K,M]^T b[K,N], a and b rows of dg
 // and of the layer's input or h (contiguous rows). A short block (a small batch over few
 // steps) of a wide weight goes to small_gemm_in_place, which reads both where they lie:
@@ -598,7 +602,7 @@ void backward_direction(const BwdParams<T>& p, int64_t d) {
 // matmul: with a few columns the in-place kernel's tiles hold too few accumulators.
 template <typename T>
 void weight_grad(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
-  constexpr int64_t kMaxRowsInPlace = 64, kMinColsInPlace = 64;
+  constexpr int64_t kMinColsInPlace = 64;
   const int64_t K = a.size(0), M = a.size(1), N = b.size(1);
   if constexpr (std::is_same_v<T, float>) {
     if (K <= kMaxRowsInPlace && N >= kMinColsInPlace && a.stride(1) == 1 && b.stride(1) == 1 && c.is_contiguous()) {
@@ -635,7 +639,7 @@ void in_place_rows_split(int64_t M, int64_t N, int64_t K, const float* a, int64_
 // instead: no partial sums (at batch 1, a [2, 4H, H] buffer zeroed and summed per call).
 template <typename T>
 void matmul_tn_fixed_order(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
-  constexpr int64_t kMaxRows = 1024, kMaxRowsInPlace = 64;
+  constexpr int64_t kMaxRows = 1024;
   const int64_t K = a.size(0), M = a.size(1), N = b.size(1);
   if constexpr (std::is_same_v<T, float>) {
     if (K <= kMaxRowsInPlace && small_gemm_in_place_fits(K, M, N, 1)) {  // A(r, k) = a[k*M + r]
