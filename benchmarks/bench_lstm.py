@@ -4,7 +4,12 @@ For each case: inference (no grad) and forward+backward, timed with
 torch.utils.benchmark (warm-up, blocked_autorange) using every intra-op thread
 (Timer's default of one thread would hide what threading does on both sides).
 Prints times, the ratio nn.LSTM/fused (above 1: fused is faster), achieved GFLOP/s
-and its share of this machine's large-GEMM GFLOP/s, measured in the same run.
+and its share of this machine's large-GEMM GFLOP/s, measured in the same run. For the
+`targets` preset, also each case's target ratio and what meeting it would take in this
+run: the GFLOP/s the fused path would have to sustain over the whole layer (every
+product and the cell math between them) to finish in nn.LSTM's time / target, as a
+share of the large-GEMM ceiling. Above 100%, the target asks the whole LSTM to run
+faster than this machine runs one large square GEMM.
 Writes benchmarks/results/<name>.csv and .png.
 
     python benchmarks/bench_lstm.py --preset targets
@@ -47,6 +52,7 @@ class Case:
     H: int
     layers: int
     min_len: int = 0  # variable length: lengths uniform in [min_len, T]
+    targets: tuple[float, float] | None = None  # wanted ratios: inference, forward+backward
 
     @property
     def variable(self) -> bool:
@@ -59,11 +65,11 @@ class Case:
 
 PRESETS = {
     "targets": [
-        Case("latency", 1, 28, 28, 128, 1),
-        Case("classic", 100, 28, 28, 128, 2),
-        Case("medium", 64, 100, 128, 256, 1),
-        Case("large", 16, 200, 256, 512, 1),
-        Case("variable", 32, 100, 64, 256, 1, min_len=10),
+        Case("latency", 1, 28, 28, 128, 1, targets=(3.0, 3.0)),
+        Case("classic", 100, 28, 28, 128, 2, targets=(1.3, 1.6)),
+        Case("medium", 64, 100, 128, 256, 1, targets=(1.2, 1.5)),
+        Case("large", 16, 200, 256, 512, 1, targets=(1.0, 1.3)),
+        Case("variable", 32, 100, 64, 256, 1, min_len=10, targets=(2.0, 2.0)),
     ],
     "quick": [Case("small", 8, 16, 16, 32, 1), Case("small-var", 8, 16, 16, 32, 1, min_len=4)],
 }
@@ -152,15 +158,17 @@ def bench_case(case: Case, device: str, threads: int, min_run_time: float, autoc
         return f
 
     rows = []
-    for mode, train in (("inference", False), ("forward+backward", True)):
+    for k, (mode, train) in enumerate((("inference", False), ("forward+backward", True))):
         t_ref = time_fn(run_ref(train), threads, min_run_time, autocast)
         t_fused = time_fn(run_fused(train), threads, min_run_time, autocast)
         flops = lstm_flops(case, steps) * (3 if train else 1)
+        target = case.targets[k] if case.targets else float("nan")
         rows.append(dict(case=case.name, B=case.B, T=case.T, min_len=case.min_len, I=case.I, H=case.H,
                          layers=case.layers, mode=mode, device=device, threads=threads,
                          autocast=str(autocast[1]).removeprefix("torch.") if autocast else "off",
                          nn_lstm_ms=t_ref * 1e3, fused_ms=t_fused * 1e3, ratio=t_ref / t_fused,
-                         fused_gflops=flops / t_fused / 1e9, nn_lstm_gflops=flops / t_ref / 1e9))
+                         fused_gflops=flops / t_fused / 1e9, nn_lstm_gflops=flops / t_ref / 1e9,
+                         target=target, target_gflops=flops / (t_ref / target) / 1e9))
     return rows
 
 
@@ -212,16 +220,21 @@ def main(argv=None):
           f"large-GEMM ceiling {ceiling:.0f} GFLOP/s (float32, best of torch.mm and oneDNN)"
           + (f"; both under autocast {args.autocast}" if autocast else "")
           + (f"; {torch.cuda.get_device_name()}, TF32 {'on' if args.tf32 else 'off'}" if args.device == "cuda" else ""))
+    has_targets = any(c.targets for c in cases)
     header = f"{'case':<40} {'mode':<17} {'nn.LSTM ms':>10} {'fused ms':>9} {'ratio':>6} {'GFLOP/s':>8} {'of ceiling':>10}"
-    print(header)
+    print(header + (f" {'target':>6} {'met':>3} {'target needs':>12}" if has_targets else ""))
     rows = []
     for case in cases:
         for r in bench_case(case, args.device, threads, args.min_run_time, autocast):
             r["ceiling_gflops"] = ceiling
             r["tf32"] = args.tf32 if args.device == "cuda" else ""
             rows.append(r)
-            print(f"{case.label():<40} {r['mode']:<17} {r['nn_lstm_ms']:>10.3f} {r['fused_ms']:>9.3f} "
-                  f"{r['ratio']:>6.2f} {r['fused_gflops']:>8.1f} {r['fused_gflops'] / ceiling:>10.1%}", flush=True)
+            line = (f"{case.label():<40} {r['mode']:<17} {r['nn_lstm_ms']:>10.3f} {r['fused_ms']:>9.3f} "
+                    f"{r['ratio']:>6.2f} {r['fused_gflops']:>8.1f} {r['fused_gflops'] / ceiling:>10.1%}")
+            if case.targets:
+                met = "yes" if r["ratio"] >= r["target"] else "no"
+                line += f" {r['target']:>6.1f} {met:>3} {r['target_gflops'] / ceiling:>12.1%}"
+            print(line, flush=True)
     name = args.name or ((args.preset or "custom") + (f"-{args.device}" if args.device != "cpu" else "")
                          + (f"-autocast-{args.autocast}" if args.autocast else "") + ("-tf32" if args.tf32 else ""))
     RESULTS.mkdir(parents=True, exist_ok=True)
