@@ -204,18 +204,23 @@ void add_row(int64_t n, const T* __restrict__ row, math_t<T>* __restrict__ acc) 
 }
 
 // out[e] = parts[0][e] + parts[1][e] + ... (count parts of n values each, n apart;
-// zeros when there are none), summed in part order: the same bits however the range is
-// split between threads. A span of outputs at a time, in a buffer that stays in L1, one part after the
-// other: loops that vectorize (one output at a time over the parts did not, and took
-// 5.0 ms of a 133 ms forward+backward at bench_lstm.py's large size, against 1.7 now).
+// zeros when there are none), summed in part order: the same bits however the range
+// is split between threads. A span of outputs at a time, in a buffer that stays in L1,
+// one part after the other: loops that vectorize (one output at a time over the parts
+// did not, and took 5.0 ms of a 133 ms forward+backward at bench_lstm.py's large size,
+// against 1.7 now).
 template <typename T>
 void sum_parts(const T* parts, int64_t count, int64_t n, T* out) {
+  if (count == 0) {
+    std::fill(out, out + n, T(0));
+    return;
+  }
   constexpr int64_t kSpan = 1024;
   at::parallel_for(0, n, 4 * kSpan, [&](int64_t e0, int64_t e1) {
     math_t<T> acc[kSpan];
     for (int64_t s0 = e0; s0 < e1; s0 += kSpan) {
       const int64_t len = std::min(kSpan, e1 - s0);
-      for (int64_t e = 0; e < len; ++e) acc[e] = count > 0 ? load(parts[s0 + e]) : math_t<T>(0);
+      for (int64_t e = 0; e < len; ++e) acc[e] = load(parts[s0 + e]);
       for (int64_t i = 1; i < count; ++i) add_row(len, parts + i * n + s0, acc);
       for (int64_t e = 0; e < len; ++e) out[s0 + e] = store<T>(acc[e]);
     }
