@@ -123,7 +123,7 @@ def time_fn(fn, threads, min_run_time, autocast=None):
     return tb.Timer("fn()", globals={"fn": fn}, num_threads=threads).blocked_autorange(min_run_time=min_run_time).median
 
 
-def bench_case(case: Case, device: str, threads: int, min_run_time: float, autocast=None):
+def bench_case(case: Case, device: str, threads: int, min_run_time: float, autocast=None, with_targets=False):
     torch.manual_seed(0)
     ref = nn.LSTM(case.I, case.H, case.layers, bidirectional=True, device=device)
     fused = FusedBiLSTM.from_lstm(ref)
@@ -162,8 +162,7 @@ def bench_case(case: Case, device: str, threads: int, min_run_time: float, autoc
         t_ref = time_fn(run_ref(train), threads, min_run_time, autocast)
         t_fused = time_fn(run_fused(train), threads, min_run_time, autocast)
         flops = lstm_flops(case, steps) * (3 if train else 1)
-        # The targets are for float32 on this project's CPU machine.
-        target = case.targets[k] if case.targets and device == "cpu" and autocast is None else float("nan")
+        target = case.targets[k] if with_targets and case.targets else float("nan")
         rows.append(dict(case=case.name, B=case.B, T=case.T, min_len=case.min_len, I=case.I, H=case.H,
                          layers=case.layers, mode=mode, device=device, threads=threads,
                          autocast=str(autocast[1]).removeprefix("torch.") if autocast else "off",
@@ -221,18 +220,19 @@ def main(argv=None):
           f"large-GEMM ceiling {ceiling:.0f} GFLOP/s (float32, best of torch.mm and oneDNN)"
           + (f"; both under autocast {args.autocast}" if autocast else "")
           + (f"; {torch.cuda.get_device_name()}, TF32 {'on' if args.tf32 else 'off'}" if args.device == "cuda" else ""))
-    has_targets = any(c.targets for c in cases) and args.device == "cpu" and autocast is None
+    with_targets = args.device == "cpu" and autocast is None  # the targets are float32 ratios on the CPU
+    has_targets = with_targets and any(c.targets for c in cases)
     header = f"{'case':<40} {'mode':<17} {'nn.LSTM ms':>10} {'fused ms':>9} {'ratio':>6} {'GFLOP/s':>8} {'of ceiling':>10}"
     print(header + (f" {'target':>6} {'met':>3} {'target needs':>12}" if has_targets else ""))
     rows = []
     for case in cases:
-        for r in bench_case(case, args.device, threads, args.min_run_time, autocast):
+        for r in bench_case(case, args.device, threads, args.min_run_time, autocast, with_targets):
             r["ceiling_gflops"] = ceiling
             r["tf32"] = args.tf32 if args.device == "cuda" else ""
             rows.append(r)
             line = (f"{case.label():<40} {r['mode']:<17} {r['nn_lstm_ms']:>10.3f} {r['fused_ms']:>9.3f} "
                     f"{r['ratio']:>6.2f} {r['fused_gflops']:>8.1f} {r['fused_gflops'] / ceiling:>10.1%}")
-            if has_targets and case.targets:
+            if with_targets and case.targets:
                 met = "yes" if r["ratio"] >= r["target"] else "no"
                 line += f" {r['target']:>6.1f} {met:>3} {r['target_gflops'] / ceiling:>12.1%}"
             print(line, flush=True)

@@ -87,7 +87,8 @@ inline void layout(const at::Tensor& t, bool& trans, int64_t& ld) {
 constexpr int64_t kOnednnMinWork = 1 << 21;
 
 // c[M,N] = a[M,K] b[K,N] + beta c, on 2-D views with a unit stride in one dimension;
-// c's rows are contiguous (c may be a block of columns of a wider matrix). Products large enough to amortise oneDNN's per-call cost go there.
+// c's rows are contiguous (c may be a block of columns of a wider matrix). Products
+// large enough to amortise oneDNN's per-call cost go there.
 // bfloat16 always goes to oneDNN (bfloat16 storage, float32 accumulation; AVX-512 BF16
 // where the CPU has it), or, without oneDNN, through float32 copies.
 template <typename T>
