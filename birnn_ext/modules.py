@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from birnn_ext import ops
+from birnn_ext import _onnx, ops
 
 
 def _apply_permutation(t: Tensor, permutation: Tensor, dim: int = 1) -> Tensor:
@@ -28,7 +28,7 @@ def _apply_permutation(t: Tensor, permutation: Tensor, dim: int = 1) -> Tensor:
 class FusedLSTM(nn.Module):
     """Multi-layer LSTM on fused C++/CUDA kernels; the arguments are nn.LSTM's.
 
-    forward(input, hx=None, *, lengths=None) -> output, (h_n, c_n)
+    forward(input, hx=None, lengths=None) -> output, (h_n, c_n)
 
     input is [T,B,I] ([B,T,I] with batch_first), [T,I] unbatched, or a PackedSequence.
     `lengths` (beyond nn.LSTM's signature) gives each sequence's length in a padded
@@ -262,7 +262,8 @@ class FusedLSTM(nn.Module):
                 f"got shape {tuple(lengths.shape)}"
             )
         lengths = lengths.to(device="cpu", dtype=torch.int64)
-        if batch and (int(lengths.min()) < 1 or int(lengths.max()) > steps):
+        # Under torch.export the values are not known; the exported op checks them when it runs.
+        if batch and not torch.compiler.is_exporting() and (int(lengths.min()) < 1 or int(lengths.max()) > steps):
             raise ValueError(
                 f"lengths must lie in [1, {steps}] (the number of time steps in input), "
                 f"got values from {int(lengths.min())} to {int(lengths.max())}"
@@ -271,11 +272,18 @@ class FusedLSTM(nn.Module):
 
     # ------------------------------------------------------------ forward
 
-    def forward(self, input, hx=None, *, lengths=None):
+    # lengths is not keyword-only: torch.onnx.export(dynamo=False) passes every defaulted
+    # argument of a top-level module positionally.
+    def forward(self, input, hx=None, lengths=None):
         D = self.num_directions
         if isinstance(input, PackedSequence):
             if lengths is not None:
                 raise ValueError("lengths must not be given with a PackedSequence input: it carries its own")
+            if _onnx.dynamo_export():
+                raise RuntimeError(
+                    "torch.onnx.export(..., dynamo=True) cannot trace a PackedSequence (its batch sizes are data): "
+                    "pass the padded batch with lengths=, or export with dynamo=False"
+                )
             data, batch_sizes, sorted_indices, unsorted_indices = input
             self._check_input(data, packed=True)
             self._check_batch_sizes(batch_sizes, data.size(0))
@@ -288,8 +296,10 @@ class FusedLSTM(nn.Module):
                 hx = (_apply_permutation(hx[0], sorted_indices), _apply_permutation(hx[1], sorted_indices)) \
                     if sorted_indices is not None else hx
             y, (h_n, c_n) = self._run(x, hx, seq_lengths)
-            out = PackedSequence(pack_padded_sequence(y, seq_lengths).data, batch_sizes, sorted_indices,
-                                 unsorted_indices)
+            # The repacked batch_sizes equal the input's; taking them from this pack keeps each
+            # pack paired with a pad, which is what TorchScript's ONNX export needs.
+            repacked = pack_padded_sequence(y, seq_lengths)
+            out = PackedSequence(repacked.data, repacked.batch_sizes, sorted_indices, unsorted_indices)
             if unsorted_indices is not None:
                 h_n, c_n = _apply_permutation(h_n, unsorted_indices), _apply_permutation(c_n, unsorted_indices)
             return out, (h_n, c_n)
@@ -333,11 +343,17 @@ class FusedLSTM(nn.Module):
         D, H, B = self.num_directions, self.hidden_size, x.size(1)
         if hx is None:
             hx = (x.new_zeros((self.num_layers * D, B, self._h_size)), x.new_zeros((self.num_layers * D, B, H)))
+        onnx = _onnx.dynamo_export()
+        if self.proj_size > 0 and (onnx or torch.onnx.is_in_onnx_export()):
+            _onnx.refuse_projection(type(self).__name__)
         h_n, c_n = [], []
         for layer in range(self.num_layers):
             w_ih, w_hh, b_ih, b_hh, w_hr = self._layer_weights(layer)
             h0, c0 = hx[0][layer * D : (layer + 1) * D], hx[1][layer * D : (layer + 1) * D]
-            x, h, c = ops.lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, w_hr)
+            if onnx:
+                x, h, c = _onnx.lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths)
+            else:
+                x, h, c = ops.lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, w_hr)
             h_n.append(h)
             c_n.append(c)
             if self.dropout > 0 and self.training and layer + 1 < self.num_layers:
@@ -443,8 +459,11 @@ class FusedLSTMCell(nn.Module):
                 raise RuntimeError(
                     f"hidden{k} has inconsistent hidden_size: got {t.size(1)}, expected {self.hidden_size}"
                 )
-        bias = self.bias_ih + self.bias_hh if self.bias else None
-        h, c = ops.lstm_cell(input, hx[0], hx[1], self.weight_ih, self.weight_hh, bias)
+        if _onnx.dynamo_export():
+            h, c = _onnx.lstm_cell(input, hx[0], hx[1], self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        else:
+            bias = self.bias_ih + self.bias_hh if self.bias else None
+            h, c = ops.lstm_cell(input, hx[0], hx[1], self.weight_ih, self.weight_hh, bias)
         if not batched:
             h, c = h.squeeze(0), c.squeeze(0)
         return h, c

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from birnn_ext import _onnx
 from birnn_ext._loader import ensure_loaded
 
 ensure_loaded()
@@ -192,3 +193,7 @@ for _name in ("lstm_layer_forward", "lstm_cell_forward"):
     # runs in float32, as there is no float16 CPU kernel.
     _register_autocast(_name, "cpu", lambda: torch.bfloat16 if torch.get_autocast_dtype("cpu") == torch.bfloat16
                        else torch.float32)
+
+
+# torch.onnx.export(..., dynamo=False) translates the forward ops into ONNX LSTM nodes.
+_onnx.register_torchscript_symbolics()
