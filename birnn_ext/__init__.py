@@ -2,8 +2,8 @@
 replacements for torch.nn.LSTM and torch.nn.LSTMCell."""
 
 from birnn_ext import ops
-from birnn_ext.modules import FusedBiLSTM, FusedLSTM, FusedLSTMCell
+from birnn_ext.modules import FusedBiLSTM, FusedLSTM, FusedLSTMCell, to_torch_nn
 from birnn_ext.ops import cpu_cache_stats, empty_cpu_cache
 
-__all__ = ["FusedBiLSTM", "FusedLSTM", "FusedLSTMCell", "cpu_cache_stats", "empty_cpu_cache", "ops"]
+__all__ = ["FusedBiLSTM", "FusedLSTM", "FusedLSTMCell", "cpu_cache_stats", "empty_cpu_cache", "ops", "to_torch_nn"]
 __version__ = "0.1.0"

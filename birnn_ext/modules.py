@@ -25,7 +25,68 @@ def _apply_permutation(t: Tensor, permutation: Tensor, dim: int = 1) -> Tensor:
     return t.index_select(dim, permutation)
 
 
-class FusedLSTM(nn.Module):
+class _TorchNNCounterpart:
+    """What the fused modules share about their torch.nn counterpart (nn.LSTM or
+    nn.LSTMCell), for the tools that know only that class. `_to_nn` names the method that
+    returns the counterpart (to_lstm, to_lstm_cell)."""
+
+    _to_nn = ""
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every module it is given, submodules included.
+        name = type(self).__name__
+        raise RuntimeError(
+            f"torch.jit.script cannot compile {name}: TorchScript is deprecated, and the fused kernels are "
+            "reached through torch.export instead. Deploy with torch.export.export(model, args), then "
+            "AOTInductor or torch.onnx.export (README, Deploying); or script the torch.nn module that "
+            f"{name}.{self._to_nn}() returns."
+        )
+
+    # torch.ao.quantization sets `qconfig` on every module it walks, and quantizes only
+    # the torch.nn classes it maps: without this, the fused layers would stay float
+    # without a word.
+    @property
+    def qconfig(self):
+        try:
+            return self.__dict__["_qconfig"]
+        except KeyError:
+            raise AttributeError("qconfig") from None
+
+    @qconfig.setter
+    def qconfig(self, value) -> None:
+        warnings.warn(
+            f"torch.ao.quantization does not quantize {type(self).__name__} (it quantizes torch.nn's LSTM "
+            f"classes): convert first with birnn_ext.to_torch_nn(model), or {self._to_nn}()",
+            stacklevel=2,
+        )
+        self.__dict__["_qconfig"] = value
+
+    @qconfig.deleter
+    def qconfig(self) -> None:  # the quantization flows remove it when they are done
+        self.__dict__.pop("_qconfig", None)
+
+
+def _copy_weights(src: nn.Module, dst: nn.Module, names) -> None:
+    """dst's parameters `names` set to src's current values (as src's forward sees them:
+    through parametrizations and pruning masks)."""
+    with torch.no_grad():
+        for name in names:
+            getattr(dst, name).copy_(getattr(src, name))
+
+
+def to_torch_nn(model: nn.Module) -> nn.Module:
+    """Replaces every FusedLSTM, FusedBiLSTM and FusedLSTMCell in `model` with the
+    torch.nn module holding the same weights (to_lstm / to_lstm_cell), in place, and
+    returns the model (the replacement, when `model` itself is fused). For tools that
+    know only nn.LSTM: torch.ao.quantization.quantize_dynamic, TorchScript, and others."""
+    if isinstance(model, _TorchNNCounterpart):
+        return getattr(model, model._to_nn)()
+    for name, child in model.named_children():
+        setattr(model, name, to_torch_nn(child))
+    return model
+
+
+class FusedLSTM(_TorchNNCounterpart, nn.Module):
     """Multi-layer LSTM on fused C++/CUDA kernels; the arguments are nn.LSTM's.
 
     forward(input, hx=None, lengths=None) -> output, (h_n, c_n)
@@ -38,6 +99,7 @@ class FusedLSTM(nn.Module):
     """
 
     _default_bidirectional = False
+    _to_nn = "to_lstm"
 
     def __init__(
         self,
@@ -135,6 +197,17 @@ class FusedLSTM(nn.Module):
         new.load_state_dict(lstm.state_dict())
         new.train(lstm.training)
         return new
+
+    def to_lstm(self) -> nn.LSTM:
+        """An nn.LSTM with this module's configuration, device, dtype, mode and current
+        weights (copies): the way back from from_lstm."""
+        w = self._param("weight_ih_l0")
+        lstm = nn.LSTM(
+            self.input_size, self.hidden_size, self.num_layers, self.bias, self.batch_first, self.dropout,
+            self.bidirectional, self.proj_size, device=w.device, dtype=w.dtype,
+        )
+        _copy_weights(self, lstm, self._flat_weights_names)
+        return lstm.train(self.training)
 
     def reset_parameters(self) -> None:
         """nn.LSTM's initialisation: every parameter uniform in +-1/sqrt(hidden_size)."""
@@ -384,13 +457,15 @@ class FusedBiLSTM(FusedLSTM):
     _default_bidirectional = True
 
 
-class FusedLSTMCell(nn.Module):
+class FusedLSTMCell(_TorchNNCounterpart, nn.Module):
     """One LSTM step on the fused kernels; the arguments are nn.LSTMCell's.
 
     forward(input, hx=None) -> (h', c'); input [B,I] or [I] unbatched.
     Parameters weight_ih [4H,I], weight_hh [4H,H], bias_ih, bias_hh [4H], initialised
     as nn.LSTMCell does, so state_dicts move both ways.
     """
+
+    _to_nn = "to_lstm_cell"
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None) -> None:
         super().__init__()
@@ -417,6 +492,15 @@ class FusedLSTMCell(nn.Module):
         new = cls(cell.input_size, cell.hidden_size, cell.bias, device=w.device, dtype=w.dtype)
         new.load_state_dict(cell.state_dict())
         return new
+
+    def to_lstm_cell(self) -> nn.LSTMCell:
+        """An nn.LSTMCell with this cell's configuration, device, dtype, mode and current
+        weights (copies): the way back from from_cell."""
+        w = self.weight_ih
+        cell = nn.LSTMCell(self.input_size, self.hidden_size, self.bias, device=w.device, dtype=w.dtype)
+        names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
+        _copy_weights(self, cell, names)
+        return cell.train(self.training)
 
     def reset_parameters(self) -> None:
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
