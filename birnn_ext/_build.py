@@ -141,11 +141,16 @@ def cublas_paths() -> tuple[list[str], list[str]]:
 
 def extension_kwargs(cuda: bool) -> dict:
     """Keyword arguments shared by CppExtension/CUDAExtension and cpp_extension.load."""
+    import torch
+
     defines = ["-DBIRNN_EXT_WITH_CUDA"] if cuda else []
+    # torch's libraries by path, so that a process without Python (deploy/aoti_run.cpp)
+    # finds those this library needs: the CUDA ones are not the program's own.
+    torch_lib = Path(torch.__file__).resolve().parent / "lib"
     kw = {
         "extra_compile_args": {"cxx": CXX_FLAGS + defines},
         "include_dirs": [str(CSRC)],
-        "extra_link_args": list(LINK_FLAGS),
+        "extra_link_args": [*LINK_FLAGS, f"-Wl,-rpath,{torch_lib}"],
     }
     if cuda:
         include, link = cublas_paths()
@@ -153,6 +158,33 @@ def extension_kwargs(cuda: bool) -> dict:
         kw["include_dirs"] += include
         kw["extra_link_args"] += link
     return kw
+
+
+# A C++ program that runs an AOTInductor package with no Python (README, Deploying).
+AOTI_RUNNER = ROOT / "deploy" / "aoti_run.cpp"
+
+
+def build_aoti_runner(library: str | Path) -> str:
+    """Builds deploy/aoti_run.cpp into an executable beside `library` (the loaded
+    birnn_ext library, which it links), with torch's compiler and flags for C++
+    extensions, and returns the executable's path. The fused ops register themselves
+    when the library loads; --no-as-needed keeps the link although no symbol of it is
+    called by name."""
+    import torch.utils.cpp_extension as ce
+
+    lib = Path(library).resolve()
+    out = lib.parent / "aoti_run"
+    out.mkdir(exist_ok=True)
+    return ce.load(
+        name="aoti_run",
+        sources=[str(AOTI_RUNNER)],
+        extra_cflags=["-O2", "-Wall"],
+        extra_ldflags=[f"-L{lib.parent}", "-Wl,--no-as-needed", f"-l:{lib.name}", f"-Wl,-rpath,{lib.parent}"],
+        build_directory=str(out),
+        is_python_module=False,
+        is_standalone=True,
+        verbose=os.environ.get("BIRNN_EXT_VERBOSE") == "1",
+    )
 
 
 def build_dir(cuda: bool) -> Path:
