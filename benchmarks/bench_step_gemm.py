@@ -1,8 +1,10 @@
 """Times the GEMM engines on a sweep step's products, one thread: small_gemm
 (csrc/cpu/small_gemm.cpp) over packed weights, oneDNN (the matmul libtorch exports),
-BLAS (sgemm_), and small_gemm_in_place over the weights as they lie.
+BLAS (sgemm_), and small_gemm_in_place over the weights as they lie. With --dtype bf16:
+small_gemm_bf16 (csrc/cpu/small_gemm_bf16.cpp; the build the processor gets, or the
+widened one under BIRNN_EXT_BF16=widen) against oneDNN's bfloat16 matmul.
 
-    python benchmarks/bench_step_gemm.py [--overlapped]
+    python benchmarks/bench_step_gemm.py [--overlapped] [--dtype bf16]
 
 A step multiplies B rows (the batch) by a weight matrix in row-major layout: h W_hh^T,
 dg W_hh, and a chunk of inputs times W_ih^T in inference. The shapes are those of the
@@ -24,6 +26,7 @@ CSRC = Path(__file__).resolve().parents[1] / "csrc" / "cpu"
 DRIVER = r"""
 #include <torch/extension.h>
 #include <chrono>
+#include <string>
 #include "blas.h"
 #include "small_gemm.h"
 
@@ -61,6 +64,29 @@ double time_engine(int64_t engine, at::Tensor a, at::Tensor b, at::Tensor c, int
   }
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / iters;
 }
+
+// The same for bfloat16: engine 0 small_gemm_bf16 (b packed beforehand), 1 oneDNN.
+double time_engine_bf16(int64_t engine, at::Tensor a, at::Tensor b, at::Tensor c, int64_t iters, bool chain) {
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  if (engine > 1) return -1;
+  auto bits = [](const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); };
+  at::Tensor packed = at::empty({birnn::small_gemm_bf16_packed_bytes(K, N)}, b.options().dtype(at::kByte));
+  birnn::small_gemm_bf16_pack(K, N, bits(b), b.stride(0), b.stride(1), packed.data_ptr());
+  uint16_t* a0 = bits(a);
+  const uint16_t* c0 = bits(c);
+  const auto start = std::chrono::steady_clock::now();
+  for (int64_t i = 0; i < iters; ++i) {
+    if (chain) *a0 = uint16_t(*a0 ^ (*c0 & 0));  // a read of the last output that changes nothing
+    if (engine == 0) {
+      birnn::small_gemm_bf16(M, N, K, bits(a), a.stride(0), a.stride(1), packed.data_ptr(), 0.f, bits(c), N);
+    } else {
+      birnn::onednn_matmul()(a, b, c, 0.f, 1.f);
+    }
+  }
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / iters;
+}
+
+std::string bf16_build() { return birnn::small_gemm_bf16_build(); }
 """
 
 # (what, M, K, N); B is the transpose of a row-major weight in x W_ih^T and h W_hh^T, and
@@ -90,29 +116,37 @@ def main():
     parser.add_argument("--overlapped", action="store_true",
                         help="time independent calls, which the processor may overlap, instead of a chain of "
                              "dependent ones as in a sweep")
+    parser.add_argument("--dtype", choices=["float32", "bf16"], default="float32")
     args = parser.parse_args()
     build = Path(tempfile.gettempdir()) / "birnn_ext_bench_step_gemm"
     build.mkdir(exist_ok=True)
+    sources = [DRIVER] + [(CSRC / f).read_text() for f in ("small_gemm.cpp", "small_gemm_bf16.cpp")]
     ext = load_inline(
-        "bench_step_gemm", cpp_sources=[DRIVER, (CSRC / "small_gemm.cpp").read_text()], functions=["time_engine"],
+        "bench_step_gemm", cpp_sources=sources, functions=["time_engine", "time_engine_bf16", "bf16_build"],
         extra_include_paths=[str(CSRC)], extra_cflags=["-O3"], build_directory=str(build),
     )
     torch.set_num_threads(1)
-    print(f"{'product':26s} {'M':>4s} {'K':>4s} {'N':>5s}  " + "".join(f"{e:>14s}" for e in ENGINES)
+    bf16 = args.dtype == "bf16"
+    dtype, time_engine = (torch.bfloat16, ext.time_engine_bf16) if bf16 else (torch.float32, ext.time_engine)
+    engines = [f"bf16 {ext.bf16_build()}", "oneDNN"] if bf16 else ENGINES
+    print(f"{'product':26s} {'M':>4s} {'K':>4s} {'N':>5s}  " + "".join(f"{e:>14s}" for e in engines)
           + "   (us, GFLOP/s)")
     for what, M, K, N in SHAPES:
         a = torch.randn(K, M).t() if "dg^T" in what else torch.randn(M, K)
         b = torch.randn(N, K).t() if "W_ih^T" in what or "W_hh^T" in what else torch.randn(K, N)
-        want = a @ b
+        a, b = a.to(dtype), b.to(dtype)
+        want = a.float() @ b.float()
         cells = []
-        for engine in range(len(ENGINES)):
-            c = torch.empty(M, N)
-            if ext.time_engine(engine, a, b, c, 3, False) < 0:  # a layout the engine does not take
+        for engine in range(len(engines)):
+            c = torch.empty(M, N, dtype=dtype)
+            if time_engine(engine, a, b, c, 3, False) < 0:  # a layout the engine does not take
                 cells.append(f"{'-':>13s}")
                 continue
-            torch.testing.assert_close(c, want, rtol=1e-4, atol=1e-3)
+            # bfloat16 outputs: one rounding (2^-8 relative) of sums of K products.
+            torch.testing.assert_close(c.float(), want, **(dict(rtol=1e-2, atol=1e-1) if bf16 else
+                                                         dict(rtol=1e-4, atol=1e-3)))
             iters = max(20, int(3e8 / (M * N * K)))
-            t = min(ext.time_engine(engine, a, b, c, iters, not args.overlapped) for _ in range(3))
+            t = min(time_engine(engine, a, b, c, iters, not args.overlapped) for _ in range(3))
             cells.append(f"{t * 1e6:8.1f} {2 * M * N * K / t / 1e9:4.0f}")
         print(f"{what:26s} {M:4d} {K:4d} {N:5d}  " + " ".join(cells))
 

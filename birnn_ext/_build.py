@@ -28,7 +28,8 @@ CSRC = ROOT / "csrc"
 NAME = "birnn_ext_C"
 
 CPU_SOURCES = [
-    "ops.cpp", "autograd.cpp", "cpu/lstm_cpu.cpp", "cpu/buffer_pool.cpp", "cpu/small_gemm.cpp", "cpu/cell_avx512.cpp",
+    "ops.cpp", "autograd.cpp", "cpu/lstm_cpu.cpp", "cpu/buffer_pool.cpp", "cpu/small_gemm.cpp",
+    "cpu/small_gemm_bf16.cpp", "cpu/cell_avx512.cpp",
 ]
 CUDA_SOURCES = ["cuda/lstm_kernels.cu", "cuda/lstm_cuda.cpp"]
 # The host-emulated build of the CUDA kernels (tests only): the device code of

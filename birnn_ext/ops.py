@@ -156,6 +156,15 @@ def cpu_cache_stats() -> dict[str, int]:
     return {"cached_bytes": cached, "limit_bytes": limit, "hits": hits, "misses": misses}
 
 
+def cpu_step_product_builds() -> dict[str, str]:
+    """Which build of the CPU step products the processor got, per storage type:
+    float32 "avx512", "avx2" or "baseline"; bfloat16 "avx512bf16" (vdpbf16ps) or "widen"
+    (bfloat16 widened to float32 for the float32 kernel). BIRNN_EXT_SMALL_GEMM and
+    BIRNN_EXT_BF16=widen, read at load time, pick narrower ones."""
+    float32, bfloat16 = _ops.cpu_step_product_builds()
+    return {"float32": float32, "bfloat16": bfloat16}
+
+
 def empty_cpu_cache() -> int:
     """Returns every block the CPU pool keeps to the system; returns the bytes freed.
     Tensors in use are not affected."""

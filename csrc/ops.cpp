@@ -54,4 +54,7 @@ TORCH_LIBRARY(birnn_ext, m) {
   // misses], and the release of every kept block (returns the bytes freed).
   m.def("cpu_cache_stats() -> int[]");
   m.def("empty_cpu_cache() -> int");
+  // The builds of the CPU step products picked at load time (csrc/cpu/small_gemm.h):
+  // [float32: avx512 | avx2 | baseline, bfloat16: avx512bf16 | widen].
+  m.def("cpu_step_product_builds() -> str[]");
 }

@@ -126,7 +126,9 @@ void matmul(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, at::o
 
 // A weight matrix B [K,N] made ready for a sweep's step products c = a B: packed for
 // small_gemm (float32) when the sweep multiplies enough rows by it to repay the packing,
-// kept as a view for matmul otherwise. Made once per call, used every step.
+// kept as a view for matmul otherwise; always packed for small_gemm_bf16 (bfloat16),
+// whose alternative, oneDNN, costs more per call than a step product at these sizes
+// (benchmarks/bench_step_gemm.py --dtype bf16). Made once per call, used every step.
 struct StepWeight {
   // Rows (steps x batch) from which packing repays its copy. B the transpose of a
   // weight as nn.LSTM stores it (h W_hh^T, x W_ih^T): in place, every output is a dot
@@ -150,12 +152,19 @@ struct StepWeight {
     const bool transposed = b.stride(0) == 1 && b.stride(1) != 1;
     if (b.scalar_type() == at::kFloat && rows >= (transposed ? kMinRowsToPackTransposed : kMinRowsToPack))
       w.packed = pooled_empty({small_gemm_packed_size(w.K, w.N)}, b.options());
+    if (b.scalar_type() == at::kBFloat16)
+      w.packed = pooled_empty({small_gemm_bf16_packed_bytes(w.K, w.N)}, b.options().dtype(at::kByte));
     return w;
   }
   void pack() const {
-    if (packed.defined())
-      small_gemm_pack(K, N, view.data_ptr<float>(), view.stride(0), view.stride(1), packed.data_ptr<float>());
+    if (!packed.defined()) return;
+    if (view.scalar_type() == at::kBFloat16) {
+      small_gemm_bf16_pack(K, N, bits(view), view.stride(0), view.stride(1), packed.data_ptr());
+      return;
+    }
+    small_gemm_pack(K, N, view.data_ptr<float>(), view.stride(0), view.stride(1), packed.data_ptr<float>());
   }
+  static const uint16_t* bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); }
 };
 
 // c[M,N] = a[M,K] B + beta c: one step's product (c's rows contiguous).
@@ -166,6 +175,14 @@ struct StepWeight {
 // weight gradient, 512 x 28 x 28) its narrow tiles are slower than BLAS.
 template <typename T>
 void step_product(const at::Tensor& a, const StepWeight& w, const at::Tensor& c, at::opmath_type<T> beta) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (w.packed.defined()) {
+      TORCH_INTERNAL_ASSERT(c.stride(1) == 1 || w.N == 1, "birnn_ext: step product rows must be contiguous");
+      small_gemm_bf16(a.size(0), w.N, w.K, StepWeight::bits(a), a.stride(0), a.stride(1), w.packed.data_ptr(), beta,
+                      reinterpret_cast<uint16_t*>(c.data_ptr()), std::max<int64_t>(c.stride(0), w.N));
+      return;
+    }
+  }
   if constexpr (std::is_same_v<T, float>) {
     const int64_t M = a.size(0), ldc = std::max<int64_t>(c.stride(0), w.N);
     TORCH_INTERNAL_ASSERT(c.stride(1) == 1 || w.N == 1, "birnn_ext: step product rows must be contiguous");

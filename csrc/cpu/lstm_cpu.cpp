@@ -19,6 +19,7 @@
 #include <atomic>
 #include <thread>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "../layer_checks.h"
@@ -788,7 +789,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       // A projection too small for oneDNN: below that, a BLAS call over both directions
       // (their W_ih copied side by side) cost more than each direction's own product on
       // its thread (the layer op at batch 1, T 28, H 128: 91 us before, 77 after).
-      const bool project_per_direction = std::is_same_v<T, float> && T_ * B * D * 4 * H * I < kOnednnMinWork;
+      const bool project_per_direction =
+          (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>) && T_ * B * D * 4 * H * I < kOnednnMinWork;
       if (training && project_per_direction) {
         p.x_rows = x.view({T_ * B, I});
         for (int64_t d = 0; d < D; ++d) {
@@ -1087,6 +1089,13 @@ TORCH_LIBRARY_IMPL(birnn_ext, CPU, m) {
   m.impl("lstm_layer_backward", &lstm_layer_backward_cpu);
   m.impl("lstm_cell_forward", &lstm_cell_forward_cpu);
   m.impl("lstm_cell_backward", &lstm_cell_backward_cpu);
+}
+
+// Takes no tensor, so there is no backend to dispatch on.
+TORCH_LIBRARY_IMPL(birnn_ext, CompositeExplicitAutograd, m) {
+  m.impl("cpu_step_product_builds", [] {
+    return std::vector<std::string>{small_gemm_build(), small_gemm_bf16_build()};
+  });
 }
 
 }  // namespace birnn

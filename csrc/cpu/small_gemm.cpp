@@ -327,6 +327,7 @@ struct Kernel {
   DotFn dot;
   PackFn pack;
   int64_t width;
+  const char* name;
 };
 
 // BIRNN_EXT_SMALL_GEMM=avx2 or baseline picks a narrower build than the CPU could run
@@ -337,15 +338,17 @@ const Kernel& kernel() {
     const std::string cap = env ? env : "";
 #if defined(__x86_64__) && defined(__GNUC__)
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("x86-64-v4") && cap.empty()) return Kernel{gemm_avx512, rows_avx512, dot_avx512, pack_avx512, 64};
-    if (__builtin_cpu_supports("x86-64-v3") && cap != "baseline") return Kernel{gemm_avx2, rows_avx2, dot_avx2, pack_avx2, 24};
+    if (__builtin_cpu_supports("x86-64-v4") && cap.empty()) return Kernel{gemm_avx512, rows_avx512, dot_avx512, pack_avx512, 64, "avx512"};
+    if (__builtin_cpu_supports("x86-64-v3") && cap != "baseline") return Kernel{gemm_avx2, rows_avx2, dot_avx2, pack_avx2, 24, "avx2"};
 #endif
-    return Kernel{gemm_baseline, rows_baseline, dot_baseline, pack_baseline, 12};
+    return Kernel{gemm_baseline, rows_baseline, dot_baseline, pack_baseline, 12, "baseline"};
   }();
   return k;
 }
 
 }  // namespace
+
+const char* small_gemm_build() { return kernel().name; }
 
 int64_t small_gemm_packed_size(int64_t K, int64_t N) {
   const int64_t W = kernel().width;

@@ -36,4 +36,20 @@ bool small_gemm_in_place_fits(int64_t K, int64_t a_col, int64_t b_row, int64_t b
 void small_gemm_in_place(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_col,
                          const float* b, int64_t b_row, int64_t b_col, float beta, float* c, int64_t ldc);
 
+// "avx512", "avx2" or "baseline": the build picked (BIRNN_EXT_SMALL_GEMM=avx2 or
+// baseline forces a narrower one).
+const char* small_gemm_build();
+
+// The bfloat16 step products (small_gemm_bf16.cpp): C[M,N] = A B + beta C with A, B and
+// C in bfloat16 (their bits as uint16_t), float32 accumulation, each output rounded
+// once. B packed once per call by small_gemm_bf16_pack into small_gemm_bf16_packed_bytes
+// bytes, in the layout of the build picked at load time: AVX512_BF16 dot products
+// (vdpbf16ps), or bfloat16 widened to float32 and small_gemm. Strides as above.
+int64_t small_gemm_bf16_packed_bytes(int64_t K, int64_t N);
+void small_gemm_bf16_pack(int64_t K, int64_t N, const uint16_t* b, int64_t b_row, int64_t b_col, void* out);
+void small_gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t a_row, int64_t a_col,
+                     const void* packed, float beta, uint16_t* c, int64_t ldc);
+// "avx512bf16" or "widen": the build picked (BIRNN_EXT_BF16=widen forces the second).
+const char* small_gemm_bf16_build();
+
 }  // namespace birnn
