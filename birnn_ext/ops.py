@@ -156,13 +156,14 @@ def cpu_cache_stats() -> dict[str, int]:
     return {"cached_bytes": cached, "limit_bytes": limit, "hits": hits, "misses": misses}
 
 
-def cpu_step_product_builds() -> dict[str, str]:
-    """Which build of the CPU step products the processor got, per storage type:
-    float32 "avx512", "avx2" or "baseline"; bfloat16 "avx512bf16" (vdpbf16ps) or "widen"
-    (bfloat16 widened to float32 for the float32 kernel). BIRNN_EXT_SMALL_GEMM and
-    BIRNN_EXT_BF16=widen, read at load time, pick narrower ones."""
-    float32, bfloat16 = _ops.cpu_step_product_builds()
-    return {"float32": float32, "bfloat16": bfloat16}
+def cpu_kernel_builds() -> dict[str, str]:
+    """Which builds of the CPU kernels the processor got: the float32 step products
+    ("avx512", "avx2" or "baseline"), the bfloat16 ones ("avx512bf16": vdpbf16ps, or
+    "widen": bfloat16 widened for the float32 kernel), and the forward cell row
+    ("avx512" or "generic"). BIRNN_EXT_SMALL_GEMM=avx2|baseline, BIRNN_EXT_BF16=widen and
+    BIRNN_EXT_CELL=generic, read at load time, pick narrower ones."""
+    float32, bfloat16, cell = _ops.cpu_kernel_builds()
+    return {"float32": float32, "bfloat16": bfloat16, "cell": cell}
 
 
 def empty_cpu_cache() -> int:

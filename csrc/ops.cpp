@@ -54,7 +54,8 @@ TORCH_LIBRARY(birnn_ext, m) {
   // misses], and the release of every kept block (returns the bytes freed).
   m.def("cpu_cache_stats() -> int[]");
   m.def("empty_cpu_cache() -> int");
-  // The builds of the CPU step products picked at load time (csrc/cpu/small_gemm.h):
-  // [float32: avx512 | avx2 | baseline, bfloat16: avx512bf16 | widen].
-  m.def("cpu_step_product_builds() -> str[]");
+  // The builds of the CPU kernels picked at load time: [the float32 step products
+  // (avx512 | avx2 | baseline), the bfloat16 ones (avx512bf16 | widen), the forward cell
+  // row (avx512 | generic)].
+  m.def("cpu_kernel_builds() -> str[]");
 }

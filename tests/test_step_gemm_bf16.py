@@ -8,6 +8,8 @@ BIRNN_EXT_SMALL_GEMM), in a fresh process, since the build is picked at load tim
 
 from __future__ import annotations
 
+import ast
+
 import pytest
 import torch
 from torch import nn
@@ -68,27 +70,100 @@ def test_bfloat16_step_products_match_nn_lstm(case, with_lengths):
     compare(*case, with_lengths)
 
 
-@pytest.mark.parametrize("env", [{"BIRNN_EXT_BF16": "widen"},
-                                 {"BIRNN_EXT_BF16": "widen", "BIRNN_EXT_SMALL_GEMM": "avx2"},
-                                 {"BIRNN_EXT_BF16": "widen", "BIRNN_EXT_SMALL_GEMM": "baseline"}],
-                         ids=["widened-avx512", "widened-avx2", "widened-baseline"])
-def test_the_widened_builds_match_too(env):
+FORCED = {
+    "widened-avx512": {"BIRNN_EXT_BF16": "widen"},
+    "widened-avx2-generic-cell": {"BIRNN_EXT_BF16": "widen", "BIRNN_EXT_SMALL_GEMM": "avx2", "BIRNN_EXT_CELL": "generic"},
+    "widened-baseline-generic-cell": {"BIRNN_EXT_BF16": "widen", "BIRNN_EXT_SMALL_GEMM": "baseline",
+                                      "BIRNN_EXT_CELL": "generic"},
+    "default-products-generic-cell": {"BIRNN_EXT_CELL": "generic"},
+}
+
+
+@pytest.mark.parametrize("name", list(FORCED))
+def test_the_forced_builds_match_too(name):
+    env = FORCED[name]
     code = (
         "import sys; sys.path.insert(0, 'tests')\n"
         "from birnn_ext import ops\n"
-        "print(ops.cpu_step_product_builds())\n"
+        "print(ops.cpu_kernel_builds())\n"
         "from test_step_gemm_bf16 import CASES, compare\n"
         "for case in CASES: compare(*case, False); compare(*case, True)\n"
         "print('ok')\n"
     )
     run = run_python(code, **env)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
-    assert "'bfloat16': 'widen'" in run.stdout, run.stdout  # the switch took
+    builds = ast.literal_eval(run.stdout.splitlines()[0])  # the dict the child printed: the switches took
+    if "BIRNN_EXT_BF16" in env:
+        assert builds["bfloat16"] == "widen", builds
+    if "BIRNN_EXT_SMALL_GEMM" in env:
+        assert builds["float32"] == env["BIRNN_EXT_SMALL_GEMM"], builds
+    if "BIRNN_EXT_CELL" in env:
+        assert builds["cell"] == "generic", builds
 
 
-def test_the_default_build_is_the_processors_best():
+def test_the_default_builds_are_the_processors_best():
     from birnn_ext import ops
 
-    flags = open("/proc/cpuinfo").read() if __import__("os").path.exists("/proc/cpuinfo") else ""
-    expected = "avx512bf16" if " avx512_bf16" in flags and " avx512bw" in flags and " avx512vl" in flags else "widen"
-    assert ops.cpu_step_product_builds()["bfloat16"] == expected
+    flags = set(open("/proc/cpuinfo").read().split())
+    builds = ops.cpu_kernel_builds()
+    avx512 = {"avx512f", "avx512dq", "avx512bw", "avx512vl"} <= flags
+    assert builds["bfloat16"] == ("avx512bf16" if avx512 and "avx512_bf16" in flags else "widen"), builds
+    assert builds["cell"] == ("avx512" if avx512 else "generic"), builds
+
+
+# ---------------------------------------------------------------- a broken kernel is caught
+
+HARNESS = r"""
+#include <torch/extension.h>
+#include "small_gemm.h"
+
+// c = a b + beta c through small_gemm_bf16, b packed first: a [M,K], b [K,N] (any strides),
+// c [M,N] contiguous, all bfloat16.
+void product(at::Tensor a, at::Tensor b, double beta, at::Tensor c) {
+  auto bits = [](const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); };
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  at::Tensor packed = at::empty({birnn::small_gemm_bf16_packed_bytes(K, N)}, b.options().dtype(at::kByte));
+  birnn::small_gemm_bf16_pack(K, N, bits(b), b.stride(0), b.stride(1), packed.data_ptr());
+  birnn::small_gemm_bf16(M, N, K, bits(a), a.stride(0), a.stride(1), packed.data_ptr(), float(beta), bits(c), N);
+}
+"""
+
+
+def _harness(defines: tuple[str, ...]):
+    """small_gemm_bf16.cpp (with small_gemm.cpp for its widened build) and a driver, built
+    on their own: with BIRNN_BREAK_* defined, a deliberately broken kernel."""
+    from torch.utils.cpp_extension import load_inline
+
+    from birnn_ext._build import CSRC, build_dir
+
+    name = "bf16_harness" + "".join(f"_{d.lower()}" for d in defines)
+    out = build_dir(False).parent / name
+    out.mkdir(parents=True, exist_ok=True)
+    sources = [HARNESS] + [(CSRC / "cpu" / f).read_text() for f in ("small_gemm.cpp", "small_gemm_bf16.cpp")]
+    return load_inline(name, cpp_sources=sources, functions=["product"], extra_include_paths=[str(CSRC / "cpu")],
+                       extra_cflags=["-O1", *[f"-D{d}" for d in defines]], build_directory=str(out))
+
+
+def _products_agree(ext) -> bool:
+    """The harness's products against float32 ones over the bfloat16 inputs, at shapes
+    with odd K, a partial panel, every row remainder, a strided A, and beta 0 and 1. One
+    rounding of each output to bfloat16 (2^-8 relative) plus float32 sums: 1e-2."""
+    g = torch.Generator().manual_seed(0)
+    for M, K, N, beta in ((1, 17, 68, 0.0), (6, 40, 160, 1.0), (7, 11, 256, 0.0), (4, 128, 512, 1.0), (3, 3, 5, 1.0)):
+        a = torch.randn(M, K, generator=g).to(BF16)
+        b = torch.randn(N, K, generator=g).to(BF16).t()  # a weight's transpose, as h W_hh^T reads it
+        c = torch.randn(M, N, generator=g).to(BF16)
+        want = a.float() @ b.float() + beta * c.float()
+        for a_in in (a, a.t().contiguous().t()):  # rows contiguous, and columns contiguous
+            got = c.clone()
+            ext.product(a_in, b, beta, got)
+            if not torch.allclose(got.float(), want, rtol=1e-2, atol=1e-2):
+                return False
+    return True
+
+
+@pytest.mark.slow
+def test_the_product_check_catches_a_broken_kernel():
+    assert _products_agree(_harness(()))
+    # The two k values of each packed pair swapped: every product of K >= 2 goes wrong.
+    assert not _products_agree(_harness(("BIRNN_BREAK_BF16_PAIR_ORDER",)))

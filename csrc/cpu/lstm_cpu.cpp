@@ -154,8 +154,8 @@ void cell_backward_row(int64_t H, const T* gates, const math_t<T>* c_prev, const
   cell_backward_row_impl<T>(H, gates, c_prev, dy, dh, dc, dg, dg_step);
 }
 
-// The float32 forward row of cell_avx512.h, where the processor has AVX-512. It leaves
-// the activated gates in xg in inference too, where xg is scratch.
+// The forward row of cell_avx512.h (float32 and bfloat16), where the processor has
+// AVX-512. It leaves the activated gates in xg in inference too, where xg is scratch.
 template <typename T>
 inline bool forward_row_avx512(int64_t, T*, const T*, const T*, math_t<T>*, T*) {
   return false;
@@ -164,6 +164,14 @@ template <>
 inline bool forward_row_avx512<float>(int64_t H, float* xg, const float* rec, const float* bias, float* c, float* h) {
   if (!cell_avx512_supported()) return false;
   cell_forward_row_avx512(H, xg, rec, bias, c, h);
+  return true;
+}
+template <>
+inline bool forward_row_avx512<at::BFloat16>(int64_t H, at::BFloat16* xg, const at::BFloat16* rec,
+                                             const at::BFloat16* bias, float* c, at::BFloat16* h) {
+  if (!cell_avx512_supported()) return false;
+  cell_forward_row_avx512(H, reinterpret_cast<uint16_t*>(xg), reinterpret_cast<const uint16_t*>(rec),
+                          reinterpret_cast<const uint16_t*>(bias), c, reinterpret_cast<uint16_t*>(h));
   return true;
 }
 
@@ -1093,8 +1101,9 @@ TORCH_LIBRARY_IMPL(birnn_ext, CPU, m) {
 
 // Takes no tensor, so there is no backend to dispatch on.
 TORCH_LIBRARY_IMPL(birnn_ext, CompositeExplicitAutograd, m) {
-  m.impl("cpu_step_product_builds", [] {
-    return std::vector<std::string>{small_gemm_build(), small_gemm_bf16_build()};
+  m.impl("cpu_kernel_builds", [] {
+    return std::vector<std::string>{small_gemm_build(), small_gemm_bf16_build(),
+                                    cell_avx512_supported() ? "avx512" : "generic"};
   });
 }
 

@@ -89,7 +89,11 @@ void dp_pack(int64_t K, int64_t N, const uint16_t* b, int64_t b_row, int64_t b_c
     for (int64_t kp = 0; kp < pairs; ++kp)
       for (int64_t j = 0; j < kW; ++j)
         for (int64_t h = 0; h < 2; ++h) {
+#if defined(BIRNN_BREAK_BF16_PAIR_ORDER)  // a deliberately broken kernel, for the tests
+          const int64_t k = 2 * kp + (1 - h);
+#else
           const int64_t k = 2 * kp + h;
+#endif
           panel[(kp * kW + j) * 2 + h] = (j < cols && k < K) ? b[k * b_row + (n0 + j) * b_col] : uint16_t(0);
         }
   }
