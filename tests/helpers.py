@@ -71,6 +71,17 @@ def assert_same_results(fused, ref, dtype):
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_with_lengths(module: nn.Module, x, lengths):
+    """module(x) for [T,B,I] x with per-sequence lengths (or None): a fused module takes
+    them as lengths=, nn.LSTM as a PackedSequence, padded back to T steps."""
+    if lengths is None:
+        return module(x)
+    if not isinstance(module, nn.LSTM):
+        return module(x, lengths=lengths)
+    packed, hc = module(nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False))
+    return nn.utils.rnn.pad_packed_sequence(packed, total_length=x.size(0))[0], hc
+
+
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     """Runs code in a fresh interpreter from the repository root, with env added to the
     environment: settings the library reads once, at load time."""

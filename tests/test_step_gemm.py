@@ -14,10 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from birnn_ext import FusedLSTM
-from helpers import assert_close, run_python
+from helpers import assert_close, run_python, run_with_lengths
 
 # (T, B, I, H, proj_size). Packed: B % 4 = 1, 2, 3, 0; 4H and P not multiples of 64 or 24.
 PACKED = [(40, 9, 5, 37, 0), (30, 10, 33, 20, 0), (64, 7, 16, 50, 11), (32, 8, 24, 64, 0), (260, 1, 3, 17, 5)]
@@ -42,13 +41,7 @@ def compare(T, B, I, H, proj_size, with_lengths):
     results = []
     for m in (fused, ref):
         xi = x.clone().requires_grad_()
-        if lengths is None:
-            out, (h, c) = m(xi)
-        elif m is fused:
-            out, (h, c) = m(xi, lengths=lengths)
-        else:
-            packed, (h, c) = m(pack_padded_sequence(xi, lengths, enforce_sorted=False))
-            out, _ = pad_packed_sequence(packed, total_length=T)
+        out, (h, c) = run_with_lengths(m, xi, lengths)
         loss = (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(2))).sum() + h.sum() + c.sum()
         grads = torch.autograd.grad(loss, [xi, *m.parameters()])
         with torch.no_grad():  # inference: the input chunks' products too

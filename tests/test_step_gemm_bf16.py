@@ -13,10 +13,9 @@ import ast
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from birnn_ext import FusedLSTM
-from helpers import TOL, run_python
+from helpers import TOL, run_python, run_with_lengths
 
 BF16 = torch.bfloat16
 # (T, B, I, H, proj_size): K = P, 4H, I, H in the products; M = B (steps) or chunk * B.
@@ -42,13 +41,7 @@ def compare(T, B, I, H, proj_size, with_lengths):
     def run(m, autocast):
         xi = x.clone().requires_grad_()
         with torch.autocast("cpu", dtype=BF16, enabled=autocast):
-            if lengths is None:
-                out, (h, c) = m(xi)
-            elif m is fused:
-                out, (h, c) = m(xi, lengths=lengths)
-            else:
-                packed, (h, c) = m(pack_padded_sequence(xi, lengths, enforce_sorted=False))
-                out, _ = pad_packed_sequence(packed, total_length=T)
+            out, (h, c) = run_with_lengths(m, xi, lengths)
             if autocast:
                 assert out.dtype == BF16
         loss = (out.float() * weights).sum() + h.float().sum() + c.float().sum()

@@ -1,6 +1,6 @@
 // The forward cell over one batch row, written with AVX-512 intrinsics (float32 and
 // bfloat16 storage). The
-// generic row loop of lstm_cpu.cpp computes one hidden unit per iteration through the
+// generic row loop of cell_rows.cpp computes one hidden unit per iteration through the
 // whole chain (four activations, then c, then tanh(c)); each iteration is a long
 // dependent chain and the core overlaps few of them, so a 16-unit vector took about 115
 // cycles. Here the activations are computed gate by gate in short independent loops

@@ -34,7 +34,7 @@ inline float widen(uint16_t v) {
   return f;
 }
 
-// Round to nearest even, NaN to the quiet NaN 0x7FC0: as lstm_cpu.cpp's store().
+// Round to nearest even, NaN to the quiet NaN 0x7FC0: as kernel_util.h's store().
 inline uint16_t narrow(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);

@@ -1,0 +1,104 @@
+// The CPU kernels of lstm_cell_forward and lstm_cell_backward: one step, its products
+// in orders fixed by the shapes (fixed_order.h), the cell rows of cell_rows.h.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "../layer_checks.h"
+#include "../lstm_cell.h"
+#include "blas.h"
+#include "buffer_pool.h"
+#include "cell_rows.h"
+#include "fixed_order.h"
+#include "kernel_util.h"
+#include "cell_avx512.h"
+#include "small_gemm.h"
+
+namespace birnn {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_cpu(const at::Tensor& x_, const at::Tensor& h_,
+                                                                     const at::Tensor& c, const at::Tensor& w_ih_,
+                                                                     const at::Tensor& w_hh_,
+                                                                     const std::optional<at::Tensor>& bias_,
+                                                                     bool training) {
+  const BelowAutograd below_autograd;
+  const auto [B, I, H] = check_cell("lstm_cell_forward", x_, h_, c, w_ih_, w_hh_, bias_);
+  const at::Tensor x = x_.contiguous(), h = h_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const at::Tensor bias = bias_ ? bias_->contiguous() : pooled_zeros({4 * H}, x.options());
+  at::Tensor pre = pooled_empty({B, 4 * H}, x.options());
+  at::Tensor h_new = pooled_empty({B, H}, x.options());
+  at::Tensor c_new = c.to(x.options().dtype(math_dtype(x.scalar_type())), false, true).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lstm_cell_cpu", [&] {
+    using T = scalar_t;
+    at::Tensor rec = pooled_empty({B, 4 * H}, x.options());
+    cell_product<T>(x, w_ih.t(), pre);
+    cell_product<T>(h, w_hh.t(), rec);
+    for (int64_t b = 0; b < B; ++b) {
+      T* g = pre.data_ptr<T>() + b * 4 * H;
+      const T* r = rec.data_ptr<T>() + b * 4 * H;
+      math_t<T>* cb = c_new.data_ptr<math_t<T>>() + b * H;
+      T* hb = h_new.data_ptr<T>() + b * H;
+      training ? cell_forward_row<T, true>(H, g, r, bias.data_ptr<T>(), cb, hb)
+               : cell_forward_row<T, false>(H, g, r, bias.data_ptr<T>(), cb, hb);
+    }
+  });
+  return {h_new, c_new.to(c.scalar_type()), training ? pre : pooled_empty({0, 4 * H}, x.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cell_backward_cpu(
+    const std::optional<at::Tensor>& grad_h_new, const std::optional<at::Tensor>& grad_c_new, const at::Tensor& x_,
+    const at::Tensor& h_, const at::Tensor& c_, const at::Tensor& w_ih_, const at::Tensor& w_hh_,
+    const at::Tensor& gates_) {
+  const BelowAutograd below_autograd;
+  const auto [B, I, H] = check_cell_backward(grad_h_new, grad_c_new, x_, h_, c_, w_ih_, w_hh_, gates_);
+  const at::Tensor x = x_.contiguous(), h = h_.contiguous();
+  const at::Tensor c = c_.to(math_dtype(x_.scalar_type())).contiguous();
+  const at::Tensor w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous(), gates = gates_.contiguous();
+  auto opt = x.options();
+  at::Tensor dh = grad_h_new ? grad_h_new->clone(at::MemoryFormat::Contiguous) : pooled_zeros({B, H}, opt);
+  auto mopt = opt.dtype(math_dtype(x.scalar_type()));
+  at::Tensor dc = grad_c_new ? grad_c_new->to(mopt, false, true).contiguous() : pooled_zeros({B, H}, mopt);
+  at::Tensor dg = pooled_empty({B, 4 * H}, opt);
+  at::Tensor dx = pooled_empty({B, I}, opt), dw_ih = pooled_empty({4 * H, I}, opt), dw_hh = pooled_empty({4 * H, H}, opt);
+  at::Tensor dbias = pooled_empty({4 * H}, opt);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lstm_cell_cpu", [&] {
+    using T = scalar_t;
+    at::Tensor scratch = pooled_empty({4 * H}, opt);  // the row kernel's per-step copy of dg, unused here
+    for (int64_t b = 0; b < B; ++b)
+      cell_backward_row<T>(H, gates.data_ptr<T>() + b * 4 * H, c.data_ptr<math_t<T>>() + b * H, nullptr,
+                           dh.data_ptr<T>() + b * H, dc.data_ptr<math_t<T>>() + b * H, dg.data_ptr<T>() + b * 4 * H,
+                           scratch.data_ptr<T>());
+    cell_product<T>(dg, w_ih, dx);
+    cell_product<T>(dg, w_hh, dh);
+    matmul_tn_fixed_order<T>(dg, x, dw_ih);
+    matmul_tn_fixed_order<T>(dg, h, dw_hh);
+    column_sums(dg.data_ptr<T>(), B, 4 * H, dbias.data_ptr<T>());
+  });
+  if (B == 0) dw_ih.zero_(), dw_hh.zero_(), dbias.zero_();
+  return {dx, dh, dc.to(x.scalar_type()), dw_ih, dw_hh, dbias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(birnn_ext, CPU, m) {
+  m.impl("lstm_cell_forward", &lstm_cell_forward_cpu);
+  m.impl("lstm_cell_backward", &lstm_cell_backward_cpu);
+}
+
+// Takes no tensor, so there is no backend to dispatch on.
+TORCH_LIBRARY_IMPL(birnn_ext, CompositeExplicitAutograd, m) {
+  m.impl("cpu_kernel_builds", [] {
+    return std::vector<std::string>{small_gemm_build(), small_gemm_bf16_build(),
+                                    cell_avx512_supported() ? "avx512" : "generic"};
+  });
+}
+
+}  // namespace birnn

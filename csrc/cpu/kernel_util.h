@@ -1,0 +1,136 @@
+// What every CPU kernel file shares: the math type of a storage type, loads and stores
+// between them, the guard that keeps a kernel's own ATen calls below autograd, bit
+// tests over storage values, and the run of a layer's directions on their threads.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+
+#include <array>
+#include <cstdint>
+#include <cstring>
+
+#include "buffer_pool.h"
+
+namespace birnn {
+
+// The math type: float for float and bfloat16 storage, double for double. The gate math,
+// the cell state and the sums run in it.
+template <typename T>
+using math_t = at::opmath_type<T>;
+
+// Entered first by every kernel: the tensors a kernel makes are its scratch and its
+// outputs, never part of an autograd graph, so its own ATen calls (views, allocations,
+// copies) skip the autograd and view-tracking layers. At batch 1 a layer call makes
+// about forty of them, and each paid a microsecond or more for that bookkeeping.
+using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
+
+inline at::ScalarType math_dtype(at::ScalarType storage) {
+  return storage == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Storage <-> math conversions for the row loops. c10::BFloat16's own conversions
+// branch on NaN and do not vectorize; these compute the same bits (round to nearest
+// even, NaN to the quiet NaN 0x7FC0) with shifts, adds and a select.
+template <typename T>
+inline math_t<T> load(T v) {
+  return math_t<T>(v);
+}
+template <>
+inline float load(at::BFloat16 v) {
+  const uint32_t u = uint32_t(v.x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+template <typename T>
+inline T store(math_t<T> v) {
+  return T(v);
+}
+template <>
+inline at::BFloat16 store<at::BFloat16>(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  at::BFloat16 b;
+  b.x = uint16_t(f != f ? 0x7FC0u : rounded);
+  return b;
+}
+
+// t itself when contiguous, else a contiguous copy in pooled memory.
+inline at::Tensor contiguous(const at::Tensor& t) {
+  return t.is_contiguous() ? t : pooled_empty(t.sizes(), t.options()).copy_(t);
+}
+
+// One kind of a layer's weights, per direction, each contiguous (undefined past D, or
+// when absent).
+using Weights = std::array<at::Tensor, 2>;
+inline Weights weights(const Weights& kind) {
+  Weights w;
+  for (size_t d = 0; d < 2; ++d)
+    if (kind[d].defined()) w[d] = contiguous(kind[d]);
+  return w;
+}
+
+// Bit tests over storage values, in integer operations so that the loops vectorize.
+template <typename T>
+struct Bits;
+template <>
+struct Bits<float> {
+  using U = uint32_t;
+  static constexpr U kAbs = 0x7FFFFFFFu, kExp = 0x7F800000u;
+};
+template <>
+struct Bits<double> {
+  using U = uint64_t;
+  static constexpr U kAbs = 0x7FFFFFFFFFFFFFFFull, kExp = 0x7FF0000000000000ull;
+};
+template <>
+struct Bits<at::BFloat16> {
+  using U = uint16_t;
+  static constexpr U kAbs = 0x7FFF, kExp = 0x7F80;
+};
+
+// True when every one of the n values is +0 or -0.
+template <typename T>
+inline bool all_zero(const T* p, int64_t n) {
+  using U = typename Bits<T>::U;
+  U acc = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    U u;
+    std::memcpy(&u, p + i, sizeof u);
+    acc |= u;
+  }
+  return (acc & Bits<T>::kAbs) == 0;
+}
+
+// True when none of the n values is NaN or infinite.
+template <typename T>
+inline bool all_finite(const T* p, int64_t n) {
+  using U = typename Bits<T>::U;
+  int bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    U u;
+    std::memcpy(&u, p + i, sizeof u);
+    bad |= (u & Bits<T>::kExp) == Bits<T>::kExp;
+  }
+  return !bad;
+}
+
+// Runs fn(d) for each direction d, both at once on separate threads when the layer
+// is bidirectional and there are threads to spare. Inside, the GEMM engines run
+// single-threaded.
+template <typename F>
+void for_each_direction(int64_t D, const F& fn) {
+  if (D > 1 && at::get_num_threads() > 1) {
+    at::parallel_for(0, D, 1, [&](int64_t d0, int64_t d1) {
+      for (int64_t d = d0; d < d1; ++d) fn(d);
+    });
+  } else {
+    for (int64_t d = 0; d < D; ++d) fn(d);
+  }
+}
+
+}  // namespace birnn

@@ -1,0 +1,241 @@
+// The CPU kernel of lstm_layer_forward. The input projection of every step and
+// direction (one GEMM in training; chunk by chunk per direction in inference), then per
+// step a recurrent product and the fused cell (cell_rows.h). The directions of a
+// bidirectional layer are independent, so each runs its whole sweep on its own thread.
+// Products are called directly into preallocated buffers (blas.h): the step products
+// on small_gemm / small_gemm_bf16 over weights packed once per call, the large ones on
+// oneDNN. Large buffers come from buffer_pool.h. Storage float32, float64 or bfloat16;
+// the math and the cell state in math_t.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "../layer_checks.h"
+#include "../lstm_cell.h"
+#include "blas.h"
+#include "buffer_pool.h"
+#include "cell_rows.h"
+#include "fixed_order.h"
+#include "kernel_util.h"
+
+namespace birnn {
+namespace {
+
+// Pointers and sizes of one forward sweep. Shapes are in elements, row-major; P is the
+// size of h (proj_size, or H without a projection).
+template <typename T>
+struct FwdParams {
+  LayerDims n;
+  const int64_t* len;  // [B] or nullptr: every sequence has T steps
+  // Per-direction GEMM operands, made on the calling thread: OpenMP workers do not
+  // carry its autograd state, so no view is created inside the parallel region.
+  std::array<StepWeight, 2> w_hh_t;  // [P,4H] = W_hh[d]^T
+  std::array<StepWeight, 2> w_hr_t;  // [H,P] = W_hr[d]^T, empty without a projection
+  std::array<at::Tensor, 2> h;       // [B,P] h0 on entry, h_n on exit
+  std::array<at::Tensor, 2> rec;     // [B,4H] scratch: h W_hh^T of one step
+  std::array<at::Tensor, 2> h_raw;   // [B,H] scratch with a projection: o * tanh(c) of one step
+  std::array<at::Tensor, 2> h_proj;  // [B,P] scratch with a projection: h_raw W_hr^T
+  const T* bias;                     // [D,4H], zeros when the layer has none
+  T* xg;                             // [T,B,D*4H] x W_ih^T on entry; activated gates on exit when training;
+                                     // nullptr when the projection is made chunk by chunk (inference)
+  // Inference: x W_ih^T made per direction for `chunk` steps at a time, into a buffer
+  // that stays in cache, instead of for all steps at once (T*B*D*4H floats, mapped
+  // fresh from the OS and page-faulted in on every call).
+  int64_t chunk = 0;
+  const T* x = nullptr;                   // [T,B,I]
+  std::array<StepWeight, 2> w_ih_t;       // [I,4H] = W_ih[d]^T
+  std::array<at::Tensor, 2> x_chunk;      // [chunk*B, I] the rows of x this direction reads next
+  std::array<at::Tensor, 2> xg_chunk;     // [chunk*B, 4H]
+  std::array<at::Tensor, 2> x_tail;       // the same two for the last, shorter chunk
+  std::array<at::Tensor, 2> xg_tail;
+  // Training, a short sweep (float32): each direction projects all of x on its own
+  // thread, over its W_ih^T (w_ih_t), into its columns of xg.
+  at::Tensor x_rows;                   // [T*B, I]
+  std::array<at::Tensor, 2> xg_cols;   // [T*B, 4H] columns d*4H.. of xg viewed as [T*B, D*4H]
+  T* y;                              // [T,B,D*P]
+  math_t<T>* c;                      // [D,B,H] c0 on entry, c_n on exit
+  math_t<T>* c_prev;                 // [T,B,D*H] saved when training
+  T* h_prev;                         // [D,T,B,P] saved when training, direction-major for the dW_hh GEMM
+  T* h_raw_saved;                    // [D,T,B,H] saved when training with a projection, for dW_hr
+};
+
+template <typename T, bool Training>
+void forward_direction(const FwdParams<T>& p, int64_t d) {
+  const auto [T_, B, I, H, P, D] = p.n;
+  const int64_t G = 4 * H;
+  const bool proj = p.w_hr_t[d].view.defined();
+  const T* bias = p.bias + d * G;
+  T* h = p.h[d].template data_ptr<T>();
+  math_t<T>* c = p.c + d * B * H;
+  T* rec = p.rec[d].template data_ptr<T>();
+  T* h_raw = proj ? p.h_raw[d].template data_ptr<T>() : nullptr;
+  const T* h_proj = proj ? p.h_proj[d].template data_ptr<T>() : nullptr;
+  p.w_hh_t[d].pack();
+  p.w_hr_t[d].pack();
+  p.w_ih_t[d].pack();
+  if (p.x_rows.defined()) step_product<T>(p.x_rows, p.w_ih_t[d], p.xg_cols[d], T(0));
+  auto row_of = [&](int64_t s, int64_t b) { return time_index(int(d), s, p.len ? p.len[b] : T_) * B + b; };
+  for (int64_t s = 0; s < T_; ++s) {
+    if (p.chunk && s % p.chunk == 0) {
+      // Gather the x rows of the next steps in this direction's own order, then project.
+      const bool tail = s + p.chunk > T_;
+      const int64_t steps = tail ? T_ - s : p.chunk;
+      T* xc = p.x_chunk[d].template data_ptr<T>();
+      for (int64_t k = 0; k < steps; ++k)
+        for (int64_t b = 0; b < B; ++b) std::memcpy(xc + (k * B + b) * I, p.x + row_of(s + k, b) * I, I * sizeof(T));
+      step_product<T>(tail ? p.x_tail[d] : p.x_chunk[d], p.w_ih_t[d], tail ? p.xg_tail[d] : p.xg_chunk[d], T(0));
+    }
+    step_product<T>(p.h[d], p.w_hh_t[d], p.rec[d], T(0));
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t row = row_of(s, b);
+      const bool active = s < (p.len ? p.len[b] : T_);
+      T* hb = h + b * P;
+      math_t<T>* cb = c + b * H;
+      if (Training) {
+        std::memcpy(p.h_prev + (d * T_ * B + row) * P, hb, P * sizeof(T));
+        std::memcpy(p.c_prev + row * D * H + d * H, cb, H * sizeof(math_t<T>));
+      }
+      T* y = p.y + row * D * P + d * P;
+      if (!active) {  // padding: zero output, state carried unchanged
+        std::memset(y, 0, P * sizeof(T));
+        if (proj) std::memset(h_raw + b * H, 0, H * sizeof(T));
+        continue;
+      }
+      T* xg = p.chunk ? p.xg_chunk[d].template data_ptr<T>() + ((s % p.chunk) * B + b) * G : p.xg + row * D * G + d * G;
+      cell_forward_row<T, Training>(H, xg, rec + b * G, bias, cb, proj ? h_raw + b * H : hb);
+      if (!proj) std::memcpy(y, hb, H * sizeof(T));
+    }
+    if (!proj) continue;
+    // h = (o * tanh(c)) W_hr^T for the whole step, then out to the state and y.
+    step_product<T>(p.h_raw[d], p.w_hr_t[d], p.h_proj[d], T(0));
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t row = row_of(s, b);
+      if (Training) std::memcpy(p.h_raw_saved + (d * T_ * B + row) * H, h_raw + b * H, H * sizeof(T));
+      if (s >= (p.len ? p.len[b] : T_)) continue;
+      std::memcpy(h + b * P, h_proj + b * P, P * sizeof(T));
+      std::memcpy(p.y + row * D * P + d * P, h_proj + b * P, P * sizeof(T));
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cpu(
+    const at::Tensor& x_, const std::optional<at::Tensor>& lengths, const at::Tensor& h0, const at::Tensor& c0,
+    const at::Tensor& w_ih_, const at::Tensor& w_hh_, const std::optional<at::Tensor>& b_ih_,
+    const std::optional<at::Tensor>& b_hh_, const std::optional<at::Tensor>& w_hr_,
+    const std::optional<at::Tensor>& w_ih_reverse, const std::optional<at::Tensor>& w_hh_reverse,
+    const std::optional<at::Tensor>& b_ih_reverse, const std::optional<at::Tensor>& b_hh_reverse,
+    const std::optional<at::Tensor>& w_hr_reverse, bool training) {
+  const BelowAutograd below_autograd;
+  const LayerWeights wts = layer_weights("lstm_layer_forward", w_ih_, w_hh_, b_ih_, b_hh_, w_hr_, w_ih_reverse,
+                                         w_hh_reverse, b_ih_reverse, b_hh_reverse, w_hr_reverse);
+  const LayerDims n = check_layer_forward(x_, lengths, h0, c0, wts);
+  const at::Tensor len = checked_lengths("lstm_layer_forward", lengths, n.T, n.B);
+  const auto [T_, B, I, H, P, D] = n;
+  const bool proj = wts.proj();
+  const at::Tensor x = contiguous(x_);
+  // The module's own Parameters, read in place: no stacked copy per call (a copy costs
+  // its time, and leaves the weights cold in the cache of the core that reads them).
+  const Weights w_ih = weights(wts.w_ih), w_hh = weights(wts.w_hh), w_hr = weights(wts.w_hr);
+  auto opt = x.options();
+  auto mopt = opt.dtype(math_dtype(x.scalar_type()));
+  const int64_t saved = training ? T_ : 0;
+  at::Tensor y = pooled_empty({T_, B, D * P}, opt);
+  at::Tensor h = h0.clone(at::MemoryFormat::Contiguous);
+  at::Tensor c = c0.to(mopt, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  // Rows of x per projection chunk in inference: large enough for an efficient GEMM.
+  constexpr int64_t kChunkRows = 256;
+  const int64_t chunk = training ? 0 : std::min<int64_t>(T_, std::max<int64_t>(1, kChunkRows / std::max<int64_t>(B, 1)));
+  at::Tensor xg = pooled_empty({training ? T_ : 0, B, D * 4 * H}, opt);
+  at::Tensor c_prev = pooled_empty({saved, B, D * H}, mopt);
+  at::Tensor h_prev = pooled_empty({D, saved, B, P}, opt);
+  at::Tensor h_raw = pooled_empty({D, proj ? saved : 0, B, H}, opt);
+  if (B > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lstm_layer_forward_cpu", [&] {
+      using T = scalar_t;
+      // b_ih + b_hh, summed here (zeros without a bias).
+      at::Tensor bias = pooled_empty({D, 4 * H}, opt);
+      T* bsum = bias.data_ptr<T>();
+      for (int64_t d = 0; d < D; ++d) {
+        if (!wts.bias()) {
+          std::fill(bsum + d * 4 * H, bsum + (d + 1) * 4 * H, T(0));
+          continue;
+        }
+        const at::Tensor bi = wts.b_ih[d].contiguous(), bh = wts.b_hh[d].contiguous();
+        const T *pi = bi.data_ptr<T>(), *ph = bh.data_ptr<T>();
+        for (int64_t g = 0; g < 4 * H; ++g) bsum[d * 4 * H + g] = T(math_t<T>(pi[g]) + math_t<T>(ph[g]));
+      }
+      at::Tensor rec = pooled_empty({D, B, 4 * H}, opt);
+      at::Tensor raw_step = pooled_empty({D, proj ? B : 0, H}, opt), proj_step = pooled_empty({D, proj ? B : 0, P}, opt);
+      FwdParams<T> p{};
+      p.n = n;
+      p.len = len.defined() ? len.data_ptr<int64_t>() : nullptr;
+      at::Tensor x_chunk, xg_chunk;
+      // A projection too small for oneDNN: below that, a BLAS call over both directions
+      // (their W_ih copied side by side) cost more than each direction's own product on
+      // its thread (the layer op at batch 1, T 28, H 128: 91 us before, 77 after).
+      const bool project_per_direction =
+          (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>) && T_ * B * D * 4 * H * I < kOnednnMinWork;
+      if (training && project_per_direction) {
+        p.x_rows = x.view({T_ * B, I});
+        for (int64_t d = 0; d < D; ++d) {
+          p.w_ih_t[d] = StepWeight::of(w_ih[d].t(), T_ * B);
+          p.xg_cols[d] = xg.view({T_ * B, D * 4 * H}).narrow(1, d * 4 * H, 4 * H);
+        }
+      } else if (training) {
+        // Input projection of every step and direction: [T*B, I] x [D*4H, I]^T, with the
+        // directions' W_ih side by side (a copy, small beside the training work).
+        const at::Tensor w_ih_all = D == 1 ? w_ih[0] : pooled_empty({D * 4 * H, I}, opt);
+        for (int64_t d = 0; d < D && D > 1; ++d) w_ih_all.narrow(0, d * 4 * H, 4 * H).copy_(w_ih[d]);
+        matmul<T>(x.view({T_ * B, I}), w_ih_all.t(), xg.view({T_ * B, D * 4 * H}), T(0));
+      } else {
+        const int64_t tail = T_ % chunk;
+        x_chunk = pooled_empty({D, chunk * B, I}, opt);
+        xg_chunk = pooled_empty({D, chunk * B, 4 * H}, opt);
+        p.chunk = chunk;
+        p.x = x.data_ptr<T>();
+        for (int64_t d = 0; d < D; ++d) {
+          p.w_ih_t[d] = StepWeight::of(w_ih[d].t(), T_ * B);
+          p.x_chunk[d] = x_chunk[d];
+          p.xg_chunk[d] = xg_chunk[d];
+          p.x_tail[d] = x_chunk[d].narrow(0, 0, tail * B);
+          p.xg_tail[d] = xg_chunk[d].narrow(0, 0, tail * B);
+        }
+      }
+      for (int64_t d = 0; d < D; ++d) {
+        p.w_hh_t[d] = StepWeight::of(w_hh[d].t(), T_ * B);
+        p.h[d] = h[d];
+        p.rec[d] = rec[d];
+        if (proj) {
+          p.w_hr_t[d] = StepWeight::of(w_hr[d].t(), T_ * B);
+          p.h_raw[d] = raw_step[d];
+          p.h_proj[d] = proj_step[d];
+        }
+      }
+      p.bias = bias.data_ptr<T>();
+      p.xg = training ? xg.data_ptr<T>() : nullptr;
+      p.y = y.data_ptr<T>();
+      p.c = c.data_ptr<math_t<T>>();
+      p.c_prev = training ? c_prev.data_ptr<math_t<T>>() : nullptr;
+      p.h_prev = training ? h_prev.data_ptr<T>() : nullptr;
+      p.h_raw_saved = training && proj ? h_raw.data_ptr<T>() : nullptr;
+      for_each_direction(D, [&](int64_t d) {
+        training ? forward_direction<T, true>(p, d) : forward_direction<T, false>(p, d);
+      });
+    });
+  }
+  at::Tensor gates = training ? xg : pooled_empty({0, B, D * 4 * H}, opt);
+  return {y, h, c.to(c0.scalar_type()), gates, c_prev, h_prev, h_raw};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(birnn_ext, CPU, m) { m.impl("lstm_layer_forward", &lstm_layer_forward_cpu); }
+
+}  // namespace birnn
