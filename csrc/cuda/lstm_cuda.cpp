@@ -154,7 +154,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                              math_ptr<S>(c), ptr<S>(hs), ptr<S>(y), training ? math_ptr<S>(c_prev) : nullptr,
                              training ? ptr<S>(h_prev) : nullptr};
         C10_CUDA_CHECK(cuda::launch_sweep_fwd(sw, plan.shared_bytes, /*cooperative=*/true, stream));
-        h = hs[T_ % 2];
+        // A copy, not the view hs[T_ % 2]: every output owns its storage, as the fake
+        // kernel declares, so that a CUDA graph (torch.compile's reduce-overhead) can
+        // account for each output's memory on its own.
+        h = hs[T_ % 2].clone();
         return;
       }
     }
