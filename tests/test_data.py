@@ -137,3 +137,33 @@ def test_demo_trains_under_torchrun_with_two_processes(tmp_path):
     from birnn_ext.demo import RowClassifier
 
     RowClassifier(torch.nn.LSTM, hidden_size=16).load_state_dict(torch.load(tmp_path / "out" / "bilstm_fused.pt"))
+
+
+@pytest.mark.slow
+def test_demo_compiles_the_fused_step_and_names_the_device(tmp_path):
+    """--device cpu trains there even where a GPU is; --compile adds a run of the fused
+    model with its whole training step compiled (on the CPU, inductor without CUDA
+    graphs), beside the eager runs; the summary says what ran where."""
+    from birnn_ext import demo
+
+    _write_tiny_mnist(tmp_path)
+    demo.main(["--compare", "--epochs", "1", "--batch-size", "20", "--hidden-size", "8", "--device", "cpu",
+               "--compile", "default", "--data", str(tmp_path), "--out", str(tmp_path / "out")])
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [(r["impl"], r["compile"], r["device"]) for r in summary] == [
+        ("fused", None, "cpu"), ("fused", "default", "cpu"), ("torch", None, "cpu")]
+    eager, compiled = summary[0], summary[1]
+    # The same model, data and seed: compiled, the step computes what eager does, to rounding.
+    assert compiled["test_accuracy"] == pytest.approx(eager["test_accuracy"], abs=0.05)
+    torch.testing.assert_close(torch.tensor(compiled["history"]["loss"]), torch.tensor(eager["history"]["loss"]),
+                               rtol=1e-3, atol=1e-4)
+    assert all(r["train_samples_per_s"] > 0 for r in summary)
+
+
+def test_demo_refuses_a_missing_gpu():
+    from birnn_ext import demo
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: --device cuda is valid here")
+    with pytest.raises(SystemExit, match="--device cuda: no GPU"):
+        demo.pick_device("cuda", 1)
