@@ -34,15 +34,13 @@ def lstm_cases(draw):
     )
 
 
-@seed(20261122)
-@settings(max_examples=300, deadline=None, database=DATABASE, suppress_health_check=[HealthCheck.too_slow])
-@given(case=lstm_cases())
-def test_property_matches_nn_lstm(case):
-    c = case
+def check_case(c, device):
+    """The fused module on `device` against nn.LSTM on the CPU, same weights and inputs:
+    outputs, states and every gradient."""
     torch.manual_seed(c["data_seed"])
     ref = nn.LSTM(c["I"], c["H"], c["num_layers"], bias=c["bias"], batch_first=c["batch_first"],
                   bidirectional=c["bidirectional"], proj_size=c["proj_size"], dtype=c["dtype"])
-    fused = FusedLSTM.from_lstm(ref)
+    fused = FusedLSTM.from_lstm(ref).to(device)
     D, B, T = 2 if c["bidirectional"] else 1, c["B"], c["T"]
     g = torch.Generator().manual_seed(c["data_seed"])
     x = torch.randn((B, T, c["I"]) if c["batch_first"] else (T, B, c["I"]), generator=g, dtype=c["dtype"])
@@ -51,22 +49,40 @@ def test_property_matches_nn_lstm(case):
         P = c["proj_size"] or c["H"]
         hx = (torch.randn(c["num_layers"] * D, B, P, generator=g, dtype=c["dtype"]),
               torch.randn(c["num_layers"] * D, B, c["H"], generator=g, dtype=c["dtype"]))
+    hx_dev = tuple(t.to(device) for t in hx) if hx is not None else None
+    cpu = lambda results: {k: v.cpu() for k, v in results.items()}  # noqa: E731
     if c["with_lengths"]:
         lengths = torch.randint(1, T + 1, (B,), generator=g)
         packed = pack_padded_sequence(x, lengths, batch_first=c["batch_first"], enforce_sorted=False)
         want = outputs_and_grads(ref, packed, hx)
-        got = outputs_and_grads(fused, packed, hx)
+        got = cpu(outputs_and_grads(fused, packed.to(device), hx_dev))
         # And the padded batch with lengths= gives the same output and states.
         with torch.no_grad():
-            y_pad, (h, cn) = fused(x, hx, lengths=lengths)
+            y_pad, (h, cn) = fused(x.to(device), hx_dev, lengths=lengths)
             y_ref, _ = pad_packed_sequence(ref(packed, hx)[0], batch_first=c["batch_first"], total_length=T)
-        assert_close(y_pad, y_ref, c["dtype"], "padded output")
-        assert_close(h, want["h_n"], c["dtype"], "padded h_n")
+        assert_close(y_pad.cpu(), y_ref, c["dtype"], "padded output")
+        assert_close(h.cpu(), want["h_n"], c["dtype"], "padded h_n")
     else:
         want = outputs_and_grads(ref, x, hx)
-        got = outputs_and_grads(fused, x, hx)
+        got = cpu(outputs_and_grads(fused, x.to(device), hx_dev))
     for k in want:
         assert_close(got[k], want[k], c["dtype"], k)
+
+
+@seed(20261122)
+@settings(max_examples=300, deadline=None, database=DATABASE, suppress_health_check=[HealthCheck.too_slow])
+@given(case=lstm_cases())
+def test_property_matches_nn_lstm(case):
+    check_case(case, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@seed(20261127)
+@settings(max_examples=100, deadline=None, database=DATABASE, suppress_health_check=[HealthCheck.too_slow])
+@given(case=lstm_cases())
+def test_property_matches_nn_lstm_on_the_gpu(case):
+    check_case(case, "cuda")
 
 
 def _pair(dtype=torch.float64, **kw):
