@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv build test demo bench clean
+.PHONY: venv build test demo bench gpu-check clean
 
 venv: $(STAMP)
 
@@ -44,6 +44,12 @@ demo: build
 
 bench: build
 	$(PYTHON) benchmarks/bench_lstm.py --preset targets
+
+# On a GPU machine, with the python3 and torch already there (no venv: such a machine may
+# have no package index): build, GPU tests, sanitizers, benchmarks and kernel profile in
+# a few minutes; benchmarks/gpu_check.py says what each step runs.
+gpu-check:
+	$(PY) benchmarks/gpu_check.py $(if $(LOGS),--logs $(LOGS))
 
 clean:
 	rm -rf build dist *.egg-info birnn_ext/_C*.so

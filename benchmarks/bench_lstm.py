@@ -72,6 +72,24 @@ PRESETS = {
         Case("variable", 32, 100, 64, 256, 1, min_len=10, targets=(2.0, 2.0)),
     ],
     "quick": [Case("small", 8, 16, 16, 32, 1), Case("small-var", 8, 16, 16, 32, 1, min_len=4)],
+    # make gpu-check's spread over the sizes users train on a GPU: B 1-256, H 64-512
+    # (powers of two and not), I 28-300, T 28-400, 1-3 layers, bidirectional.
+    "gpu-grid": [
+        Case("g1", 1, 400, 40, 64, 1),
+        Case("g2", 8, 100, 28, 64, 2),
+        Case("g3", 32, 50, 128, 256, 2),
+        Case("g4", 256, 28, 28, 128, 2),
+        Case("g5", 64, 200, 300, 96, 1),
+        Case("g6", 16, 300, 80, 200, 3),
+        Case("g7", 128, 100, 256, 512, 2),
+        Case("g8", 4, 64, 300, 384, 1),
+        Case("g9", 200, 40, 100, 160, 1),
+        Case("g10", 48, 150, 64, 320, 2),
+        Case("g11", 2, 28, 28, 512, 3),
+        Case("g12", 96, 80, 200, 448, 1),
+        Case("g13", 32, 60, 64, 256, 1, min_len=28),
+        Case("g14", 128, 400, 40, 128, 1, min_len=100),
+    ],
 }
 
 

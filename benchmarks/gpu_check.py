@@ -1,0 +1,165 @@
+"""`make gpu-check`: everything a GPU machine is needed for, in one command of a few
+minutes, with the python3 and torch already installed there (a GPU machine may have no
+package index):
+
+ 1. build the extension for the GPU present (its compute capability);
+ 2. `pytest -m cuda`: every GPU test, the property tests against nn.LSTM among them;
+ 3. compute-sanitizer memcheck, racecheck and synccheck over the GPU kernel tests;
+ 4. the benchmark on the targets preset and the gpu-grid preset (float32, TF32 off on
+    both sides), CSV and PNG under benchmarks/results/;
+ 5. the per-kernel profile of FusedBiLSTM and cuDNN (benchmarks/profile_kernels.py).
+
+Each step's output goes to LOGS/<step>.log (default build/gpu-check); a compact table of
+the steps and the benchmark ratios is printed last. Exits 1 if a step failed.
+
+    python3 benchmarks/gpu_check.py [--logs DIR] [--skip STEP ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+# The tests the sanitizers run: the kernels' own (parity, lengths, cell), not the
+# compile-heavy or property ones, so that each tool stays within about a minute.
+SANITIZED = ["tests/test_lstm_parity.py", "tests/test_cell.py", "tests/test_lengths.py", "tests/test_cuda_graphs.py",
+             "-k", "not reduce_overhead"]
+STEPS = ["build", "pytest", "memcheck", "racecheck", "synccheck", "bench-targets", "bench-grid", "profile"]
+
+
+def gpu() -> tuple[str, str] | None:
+    """(name, compute capability as TORCH_CUDA_ARCH_LIST spells it) of GPU 0, or None."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability(0)
+    return torch.cuda.get_device_name(0), f"{major}.{minor}"
+
+
+def sanitizer() -> str | None:
+    found = shutil.which("compute-sanitizer")
+    if found:
+        return found
+    from birnn_ext._build import find_cuda_home
+
+    home = find_cuda_home()
+    candidate = Path(home, "bin", "compute-sanitizer") if home else None
+    return str(candidate) if candidate and candidate.exists() else None
+
+
+def run_step(name: str, cmd: list[str], env: dict, logs: Path, timeout: int) -> dict:
+    start = time.perf_counter()
+    log = logs / f"{name}.log"
+    with open(log, "w") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        try:
+            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    text = log.read_text(errors="replace")
+    return {"step": name, "rc": rc, "seconds": time.perf_counter() - start, "summary": summarize(name, text, rc),
+            "log": str(log)}
+
+
+def summarize(name: str, text: str, rc) -> str:
+    if name in ("pytest", "memcheck", "racecheck", "synccheck"):
+        tail = re.findall(r"=+ (.*(?:passed|failed|error).*?) =+", text)
+        summary = tail[-1] if tail else ""
+        errors = re.findall(r"ERROR SUMMARY: (\d+) error", text)
+        hazards = re.findall(r"RACECHECK SUMMARY: (\d+) hazard", text)
+        if errors:
+            summary += f"; sanitizer errors {sum(int(e) for e in errors)}"
+        if hazards:
+            summary += f"; hazards {sum(int(h) for h in hazards)}"
+        return summary or f"exit {rc}"
+    if name == "build":
+        return "built" if rc == 0 else "build failed"
+    last = [line for line in text.splitlines() if line.strip()]
+    return last[-1][:100] if last else f"exit {rc}"
+
+
+def ratio_table(csv_name: str) -> list[str]:
+    path = RESULTS / f"{csv_name}.csv"
+    if not path.exists():
+        return []
+    rows = list(csv.DictReader(open(path)))
+    lines = [f"{'case':<8} {'B':>4} {'T':>4} {'I':>4} {'H':>4} {'L':>2}  {'inference':>9} {'fwd+bwd':>8}"]
+    for case in dict.fromkeys(r["case"] for r in rows):
+        r = {x["mode"]: x for x in rows if x["case"] == case}
+        first = next(iter(r.values()))
+        lines.append(f"{case:<8} {first['B']:>4} {first['T']:>4} {first['I']:>4} {first['H']:>4} {first['layers']:>2}  "
+                     f"{float(r['inference']['ratio']):>9.2f} {float(r['forward+backward']['ratio']):>8.2f}")
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--logs", type=Path, default=ROOT / "build" / "gpu-check")
+    p.add_argument("--skip", action="append", default=[], choices=STEPS)
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    found = gpu()
+    if found is None:
+        print("make gpu-check needs a CUDA GPU, and torch sees none here (torch.cuda.is_available() is False)",
+              file=sys.stderr)
+        return 2
+    name, arch = found
+    args.logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "BIRNN_EXT_CUDA": "1",
+           "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST", arch),
+           "MAX_JOBS": os.environ.get("MAX_JOBS", str(os.cpu_count() or 4))}
+    py = sys.executable
+    bench = [py, "benchmarks/bench_lstm.py", "--device", "cuda", "--min-run-time", "0.2"]
+    plan = [
+        ("build", [py, "-c", "import birnn_ext"], 300),
+        ("pytest", [py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"], 300),
+    ]
+    tool = sanitizer()
+    if tool:
+        # The caching allocator hides out-of-bounds accesses inside its blocks from memcheck.
+        for check in ("memcheck", "racecheck", "synccheck"):
+            plan.append((check, [tool, "--tool", check, "--error-exitcode", "1", py, "-m", "pytest", "-q", "-m",
+                                 "cuda", "-p", "no:cacheprovider", *SANITIZED], 240))
+    plan += [
+        ("bench-targets", bench + ["--preset", "targets", "--name", "targets-cuda"], 300),
+        ("bench-grid", bench + ["--preset", "gpu-grid", "--name", "gpu-grid-cuda"], 300),
+        ("profile", [py, "benchmarks/profile_kernels.py"], 180),
+    ]
+    results = []
+    for step, cmd, timeout in plan:
+        if step in args.skip:
+            continue
+        step_env = dict(env, PYTORCH_NO_CUDA_MEMORY_CACHING="1") if step == "memcheck" else env
+        print(f"[gpu-check] {step} ...", file=sys.stderr, flush=True)
+        results.append(run_step(step, cmd, step_env, args.logs, timeout))
+        if step == "build" and results[-1]["rc"] != 0:
+            break  # nothing else can run
+    print(f"\nmake gpu-check on {name} (sm_{arch.replace('.', '')}); logs in {args.logs}")
+    if not tool:
+        print("compute-sanitizer: not found (not on PATH, nor in the CUDA toolkit): sanitizer steps not run")
+    print(f"{'step':<14} {'result':<6} {'s':>6}  summary")
+    for r in results:
+        print(f"{r['step']:<14} {'ok' if r['rc'] == 0 else str(r['rc']):<6} {r['seconds']:>6.0f}  {r['summary']}")
+    done = {r["step"] for r in results if r["rc"] == 0}
+    for step, title, csv_name in (("bench-targets", "targets preset", "targets-cuda"),
+                                  ("bench-grid", "gpu-grid preset", "gpu-grid-cuda")):
+        lines = ratio_table(csv_name) if step in done else []  # never an earlier run's file
+        if lines:
+            print(f"\nnn.LSTM time / fused time, {title} (float32, TF32 off on both sides):")
+            print("\n".join(lines))
+    return 0 if all(r["rc"] == 0 for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
