@@ -177,7 +177,7 @@ class FusedLSTM(_TorchNNCounterpart, nn.Module):
                     setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
                 self._flat_weights_names.extend(shapes)
                 self._all_weights.append(list(shapes))
-        self._shapes = self._expected_shapes()
+        self._slots = self._weight_slots()
         self.reset_parameters()
 
     @property
@@ -272,32 +272,54 @@ class FusedLSTM(_TorchNNCounterpart, nn.Module):
                     f"found input tensor at {input.device} and hidden tensor at {t.device}"
                 )
 
-    def _expected_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+    def _weight_slots(self) -> list[list[tuple[str, tuple[int, ...]] | None]]:
+        """Per layer, the layer op's ten weight arguments in its order (w_ih, w_hh, b_ih,
+        b_hh, w_hr, then the reverse direction's): the parameter's name and expected
+        shape, or None where the op takes None (no bias, no projection, one direction)."""
         D, G, P = self.num_directions, 4 * self.hidden_size, self._h_size
-        shapes = []
+        layers = []
         for layer in range(self.num_layers):
             layer_input = self.input_size if layer == 0 else P * D
-            for direction in range(D):
+            slots = []
+            for direction in range(2):
+                if direction >= D:
+                    slots += [None] * 5
+                    continue
                 sfx = "_reverse" if direction == 1 else ""
-                shapes += [(f"weight_ih_l{layer}{sfx}", (G, layer_input)), (f"weight_hh_l{layer}{sfx}", (G, P))]
-                if self.bias:
-                    shapes += [(f"bias_ih_l{layer}{sfx}", (G,)), (f"bias_hh_l{layer}{sfx}", (G,))]
-                if self.proj_size > 0:
-                    shapes.append((f"weight_hr_l{layer}{sfx}", (self.proj_size, self.hidden_size)))
-        return shapes
+                slots += [(f"weight_ih_l{layer}{sfx}", (G, layer_input)), (f"weight_hh_l{layer}{sfx}", (G, P))]
+                slots += [(f"bias_ih_l{layer}{sfx}", (G,)), (f"bias_hh_l{layer}{sfx}", (G,))] if self.bias \
+                    else [None, None]
+                slots.append((f"weight_hr_l{layer}{sfx}", (self.proj_size, self.hidden_size))
+                             if self.proj_size > 0 else None)
+            layers.append(slots)
+        return layers
 
-    def _check_parameters(self, input: Tensor) -> None:
-        """Parameters replaced after construction must still fit (a clear error here,
-        not a failed stack or a wrong product later)."""
-        for name, shape in self._shapes:
-            w = self._param(name)
-            if w.shape != shape:
-                raise RuntimeError(f"{name} must have shape {shape}, got {tuple(w.shape)}")
-            if w.device != input.device:
-                raise RuntimeError(
-                    "Input and parameter tensors are not at the same device, "
-                    f"found input tensor at {input.device} and parameter tensor at {w.device}"
-                )
+    def _layer_weights(self, input: Tensor) -> list[list[Tensor | None]]:
+        """Per layer, the op's ten weight arguments (see _weight_slots): the module's own
+        Parameters, fetched on every call and read in place by the op (no copy, nothing
+        cached), so a parameter changed in any way (through .data, load_state_dict, a
+        parametrization) is what this call uses. Each is checked on the way: a parameter
+        replaced after construction must still fit (a clear error here, not a failed
+        product later)."""
+        layers = []
+        for slots in self._slots:
+            weights = []
+            for slot in slots:
+                if slot is None:
+                    weights.append(None)
+                    continue
+                name, shape = slot
+                w = self._param(name)
+                if w.shape != shape:
+                    raise RuntimeError(f"{name} must have shape {shape}, got {tuple(w.shape)}")
+                if w.device != input.device:
+                    raise RuntimeError(
+                        "Input and parameter tensors are not at the same device, "
+                        f"found input tensor at {input.device} and parameter tensor at {w.device}"
+                    )
+                weights.append(w)
+            layers.append(weights)
+        return layers
 
     @staticmethod
     def _check_batch_sizes(batch_sizes: Tensor, rows: int) -> None:
@@ -360,7 +382,7 @@ class FusedLSTM(_TorchNNCounterpart, nn.Module):
             data, batch_sizes, sorted_indices, unsorted_indices = input
             self._check_input(data, packed=True)
             self._check_batch_sizes(batch_sizes, data.size(0))
-            self._check_parameters(data)
+            weights = self._layer_weights(data)
             batch = int(batch_sizes[0])
             # Padded in the packed (sorted) order; the kernel handles the lengths.
             x, seq_lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
@@ -368,7 +390,7 @@ class FusedLSTM(_TorchNNCounterpart, nn.Module):
                 self._check_hidden(hx, batch, data)
                 hx = (_apply_permutation(hx[0], sorted_indices), _apply_permutation(hx[1], sorted_indices)) \
                     if sorted_indices is not None else hx
-            y, (h_n, c_n) = self._run(x, hx, seq_lengths)
+            y, (h_n, c_n) = self._run(x, hx, seq_lengths, weights)
             # The repacked batch_sizes equal the input's; taking them from this pack keeps each
             # pack paired with a pad, which is what TorchScript's ONNX export needs.
             repacked = pack_padded_sequence(y, seq_lengths)
@@ -397,36 +419,44 @@ class FusedLSTM(_TorchNNCounterpart, nn.Module):
                     )
                 hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
         self._check_input(input, packed=False)
-        self._check_parameters(input)
+        weights = self._layer_weights(input)
         batch = input.size(batch_dim)
         if hx is not None:
             self._check_hidden(hx, batch, input)
         x = input.transpose(0, 1) if self.batch_first else input
         if lengths is not None:
             lengths = self._lengths_tensor(lengths, batch, x.size(0))
-        y, (h_n, c_n) = self._run(x, hx, lengths)
+        y, (h_n, c_n) = self._run(x, hx, lengths, weights)
         if self.batch_first:
             y = y.transpose(0, 1)
         if not batched:
             y, h_n, c_n = y.squeeze(batch_dim), h_n.squeeze(1), c_n.squeeze(1)
         return y, (h_n, c_n)
 
-    def _run(self, x: Tensor, hx, lengths: Tensor | None):
-        """x [T,B,I] -> y [T,B,D*H], (h_n, c_n) [L*D,B,H], layer by layer."""
+    def _run(self, x: Tensor, hx, lengths: Tensor | None, weights: list[list[Tensor | None]]):
+        """x [T,B,I] -> y [T,B,D*H], (h_n, c_n) [L*D,B,H], layer by layer; `weights` from
+        _layer_weights. The op is called directly (not through ops.lstm_layer): at batch 1
+        this module's Python is a large part of a call."""
         D, H, B = self.num_directions, self.hidden_size, x.size(1)
         if hx is None:
             hx = (x.new_zeros((self.num_layers * D, B, self._h_size)), x.new_zeros((self.num_layers * D, B, H)))
         onnx = _onnx.dynamo_export()
         if self.proj_size > 0 and (onnx or torch.onnx.is_in_onnx_export()):
             _onnx.refuse_projection(type(self).__name__)
+        grad = torch.is_grad_enabled()
         h_n, c_n = [], []
-        for layer in range(self.num_layers):
-            w_ih, w_hh, b_ih, b_hh, w_hr = self._layer_weights(layer)
+        for layer, w in enumerate(weights):
             h0, c0 = hx[0][layer * D : (layer + 1) * D], hx[1][layer * D : (layer + 1) * D]
             if onnx:
-                x, h, c = _onnx.lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths)
+                x, h, c = _onnx.lstm_layer(x, h0, c0, [t for t in (w[0], w[5]) if t is not None],
+                                           [t for t in (w[1], w[6]) if t is not None],
+                                           [t for t in (w[2], w[7]) if t is not None],
+                                           [t for t in (w[3], w[8]) if t is not None], lengths)
             else:
-                x, h, c = ops.lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, w_hr)
+                # Save for backward only where a gradient will be asked of this layer.
+                training = grad and (x.requires_grad or h0.requires_grad or c0.requires_grad
+                                     or any(t is not None and t.requires_grad for t in w))
+                x, h, c, *_ = ops._ops.lstm_layer_forward(x, lengths, h0, c0, *w, training)
             h_n.append(h)
             c_n.append(c)
             if self.dropout > 0 and self.training and layer + 1 < self.num_layers:
@@ -434,20 +464,6 @@ class FusedLSTM(_TorchNNCounterpart, nn.Module):
         if len(h_n) == 1:
             return x, (h_n[0], c_n[0])
         return x, (torch.cat(h_n), torch.cat(c_n))
-
-    def _layer_weights(self, layer: int):
-        """One layer's Parameters as the layer op takes them, a list per kind with one
-        tensor per direction: w_ih, w_hh, b_ih, b_hh (empty without bias), w_hr (empty
-        without projection). The op reads them in place: no copy, nothing cached, so a
-        parameter changed in any way (through .data too) is what the next call uses."""
-        D = self.num_directions
-        params = [[self._param(n) for n in d] for d in self._all_weights[layer * D : (layer + 1) * D]]
-        w_ih = [p[0] for p in params]
-        w_hh = [p[1] for p in params]
-        b_ih = [p[2] for p in params] if self.bias else []
-        b_hh = [p[3] for p in params] if self.bias else []
-        w_hr = [p[-1] for p in params] if self.proj_size > 0 else []
-        return w_ih, w_hh, b_ih, b_hh, w_hr
 
 
 class FusedBiLSTM(FusedLSTM):
