@@ -346,7 +346,9 @@ class FusedLSTM(_TorchNNCounterpart, nn.Module):
     def _h_size(self) -> int:
         return self.proj_size if self.proj_size > 0 else self.hidden_size
 
-    def _lengths_tensor(self, lengths, batch: int, steps: int) -> Tensor:
+    def _lengths_tensor(self, lengths, batch: int, steps: int, device: torch.device) -> Tensor:
+        """lengths as the op takes them: int64, on the CPU, or left on the GPU of the input
+        when they are there (the CUDA op checks their range without a host sync)."""
         if not isinstance(lengths, Tensor):
             lengths = torch.as_tensor(lengths)
         if lengths.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
@@ -356,6 +358,8 @@ class FusedLSTM(_TorchNNCounterpart, nn.Module):
                 f"lengths must be 1-D with one entry per sequence in the batch ({batch}), "
                 f"got shape {tuple(lengths.shape)}"
             )
+        if device.type == "cuda" and lengths.device == device:
+            return lengths.to(torch.int64)
         lengths = lengths.to(device="cpu", dtype=torch.int64)
         # Under torch.export the values are not known; the exported op checks them when it runs.
         if batch and not torch.compiler.is_exporting() and (int(lengths.min()) < 1 or int(lengths.max()) > steps):
@@ -425,7 +429,7 @@ class FusedLSTM(_TorchNNCounterpart, nn.Module):
             self._check_hidden(hx, batch, input)
         x = input.transpose(0, 1) if self.batch_first else input
         if lengths is not None:
-            lengths = self._lengths_tensor(lengths, batch, x.size(0))
+            lengths = self._lengths_tensor(lengths, batch, x.size(0), x.device)
         y, (h_n, c_n) = self._run(x, hx, lengths, weights)
         if self.batch_first:
             y = y.transpose(0, 1)

@@ -210,4 +210,24 @@ inline at::Tensor checked_lengths(const char* op, const std::optional<at::Tensor
   return c;
 }
 
+// lengths ready for kernels on `device`: checked as above and copied there, or, when they
+// are on that device already (a GPU), checked there without a host sync: their range by
+// an asynchronous device-side assert, so that a CUDA graph can hold the op and a training
+// loop never waits on it.
+inline at::Tensor checked_lengths_on(const char* op, const std::optional<at::Tensor>& lengths, int64_t T,
+                                     int64_t B, const at::Device& device) {
+  if (!lengths || lengths->device() != device || device.is_cpu()) {
+    const at::Tensor c = checked_lengths(op, lengths, T, B);
+    return c.defined() ? c.to(device) : c;
+  }
+  const at::Tensor& l = *lengths;
+  TORCH_CHECK(l.scalar_type() == at::kLong, op, ": lengths must be int64, got ", l.scalar_type());
+  TORCH_CHECK(l.dim() == 1 && l.size(0) == B, op, ": lengths must be 1-D with one entry per batch row (",
+              B, "), got shape ", l.sizes());
+  if (B > 0)
+    at::_assert_async(at::logical_and(l.ge(1), l.le(T)).all(),
+                      std::string(op) + ": lengths must lie in [1, T = " + std::to_string(T) + "]");
+  return l.contiguous();
+}
+
 }  // namespace birnn

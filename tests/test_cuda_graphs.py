@@ -148,3 +148,44 @@ def test_forward_and_backward_captured_by_hand_match_eager():
         torch.testing.assert_close(static_y, want, rtol=1e-5, atol=1e-5)  # the same kernels: float32 rounding only
         for (n, p), (_, q) in zip(reference.named_parameters(), model.named_parameters()):
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-5, msg=n)
+
+
+@needs_gpu
+def test_lengths_on_the_gpu_take_no_host_sync():
+    """lengths given on the GPU stay there: the ops check their range with a device-side
+    assert, so a call and its backward never wait for the device (nor could a CUDA graph
+    hold them otherwise)."""
+    torch.manual_seed(0)
+    model = FusedBiLSTM(6, 16, num_layers=2).cuda()
+    x = torch.randn(7, 5, 6, device="cuda")
+    lengths = torch.tensor([7, 3, 1, 5, 7], device="cuda")
+    want_y, (want_h, want_c) = model(x, lengths=lengths.cpu())
+    xi = x.clone().requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing call in between raises
+    try:
+        y, (h, c) = model(xi, lengths=lengths)
+        (y.sum() + h.sum() + c.sum()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for got, want in ((y, want_y), (h, want_h), (c, want_c)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # the same kernels, the same lengths
+    assert xi.grad is not None and torch.isfinite(xi.grad).all()
+
+
+@needs_gpu
+def test_gpu_lengths_out_of_range_fail():
+    """The device-side check fails the process's next synchronisation (it cannot raise
+    where the op is called without waiting for the GPU): in a process of its own."""
+    from helpers import run_python
+
+    code = (
+        "import torch\n"
+        "from birnn_ext import FusedBiLSTM\n"
+        "m = FusedBiLSTM(6, 16).cuda()\n"
+        "y, _ = m(torch.randn(7, 3, 6, device='cuda'), lengths=torch.tensor([7, 8, 1], device='cuda'))\n"
+        "torch.cuda.synchronize()\n"
+        "print('no error')\n"
+    )
+    run = run_python(code)
+    assert run.returncode != 0 and "no error" not in run.stdout, run.stdout

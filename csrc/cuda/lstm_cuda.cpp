@@ -112,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                          w_hh_reverse, b_ih_reverse, b_hh_reverse, w_hr_reverse);
   const LayerDims n = check_layer_forward(x_, lengths, h0, c0, wts);
   const c10::cuda::CUDAGuard guard(x_.device());
-  const at::Tensor len_cpu = checked_lengths("lstm_layer_forward", lengths, n.T, n.B);
+  const at::Tensor len = checked_lengths_on("lstm_layer_forward", lengths, n.T, n.B, x_.device());
   const auto [T_, B, I, H, P, D] = n;
   const int64_t G = 4 * H, rows = T_ * B, saved = training ? T_ : 0;
   const bool proj = wts.proj();
@@ -121,7 +121,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor x = x_.contiguous(), w_ih = at::stack(wts.of(wts.w_ih)), w_hh = at::stack(wts.of(wts.w_hh));
   const at::Tensor w_hr = proj ? at::stack(wts.of(wts.w_hr)) : at::Tensor();
   const at::Tensor bias = wts.bias() ? at::stack(wts.of(wts.b_ih)) + at::stack(wts.of(wts.b_hh)) : at::Tensor();
-  const at::Tensor len = len_cpu.defined() ? len_cpu.to(x.device()) : at::Tensor();
   auto opt = x.options();
   at::Tensor y = at::empty({T_, B, D * P}, opt);
   at::Tensor h = h0.clone(at::MemoryFormat::Contiguous);
@@ -199,13 +198,12 @@ lstm_layer_backward_cuda(const std::optional<at::Tensor>& grad_y, const std::opt
   const bool proj = wts.proj();
   const auto [T_, B, I, H, P, D] = n;
   const int64_t G = 4 * H, rows = T_ * B;
-  const at::Tensor len_cpu = checked_lengths("lstm_layer_backward", lengths, T_, B);
+  const at::Tensor len = checked_lengths_on("lstm_layer_backward", lengths, T_, B, x_.device());
   const at::Tensor x = x_.contiguous(), w_ih = at::stack(wts.of(wts.w_ih)), w_hh = at::stack(wts.of(wts.w_hh));
   const at::Tensor w_hr = proj ? at::stack(wts.of(wts.w_hr)) : at::Tensor();
   const at::Tensor h_raw = proj ? h_raw_.contiguous() : at::Tensor();
   const at::Tensor gates = gates_.contiguous(), c_prev = c_prev_.contiguous(), h_prev = h_prev_.contiguous();
   const at::Tensor dy = grad_y ? grad_y->contiguous() : at::Tensor();
-  const at::Tensor len = len_cpu.defined() ? len_cpu.to(x.device()) : at::Tensor();
   auto opt = x.options();
   at::Tensor dx = input_grad ? at::zeros({T_, B, I}, opt) : at::empty({0}, opt), dh0, dc0;
   at::Tensor dw_ih = at::zeros({D, G, I}, opt), dw_hh = at::zeros({D, G, P}, opt), dbias = at::zeros({D, G}, opt);
