@@ -244,10 +244,10 @@ lstm_layer_backward_cuda(const std::optional<at::Tensor>& grad_y, const std::opt
       at::bmm_out(dw_ih, dg.transpose(1, 2), x.view({1, rows, I}).expand({D, rows, I}));  // x is shared
       at::bmm_out(dw_hh, dg.transpose(1, 2), h_prev.view({D, rows, P}));
       if (proj) at::bmm_out(dw_hr, dh_proj_saved.transpose(1, 2), h_raw.view({D, rows, H}));
-      for (int64_t d = 0; d < D; ++d) {
-        cuda::ColumnSums<T> cs{rows, G, ptr<S>(dg) + d * rows * G, ptr<S>(dbias) + d * G};
-        C10_CUDA_CHECK(cuda::launch_column_sums(cs, stream));
-      }
+      // The bias gradient as one reduction over the rows of both directions (ATen's sum:
+      // float accumulation, a fixed order). column_sums_kernel, 8 threads per column,
+      // took 0.24 ms of the classic size's 2.48 ms forward+backward on an H200.
+      at::sum_out(dbias, dg, {1});
     }
     dh0 = dh.to(x.scalar_type());
     dc0 = dc.to(x.scalar_type());
