@@ -20,6 +20,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from birnn_ext import _onnx, ops
 
+_lstm_layer_forward = torch.ops.birnn_ext.lstm_layer_forward  # loaded by importing ops
+
 
 def _apply_permutation(t: Tensor, permutation: Tensor, dim: int = 1) -> Tensor:
     return t.index_select(dim, permutation)
@@ -460,7 +462,7 @@ class FusedLSTM(_TorchNNCounterpart, nn.Module):
                 # Save for backward only where a gradient will be asked of this layer.
                 training = grad and (x.requires_grad or h0.requires_grad or c0.requires_grad
                                      or any(t is not None and t.requires_grad for t in w))
-                x, h, c, *_ = ops._ops.lstm_layer_forward(x, lengths, h0, c0, *w, training)
+                x, h, c, *_ = _lstm_layer_forward(x, lengths, h0, c0, *w, training)
             h_n.append(h)
             c_n.append(c)
             if self.dropout > 0 and self.training and layer + 1 < self.num_layers:
