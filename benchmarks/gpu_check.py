@@ -38,7 +38,11 @@ STEPS = ["build", "pytest", "memcheck", "racecheck", "synccheck", "bench-targets
 
 def gpu() -> tuple[str, str] | None:
     """(name, compute capability as TORCH_CUDA_ARCH_LIST spells it) of GPU 0, or None."""
-    import torch
+    try:
+        import torch
+    except ImportError:
+        sys.exit(f"make gpu-check runs with a Python that has torch; {sys.executable} has none "
+                 "(on a machine with the project's venv: make gpu-check PY=.venv/bin/python)")
 
     if not torch.cuda.is_available():
         return None
