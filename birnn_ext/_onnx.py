@@ -70,21 +70,20 @@ def _stack_onnx(tensors: Sequence[Tensor], rows: Tensor) -> Tensor:
 
 
 def lstm_layer(
-    x: Tensor,
-    h0: Tensor,
-    c0: Tensor,
-    w_ih: Sequence[Tensor],
-    w_hh: Sequence[Tensor],
-    b_ih: Sequence[Tensor] = (),
-    b_hh: Sequence[Tensor] = (),
-    lengths: Tensor | None = None,
+    x: Tensor, h0: Tensor, c0: Tensor, weights: Sequence[Tensor | None], lengths: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """ops.lstm_layer's arguments and results (without projection), as one ONNX LSTM node."""
+    """lstm_layer_forward's arguments (weights: its ten weight arguments, w_ih, w_hh,
+    b_ih, b_hh, w_hr, then the reverse direction's, None where absent; no projection)
+    and first three results, as one ONNX LSTM node."""
+    directions = [weights[:5]] + ([weights[5:]] if weights[6] is not None else [])
     T, B = x.shape[0], x.shape[1]
-    D, H = len(w_hh), w_hh[0].shape[1]
+    D, H = len(directions), weights[1].shape[1]
     rows = gate_rows(H).to(x.device)
-    W, R = _stack_onnx(w_ih, rows), _stack_onnx(w_hh, rows)
-    bias = torch.cat([_stack_onnx(b_ih, rows), _stack_onnx(b_hh, rows)], dim=1) if b_ih else None
+    W, R = _stack_onnx([d[0] for d in directions], rows), _stack_onnx([d[1] for d in directions], rows)
+    bias = None
+    if weights[2] is not None:
+        bias = torch.cat([_stack_onnx([d[2] for d in directions], rows), _stack_onnx([d[3] for d in directions], rows)],
+                         dim=1)
     seq_lens = lengths.to(torch.int32) if lengths is not None else None
     y, h_n, c_n = torch.onnx.ops.symbolic_multi_out(
         "LSTM", [x, W, R, bias, seq_lens, h0, c0], _attributes(H, D),
@@ -97,8 +96,8 @@ def lstm_cell(
     x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     """One step (x [B,I], h, c [B,H]) as a one-step ONNX LSTM node."""
-    biases = ([b_ih], [b_hh]) if b_ih is not None else ((), ())
-    _, h_new, c_new = lstm_layer(x.unsqueeze(0), h.unsqueeze(0), c.unsqueeze(0), [w_ih], [w_hh], *biases)
+    weights = [w_ih, w_hh, b_ih, b_hh, None] + [None] * 5
+    _, h_new, c_new = lstm_layer(x.unsqueeze(0), h.unsqueeze(0), c.unsqueeze(0), weights)
     return h_new.squeeze(0), c_new.squeeze(0)
 
 

@@ -449,19 +449,14 @@ class FusedLSTM(_TorchNNCounterpart, nn.Module):
         onnx = _onnx.dynamo_export()
         if self.proj_size > 0 and (onnx or torch.onnx.is_in_onnx_export()):
             _onnx.refuse_projection(type(self).__name__)
-        grad = torch.is_grad_enabled()
         h_n, c_n = [], []
         for layer, w in enumerate(weights):
             h0, c0 = hx[0][layer * D : (layer + 1) * D], hx[1][layer * D : (layer + 1) * D]
             if onnx:
-                x, h, c = _onnx.lstm_layer(x, h0, c0, [t for t in (w[0], w[5]) if t is not None],
-                                           [t for t in (w[1], w[6]) if t is not None],
-                                           [t for t in (w[2], w[7]) if t is not None],
-                                           [t for t in (w[3], w[8]) if t is not None], lengths)
+                x, h, c = _onnx.lstm_layer(x, h0, c0, w, lengths)
             else:
                 # Save for backward only where a gradient will be asked of this layer.
-                training = grad and (x.requires_grad or h0.requires_grad or c0.requires_grad
-                                     or any(t is not None and t.requires_grad for t in w))
+                training = ops._needs_grad(x, h0, c0, *w)
                 x, h, c, *_ = _lstm_layer_forward(x, lengths, h0, c0, *w, training)
             h_n.append(h)
             c_n.append(c)

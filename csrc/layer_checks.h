@@ -192,16 +192,20 @@ inline LayerDims check_layer_backward(const std::optional<at::Tensor>& grad_y,
   return n;
 }
 
+// lengths' dtype and shape, read from the tensor's metadata alone.
+inline void check_lengths_shape(const char* op, const at::Tensor& l, int64_t B) {
+  TORCH_CHECK(l.scalar_type() == at::kLong, op, ": lengths must be int64, got ", l.scalar_type());
+  TORCH_CHECK(l.dim() == 1 && l.size(0) == B, op, ": lengths must be 1-D with one entry per batch row (",
+              B, "), got shape ", l.sizes());
+}
+
 // Validates lengths against x [T, B, ...] and returns them as a contiguous int64 CPU
 // tensor (undefined when absent).
 inline at::Tensor checked_lengths(const char* op, const std::optional<at::Tensor>& lengths, int64_t T,
                                   int64_t B) {
   if (!lengths) return at::Tensor();
-  const at::Tensor& l = *lengths;
-  TORCH_CHECK(l.scalar_type() == at::kLong, op, ": lengths must be int64, got ", l.scalar_type());
-  TORCH_CHECK(l.dim() == 1 && l.size(0) == B, op, ": lengths must be 1-D with one entry per batch row (",
-              B, "), got shape ", l.sizes());
-  at::Tensor c = l.to(at::kCPU).contiguous();
+  check_lengths_shape(op, *lengths, B);
+  at::Tensor c = lengths->to(at::kCPU).contiguous();
   if (B > 0) {
     const int64_t lo = c.min().item<int64_t>(), hi = c.max().item<int64_t>();
     TORCH_CHECK(lo >= 1 && hi <= T, op, ": lengths must lie in [1, T = ", T, "], got values from ", lo,
@@ -221,9 +225,7 @@ inline at::Tensor checked_lengths_on(const char* op, const std::optional<at::Ten
     return c.defined() ? c.to(device) : c;
   }
   const at::Tensor& l = *lengths;
-  TORCH_CHECK(l.scalar_type() == at::kLong, op, ": lengths must be int64, got ", l.scalar_type());
-  TORCH_CHECK(l.dim() == 1 && l.size(0) == B, op, ": lengths must be 1-D with one entry per batch row (",
-              B, "), got shape ", l.sizes());
+  check_lengths_shape(op, l, B);
   if (B > 0)
     at::_assert_async(at::logical_and(l.ge(1), l.le(T)).all(),
                       std::string(op) + ": lengths must lie in [1, T = " + std::to_string(T) + "]");

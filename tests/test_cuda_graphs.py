@@ -14,8 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from birnn_ext import FusedBiLSTM, FusedLSTM, FusedLSTMCell
+from birnn_ext import FusedBiLSTM, FusedLSTM
 from helpers import DEVICES, layer_weight_args
+from test_ecosystem import MODELS as ECOSYSTEM_MODELS
+from test_ecosystem import Classifier
 
 
 def needs_gpu(test):
@@ -58,37 +60,15 @@ def test_every_op_output_owns_its_storage(device, T, training):
 # ---------------------------------------------------------------- on a GPU
 
 
-class Classifier(nn.Module):
-    """The demo's shape of model, small: an LSTM over the rows, a linear layer on the last step."""
-
-    def __init__(self, make_lstm, out_features):
-        super().__init__()
-        self.lstm = make_lstm()
-        self.fc = nn.Linear(out_features, 4)
-
-    def forward(self, x):
-        return self.fc(self.lstm(x)[0][:, -1])
+def _projected_classifier():
+    model = Classifier(FusedLSTM, False)
+    model.lstm = FusedLSTM(8, 16, num_layers=2, batch_first=True, proj_size=8)
+    model.fc = nn.Linear(8, 3)
+    return model
 
 
-class CellLoop(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.cell = FusedLSTMCell(6, 16)
-        self.fc = nn.Linear(16, 4)
-
-    def forward(self, x):
-        h = c = x.new_zeros(x.size(0), 16)
-        for t in range(x.size(1)):
-            h, c = self.cell(x[:, t], (h, c))
-        return self.fc(h)
-
-
-MODELS = {
-    "FusedBiLSTM": lambda: Classifier(lambda: FusedBiLSTM(6, 16, num_layers=2, batch_first=True), 32),
-    "FusedLSTM": lambda: Classifier(lambda: FusedLSTM(6, 16, num_layers=2, batch_first=True), 16),
-    "FusedLSTM proj_size": lambda: Classifier(lambda: FusedLSTM(6, 16, batch_first=True, proj_size=8), 8),
-    "FusedLSTMCell": CellLoop,
-}
+# test_ecosystem's models (8 input features, 3 classes), and one with proj_size.
+MODELS = {**ECOSYSTEM_MODELS, "FusedLSTM proj_size": _projected_classifier}
 
 
 @needs_gpu
@@ -109,8 +89,8 @@ def test_reduce_overhead_training_steps_match_eager(name):
     compiled_step = torch.compile(lambda x, y: step(compiled, x, y), mode="reduce-overhead")
     g = torch.Generator(device="cuda").manual_seed(1)
     for i in range(12):
-        x = torch.randn(8, 7, 6, device="cuda", generator=g)
-        y = torch.randint(0, 4, (8,), device="cuda", generator=g)
+        x = torch.randn(8, 7, 8, device="cuda", generator=g)
+        y = torch.randint(0, 3, (8,), device="cuda", generator=g)
         torch.compiler.cudagraph_mark_step_begin()
         got = compiled_step(x, y).item()
         want = step(eager, x, y).item()

@@ -63,7 +63,7 @@ BIRNN_V __mmask16 tail_mask(int64_t n) { return __mmask16((1u << n) - 1u); }
 
 // 16 storage values as float32 lanes (masked lanes zero), and back. bfloat16 (its bits
 // as uint16_t) widens exactly; it narrows to nearest even with NaN to the quiet NaN
-// 0x7FC0, in integer operations: the same bits as kernel_util.h's store(), and no need
+// 0x7FC0, in integer operations: the same bits as bf16_bits.h's float_to_bf16(), and no need
 // for AVX512_BF16.
 BIRNN_V __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 BIRNN_V __m512 load16(const uint16_t* p, __mmask16 m) {

@@ -11,6 +11,8 @@
 // Each output accumulates in float32 and is rounded to bfloat16 once, to nearest even.
 #include "small_gemm.h"
 
+#include "bf16_bits.h"
+
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -27,20 +29,6 @@
 namespace birnn {
 namespace {
 
-inline float widen(uint16_t v) {
-  const uint32_t u = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-// Round to nearest even, NaN to the quiet NaN 0x7FC0: as kernel_util.h's store().
-inline uint16_t narrow(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return uint16_t(f != f ? 0x7FC0u : (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-
 // ---------------------------------------------------------------- widened
 
 int64_t widened_packed_size(int64_t K, int64_t N) { return small_gemm_packed_size(K, N) * int64_t(sizeof(float)); }
@@ -48,7 +36,7 @@ int64_t widened_packed_size(int64_t K, int64_t N) { return small_gemm_packed_siz
 void widened_pack(int64_t K, int64_t N, const uint16_t* b, int64_t b_row, int64_t b_col, void* out) {
   std::vector<float> wide(size_t(K * N));
   for (int64_t k = 0; k < K; ++k)
-    for (int64_t n = 0; n < N; ++n) wide[k * N + n] = widen(b[k * b_row + n * b_col]);
+    for (int64_t n = 0; n < N; ++n) wide[k * N + n] = bf16_to_float(b[k * b_row + n * b_col]);
   small_gemm_pack(K, N, wide.data(), N, 1, static_cast<float*>(out));
 }
 
@@ -59,13 +47,13 @@ void widened_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t a_
   a_wide.resize(size_t(M * K));
   c_wide.resize(size_t(M * N));
   for (int64_t r = 0; r < M; ++r)
-    for (int64_t k = 0; k < K; ++k) a_wide[r * K + k] = widen(a[r * a_row + k * a_col]);
+    for (int64_t k = 0; k < K; ++k) a_wide[r * K + k] = bf16_to_float(a[r * a_row + k * a_col]);
   if (beta != 0.f)
     for (int64_t r = 0; r < M; ++r)
-      for (int64_t n = 0; n < N; ++n) c_wide[r * N + n] = widen(c[r * ldc + n]);
+      for (int64_t n = 0; n < N; ++n) c_wide[r * N + n] = bf16_to_float(c[r * ldc + n]);
   small_gemm(M, N, K, a_wide.data(), K, 1, static_cast<const float*>(packed), beta, c_wide.data(), N);
   for (int64_t r = 0; r < M; ++r)
-    for (int64_t n = 0; n < N; ++n) c[r * ldc + n] = narrow(c_wide[r * N + n]);
+    for (int64_t n = 0; n < N; ++n) c[r * ldc + n] = float_to_bf16(c_wide[r * N + n]);
 }
 
 // ---------------------------------------------------------------- AVX512_BF16
