@@ -6,7 +6,9 @@ package index):
  2. `pytest -m cuda`: every GPU test, the property tests against nn.LSTM among them;
  3. compute-sanitizer memcheck, racecheck and synccheck over the GPU kernel tests;
  4. the benchmark on the targets preset and the gpu-grid preset (float32, TF32 off on
-    both sides), CSV and PNG under benchmarks/results/;
+    both sides), CSV and PNG under benchmarks/results/; the targets preset again with
+    the backward sweep off (BIRNN_EXT_CUDA_SWEEP_BWD=0: per-step GEMMs and launches), the
+    measurement for lstm_cuda.cpp's use_sweep rule in backward;
  5. the per-kernel profile of FusedBiLSTM and cuDNN (benchmarks/profile_kernels.py).
 
 Each step's output goes to LOGS/<step>.log (default build/gpu-check); a compact table of
@@ -33,7 +35,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 # compile-heavy or property ones, so that each tool stays within about a minute.
 SANITIZED = ["tests/test_lstm_parity.py", "tests/test_cell.py", "tests/test_lengths.py", "tests/test_cuda_graphs.py",
              "-k", "not reduce_overhead"]
-STEPS = ["build", "pytest", "memcheck", "racecheck", "synccheck", "bench-targets", "bench-grid", "profile"]
+STEPS = ["build", "pytest", "memcheck", "racecheck", "synccheck", "bench-targets", "bench-bwd-off", "bench-grid",
+         "profile"]
 
 
 def gpu() -> tuple[str, str] | None:
@@ -137,6 +140,7 @@ def main(argv=None) -> int:
                                  "cuda", "-p", "no:cacheprovider", *SANITIZED], 240))
     plan += [
         ("bench-targets", bench + ["--preset", "targets", "--name", "targets-cuda"], 300),
+        ("bench-bwd-off", bench + ["--preset", "targets", "--name", "targets-cuda-sweep-bwd-off"], 300),
         ("bench-grid", bench + ["--preset", "gpu-grid", "--name", "gpu-grid-cuda"], 300),
         ("profile", [py, "benchmarks/profile_kernels.py"], 180),
     ]
@@ -144,7 +148,8 @@ def main(argv=None) -> int:
     for step, cmd, timeout in plan:
         if step in args.skip:
             continue
-        step_env = dict(env, PYTORCH_NO_CUDA_MEMORY_CACHING="1") if step == "memcheck" else env
+        step_env = {"memcheck": dict(env, PYTORCH_NO_CUDA_MEMORY_CACHING="1"),
+                    "bench-bwd-off": dict(env, BIRNN_EXT_CUDA_SWEEP_BWD="0")}.get(step, env)
         print(f"[gpu-check] {step} ...", file=sys.stderr, flush=True)
         results.append(run_step(step, cmd, step_env, args.logs, timeout))
         if step == "build" and results[-1]["rc"] != 0:
@@ -157,6 +162,7 @@ def main(argv=None) -> int:
         print(f"{r['step']:<14} {'ok' if r['rc'] == 0 else str(r['rc']):<6} {r['seconds']:>6.0f}  {r['summary']}")
     done = {r["step"] for r in results if r["rc"] == 0}
     for step, title, csv_name in (("bench-targets", "targets preset", "targets-cuda"),
+                                  ("bench-bwd-off", "targets preset, backward sweep off", "targets-cuda-sweep-bwd-off"),
                                   ("bench-grid", "gpu-grid preset", "gpu-grid-cuda")):
         lines = ratio_table(csv_name) if step in done else []  # never an earlier run's file
         if lines:

@@ -31,8 +31,9 @@ BUILD = _build.ROOT / "build" / "emu"
 def build(name: str, defines: tuple[str, ...] = ()) -> Path:
     BUILD.mkdir(parents=True, exist_ok=True)
     exe = BUILD / name
+    cuda = _build.CSRC / "cuda"
     sources = [_build.CSRC / s for s in _build.EMU_SOURCES] + list((_build.CSRC / "emu").glob("*.h")) + [
-        _build.CSRC / "cuda" / "lstm_kernels.h", _build.CSRC / "lstm_cell.h"]
+        *cuda.glob("*.h"), *cuda.glob("*.cuh"), _build.CSRC / "lstm_cell.h"]
     if not exe.exists() or exe.stat().st_mtime < max(s.stat().st_mtime for s in sources):
         subprocess.run(_build.emulator_command(exe, defines), check=True)
     return exe
@@ -161,8 +162,9 @@ def test_sweep_kernel_matches_cpu(emulator, tmp_path, dtype, cut, name):
     compare(unpack(flat, want), want, dtype)
 
 
-def _plan(H, B, D, max_blocks, max_shared, elem=4, math=4):
-    out = subprocess.run([str(build("run_kernels")), "plan", *map(str, (H, B, D, elem, math, max_blocks, max_shared))],
+def _plan(H, B, D, max_blocks, max_shared, elem=4, math=4, direction="fwd"):
+    out = subprocess.run([str(build("run_kernels")), "plan", direction,
+                          *map(str, (H, B, D, elem, math, max_blocks, max_shared))],
                          capture_output=True, text=True, check=True).stdout.split()
     if out == ["none"]:
         return None
@@ -178,6 +180,14 @@ def test_sweep_plans():
     pl = _plan(H=512, B=16, D=2, max_blocks=132, max_shared=227 * 1024)
     assert (pl.units, pl.blocks, pl.batch_tile) == (8, 128, 16)
     assert _plan(H=4096, B=1, D=2, max_blocks=132, max_shared=227 * 1024) is None  # W_hh rows do not fit
+    # The backward sweep cuts the units the same way. Its staged dg rows are 4H long, four
+    # times h's: the batch tile shrinks where the forward's fits whole.
+    for B, H in [(100, 128), (16, 512)]:
+        pl = _plan(H=H, B=B, D=2, max_blocks=132, max_shared=227 * 1024, direction="bwd")
+        assert (pl.units, pl.blocks, pl.batch_tile) == (H // 64, 128, B)
+    assert _plan(H=256, B=64, D=2, max_blocks=132, max_shared=227 * 1024).batch_tile == 64
+    pl = _plan(H=256, B=64, D=2, max_blocks=132, max_shared=227 * 1024, direction="bwd")
+    assert (pl.units, pl.blocks) == (4, 128) and pl.batch_tile < 64
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
@@ -191,12 +201,13 @@ def test_cell_kernels_match_cpu(emulator, tmp_path, dtype, bias):
 
 
 @pytest.mark.parametrize("defect", ["BIRNN_BREAK_OFF_BY_ONE", "BIRNN_BREAK_MISSING_BARRIER", "BIRNN_BREAK_LEAK",
-                                    "BIRNN_BREAK_SWEEP_BARRIER"])
+                                    "BIRNN_BREAK_SWEEP_BARRIER", "BIRNN_BREAK_SWEEP_BWD_BARRIER"])
 def test_a_broken_kernel_is_caught(tmp_path, defect):
     """The harness can fail: a build with a deliberate defect (the reverse direction's
     time index off by one; the barrier before the shared-memory reduction removed; a
-    leaked allocation; the sweep's barrier between its dot products and its cell update
-    removed) must be caught, by a sanitizer or by a wrong answer."""
+    leaked allocation; the forward or the backward sweep's barrier between its dot
+    products and its cell update removed) must be caught, by a sanitizer or by a wrong
+    answer."""
     exe = build(f"run_kernels_{defect.lower()}", (defect,))
     # The shared-memory reduction (column_sums_kernel) sums the cell's bias gradient; a
     # layer's goes to an ATen reduction on the GPU, a host sum in the emulated run.

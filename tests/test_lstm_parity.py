@@ -204,11 +204,12 @@ def test_large_products_match(lengths):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
-@pytest.mark.parametrize("B,H", [(3, 13), (520, 128)])
-def test_cuda_forward_paths_match(B, H):
-    # The CUDA layer forward has two paths: the one-launch sweep while B H^2 < 2^23
-    # (csrc/cuda/lstm_cuda.cpp, use_sweep), and a GEMM and a launch per step beyond:
-    # B 520, H 128 takes the second. The other tests' shapes all take the first.
+@pytest.mark.parametrize("B,H", [(3, 13), (64, 256), (520, 128)])
+def test_cuda_sweep_and_per_step_paths_match(B, H):
+    # The CUDA layer forward and backward each have two paths: the one-launch sweep while
+    # B H^2 < 2^23 (csrc/cuda/lstm_cuda.cpp, use_sweep), and a GEMM and a launch per step
+    # beyond: B 520, H 128 takes the second. The other tests' shapes all take the first;
+    # B 64, H 256 in float64 cuts the batch into several tiles in both sweeps.
     ref, fused = make_pair(7, H, "cuda", torch.float64, bidirectional=True)
     x, hx = make_input(4, B, 7, 2, 1, H, "cuda", torch.float64, False, True)
     assert_same_results(outputs_and_grads(fused, x, hx), outputs_and_grads(ref, x, hx), torch.float64)

@@ -1,8 +1,9 @@
 // CUDA implementations of the layer and cell ops: argument checks, allocation, cuBLAS
-// on ATen's handle and the current stream, and the kernel launchers of
-// lstm_kernels.cu. The sweep mirrors the CPU path: one GEMM for the input projection
-// of every step and direction, then per step one batched GEMM covering both
-// directions and one pointwise launch covering both directions.
+// on ATen's handle and the current stream, and the kernel launchers of lstm_kernels.cu
+// and sweep_kernels.cu. A layer is one GEMM for the input projection of every step and
+// direction, then the recurrence: one persistent sweep launch where use_sweep() says so
+// and the device holds it, else per step one batched GEMM covering both directions and
+// one pointwise launch covering both directions.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -14,6 +15,7 @@
 
 #include "../layer_checks.h"
 #include "lstm_kernels.h"
+#include "sweep_kernels.h"
 
 namespace birnn {
 namespace {
@@ -93,12 +95,31 @@ math_t<typename Storage<S>::type>* math_ptr(const at::Tensor& t) {
 // slower at B 256 with H 256 (2^24), where each block's share of a step outgrows what
 // its 256 threads turn around quickly. BIRNN_EXT_CUDA_SWEEP=0 turns it off (read once,
 // at first use).
-bool use_sweep(int64_t B, int64_t H) {
-  static const bool on = [] {
-    const char* v = std::getenv("BIRNN_EXT_CUDA_SWEEP");
-    return !(v && std::string(v) == "0");
-  }();
-  return on && B * H * H < (int64_t(1) << 23);
+//
+// The backward sweep follows the same rule for now: it does per step the same products
+// (dg W_hh instead of h W_hh^T, the same count) on the same cut of the units, but has not
+// yet been timed against the per-step GEMMs on a GPU. BIRNN_EXT_CUDA_SWEEP_BWD=0 turns
+// the backward sweep alone off, so that one `make gpu-check` times both ways.
+bool env_on(const char* name) {
+  const char* v = std::getenv(name);
+  return !(v && std::string(v) == "0");
+}
+
+bool use_sweep(int64_t B, int64_t H, bool backward) {
+  static const bool fwd_on = env_on("BIRNN_EXT_CUDA_SWEEP");
+  static const bool bwd_on = fwd_on && env_on("BIRNN_EXT_CUDA_SWEEP_BWD");
+  return (backward ? bwd_on : fwd_on) && B * H * H < (int64_t(1) << 23);
+}
+
+// The plan of a sweep on the current device, if it fits there.
+template <typename T>
+bool device_sweep_plan(bool backward, bool training, int64_t H, int64_t B, int64_t D, cuda::SweepPlan* plan) {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  if (!cuda::choose_sweep_plan(backward, H, B, D, sizeof(T), sizeof(math_t<T>), prop->multiProcessorCount,
+                               int64_t(prop->sharedMemPerBlockOptin), plan))
+    return false;
+  return backward ? cuda::sweep_bwd_fits<T>(*plan, prop->multiProcessorCount)
+                  : cuda::sweep_fwd_fits<T>(*plan, training, prop->multiProcessorCount);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cuda(
@@ -140,25 +161,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::Tensor xg2 = xg.view({rows, D * G});
     at::mm_out(xg2, x.view({rows, I}), w_ih.view({D * G, I}).t());
     const int64_t* lp = len.defined() ? len.data_ptr<int64_t>() : nullptr;
-    if (!proj && use_sweep(B, H)) {
-      const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-      cuda::SweepPlan plan;
-      if (cuda::choose_sweep_plan(H, B, D, sizeof(T), sizeof(math_t<T>), prop->multiProcessorCount,
-                                  int64_t(prop->sharedMemPerBlockOptin), &plan) &&
-          cuda::sweep_fwd_fits<T>(plan, training, prop->multiProcessorCount)) {
-        at::Tensor hs = at::empty({2, D, B, H}, opt);  // step s reads hs[s % 2], writes hs[(s + 1) % 2]
-        hs[0].copy_(h0);
-        cuda::SweepFwd<T> sw{T_, B, H, D, 0, T_, plan.units, plan.batch_tile, plan.lanes, plan.h_offset,
-                             plan.part_offset, lp, ptr<S>(w_hh), bias.defined() ? ptr<S>(bias) : nullptr, ptr<S>(xg),
-                             math_ptr<S>(c), ptr<S>(hs), ptr<S>(y), training ? math_ptr<S>(c_prev) : nullptr,
-                             training ? ptr<S>(h_prev) : nullptr};
-        C10_CUDA_CHECK(cuda::launch_sweep_fwd(sw, plan.shared_bytes, /*cooperative=*/true, stream));
-        // A copy, not the view hs[T_ % 2]: every output owns its storage, as the fake
-        // kernel declares, so that a CUDA graph (torch.compile's reduce-overhead) can
-        // account for each output's memory on its own.
-        h = hs[T_ % 2].clone();
-        return;
-      }
+    cuda::SweepPlan plan;
+    if (!proj && use_sweep(B, H, /*backward=*/false) && device_sweep_plan<T>(false, training, H, B, D, &plan)) {
+      at::Tensor hs = at::empty({2, D, B, H}, opt);  // step s reads hs[s % 2], writes hs[(s + 1) % 2]
+      hs[0].copy_(h0);
+      cuda::SweepFwd<T> sw{T_, B, H, D, 0, T_, plan.units, plan.batch_tile, plan.lanes, plan.tile_offset,
+                           plan.part_offset, lp, ptr<S>(w_hh), bias.defined() ? ptr<S>(bias) : nullptr, ptr<S>(xg),
+                           math_ptr<S>(c), ptr<S>(hs), ptr<S>(y), training ? math_ptr<S>(c_prev) : nullptr,
+                           training ? ptr<S>(h_prev) : nullptr};
+      C10_CUDA_CHECK(cuda::launch_sweep_fwd(sw, plan.shared_bytes, /*cooperative=*/true, stream));
+      // A copy, not the view hs[T_ % 2]: every output owns its storage, as the fake
+      // kernel declares, so that a CUDA graph (torch.compile's reduce-overhead) can
+      // account for each output's memory on its own.
+      h = hs[T_ % 2].clone();
+      return;
     }
     at::Tensor rec = at::empty({D, B, G}, mopt);
     at::Tensor h_raw = at::empty({D, proj ? B : 0, H}, opt), h_proj = at::empty({D, proj ? B : 0, P}, opt);
@@ -221,7 +237,17 @@ lstm_layer_backward_cuda(const std::optional<at::Tensor>& grad_y, const std::opt
       at::Tensor dh_proj_saved = at::empty({D, proj ? rows : 0, P}, opt);
       const int64_t* lp = len.defined() ? len.data_ptr<int64_t>() : nullptr;
       const T* dyp = dy.defined() ? ptr<S>(dy) : nullptr;
-      for (int64_t s = T_ - 1; s >= 0; --s) {
+      cuda::SweepPlan plan;
+      const bool sweep =
+          !proj && use_sweep(B, H, /*backward=*/true) && device_sweep_plan<T>(true, true, H, B, D, &plan);
+      if (sweep) {
+        at::Tensor dgs = at::empty({2, D, B, G}, opt);  // phase q reads dgs[q % 2], writes dgs[(q + 1) % 2]
+        cuda::SweepBwd<T> sw{T_, B, H, D, 0, T_ + 1, plan.units, plan.batch_tile, plan.lanes, plan.tile_offset,
+                             plan.part_offset, lp, ptr<S>(w_hh), ptr<S>(gates), math_ptr<S>(c_prev), dyp,
+                             math_ptr<S>(dh), math_ptr<S>(dc), ptr<S>(dg), ptr<S>(dgs)};
+        C10_CUDA_CHECK(cuda::launch_sweep_bwd(sw, plan.shared_bytes, /*cooperative=*/true, stream));
+      }
+      for (int64_t s = sweep ? -1 : T_ - 1; s >= 0; --s) {
         if (proj) {
           cuda::ProjBwd<T> pb{T_, B, P, D, s, lp, dyp, math_ptr<S>(dh), ptr<S>(dh_proj), ptr<S>(dh_proj_saved)};
           C10_CUDA_CHECK(cuda::launch_proj_bwd(pb, stream));

@@ -1,15 +1,15 @@
-// Runs the CUDA kernels of csrc/cuda/lstm_kernels.cu on the host, through the emulator,
+// Runs the CUDA kernels of csrc/cuda/*.cu on the host, through the emulator,
 // the way csrc/cuda/lstm_cuda.cpp drives them on a GPU: host GEMMs stand in for
 // cuBLAS, the pointwise work is the device code itself. tests/test_emulated_kernels.py
 // writes the inputs, runs this under AddressSanitizer and UndefinedBehaviorSanitizer,
 // and compares what it writes back with the CPU path.
 //
-// Usage: run_kernels plan H B D ELEM_BYTES MATH_BYTES MAX_BLOCKS MAX_SHARED prints the
-// sweep plan choose_sweep_plan makes ("units blocks batch_tile lanes shared_bytes", or
-// "none"). run_kernels IN OUT [sweep UNITS BATCH_TILE] runs the kernels. With "sweep", a layer without a
-// projection runs its forward through the sweep kernel (one step per launch, cut into
-// blocks of UNITS hidden units and batch tiles of BATCH_TILE rows) instead of the
-// per-step GEMM and cell kernel. IN: 14 int64 (mode 0 layer / 1 cell, dtype 0 f32 / 1 f64 /
+// Usage: run_kernels plan fwd|bwd H B D ELEM_BYTES MATH_BYTES MAX_BLOCKS MAX_SHARED prints
+// the sweep plan choose_sweep_plan makes ("units blocks batch_tile lanes shared_bytes", or
+// "none"). run_kernels IN OUT [sweep UNITS BATCH_TILE] runs the kernels. With "sweep", a
+// layer without a projection runs its forward and its backward through the sweep kernels
+// (one step per launch, cut into blocks of UNITS hidden units and batch tiles of
+// BATCH_TILE rows) instead of the per-step GEMMs and cell kernels. IN: 14 int64 (mode 0 layer / 1 cell, dtype 0 f32 / 1 f64 /
 // 2 f16 / 3 bf16, T, B, I, H, P, D, has_lengths, has_bias, has_proj, has_grad_y,
 // has_grad_h, has_grad_c), then lengths as int64 [B] if any, then float64 arrays:
 // x [T,B,I], h0 [D,B,P], c0 [D,B,H], w_ih [D,4H,I], w_hh [D,4H,P], bias [D,4H] if any,
@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "../cuda/lstm_kernels.h"
+#include "../cuda/sweep_kernels.h"
 
 namespace {
 
@@ -118,11 +119,12 @@ void run_layer(const int64_t* hd, Reader& in, Writer& out) {
   gemm(false, true, rows, D * G, I, x.data(), I, w_ih.data(), I, 0.0, xg.data(), D * G);
   const bool sweep = sweep_option.on && !proj;
   if (sweep) {
-    const SweepPlan pl = sweep_plan(H, B, D, sweep_option.units, sweep_option.batch_tile, sizeof(T), sizeof(A));
+    const SweepPlan pl =
+        sweep_plan(false, H, B, D, sweep_option.units, sweep_option.batch_tile, sizeof(T), sizeof(A));
     std::vector<T> hs(2 * D * B * H);
     std::copy(h.begin(), h.end(), hs.begin());
     for (int64_t s = 0; s < T_; ++s) {
-      SweepFwd<T> sw{T_, B, H, D, s, s + 1, pl.units, pl.batch_tile, pl.lanes, pl.h_offset, pl.part_offset, lp,
+      SweepFwd<T> sw{T_, B, H, D, s, s + 1, pl.units, pl.batch_tile, pl.lanes, pl.tile_offset, pl.part_offset, lp,
                      w_hh.data(), has_bias ? bias.data() : nullptr, xg.data(), c.data(), hs.data(), y.data(),
                      c_prev.data(), h_prev.data()};
       check(launch_sweep_fwd(sw, pl.shared_bytes, false, nullptr));
@@ -151,7 +153,18 @@ void run_layer(const int64_t* hd, Reader& in, Writer& out) {
   std::vector<T> dg(D * rows * G), dg_step(D * B * G), dh_proj(proj ? D * B * P : 0),
       dh_proj_saved(proj ? D * rows * P : 0);
   std::vector<A> dh_raw(proj ? D * B * H : 0);
-  for (int64_t s = T_ - 1; s >= 0; --s) {
+  if (sweep) {
+    const SweepPlan pl =
+        sweep_plan(true, H, B, D, sweep_option.units, sweep_option.batch_tile, sizeof(T), sizeof(A));
+    std::vector<T> dgs(2 * D * B * G);
+    for (int64_t q = 0; q <= T_; ++q) {
+      SweepBwd<T> sw{T_, B, H, D, q, q + 1, pl.units, pl.batch_tile, pl.lanes, pl.tile_offset, pl.part_offset, lp,
+                     w_hh.data(), xg.data(), c_prev.data(), has_gy ? dy.data() : nullptr, dh.data(), dc.data(),
+                     dg.data(), dgs.data()};
+      check(launch_sweep_bwd(sw, pl.shared_bytes, false, nullptr));
+    }
+  }
+  for (int64_t s = sweep ? -1 : T_ - 1; s >= 0; --s) {
     if (proj) {
       ProjBwd<T> pb{T_, B, P, D, s, lp, has_gy ? dy.data() : nullptr, dh.data(), dh_proj.data(), dh_proj_saved.data()};
       check(launch_proj_bwd(pb, nullptr));
@@ -247,11 +260,12 @@ __attribute__((noinline)) void leak_on_purpose() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc == 9 && std::string(argv[1]) == "plan") {  // plan H B D ELEM MATH MAX_BLOCKS MAX_SHARED
+  if (argc == 10 && std::string(argv[1]) == "plan") {  // plan fwd|bwd H B D ELEM MATH MAX_BLOCKS MAX_SHARED
+    const bool backward = std::string(argv[2]) == "bwd";
     int64_t a[7];
-    for (int i = 0; i < 7; ++i) a[i] = std::atoll(argv[2 + i]);
+    for (int i = 0; i < 7; ++i) a[i] = std::atoll(argv[3 + i]);
     SweepPlan pl;
-    if (!choose_sweep_plan(a[0], a[1], a[2], a[3], a[4], a[5], a[6], &pl)) return std::puts("none"), 0;
+    if (!choose_sweep_plan(backward, a[0], a[1], a[2], a[3], a[4], a[5], a[6], &pl)) return std::puts("none"), 0;
     std::printf("%lld %lld %lld %lld %lld\n", (long long)pl.units, (long long)pl.blocks, (long long)pl.batch_tile,
                 (long long)pl.lanes, (long long)pl.shared_bytes);
     return 0;

@@ -1,0 +1,95 @@
+// Device helpers of the CUDA kernel files (lstm_kernels.cu, sweep_kernels.cu): the
+// launch macros that let one source serve nvcc and the host emulator, the storage <->
+// math conversions, the step -> time map and one element's forward cell. Torch-free.
+#pragma once
+
+#include "../lstm_cell.h"
+#include "lstm_kernels.h"
+
+#if !defined(BIRNN_EMU)
+#define BIRNN_LAUNCH(kernel, grid, block, shared_bytes, stream, ...) \
+  kernel<<<grid, block, shared_bytes, stream>>>(__VA_ARGS__)
+#define BIRNN_DYNAMIC_SHARED(type, name)          \
+  extern __shared__ unsigned char birnn_smem_[]; \
+  type* name = reinterpret_cast<type*>(birnn_smem_)
+#define BIRNN_LAUNCH_ERROR() cudaGetLastError()
+#include <cooperative_groups.h>
+#define BIRNN_GRID_SYNC() cooperative_groups::this_grid().sync()
+#else
+#define BIRNN_GRID_SYNC() ::birnn_emu::fail("grid sync: the emulator runs the sweep one step per launch")
+#endif
+
+namespace birnn::cuda {
+namespace {
+
+__host__ __device__ __forceinline__ float to_math(float v) { return v; }
+__host__ __device__ __forceinline__ double to_math(double v) { return v; }
+__host__ __device__ __forceinline__ float to_math(__half v) { return __half2float(v); }
+__host__ __device__ __forceinline__ float to_math(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__host__ __device__ __forceinline__ T from_math(math_t<T> v) {
+  return static_cast<T>(v);
+}
+template <>
+__host__ __device__ __forceinline__ __half from_math<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__host__ __device__ __forceinline__ __nv_bfloat16 from_math<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+constexpr int kThreads = 256;
+
+inline dim3 grid_for(int64_t n) { return dim3(static_cast<unsigned>((n + kThreads - 1) / kThreads)); }
+
+// The time step that direction d of sequence b handles at sweep step s.
+__host__ __device__ __forceinline__ int64_t step_time(int64_t d, int64_t s, int64_t len) {
+#if defined(BIRNN_BREAK_OFF_BY_ONE)
+  // Deliberately wrong, for the test that the emulated run catches a broken kernel.
+  if (d == 1 && s < len) return len - s;
+#endif
+  return time_index(int(d), s, len);
+}
+
+// One element's forward step: the gates from its x W_ih^T (xg: this row and direction),
+// recurrent sums and bias (this direction's, or nullptr); the cell state c updated in
+// place; the activated gates written back over xg when training. Returns the new h.
+template <typename T, bool Training>
+__host__ __device__ __forceinline__ math_t<T> cell_forward(T* xg, const math_t<T> (&rec)[4], const T* bias,
+                                                           math_t<T>& c, int64_t H, int64_t j) {
+  using A = math_t<T>;
+  A pre[4];
+  for (int k = 0; k < 4; ++k) pre[k] = to_math(xg[k * H + j]) + rec[k] + (bias ? to_math(bias[k * H + j]) : A(0));
+  const Gates<A> a = activate(pre[0], pre[1], pre[2], pre[3]);
+  c = cell_state(a, c);
+  if (Training) {
+    xg[j] = from_math<T>(a.i);
+    xg[H + j] = from_math<T>(a.f);
+    xg[2 * H + j] = from_math<T>(a.g);
+    xg[3 * H + j] = from_math<T>(a.o);
+  }
+  return hidden_state(a, c);
+}
+
+// A load of what other blocks wrote before the last grid barrier: through L2, never
+// from this SM's L1, which is not coherent with the other SMs' writes.
+template <typename T>
+__device__ __forceinline__ T load_coherent(const T* p) {
+#if defined(BIRNN_EMU)
+  return *p;
+#else
+  if constexpr (sizeof(T) == 2) {
+    const unsigned short bits = __ldcg(reinterpret_cast<const unsigned short*>(p));
+    T v;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+  } else {
+    return __ldcg(p);
+  }
+#endif
+}
+
+}  // namespace
+}  // namespace birnn::cuda

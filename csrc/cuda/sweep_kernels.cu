@@ -1,0 +1,288 @@
+// The persistent sweeps: a layer's forward or backward recurrence, both directions, in
+// one launch (sweep_kernels.h says how the work is cut). Torch-free, launched through
+// BIRNN_LAUNCH like lstm_kernels.cu, so the host emulator runs the same device code.
+#include "kernel_common.cuh"
+#include "sweep_kernels.h"
+
+namespace birnn::cuda {
+namespace {
+
+// Copies rows [b0, b0 + nb) of a [B][W] matrix that other blocks wrote before the last
+// barrier into dst ([4 * quads][W + 1] in shared memory), rows past nb as zeros, so that
+// the products can take batch rows four at a time. Eight loads in flight per thread
+// before their stores: one at a time, each waits out a trip to L2.
+template <typename T>
+__device__ __forceinline__ void stage_tile(const T* src, int nb, int quads, int W, T* dst) {
+  const int tid = threadIdx.x, nt = blockDim.x, n = 4 * quads * W, stride = W + 1;
+  for (int i0 = tid; i0 < n; i0 += 8 * nt) {
+    T v[8];
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      const int i = i0 + q * nt;
+      v[q] = i < n && i / W < nb ? load_coherent(src + i) : from_math<T>(math_t<T>(0));
+    }
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      const int i = i0 + q * nt;
+      if (i < n) dst[(i / W) * stride + i % W] = v[q];
+    }
+  }
+}
+
+// part[(bb * R + r) * L + l] = lane l's share of sum_k w[r][k] tile[bb][k], k = l, l + L, ...
+// for the tile's nb rows and the block's R weight rows (w: [R][W + 1], tile: [4 * quads][W + 1],
+// both in shared memory). Each thread takes 4 x 2 of them at a time: tile rows
+// 4 bq .. 4 bq + 3 against weight rows rp and rp + R/2 (item order: rp fastest).
+template <typename T>
+__device__ __forceinline__ void tile_products(const T* w, const T* tile, int R, int W, int L, int nb, int quads,
+                                              math_t<T>* part) {
+  using A = math_t<T>;
+  const int half = R / 2, stride = W + 1;
+  for (int t = threadIdx.x; t < half * L * quads; t += blockDim.x) {
+    const int rp = t % half, l = (t / half) % L, bq = t / (half * L);
+    const T* w0 = w + rp * stride;
+    const T* w1 = w0 + half * stride;
+    const T* tq = tile + 4 * bq * stride;
+    A acc[4][2] = {};
+#pragma unroll 2
+    for (int k = l; k < W; k += L) {
+      const A a0 = to_math(w0[k]), a1 = to_math(w1[k]);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const A v = to_math(tq[q * stride + k]);
+        acc[q][0] += a0 * v;
+        acc[q][1] += a1 * v;
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int bb = 4 * bq + q;
+      if (bb < nb) {
+        part[(bb * R + rp) * L + l] = acc[q][0];
+        part[(bb * R + rp + half) * L + l] = acc[q][1];
+      }
+    }
+  }
+}
+
+// The sum of one dot product's lanes, in a fixed order.
+template <typename A>
+__device__ __forceinline__ A lane_sum(const A* lanes, int L) {
+  A s = A(0);
+  for (int l = 0; l < L; ++l) s += lanes[l];
+  return s;
+}
+
+template <typename T, bool Training>
+__global__ void sweep_fwd_kernel(const SweepFwd<T> p) {
+  using A = math_t<T>;
+  // Shared-memory indices fit in int; global offsets stay int64_t.
+  const int H = int(p.H), U = int(p.units), R = 4 * U, L = int(p.lanes), stride = H + 1;
+  const int64_t G = 4 * p.H, B = p.B, D = p.D;
+  const int per_dir = (H + U - 1) / U;
+  const int64_t d = blockIdx.x / per_dir;
+  const int j0 = (blockIdx.x % per_dir) * U;
+  const int nu = H - j0 < U ? H - j0 : U;  // this block's units: fewer in a direction's last block
+  const int tid = threadIdx.x, nt = blockDim.x;
+  BIRNN_DYNAMIC_SHARED(unsigned char, smem);
+  T* w_s = reinterpret_cast<T*>(smem);                   // [R][stride]: row g*U + u is W_hh row g*H + j0 + u
+  T* h_s = reinterpret_cast<T*>(smem + p.tile_offset);  // [4 * quads][stride]: h of the tile's rows
+  A* part = reinterpret_cast<A*>(smem + p.part_offset);  // [batch_tile * R][L] partial dot products
+  for (int i = tid; i < R * H; i += nt) {
+    const int r = i / H, k = i % H, g = r / U, u = r % U;
+    w_s[r * stride + k] = u < nu ? p.w_hh[(d * G + g * H + j0 + u) * H + k] : from_math<T>(A(0));
+  }
+  for (int64_t s = p.s_begin; s < p.s_end; ++s) {
+    const T* h_cur = p.h + ((s & 1) * D + d) * B * H;
+    T* h_next = p.h + (((s + 1) & 1) * D + d) * B * H;
+    for (int64_t b0 = 0; b0 < B; b0 += p.batch_tile) {
+      const int nb = int(B - b0 < p.batch_tile ? B - b0 : p.batch_tile), quads = (nb + 3) / 4;
+      stage_tile(h_cur + b0 * H, nb, quads, H, h_s);
+      __syncthreads();
+      tile_products(w_s, h_s, R, H, L, nb, quads, part);
+#if !defined(BIRNN_BREAK_SWEEP_BARRIER)
+      __syncthreads();
+#endif
+      for (int t = tid; t < nb * nu; t += nt) {
+        const int bb = t / nu, u = t % nu, j = j0 + u;
+        const int64_t b = b0 + bb;
+        const int64_t len = p.len ? p.len[b] : p.T_;
+        const int64_t row = step_time(d, s, len) * B + b;
+        const int64_t state = d * B + b;
+        const T h_old = h_s[bb * stride + j];
+        if (p.c_prev) p.c_prev[row * D * H + d * H + j] = p.c[state * H + j];
+        if (p.h_prev) p.h_prev[(d * p.T_ * B + row) * H + j] = h_old;
+        T* y = p.y + row * D * H + d * H;
+        if (s >= len) {  // padding: zero output, state carried unchanged
+          y[j] = from_math<T>(A(0));
+          h_next[b * H + j] = h_old;
+          continue;
+        }
+        A sums[4];
+        for (int g = 0; g < 4; ++g) sums[g] = lane_sum(part + (bb * R + g * U + u) * L, L);
+        const A h = cell_forward<T, Training>(p.xg + row * D * G + d * G, sums, p.bias ? p.bias + d * G : nullptr,
+                                              p.c[state * H + j], H, j);
+        h_next[b * H + j] = from_math<T>(h);
+        y[j] = from_math<T>(h);
+      }
+      __syncthreads();  // the next tile overwrites h_s and part
+    }
+    if (s + 1 < p.s_end) BIRNN_GRID_SYNC();
+  }
+}
+
+// The backward sweep. The block's shared W_hh columns make dh = dg_{t+1} W_hh at its units
+// from the whole dg row of the step before; the cell backward of its units then needs
+// nothing from other blocks (dh and dc of its units are its own), and its dg goes out to
+// dg_step for the others' next phase. Steps no gradient has reached are not skipped, as
+// the CPU sweep skips them: both directions share the step barrier, so a direction whose
+// dg is still zero (the reverse one under a loss on the last output only) would wait for
+// the other direction anyway, and the zero products and cells cost no extra step time.
+template <typename T>
+__global__ void sweep_bwd_kernel(const SweepBwd<T> p) {
+  using A = math_t<T>;
+  const int H = int(p.H), U = int(p.units), R = int(sweep_rows(true, p.units)), W = 4 * H, L = int(p.lanes);
+  const int stride = W + 1;
+  const int64_t G = 4 * p.H, B = p.B, D = p.D;
+  const int per_dir = (H + U - 1) / U;
+  const int64_t d = blockIdx.x / per_dir;
+  const int j0 = (blockIdx.x % per_dir) * U;
+  const int nu = H - j0 < U ? H - j0 : U;
+  const int tid = threadIdx.x, nt = blockDim.x;
+  BIRNN_DYNAMIC_SHARED(unsigned char, smem);
+  T* w_s = reinterpret_cast<T*>(smem);                   // [R][stride]: row u is W_hh column j0 + u (zeros past nu)
+  T* g_s = reinterpret_cast<T*>(smem + p.tile_offset);  // [4 * quads][stride]: dg of the tile's rows, last phase
+  A* part = reinterpret_cast<A*>(smem + p.part_offset);  // [batch_tile * R][L] partial dot products
+  // k-major, so that neighbouring threads read neighbouring columns of a W_hh row.
+  for (int i = tid; i < R * W; i += nt) {
+    const int k = i / R, u = i % R;
+    w_s[u * stride + k] = u < nu ? p.w_hh[(d * G + k) * H + j0 + u] : from_math<T>(A(0));
+  }
+  for (int64_t q = p.q_begin; q < p.q_end; ++q) {
+    const int64_t s = p.T_ - 1 - q;  // the sweep step; -1 in the last phase, which only makes dh0
+    const T* dg_last = p.dg_step + ((q & 1) * D + d) * B * G;
+    T* dg_next = p.dg_step + (((q + 1) & 1) * D + d) * B * G;
+    for (int64_t b0 = 0; b0 < B; b0 += p.batch_tile) {
+      const int nb = int(B - b0 < p.batch_tile ? B - b0 : p.batch_tile), quads = (nb + 3) / 4;
+      if (q > 0) {  // the first phase has no dg before it
+        stage_tile(dg_last + b0 * G, nb, quads, W, g_s);
+        __syncthreads();
+        tile_products(w_s, g_s, R, W, L, nb, quads, part);
+#if !defined(BIRNN_BREAK_SWEEP_BWD_BARRIER)
+        __syncthreads();
+#endif
+      }
+      for (int t = tid; t < nb * nu; t += nt) {
+        const int bb = t / nu, u = t % nu, j = j0 + u;
+        const int64_t b = b0 + bb, state = d * B + b;
+        // The gradient carried to h_t: from h_n or the steps after, through padding unchanged.
+        A carry = p.dh[state * H + j];
+        if (q > 0) carry += lane_sum(part + (bb * R + u) * L, L);
+        if (s < 0) {
+          p.dh[state * H + j] = carry;
+          continue;
+        }
+        const int64_t len = p.len ? p.len[b] : p.T_;
+        const int64_t row = step_time(d, s, len) * B + b;
+        T* dg = p.dg + (d * p.T_ * B + row) * G;
+        T* dg_out = dg_next + b * G;
+        if (s >= len) {  // padding: no gradient through it, the carries pass unchanged
+          for (int g = 0; g < 4; ++g) dg[g * H + j] = dg_out[g * H + j] = from_math<T>(A(0));
+          p.dh[state * H + j] = carry;
+          continue;
+        }
+        const T* gt = p.gates + row * D * G + d * G;
+        const Gates<A> a{to_math(gt[j]), to_math(gt[H + j]), to_math(gt[2 * H + j]), to_math(gt[3 * H + j])};
+        const A dh = carry + (p.dy ? to_math(p.dy[row * D * H + d * H + j]) : A(0));
+        const GateGrads<A> r = backward(a, p.c_prev[row * D * H + d * H + j], dh, p.dc[state * H + j]);
+        const A grads[4] = {r.di, r.df, r.dg, r.do_};
+        for (int g = 0; g < 4; ++g) dg[g * H + j] = dg_out[g * H + j] = from_math<T>(grads[g]);
+        p.dc[state * H + j] = r.dc_prev;
+        p.dh[state * H + j] = A(0);  // the next phase adds dg W_hh to it
+      }
+      __syncthreads();  // the next tile overwrites g_s and part
+    }
+    if (q + 1 < p.q_end) BIRNN_GRID_SYNC();
+  }
+}
+
+// Launches `blocks` blocks of kSweepThreads: all at once with a grid barrier available
+// (cooperative, GPU only), or as a plain launch of one step.
+template <typename P>
+cudaError_t launch_sweep(void (*kernel)(P), const P& p, int64_t blocks, int64_t steps, int64_t shared_bytes,
+                         bool cooperative, cudaStream_t stream) {
+#if !defined(BIRNN_EMU)
+  if (cooperative) {
+    void* args[] = {const_cast<P*>(&p)};
+    return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(unsigned(blocks)),
+                                       dim3(unsigned(kSweepThreads)), args, size_t(shared_bytes), stream);
+  }
+#else
+  if (cooperative) return cudaErrorNotSupported;
+#endif
+  if (steps != 1) return cudaErrorNotSupported;  // a step's blocks need the barrier before the next step
+  BIRNN_LAUNCH(kernel, dim3(unsigned(blocks)), dim3(unsigned(kSweepThreads)), size_t(shared_bytes), stream, p);
+  return BIRNN_LAUNCH_ERROR();
+}
+
+#if !defined(BIRNN_EMU)
+template <typename P>
+bool fits(void (*kernel)(P), const SweepPlan& plan, int multiprocessors) {
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.shared_bytes)) != cudaSuccess) {
+    (void)cudaGetLastError();  // a size over the device's limit: no sweep, and no error left behind
+    return false;
+  }
+  int per_sm = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, int(kSweepThreads), size_t(plan.shared_bytes)) !=
+      cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return int64_t(per_sm) * multiprocessors >= plan.blocks;
+}
+#endif
+
+}  // namespace
+
+template <typename T>
+cudaError_t launch_sweep_fwd(const SweepFwd<T>& p, int64_t shared_bytes, bool cooperative, cudaStream_t stream) {
+  if (p.B == 0 || p.s_begin >= p.s_end) return cudaSuccess;
+  auto kernel = p.c_prev ? sweep_fwd_kernel<T, true> : sweep_fwd_kernel<T, false>;
+  return launch_sweep(kernel, p, p.D * ((p.H + p.units - 1) / p.units), p.s_end - p.s_begin, shared_bytes,
+                      cooperative, stream);
+}
+
+template <typename T>
+cudaError_t launch_sweep_bwd(const SweepBwd<T>& p, int64_t shared_bytes, bool cooperative, cudaStream_t stream) {
+  if (p.B == 0 || p.q_begin >= p.q_end) return cudaSuccess;
+  return launch_sweep(sweep_bwd_kernel<T>, p, p.D * ((p.H + p.units - 1) / p.units), p.q_end - p.q_begin,
+                      shared_bytes, cooperative, stream);
+}
+
+#if !defined(BIRNN_EMU)
+template <typename T>
+bool sweep_fwd_fits(const SweepPlan& plan, bool training, int multiprocessors) {
+  return fits(training ? sweep_fwd_kernel<T, true> : sweep_fwd_kernel<T, false>, plan, multiprocessors);
+}
+template <typename T>
+bool sweep_bwd_fits(const SweepPlan& plan, int multiprocessors) {
+  return fits(sweep_bwd_kernel<T>, plan, multiprocessors);
+}
+#define BIRNN_INSTANTIATE_FITS(T)                                   \
+  template bool sweep_fwd_fits<T>(const SweepPlan&, bool, int); \
+  template bool sweep_bwd_fits<T>(const SweepPlan&, int);
+#else
+#define BIRNN_INSTANTIATE_FITS(T)
+#endif
+
+#define BIRNN_INSTANTIATE(T)                                                                   \
+  template cudaError_t launch_sweep_fwd<T>(const SweepFwd<T>&, int64_t, bool, cudaStream_t); \
+  template cudaError_t launch_sweep_bwd<T>(const SweepBwd<T>&, int64_t, bool, cudaStream_t); \
+  BIRNN_INSTANTIATE_FITS(T)
+BIRNN_INSTANTIATE(float)
+BIRNN_INSTANTIATE(double)
+BIRNN_INSTANTIATE(__half)
+BIRNN_INSTANTIATE(__nv_bfloat16)
+#undef BIRNN_INSTANTIATE
+
+}  // namespace birnn::cuda

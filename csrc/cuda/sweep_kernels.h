@@ -1,0 +1,132 @@
+// Torch-free interface of the persistent sweeps (sweep_kernels.cu): a layer's whole
+// recurrence, forward or backward, both directions, in one launch. Serves the torch glue
+// (lstm_cuda.cpp) and the host emulator (csrc/emu/), as lstm_kernels.h does.
+//
+// Both sweeps cut the hidden units the same way. Block (d, k) of D * ceil(H / units)
+// blocks owns the hidden units [k units, (k + 1) units) of direction d and keeps the
+// part of W_hh those units need in shared memory for the whole sweep:
+//   forward   its 4 * units rows of W_hh (one per gate and unit), against the whole h of
+//             the step before: the gates of its units;
+//   backward  its units' columns of W_hh, against the whole dg of the step before:
+//             dh_{t-1} = dg W_hh at its units, which then feed its units' cell backward.
+// What one block needs from the others each step (h forward, dg backward) goes through
+// global memory, staged tile by tile into shared memory, with a grid-wide barrier between
+// steps; that needs every block resident at once (a cooperative launch). The host
+// emulator runs one step per launch instead, where the launch boundary is the barrier.
+#pragma once
+
+#include "lstm_kernels.h"
+
+namespace birnn::cuda {
+
+// The forward sweep of a layer without a projection.
+template <typename T>
+struct SweepFwd {
+  int64_t T_, B, H, D, s_begin, s_end;  // runs the sweep steps [s_begin, s_end)
+  int64_t units, batch_tile, lanes;    // from SweepPlan
+  int64_t tile_offset, part_offset;    // shared-memory layout, from SweepPlan
+  const int64_t* len;  // [B] or nullptr
+  const T* w_hh;       // [D,4H,H]
+  const T* bias;       // [D,4H] (b_ih + b_hh), or nullptr
+  T* xg;               // [T,B,D*4H] x W_ih^T; the activated gates are written back when training
+  math_t<T>* c;        // [D,B,H] cell state, c0 in, c_n out
+  T* h;                // [2,D,B,H]: step s reads h[s % 2] and writes h[(s + 1) % 2]
+  T* y;                // [T,B,D*H]
+  math_t<T>* c_prev;   // [T,B,D*H] saved when training, else nullptr
+  T* h_prev;           // [D,T,B,H] saved when training, else nullptr
+};
+
+// The backward sweep of a layer without a projection, in phases: phase q runs sweep step
+// s = T - 1 - q (the steps in reverse); phase T only adds the last dg W_hh to dh, which
+// makes dh0. Each phase first sums dh_{t} = dg_{t+1} W_hh at the block's units from the
+// dg the previous phase wrote (none at phase 0), then runs their cell backward.
+template <typename T>
+struct SweepBwd {
+  int64_t T_, B, H, D, q_begin, q_end;  // runs the phases [q_begin, q_end) of [0, T]
+  int64_t units, batch_tile, lanes;    // from SweepPlan
+  int64_t tile_offset, part_offset;    // shared-memory layout, from SweepPlan
+  const int64_t* len;       // [B] or nullptr
+  const T* w_hh;            // [D,4H,H]
+  const T* gates;           // [T,B,D*4H] activated, saved by the forward
+  const math_t<T>* c_prev;  // [T,B,D*H] saved by the forward
+  const T* dy;              // [T,B,D*H] or nullptr
+  math_t<T>* dh;            // [D,B,H] carry: grad of h_n in, of h0 out
+  math_t<T>* dc;            // [D,B,H] carry: grad of c_n in, of c0 out
+  T* dg;                    // [D,T,B,4H] out: gradients of the gate pre-activations, time-ordered
+  T* dg_step;               // [2,D,B,4H]: phase q reads dg_step[q % 2] and writes dg_step[(q + 1) % 2]
+};
+
+constexpr int64_t kSweepThreads = 256;
+
+// How a sweep is cut: `units` hidden units per block, batch rows in tiles of
+// `batch_tile` (each tile's h, or dg, staged in shared memory), `lanes` threads summing
+// each dot product (a power of two up to 32, so that small batches still keep the
+// block's threads busy). Shared memory: the weight rows, then the staged tile, then the
+// lanes' partial sums; rows are padded by one element against bank conflicts.
+struct SweepPlan {
+  int64_t units = 0, batch_tile = 0, lanes = 0, blocks = 0;
+  int64_t tile_offset = 0, part_offset = 0, shared_bytes = 0;
+};
+
+inline int64_t sweep_align(int64_t bytes) { return (bytes + 15) / 16 * 16; }
+
+// The weight rows a block holds and their length (the dot products' length): forward
+// 4 * units rows of W_hh, of H; backward the units' columns of W_hh, of 4H, an even count
+// (a thread's work item takes two; the spare one of an odd count is zeros).
+__host__ __device__ inline int64_t sweep_rows(bool backward, int64_t units) { return backward ? (units + 1) / 2 * 2 : 4 * units; }
+__host__ __device__ inline int64_t sweep_width(bool backward, int64_t H) { return backward ? 4 * H : H; }
+
+inline SweepPlan sweep_plan(bool backward, int64_t H, int64_t B, int64_t D, int64_t units, int64_t batch_tile,
+                            int64_t elem_bytes, int64_t math_bytes) {
+  SweepPlan pl;
+  pl.units = units;
+  pl.batch_tile = batch_tile < B ? batch_tile : B;
+  const int64_t rows = sweep_rows(backward, units), width = sweep_width(backward, H);
+  const int64_t quads = (pl.batch_tile + 3) / 4;
+  // A thread's work item: 4 batch rows x 2 weight rows, in one lane of the dot products.
+  const int64_t items = quads * (rows / 2);
+  pl.lanes = 1;
+  while (pl.lanes < 32 && items * pl.lanes * 2 <= kSweepThreads) pl.lanes *= 2;
+  pl.blocks = D * ((H + units - 1) / units);
+  pl.tile_offset = sweep_align(rows * (width + 1) * elem_bytes);
+  pl.part_offset = pl.tile_offset + sweep_align(4 * quads * (width + 1) * elem_bytes);
+  pl.shared_bytes = pl.part_offset + sweep_align(pl.batch_tile * rows * pl.lanes * math_bytes);
+  return pl;
+}
+
+// The plan for a GPU that keeps at most `max_blocks` blocks resident with at most
+// `max_shared` bytes each: the fewest units per block that fit the blocks (spreading
+// the work over as many as there are), then the largest batch tile that fits the
+// shared memory. Returns false where nothing fits (the weight rows too long).
+inline bool choose_sweep_plan(bool backward, int64_t H, int64_t B, int64_t D, int64_t elem_bytes, int64_t math_bytes,
+                              int64_t max_blocks, int64_t max_shared, SweepPlan* out) {
+  if (H <= 0 || B <= 0 || D <= 0 || max_blocks < D) return false;
+  int64_t units = (D * H + max_blocks - 1) / max_blocks;
+  while (D * ((H + units - 1) / units) > max_blocks) ++units;
+  for (int64_t tile = B; tile >= 1; tile = tile > 64 ? tile * 3 / 4 : tile - 1) {
+    const SweepPlan pl = sweep_plan(backward, H, B, D, units, tile, elem_bytes, math_bytes);
+    if (pl.shared_bytes <= max_shared) {
+      *out = pl;
+      return true;
+    }
+  }
+  return false;
+}
+
+// Each returns the launch's error (cudaSuccess where it went). `shared_bytes` from the
+// plan; `cooperative` launches all the steps (phases) of p at once (GPU only); otherwise
+// p must hold one.
+template <typename T>
+cudaError_t launch_sweep_fwd(const SweepFwd<T>& p, int64_t shared_bytes, bool cooperative, cudaStream_t stream);
+template <typename T>
+cudaError_t launch_sweep_bwd(const SweepBwd<T>& p, int64_t shared_bytes, bool cooperative, cudaStream_t stream);
+#if !defined(BIRNN_EMU)
+// Whether the device keeps all of the plan's blocks resident at once (what a cooperative
+// launch needs); sets the kernel's shared-memory limit to the plan's on the way.
+template <typename T>
+bool sweep_fwd_fits(const SweepPlan& plan, bool training, int multiprocessors);
+template <typename T>
+bool sweep_bwd_fits(const SweepPlan& plan, int multiprocessors);
+#endif
+
+}  // namespace birnn::cuda
