@@ -47,6 +47,9 @@ const char* small_gemm_build();
 // (vdpbf16ps), or bfloat16 widened to float32 and small_gemm. Strides as above.
 int64_t small_gemm_bf16_packed_bytes(int64_t K, int64_t N);
 void small_gemm_bf16_pack(int64_t K, int64_t N, const uint16_t* b, int64_t b_row, int64_t b_col, void* out);
+// The same from a float32 B, each element rounded to bfloat16 (to nearest even) on the
+// way in: the panels of packing B.to(torch.bfloat16), without that copy.
+void small_gemm_bf16_pack(int64_t K, int64_t N, const float* b, int64_t b_row, int64_t b_col, void* out);
 void small_gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t a_row, int64_t a_col,
                      const void* packed, float beta, uint16_t* c, int64_t ldc);
 // "avx512bf16" or "widen": the build picked (BIRNN_EXT_BF16=widen forces the second).

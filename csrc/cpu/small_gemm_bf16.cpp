@@ -29,14 +29,20 @@
 namespace birnn {
 namespace {
 
+// B's element as bfloat16 bits: a bfloat16 as it is, a float32 rounded as .to(torch.bfloat16)
+// rounds it, so that packing float32 weights gives the very panels of packing their cast.
+inline uint16_t bf16_bits_of(uint16_t v) { return v; }
+inline uint16_t bf16_bits_of(float v) { return float_to_bf16(v); }
+
 // ---------------------------------------------------------------- widened
 
 int64_t widened_packed_size(int64_t K, int64_t N) { return small_gemm_packed_size(K, N) * int64_t(sizeof(float)); }
 
-void widened_pack(int64_t K, int64_t N, const uint16_t* b, int64_t b_row, int64_t b_col, void* out) {
+template <typename S>
+void widened_pack(int64_t K, int64_t N, const S* b, int64_t b_row, int64_t b_col, void* out) {
   std::vector<float> wide(size_t(K * N));
   for (int64_t k = 0; k < K; ++k)
-    for (int64_t n = 0; n < N; ++n) wide[k * N + n] = bf16_to_float(b[k * b_row + n * b_col]);
+    for (int64_t n = 0; n < N; ++n) wide[k * N + n] = bf16_to_float(bf16_bits_of(b[k * b_row + n * b_col]));
   small_gemm_pack(K, N, wide.data(), N, 1, static_cast<float*>(out));
 }
 
@@ -68,9 +74,84 @@ int64_t dp_packed_size(int64_t K, int64_t N) {
   return (N + kW - 1) / kW * ((K + 1) / 2) * kW * 2 * int64_t(sizeof(uint16_t));
 }
 
-void dp_pack(int64_t K, int64_t N, const uint16_t* b, int64_t b_row, int64_t b_col, void* out) {
+// 32 consecutive k of one column of B as 16 pairs, one per 32-bit lane (k even in the low
+// half), lanes past K zero; a float32 B rounded as float_to_bf16 rounds (to nearest even,
+// NaN to 0x7FC0: vcvtne2ps2bf16 would flush denormals, which a cast does not).
+inline __m512i pairs_of(const uint16_t* col, int64_t left) {
+  const __mmask32 m = left >= 32 ? ~__mmask32(0) : (__mmask32(1) << left) - 1;
+  return _mm512_maskz_loadu_epi16(m, col);
+}
+inline __m256i round_to_bf16(__m512 f) {
+  const __m512i u = _mm512_castps_si512(f);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+inline __m512i pairs_of(const float* col, int64_t left) {
+  auto mask = [](int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1); };
+  const __m256i lo = round_to_bf16(_mm512_maskz_loadu_ps(mask(left), col));
+  const __m256i hi = round_to_bf16(_mm512_maskz_loadu_ps(mask(left - 16), col + 16));
+  return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+// r[i] = row i of a 16 x 16 matrix of 32-bit words in, column i out.
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  // u[4g + e]: word e of each 128-bit lane, from rows 4g .. 4g + 3.
+  __m512i u[16];
+  for (int g = 0; g < 4; ++g) {
+    u[4 * g + 0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+    u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+  }
+  for (int e = 0; e < 4; ++e) {
+    const __m512i x0 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0x44), x1 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0xEE);
+    const __m512i y0 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0x44);
+    const __m512i y1 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0xEE);
+    r[e] = _mm512_shuffle_i32x4(x0, y0, 0x88);
+    r[4 + e] = _mm512_shuffle_i32x4(x0, y0, 0xDD);
+    r[8 + e] = _mm512_shuffle_i32x4(x1, y1, 0x88);
+    r[12 + e] = _mm512_shuffle_i32x4(x1, y1, 0xDD);
+  }
+}
+
+// dp_pack where B's columns are contiguous in k (B the transpose of a weight as nn.LSTM
+// stores it, b_row == 1): each column's pairs are one 32-bit word apart, and a panel's
+// row of pairs is those words of 64 columns side by side. Blocks of 16 columns x 16
+// pairs go through a transpose in registers; columns past N are zeros.
+template <typename S>
+void dp_pack_columns(int64_t K, int64_t N, const S* b, int64_t b_col, uint32_t* dst) {
+  const int64_t pairs = (K + 1) / 2;
+  for (int64_t n0 = 0; n0 < N; n0 += kW) {
+    uint32_t* panel = dst + (n0 / kW) * pairs * kW;
+    for (int64_t j0 = 0; j0 < kW; j0 += 16)
+      for (int64_t kp0 = 0; kp0 < pairs; kp0 += 16) {
+        __m512i r[16];
+        for (int i = 0; i < 16; ++i) {
+          const int64_t n = n0 + j0 + i;
+          r[i] = n < N ? pairs_of(b + n * b_col + 2 * kp0, K - 2 * kp0) : _mm512_setzero_si512();
+#if defined(BIRNN_BREAK_BF16_PAIR_ORDER)  // a deliberately broken kernel, for the tests
+          r[i] = _mm512_rol_epi32(r[i], 16);
+#endif
+        }
+        transpose16(r);
+        const int64_t q_end = std::min<int64_t>(16, pairs - kp0);
+        for (int64_t q = 0; q < q_end; ++q) _mm512_storeu_si512(panel + (kp0 + q) * kW + j0, r[q]);
+      }
+  }
+}
+
+template <typename S>
+void dp_pack(int64_t K, int64_t N, const S* b, int64_t b_row, int64_t b_col, void* out) {
   uint16_t* dst = static_cast<uint16_t*>(out);
   const int64_t pairs = (K + 1) / 2;
+  if (b_row == 1 && K > 0) return dp_pack_columns(K, N, b, b_col, static_cast<uint32_t*>(out));
   for (int64_t n0 = 0; n0 < N; n0 += kW) {
     uint16_t* panel = dst + (n0 / kW) * pairs * kW * 2;
     const int64_t cols = std::min(kW, N - n0);
@@ -82,7 +163,8 @@ void dp_pack(int64_t K, int64_t N, const uint16_t* b, int64_t b_row, int64_t b_c
 #else
           const int64_t k = 2 * kp + h;
 #endif
-          panel[(kp * kW + j) * 2 + h] = (j < cols && k < K) ? b[k * b_row + (n0 + j) * b_col] : uint16_t(0);
+          panel[(kp * kW + j) * 2 + h] = (j < cols && k < K) ? bf16_bits_of(b[k * b_row + (n0 + j) * b_col])
+                                                              : uint16_t(0);
         }
   }
 }
@@ -170,6 +252,7 @@ void dp_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t a_row, 
 struct Bf16Kernel {
   int64_t (*packed_size)(int64_t, int64_t);
   void (*pack)(int64_t, int64_t, const uint16_t*, int64_t, int64_t, void*);
+  void (*pack_f32)(int64_t, int64_t, const float*, int64_t, int64_t, void*);
   void (*gemm)(int64_t, int64_t, int64_t, const uint16_t*, int64_t, int64_t, const void*, float, uint16_t*, int64_t);
   const char* name;
 };
@@ -184,9 +267,9 @@ const Bf16Kernel& bf16_kernel() {
     __builtin_cpu_init();
     if (choice != "widen" && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl"))
-      return Bf16Kernel{dp_packed_size, dp_pack, dp_gemm, "avx512bf16"};
+      return Bf16Kernel{dp_packed_size, dp_pack<uint16_t>, dp_pack<float>, dp_gemm, "avx512bf16"};
 #endif
-    return Bf16Kernel{widened_packed_size, widened_pack, widened_gemm, "widen"};
+    return Bf16Kernel{widened_packed_size, widened_pack<uint16_t>, widened_pack<float>, widened_gemm, "widen"};
   }();
   return k;
 }
@@ -197,6 +280,10 @@ int64_t small_gemm_bf16_packed_bytes(int64_t K, int64_t N) { return bf16_kernel(
 
 void small_gemm_bf16_pack(int64_t K, int64_t N, const uint16_t* b, int64_t b_row, int64_t b_col, void* out) {
   bf16_kernel().pack(K, N, b, b_row, b_col, out);
+}
+
+void small_gemm_bf16_pack(int64_t K, int64_t N, const float* b, int64_t b_row, int64_t b_col, void* out) {
+  bf16_kernel().pack_f32(K, N, b, b_row, b_col, out);
 }
 
 void small_gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t a_row, int64_t a_col,
