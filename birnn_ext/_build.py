@@ -28,7 +28,7 @@ CSRC = ROOT / "csrc"
 NAME = "birnn_ext_C"
 
 CPU_SOURCES = [
-    "ops.cpp", "autograd.cpp", "cpu/layer_forward.cpp", "cpu/layer_backward.cpp", "cpu/cell_ops.cpp",
+    "ops.cpp", "autograd.cpp", "autocast.cpp", "cpu/layer_forward.cpp", "cpu/layer_backward.cpp", "cpu/cell_ops.cpp",
     "cpu/cell_rows.cpp", "cpu/buffer_pool.cpp", "cpu/small_gemm.cpp",
     "cpu/small_gemm_bf16.cpp", "cpu/cell_avx512.cpp",
 ]

@@ -173,34 +173,46 @@ def empty_cpu_cache() -> int:
 
 
 # ---------------------------------------------------------------- autocast
+#
+# The forward ops' autocast rule is C++ (csrc/autocast.cpp), which says what it does and
+# why; at batch 1 the same rule in Python cost about 50 us a call. The Python dispatcher,
+# which torch.compile traces with, takes the Python kernels registered here instead: the
+# same rule, kept in step with the C++ one.
 
-_lib = torch.library.Library("birnn_ext", "IMPL")
+# The layer op's weight arguments (w_ih .. w_hr_reverse) and its `training` flag.
+_LAYER_WEIGHTS = slice(4, 14)
+_LAYER_TRAINING = 14
+
+
+def _keeps_float32_weights(opname: str, device_type: str, dtype: torch.dtype, args) -> bool:
+    """Whether autocast passes the layer op its float32 weights as they are: on the CPU,
+    in a bfloat16 region, in inference (csrc/autocast.cpp)."""
+    if opname != "lstm_layer_forward" or device_type != "cpu" or dtype != torch.bfloat16 or args[_LAYER_TRAINING]:
+        return False
+    weights = [w for w in args[_LAYER_WEIGHTS] if w is not None]
+    return all(w.dtype == torch.float32 and w.device.type == "cpu" for w in weights) and \
+        not _needs_grad(args[0], args[2], args[3], *weights)
 
 
 def _register_autocast(opname: str, device_type: str, dtype_of_region) -> None:
-    """Under autocast, cast the op's floating-point tensors on `device_type` to the
-    dtype dtype_of_region() returns, then run the op with autocast off for it. Only the
-    forward ops: their backward ops take what the forward saved, in the forward's dtypes."""
-    key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
-    key = getattr(torch._C.DispatchKey, key_name)
+    """For the Python dispatcher: under autocast, cast the op's floating-point tensors on
+    `device_type` to the dtype dtype_of_region() returns, then run the op with autocast off."""
+    key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
     op = getattr(_ops, opname).default
 
-    @op.py_impl(key)  # the same rule where the Python dispatcher runs (torch.compile)
+    @op.py_impl(key)
     def autocast_kernel(*args):
         dtype = dtype_of_region()
+        keep = range(_LAYER_WEIGHTS.start, _LAYER_WEIGHTS.stop) \
+            if _keeps_float32_weights(opname, device_type, dtype, args) else ()
         cast = [a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() and a.device.type == device_type
-                else a for a in args]
+                and i not in keep else a for i, a in enumerate(args)]
         with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
             return op(*cast)
 
-    _lib.impl(opname, lambda _keyset, *args: autocast_kernel(*args), key_name, with_keyset=True)
-
 
 for _name in ("lstm_layer_forward", "lstm_cell_forward"):
-    # CUDA: the kernels store float16 and bfloat16 themselves (float32 math and cell state).
     _register_autocast(_name, "cuda", lambda: torch.get_autocast_dtype("cuda"))
-    # CPU: the kernels store bfloat16 (float32 math and cell state); a float16 region
-    # runs in float32, as there is no float16 CPU kernel.
     _register_autocast(_name, "cpu", lambda: torch.bfloat16 if torch.get_autocast_dtype("cpu") == torch.bfloat16
                        else torch.float32)
 

@@ -21,6 +21,17 @@ inline void check_same(const char* op, const at::Tensor& ref, const at::Tensor& 
               "), got ", t.device());
 }
 
+// A weight's dtype and device: x's device, and `dtype`, which is x's dtype except where
+// a forward op takes float32 weights with a bfloat16 x (see check_layer_forward).
+inline void check_weight(const char* op, const at::Tensor& x, const at::Tensor& t, const char* name,
+                         at::ScalarType dtype) {
+  if (dtype == x.scalar_type()) return check_same(op, x, t, name);
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must have the dtype of x (", x.scalar_type(),
+              ") or, in inference, be float32 like every other weight of the layer, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on the device of x (", x.device(), "), got ",
+              t.device());
+}
+
 inline void check_shape(const char* op, const at::Tensor& t, const char* name, at::IntArrayRef want,
                         const char* layout) {
   TORCH_CHECK(t.sizes() == want, op, ": ", name, " must have shape ", layout, " = ", want, ", got ",
@@ -82,12 +93,25 @@ inline LayerWeights layer_weights(const char* op, const at::Tensor& w_ih, const 
 // One kind of weight, each direction's of shape `want`, with x's dtype and device.
 // Errors name the tensor: "w_hh_reverse".
 inline void check_weights(const char* op, const at::Tensor& x, at::TensorList list, const char* name, int64_t D,
-                          at::IntArrayRef want, const char* layout) {
+                          at::IntArrayRef want, const char* layout, at::ScalarType dtype) {
   for (int64_t d = 0; d < D; ++d) {
     const std::string item = d == 0 ? std::string(name) : c10::str(name, "_reverse");
     check_shape(op, list[d], item.c_str(), want, layout);
-    check_same(op, x, list[d], item.c_str());
+    check_weight(op, x, list[d], item.c_str(), dtype);
   }
+}
+inline void check_weights(const char* op, const at::Tensor& x, at::TensorList list, const char* name, int64_t D,
+                          at::IntArrayRef want, const char* layout) {
+  check_weights(op, x, list, name, D, want, layout, x.scalar_type());
+}
+
+// The dtype a forward op's weights must have: x's, or float32 where `float32_weights`
+// allows it (the CPU kernel in inference, bfloat16 x: it rounds the weights to bfloat16
+// as it packs them, which it does on every call anyway, so autocast need not cast them
+// first) and w_hh is float32.
+inline at::ScalarType weight_dtype(const at::Tensor& x, const LayerWeights& w, bool float32_weights) {
+  const bool f32 = float32_weights && x.scalar_type() == at::kBFloat16 && w.w_hh[0].scalar_type() == at::kFloat;
+  return f32 ? at::kFloat : x.scalar_type();
 }
 
 // The sizes of a layer, read from x [T,B,I] and w_hh [4H,P].
@@ -100,22 +124,26 @@ inline LayerDims layer_dims(const char* op, const at::Tensor& x, const LayerWeig
 }
 
 // Checks the shapes, dtypes and devices of the forward op's arguments and returns the sizes.
+// `float32_weights`: whether this kernel takes float32 weights with a bfloat16 x (see
+// weight_dtype).
 inline LayerDims check_layer_forward(const at::Tensor& x, const std::optional<at::Tensor>& lengths,
-                                     const at::Tensor& h0, const at::Tensor& c0, const LayerWeights& w) {
+                                     const at::Tensor& h0, const at::Tensor& c0, const LayerWeights& w,
+                                     bool float32_weights = false) {
   const char* op = "lstm_layer_forward";
   const LayerDims d = layer_dims(op, x, w);
   TORCH_CHECK(d.T > 0, op, ": x must have at least one time step, got T = 0");
   const bool proj = w.proj();
+  const at::ScalarType wt = weight_dtype(x, w, float32_weights);
   if (proj) {
-    check_weights(op, x, w.of(w.w_hr), "w_hr", d.D, {d.P, d.H}, "[P, H]");
+    check_weights(op, x, w.of(w.w_hr), "w_hr", d.D, {d.P, d.H}, "[P, H]", wt);
   } else {
     TORCH_CHECK(d.P == d.H, op, ": without w_hr, w_hh must be [4H, H], got ", w.w_hh[0].sizes());
   }
-  check_weights(op, x, w.of(w.w_ih), "w_ih", d.D, {4 * d.H, d.I}, "[4H, I]");
-  check_weights(op, x, w.of(w.w_hh), "w_hh", d.D, {4 * d.H, d.P}, proj ? "[4H, P]" : "[4H, H]");
+  check_weights(op, x, w.of(w.w_ih), "w_ih", d.D, {4 * d.H, d.I}, "[4H, I]", wt);
+  check_weights(op, x, w.of(w.w_hh), "w_hh", d.D, {4 * d.H, d.P}, proj ? "[4H, P]" : "[4H, H]", wt);
   if (w.bias()) {
-    check_weights(op, x, w.of(w.b_ih), "b_ih", d.D, {4 * d.H}, "[4H]");
-    check_weights(op, x, w.of(w.b_hh), "b_hh", d.D, {4 * d.H}, "[4H]");
+    check_weights(op, x, w.of(w.b_ih), "b_ih", d.D, {4 * d.H}, "[4H]", wt);
+    check_weights(op, x, w.of(w.b_hh), "b_hh", d.D, {4 * d.H}, "[4H]", wt);
   }
   check_shape(op, h0, "h0", {d.D, d.B, d.P}, proj ? "[D, B, P]" : "[D, B, H]");
   check_shape(op, c0, "c0", {d.D, d.B, d.H}, "[D, B, H]");

@@ -221,9 +221,46 @@ def test_cpu_autocast_runs_a_bfloat16_kernel():
     # Inference takes the same rule: a float32 input runs the bfloat16 kernel.
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert model.lstm(inner.float())[0].dtype == torch.bfloat16
+    # In inference the layer op takes the float32 weights as they are (csrc/autocast.cpp):
+    # no cast of a weight matrix is made (the kernel rounds the biases, 4H values, itself);
+    # in training each is cast.
+    matrices = [p for p in model.lstm.parameters() if p.dim() == 2]
+    weight_shapes = {tuple(p.shape) for p in matrices}
+
+    def casts_of_weights(train):
+        with torch.autograd.profiler.profile(record_shapes=True) as prof:
+            with torch.set_grad_enabled(train), torch.autocast("cpu", dtype=torch.bfloat16):
+                model.lstm(inner.float())
+        return [e for e in prof.function_events if e.name == "aten::_to_copy" and e.input_shapes
+                and tuple(e.input_shapes[0]) in weight_shapes]
+
+    assert not casts_of_weights(False)
+    assert len(casts_of_weights(True)) == len(matrices)
     # A float16 region has no float16 CPU kernel to use: the op runs in float32.
     with torch.autocast("cpu", dtype=torch.float16):
         assert model.lstm(model.inp(x))[0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+def test_cpu_autocast_under_compile_matches_eager(train):
+    """torch.compile traces with the Python dispatcher, which takes ops.py's autocast rule
+    instead of csrc/autocast.cpp's: both must give the same results."""
+    torch.manual_seed(0)
+    model = Mixed()
+    x = torch.randn(4, 5, 8)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.set_grad_enabled(train), torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = model(x), compiled(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    if train:
+        want.float().sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        got.float().sum().backward()
+        for g, p in zip(grads, model.parameters()):
+            torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
 
 
 @pytest.mark.cuda

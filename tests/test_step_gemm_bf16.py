@@ -63,6 +63,52 @@ def test_bfloat16_step_products_match_nn_lstm(case, with_lengths):
     compare(*case, with_lengths)
 
 
+def compare_float32_weights(T, B, I, H, proj_size, with_lengths):
+    """Inference under autocast passes the layer op its float32 weights, which the CPU
+    kernel rounds to bfloat16 as it packs them: bit for bit what the same model gives with
+    its weights cast to bfloat16 first. The weights are not bfloat16-exact here, so the
+    rounding itself is under test (and b_ih + b_hh, each rounded before the sum)."""
+    torch.manual_seed(0)
+    fused = FusedLSTM(I, H, 2, bidirectional=True, proj_size=proj_size).eval()
+    cast = FusedLSTM(I, H, 2, bidirectional=True, proj_size=proj_size).eval()
+    cast.load_state_dict(fused.state_dict())
+    cast.bfloat16()
+    assert all(p.dtype == torch.float32 for p in fused.parameters())
+    assert any((p != p.to(BF16).float()).any() for p in fused.parameters())
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, B, I, generator=g)
+    lengths = torch.randint(1, T + 1, (B,), generator=g) if with_lengths else None
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=BF16):
+            got = run_with_lengths(fused, x, lengths)
+        want = run_with_lengths(cast, x.to(BF16), lengths)
+    for name, a, b in zip(["output", "h_n", "c_n"], [got[0], *got[1]], [want[0], *want[1]]):
+        assert a.dtype == BF16 and torch.equal(a, b), f"{name}: max |diff| {(a.float() - b.float()).abs().max()}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}-B{}-I{}-H{}-P{}".format(*c))
+def test_autocast_inference_rounds_float32_weights_as_a_cast_would(case):
+    compare_float32_weights(*case, with_lengths=True)
+
+
+def test_float32_weights_with_a_bfloat16_x_only_in_inference():
+    """The op takes float32 weights with a bfloat16 x in inference only, every weight of
+    the layer float32; anything else names the weight, what it must be and what came."""
+    from test_bad_calls import layer_args
+
+    ops = torch.ops.birnn_ext
+    args = layer_args(x=torch.randn(4, 3, 5, dtype=BF16), h0=torch.zeros(2, 3, 6, dtype=BF16),
+                      c0=torch.zeros(2, 3, 6, dtype=BF16))
+    y = ops.lstm_layer_forward(*args.values(), False)[0]
+    assert y.dtype == BF16
+    with pytest.raises(RuntimeError, match=r"w_ih must have the dtype of x \(BFloat16\), got Float"):
+        ops.lstm_layer_forward(*args.values(), True)
+    mixed = dict(args, b_hh_reverse=args["b_hh_reverse"].to(BF16))
+    with pytest.raises(RuntimeError, match=r"b_hh_reverse must have the dtype of x \(BFloat16\) or, in inference, "
+                                           r"be float32 like every other weight of the layer, got BFloat16"):
+        ops.lstm_layer_forward(*mixed.values(), False)
+
+
 FORCED = {
     "widened-avx512": {"BIRNN_EXT_BF16": "widen"},
     "widened-avx2-generic-cell": {"BIRNN_EXT_BF16": "widen", "BIRNN_EXT_SMALL_GEMM": "avx2", "BIRNN_EXT_CELL": "generic"},
@@ -80,7 +126,8 @@ def test_the_forced_builds_match_too(name):
         "from birnn_ext import ops\n"
         "print(ops.cpu_kernel_builds())\n"
         "from test_step_gemm_bf16 import CASES, compare\n"
-        "for case in CASES: compare(*case, False); compare(*case, True)\n"
+        "from test_step_gemm_bf16 import compare_float32_weights\n"
+        "for case in CASES: compare(*case, False); compare(*case, True); compare_float32_weights(*case, True)\n"
         "print('ok')\n"
     )
     run = run_python(code, **env)

@@ -142,23 +142,32 @@ struct StepWeight {
   at::Tensor view;    // [K,N], for matmul
   at::Tensor packed;  // small_gemm's panels, or undefined
   int64_t K = 0, N = 0;
+  bool bf16 = false;  // products in bfloat16: packed for small_gemm_bf16
 
   // Made on the calling thread; the packing itself (pack()) runs on the thread of the
-  // direction that uses it, so the directions pack at the same time.
-  static StepWeight of(const at::Tensor& b, int64_t rows) {
+  // direction that uses it, so the directions pack at the same time. `products`: the
+  // dtype of the products, b's own, or bfloat16 for a float32 b (rounded as packed).
+  static StepWeight of(const at::Tensor& b, int64_t rows) { return of(b, rows, b.scalar_type()); }
+  static StepWeight of(const at::Tensor& b, int64_t rows, at::ScalarType products) {
+    TORCH_INTERNAL_ASSERT(products == b.scalar_type() || (products == at::kBFloat16 && b.scalar_type() == at::kFloat));
     StepWeight w;
     w.view = b;
     w.K = b.size(0), w.N = b.size(1);
+    w.bf16 = products == at::kBFloat16;
     const bool transposed = b.stride(0) == 1 && b.stride(1) != 1;
-    if (b.scalar_type() == at::kFloat && rows >= (transposed ? kMinRowsToPackTransposed : kMinRowsToPack))
-      w.packed = pooled_empty({small_gemm_packed_size(w.K, w.N)}, b.options());
-    if (b.scalar_type() == at::kBFloat16)
+    if (w.bf16)
       w.packed = pooled_empty({small_gemm_bf16_packed_bytes(w.K, w.N)}, b.options().dtype(at::kByte));
+    else if (b.scalar_type() == at::kFloat && rows >= (transposed ? kMinRowsToPackTransposed : kMinRowsToPack))
+      w.packed = pooled_empty({small_gemm_packed_size(w.K, w.N)}, b.options());
     return w;
   }
   void pack() const {
     if (!packed.defined()) return;
-    if (view.scalar_type() == at::kBFloat16) {
+    if (bf16 && view.scalar_type() == at::kFloat) {
+      small_gemm_bf16_pack(K, N, view.data_ptr<float>(), view.stride(0), view.stride(1), packed.data_ptr());
+      return;
+    }
+    if (bf16) {
       small_gemm_bf16_pack(K, N, bits(view), view.stride(0), view.stride(1), packed.data_ptr());
       return;
     }

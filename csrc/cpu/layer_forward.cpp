@@ -135,7 +135,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const BelowAutograd below_autograd;
   const LayerWeights wts = layer_weights("lstm_layer_forward", w_ih_, w_hh_, b_ih_, b_hh_, w_hr_, w_ih_reverse,
                                          w_hh_reverse, b_ih_reverse, b_hh_reverse, w_hr_reverse);
-  const LayerDims n = check_layer_forward(x_, lengths, h0, c0, wts);
+  // In inference a bfloat16 x may come with float32 weights (autocast's rule for this op,
+  // ops.py): the step products pack them, rounding to bfloat16 as they go, on every call
+  // anyway, so the separate casts autocast would make (a copy of every weight, each call)
+  // are left out.
+  const LayerDims n = check_layer_forward(x_, lengths, h0, c0, wts, /*float32_weights=*/!training);
   const at::Tensor len = checked_lengths("lstm_layer_forward", lengths, n.T, n.B);
   const auto [T_, B, I, H, P, D] = n;
   const bool proj = wts.proj();
@@ -167,7 +171,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           std::fill(bsum + d * 4 * H, bsum + (d + 1) * 4 * H, T(0));
           continue;
         }
-        const at::Tensor bi = wts.b_ih[d].contiguous(), bh = wts.b_hh[d].contiguous();
+        // Each bias in the storage type first, as a cast of float32 weights would leave it.
+        const at::Tensor bi = wts.b_ih[d].to(x.scalar_type()).contiguous();
+        const at::Tensor bh = wts.b_hh[d].to(x.scalar_type()).contiguous();
         const T *pi = bi.data_ptr<T>(), *ph = bh.data_ptr<T>();
         for (int64_t g = 0; g < 4 * H; ++g) bsum[d * 4 * H + g] = T(math_t<T>(pi[g]) + math_t<T>(ph[g]));
       }
@@ -185,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       if (training && project_per_direction) {
         p.x_rows = x.view({T_ * B, I});
         for (int64_t d = 0; d < D; ++d) {
-          p.w_ih_t[d] = StepWeight::of(w_ih[d].t(), T_ * B);
+          p.w_ih_t[d] = StepWeight::of(w_ih[d].t(), T_ * B, x.scalar_type());
           p.xg_cols[d] = xg.view({T_ * B, D * 4 * H}).narrow(1, d * 4 * H, 4 * H);
         }
       } else if (training) {
@@ -201,7 +207,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         p.chunk = chunk;
         p.x = x.data_ptr<T>();
         for (int64_t d = 0; d < D; ++d) {
-          p.w_ih_t[d] = StepWeight::of(w_ih[d].t(), T_ * B);
+          p.w_ih_t[d] = StepWeight::of(w_ih[d].t(), T_ * B, x.scalar_type());
           p.x_chunk[d] = x_chunk[d];
           p.xg_chunk[d] = xg_chunk[d];
           p.x_tail[d] = x_chunk[d].narrow(0, 0, tail * B);
@@ -209,11 +215,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         }
       }
       for (int64_t d = 0; d < D; ++d) {
-        p.w_hh_t[d] = StepWeight::of(w_hh[d].t(), T_ * B);
+        p.w_hh_t[d] = StepWeight::of(w_hh[d].t(), T_ * B, x.scalar_type());
         p.h[d] = h[d];
         p.rec[d] = rec[d];
         if (proj) {
-          p.w_hr_t[d] = StepWeight::of(w_hr[d].t(), T_ * B);
+          p.w_hr_t[d] = StepWeight::of(w_hr[d].t(), T_ * B, x.scalar_type());
           p.h_raw[d] = raw_step[d];
           p.h_proj[d] = proj_step[d];
         }
