@@ -18,9 +18,8 @@ Writes benchmarks/results/<name>.csv and .png.
     python benchmarks/bench_lstm.py --preset targets --autocast bf16  # both under autocast
     python benchmarks/bench_lstm.py --preset targets --device cuda --name targets-cuda
 
-On a GPU both sides compute float32 in IEEE float32 unless --tf32 is given: cuDNN's
-default (torch.backends.cudnn.allow_tf32) is TF32, the fused path's cuBLAS calls follow
-torch.backends.cuda.matmul.allow_tf32 (default off); the flag turns both on.
+On a GPU both sides compute float32 in IEEE float32 unless --tf32 is given: the default
+of torch.backends.cudnn.allow_tf32, which both follow, is TF32; the flag turns it on.
 """
 
 from __future__ import annotations

@@ -162,6 +162,17 @@ def test_sweep_kernel_matches_cpu(emulator, tmp_path, dtype, cut, name):
     compare(unpack(flat, want), want, dtype)
 
 
+@pytest.mark.parametrize("D", [1, 2])
+def test_sweep_kernel_of_one_step(emulator, tmp_path, D):
+    # T = 1: the forward sweep's only step reads h0 and writes h_n, with no step between;
+    # the backward's phases are that step and the one that makes dh0.
+    header, case = make_case(torch.float32, 0, T=1, B=3, I=6, H=8, P=8, D=D, lengths=None, bias=True, proj=False)
+    proc, flat = run_emulated(emulator, header, case, tmp_path, ("sweep", 3, 2))
+    assert proc.returncode == 0, proc.stderr
+    want = reference_layer(case, torch.float32)
+    compare(unpack(flat, want), want, torch.float32)
+
+
 def _plan(H, B, D, max_blocks, max_shared, elem=4, math=4, direction="fwd"):
     out = subprocess.run([str(build("run_kernels")), "plan", direction,
                           *map(str, (H, B, D, elem, math, max_blocks, max_shared))],

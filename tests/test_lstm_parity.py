@@ -222,6 +222,29 @@ def test_cuda_sweep_and_per_step_paths_match(B, H):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.parametrize("B,H", [(3, 13), (520, 128)])
+def test_cuda_float32_follows_cudnn_allow_tf32(B, H):
+    """float32 products follow nn.LSTM's own switch, torch.backends.cudnn.allow_tf32: on,
+    the cuBLAS products run on TF32 tensor cores and the results move; off, IEEE float32.
+    TF32 rounds the products' operands to a 10-bit mantissa, float16's, so float16's
+    tolerance bounds the fused path's results against the float64 reference there."""
+    ref, fused = make_pair(7, H, "cuda", torch.float32, bidirectional=True)
+    x, hx = make_input(4, B, 7, 2, 1, H, "cuda", torch.float32, False, True)
+    want = reference_results(ref, x, hx, torch.float32)
+    ieee = outputs_and_grads(fused, x, hx)
+    assert_same_results(ieee, want, torch.float32)
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        tf32 = outputs_and_grads(fused, x, hx)
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+    assert_same_results(tf32, want, torch.float16)
+    assert any(not torch.equal(tf32[k], ieee[k]) for k in ieee), "allow_tf32 on changed no result"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("lengths", [None, [6, 2, 5, 1]])
 def test_cuda_half_storage_matches_float32(dtype, lengths):

@@ -54,14 +54,16 @@ __host__ __device__ __forceinline__ int64_t step_time(int64_t d, int64_t s, int6
 }
 
 // One element's forward step: the gates from its x W_ih^T (xg: this row and direction),
-// recurrent sums and bias (this direction's, or nullptr); the cell state c updated in
-// place; the activated gates written back over xg when training. Returns the new h.
+// recurrent sums and bias (b_ih + b_hh of its unit, per gate; zeros without a bias); the
+// cell state c updated in place; the activated gates written back over xg when
+// training. Returns the new h.
 template <typename T, bool Training>
-__host__ __device__ __forceinline__ math_t<T> cell_forward(T* xg, const math_t<T> (&rec)[4], const T* bias,
-                                                           math_t<T>& c, int64_t H, int64_t j) {
+__host__ __device__ __forceinline__ math_t<T> cell_forward(T* xg, const math_t<T> (&rec)[4],
+                                                           const math_t<T> (&bias)[4], math_t<T>& c, int64_t H,
+                                                           int64_t j) {
   using A = math_t<T>;
   A pre[4];
-  for (int k = 0; k < 4; ++k) pre[k] = to_math(xg[k * H + j]) + rec[k] + (bias ? to_math(bias[k * H + j]) : A(0));
+  for (int k = 0; k < 4; ++k) pre[k] = to_math(xg[k * H + j]) + rec[k] + bias[k];
   const Gates<A> a = activate(pre[0], pre[1], pre[2], pre[3]);
   c = cell_state(a, c);
   if (Training) {

@@ -53,7 +53,12 @@ constexpr at::ScalarType math_scalar() {
 
 // Row-major C[b] = op(A[b]) op(B[b]) + beta C[b] for `batch` matrices at fixed strides,
 // accumulated in the math type. A and B hold the storage type; C holds c_type (the
-// storage type, or the math type for the recurrent carries).
+// storage type, or the math type for the recurrent carries). Every product of the ops
+// goes through here. float32 follows nn.LSTM's own switch, torch.backends.cudnn.allow_tf32
+// (default on): TF32 tensor cores when it is on, IEEE float32 when it is off, so that a
+// drop-in computes at the precision of what it replaces (torch.backends.cuda.matmul's
+// switch, which ATen's matmuls follow, defaults to off). float16 and bfloat16 take the
+// tensor cores either way; float64 computes in float64.
 template <typename S>
 void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const void* A, int64_t lda, int64_t stride_a,
           const void* B, int64_t ldb, int64_t stride_b, double beta, void* C, cudaDataType_t c_type, int64_t ldc,
@@ -70,10 +75,22 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const void* A, int6
                                                     CUBLAS_COMPUTE_64F, CUBLAS_GEMM_DEFAULT));
   } else {
     const float one = 1, b = float(beta);
+    const cublasComputeType_t compute = std::is_same_v<S, float> && at::globalContext().allowTF32CuDNN()
+                                            ? CUBLAS_COMPUTE_32F_FAST_TF32
+                                            : CUBLAS_COMPUTE_32F;
     TORCH_CUDABLAS_CHECK(cublasGemmStridedBatchedEx(handle, op_b, op_a, N, M, K, &one, B, ab, ldb, stride_b, A, ab,
-                                                    lda, stride_a, &b, C, c_type, ldc, stride_c, batch,
-                                                    CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+                                                    lda, stride_a, &b, C, c_type, ldc, stride_c, batch, compute,
+                                                    CUBLAS_GEMM_DEFAULT));
   }
+}
+
+// One kind of weight per direction, contiguous (a copy only where a weight is not).
+using Weights = std::array<at::Tensor, 2>;
+Weights contiguous(const std::array<at::Tensor, 2>& kind, int64_t D) {
+  Weights w;
+  for (int64_t d = 0; d < D; ++d)
+    if (kind[d].defined()) w[d] = kind[d].contiguous();
+  return w;
 }
 
 template <typename S>
@@ -137,14 +154,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto [T_, B, I, H, P, D] = n;
   const int64_t G = 4 * H, rows = T_ * B, saved = training ? T_ : 0;
   const bool proj = wts.proj();
-  // The kernels take each weight with its directions stacked [D, ...]: one batched GEMM
-  // per step covers both directions. A copy of the weights on the device, made per call.
-  const at::Tensor x = x_.contiguous(), w_ih = at::stack(wts.of(wts.w_ih)), w_hh = at::stack(wts.of(wts.w_hh));
-  const at::Tensor w_hr = proj ? at::stack(wts.of(wts.w_hr)) : at::Tensor();
-  const at::Tensor bias = wts.bias() ? at::stack(wts.of(wts.b_ih)) + at::stack(wts.of(wts.b_hh)) : at::Tensor();
+  const at::Tensor x = x_.contiguous();
   auto opt = x.options();
   at::Tensor y = at::empty({T_, B, D * P}, opt);
-  at::Tensor h = h0.clone(at::MemoryFormat::Contiguous);
+  at::Tensor h;
   at::Tensor xg = at::empty({T_, B, D * G}, opt);
   at::Tensor h_prev = at::empty({D, saved, B, P}, opt);
   at::Tensor h_raw_saved = at::empty({D, proj ? saved : 0, B, H}, opt);
@@ -155,27 +168,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     auto mopt = opt.dtype(math_scalar<S>());
     c = c0.to(mopt, /*non_blocking=*/false, /*copy=*/true).contiguous();
     c_prev = at::empty({saved, B, D * H}, mopt);
-    if (B == 0) return;
+    if (B == 0) {
+      h = h0.clone(at::MemoryFormat::Contiguous);
+      return;
+    }
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    // Input projection of every step and direction: [T*B, I] x [D*4H, I]^T.
-    at::Tensor xg2 = xg.view({rows, D * G});
-    at::mm_out(xg2, x.view({rows, I}), w_ih.view({D * G, I}).t());
     const int64_t* lp = len.defined() ? len.data_ptr<int64_t>() : nullptr;
     cuda::SweepPlan plan;
     if (!proj && use_sweep(B, H, /*backward=*/false) && device_sweep_plan<T>(false, training, H, B, D, &plan)) {
-      at::Tensor hs = at::empty({2, D, B, H}, opt);  // step s reads hs[s % 2], writes hs[(s + 1) % 2]
-      hs[0].copy_(h0);
+      // Each direction's weights where they lie (no stacked copy per call): the input
+      // projection as one GEMM per direction into its columns of xg, [T*B, I] x [4H, I]^T.
+      const Weights w_ih = contiguous(wts.w_ih, D), w_hh = contiguous(wts.w_hh, D);
+      const Weights b_ih = contiguous(wts.b_ih, D), b_hh = contiguous(wts.b_hh, D);
+      for (int64_t d = 0; d < D; ++d)
+        gemm<S>(false, true, rows, G, I, ptr<S>(x), I, 0, ptr<S>(w_ih[d]), I, 0, 0.0, ptr<S>(xg) + d * G,
+                Storage<S>::id, D * G, 0, 1);
+      // The sweep reads h0 at its first step and writes h_n at its last; the steps between
+      // pass h through hs: step s reads hs[s % 2] and writes hs[(s + 1) % 2].
+      const at::Tensor h0c = h0.contiguous();
+      h = at::empty({D, B, H}, opt);
+      at::Tensor hs = at::empty({T_ > 1 ? 2 : 0, D, B, H}, opt);
+      auto dir = [&](const Weights& w, int64_t d) { return d < D && w[d].defined() ? ptr<S>(w[d]) : nullptr; };
       cuda::SweepFwd<T> sw{T_, B, H, D, 0, T_, plan.units, plan.batch_tile, plan.lanes, plan.tile_offset,
-                           plan.part_offset, lp, ptr<S>(w_hh), bias.defined() ? ptr<S>(bias) : nullptr, ptr<S>(xg),
-                           math_ptr<S>(c), ptr<S>(hs), ptr<S>(y), training ? math_ptr<S>(c_prev) : nullptr,
+                           plan.part_offset, lp, {dir(w_hh, 0), dir(w_hh, 1)}, {dir(b_ih, 0), dir(b_ih, 1)},
+                           {dir(b_hh, 0), dir(b_hh, 1)}, ptr<S>(xg), math_ptr<S>(c), ptr<S>(h0c), ptr<S>(hs),
+                           ptr<S>(h), ptr<S>(y), training ? math_ptr<S>(c_prev) : nullptr,
                            training ? ptr<S>(h_prev) : nullptr};
       C10_CUDA_CHECK(cuda::launch_sweep_fwd(sw, plan.shared_bytes, /*cooperative=*/true, stream));
-      // A copy, not the view hs[T_ % 2]: every output owns its storage, as the fake
-      // kernel declares, so that a CUDA graph (torch.compile's reduce-overhead) can
-      // account for each output's memory on its own.
-      h = hs[T_ % 2].clone();
       return;
     }
+    // The per-step path takes each weight with its directions stacked [D, ...]: one
+    // batched GEMM per step covers both directions. A copy of the weights, made per call,
+    // small beside this path's per-step work (B H^2 large, or a projection).
+    const at::Tensor w_ih = at::stack(wts.of(wts.w_ih)), w_hh = at::stack(wts.of(wts.w_hh));
+    const at::Tensor w_hr = proj ? at::stack(wts.of(wts.w_hr)) : at::Tensor();
+    const at::Tensor bias = wts.bias() ? at::stack(wts.of(wts.b_ih)) + at::stack(wts.of(wts.b_hh)) : at::Tensor();
+    h = h0.clone(at::MemoryFormat::Contiguous);
+    // Input projection of every step and direction: [T*B, I] x [D*4H, I]^T.
+    gemm<S>(false, true, rows, D * G, I, ptr<S>(x), I, 0, ptr<S>(w_ih), I, 0, 0.0, ptr<S>(xg), Storage<S>::id, D * G,
+            0, 1);
     at::Tensor rec = at::empty({D, B, G}, mopt);
     at::Tensor h_raw = at::empty({D, proj ? B : 0, H}, opt), h_proj = at::empty({D, proj ? B : 0, P}, opt);
     for (int64_t s = 0; s < T_; ++s) {
@@ -215,15 +246,16 @@ lstm_layer_backward_cuda(const std::optional<at::Tensor>& grad_y, const std::opt
   const auto [T_, B, I, H, P, D] = n;
   const int64_t G = 4 * H, rows = T_ * B;
   const at::Tensor len = checked_lengths_on("lstm_layer_backward", lengths, T_, B, x_.device());
-  const at::Tensor x = x_.contiguous(), w_ih = at::stack(wts.of(wts.w_ih)), w_hh = at::stack(wts.of(wts.w_hh));
-  const at::Tensor w_hr = proj ? at::stack(wts.of(wts.w_hr)) : at::Tensor();
+  const at::Tensor x = x_.contiguous();
   const at::Tensor h_raw = proj ? h_raw_.contiguous() : at::Tensor();
   const at::Tensor gates = gates_.contiguous(), c_prev = c_prev_.contiguous(), h_prev = h_prev_.contiguous();
   const at::Tensor dy = grad_y ? grad_y->contiguous() : at::Tensor();
   auto opt = x.options();
-  at::Tensor dx = input_grad ? at::zeros({T_, B, I}, opt) : at::empty({0}, opt), dh0, dc0;
-  at::Tensor dw_ih = at::zeros({D, G, I}, opt), dw_hh = at::zeros({D, G, P}, opt), dbias = at::zeros({D, G}, opt);
-  at::Tensor dw_hr = at::zeros({proj ? D : 0, P, H}, opt);
+  // Every gradient is written whole below (zeros only for an empty batch).
+  auto out = [&](at::IntArrayRef sizes) { return B > 0 ? at::empty(sizes, opt) : at::zeros(sizes, opt); };
+  at::Tensor dx = input_grad ? out({T_, B, I}) : at::empty({0}, opt), dh0, dc0;
+  at::Tensor dw_ih = out({D, G, I}), dw_hh = out({D, G, P}), dbias = out({D, G});
+  at::Tensor dw_hr = out({proj ? D : 0, P, H});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lstm_layer_backward_cuda", [&] {
     using S = scalar_t;
     using T = typename Storage<S>::type;
@@ -241,12 +273,17 @@ lstm_layer_backward_cuda(const std::optional<at::Tensor>& grad_y, const std::opt
       const bool sweep =
           !proj && use_sweep(B, H, /*backward=*/true) && device_sweep_plan<T>(true, true, H, B, D, &plan);
       if (sweep) {
+        // Each direction's W_hh where it lies: no stacked copy per call.
+        const Weights w = contiguous(wts.w_hh, D);
         at::Tensor dgs = at::empty({2, D, B, G}, opt);  // phase q reads dgs[q % 2], writes dgs[(q + 1) % 2]
         cuda::SweepBwd<T> sw{T_, B, H, D, 0, T_ + 1, plan.units, plan.batch_tile, plan.lanes, plan.tile_offset,
-                             plan.part_offset, lp, ptr<S>(w_hh), ptr<S>(gates), math_ptr<S>(c_prev), dyp,
-                             math_ptr<S>(dh), math_ptr<S>(dc), ptr<S>(dg), ptr<S>(dgs)};
+                             plan.part_offset, lp, {ptr<S>(w[0]), D > 1 ? ptr<S>(w[1]) : nullptr}, ptr<S>(gates),
+                             math_ptr<S>(c_prev), dyp, math_ptr<S>(dh), math_ptr<S>(dc), ptr<S>(dg), ptr<S>(dgs)};
         C10_CUDA_CHECK(cuda::launch_sweep_bwd(sw, plan.shared_bytes, /*cooperative=*/true, stream));
       }
+      // The per-step path: W_hh (and W_hr) with the directions stacked, for the batched GEMMs.
+      const at::Tensor w_hh = sweep ? at::Tensor() : at::stack(wts.of(wts.w_hh));
+      const at::Tensor w_hr = proj ? at::stack(wts.of(wts.w_hr)) : at::Tensor();
       for (int64_t s = sweep ? -1 : T_ - 1; s >= 0; --s) {
         if (proj) {
           cuda::ProjBwd<T> pb{T_, B, P, D, s, lp, dyp, math_ptr<S>(dh), ptr<S>(dh_proj), ptr<S>(dh_proj_saved)};
@@ -263,13 +300,21 @@ lstm_layer_backward_cuda(const std::optional<at::Tensor>& grad_y, const std::opt
                 Storage<math_t<T> >::id, P, B * P, D);
       }
       // What does not recur, for all steps at once.
-      if (input_grad) {
-        at::Tensor dx2 = dx.view({rows, I});
-        for (int64_t d = 0; d < D; ++d) dx2.addmm_(dg[d], w_ih[d]);
+      if (input_grad) {  // dx = sum over d of dg[d] W_ih[d]
+        const Weights w_ih = contiguous(wts.w_ih, D);
+        for (int64_t d = 0; d < D; ++d)
+          gemm<S>(false, false, rows, I, G, ptr<S>(dg) + d * rows * G, G, 0, ptr<S>(w_ih[d]), I, 0, d ? 1.0 : 0.0,
+                  ptr<S>(dx), Storage<S>::id, I, 0, 1);
       }
-      at::bmm_out(dw_ih, dg.transpose(1, 2), x.view({1, rows, I}).expand({D, rows, I}));  // x is shared
-      at::bmm_out(dw_hh, dg.transpose(1, 2), h_prev.view({D, rows, P}));
-      if (proj) at::bmm_out(dw_hr, dh_proj_saved.transpose(1, 2), h_raw.view({D, rows, H}));
+      // dW_ih[d] = dg[d]^T x (x shared by the directions: stride 0), dW_hh[d] = dg[d]^T h_prev[d],
+      // dW_hr[d] = dh_proj[d]^T h_raw[d].
+      gemm<S>(true, false, G, I, rows, ptr<S>(dg), G, rows * G, ptr<S>(x), I, 0, 0.0, ptr<S>(dw_ih), Storage<S>::id,
+              I, G * I, D);
+      gemm<S>(true, false, G, P, rows, ptr<S>(dg), G, rows * G, ptr<S>(h_prev), P, rows * P, 0.0, ptr<S>(dw_hh),
+              Storage<S>::id, P, G * P, D);
+      if (proj)
+        gemm<S>(true, false, P, H, rows, ptr<S>(dh_proj_saved), P, rows * P, ptr<S>(h_raw), H, rows * H, 0.0,
+                ptr<S>(dw_hr), Storage<S>::id, H, P * H, D);
       // The bias gradient as one reduction over the rows of both directions (ATen's sum:
       // float accumulation, a fixed order). column_sums_kernel, 8 threads per column,
       // took 0.24 ms of the classic size's 2.48 ms forward+backward on an H200.
@@ -300,7 +345,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_cuda(const at::
     at::Tensor c = c_.to(mopt, false, true).contiguous();
     if (B > 0) {
       at::Tensor rec = at::empty({B, G}, mopt);
-      at::mm_out(xg, x, w_ih.t());
+      gemm<S>(false, true, B, G, I, ptr<S>(x), I, 0, ptr<S>(w_ih), I, 0, 0.0, ptr<S>(xg), Storage<S>::id, G, 0, 1);
       gemm<S>(false, true, B, G, H, ptr<S>(h), H, 0, ptr<S>(w_hh), H, 0, 0.0, math_ptr<S>(rec),
               Storage<math_t<T> >::id, G, 0, 1);
       cuda::FwdStep<T> f{1, B, H, H, 1, 0, nullptr, math_ptr<S>(rec), bias.defined() ? ptr<S>(bias) : nullptr,
@@ -322,8 +367,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor gates = gates_.contiguous();
   auto opt = x.options();
   const int64_t G = 4 * H;
-  at::Tensor dx = at::zeros({B, I}, opt), dh_out = at::zeros({B, H}, opt), dc_out;
-  at::Tensor dw_ih = at::zeros({G, I}, opt), dw_hh = at::zeros({G, H}, opt), dbias = at::zeros({G}, opt);
+  // Every gradient is written whole below (zeros only for an empty batch).
+  auto out = [&](at::IntArrayRef sizes) { return B > 0 ? at::empty(sizes, opt) : at::zeros(sizes, opt); };
+  at::Tensor dx = out({B, I}), dh_out = out({B, H}), dc_out;
+  at::Tensor dw_ih = out({G, I}), dw_hh = out({G, H}), dbias = out({G});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lstm_cell_backward_cuda", [&] {
     using S = scalar_t;
     using T = typename Storage<S>::type;
@@ -337,10 +384,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                           math_ptr<S>(dh), math_ptr<S>(dc), ptr<S>(dg), ptr<S>(dg_step)};
       const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
       C10_CUDA_CHECK(cuda::launch_bwd_step(bs, stream));
-      at::mm_out(dx, dg, w_ih);
-      at::mm_out(dh_out, dg, w_hh);
-      at::mm_out(dw_ih, dg.t(), x);
-      at::mm_out(dw_hh, dg.t(), h);
+      gemm<S>(false, false, B, I, G, ptr<S>(dg), G, 0, ptr<S>(w_ih), I, 0, 0.0, ptr<S>(dx), Storage<S>::id, I, 0, 1);
+      gemm<S>(false, false, B, H, G, ptr<S>(dg), G, 0, ptr<S>(w_hh), H, 0, 0.0, ptr<S>(dh_out), Storage<S>::id, H,
+              0, 1);
+      gemm<S>(true, false, G, I, B, ptr<S>(dg), G, 0, ptr<S>(x), I, 0, 0.0, ptr<S>(dw_ih), Storage<S>::id, I, 0, 1);
+      gemm<S>(true, false, G, H, B, ptr<S>(dg), G, 0, ptr<S>(h), H, 0, 0.0, ptr<S>(dw_hh), Storage<S>::id, H, 0, 1);
       cuda::ColumnSums<T> cs{B, G, ptr<S>(dg), ptr<S>(dbias)};
       C10_CUDA_CHECK(cuda::launch_column_sums(cs, stream));
     }

@@ -32,8 +32,10 @@ __global__ void fwd_step_kernel(const FwdStep<T> p) {
   }
   const A* rec = p.rec + state * G;
   const A sums[4] = {rec[j], rec[H + j], rec[2 * H + j], rec[3 * H + j]};
-  const A h = cell_forward<T, Training>(p.xg + row * D * G + d * G, sums, p.bias ? p.bias + d * G : nullptr,
-                                        p.c[state * H + j], H, j);
+  A bias[4] = {};
+  if (p.bias)
+    for (int k = 0; k < 4; ++k) bias[k] = to_math(p.bias[d * G + k * H + j]);
+  const A h = cell_forward<T, Training>(p.xg + row * D * G + d * G, sums, bias, p.c[state * H + j], H, j);
   if (p.h_raw) {
     p.h_raw[state * H + j] = from_math<T>(h);
   } else {

@@ -90,11 +90,11 @@ __global__ void sweep_fwd_kernel(const SweepFwd<T> p) {
   A* part = reinterpret_cast<A*>(smem + p.part_offset);  // [batch_tile * R][L] partial dot products
   for (int i = tid; i < R * H; i += nt) {
     const int r = i / H, k = i % H, g = r / U, u = r % U;
-    w_s[r * stride + k] = u < nu ? p.w_hh[(d * G + g * H + j0 + u) * H + k] : from_math<T>(A(0));
+    w_s[r * stride + k] = u < nu ? p.w_hh[d][(g * H + j0 + u) * H + k] : from_math<T>(A(0));
   }
   for (int64_t s = p.s_begin; s < p.s_end; ++s) {
-    const T* h_cur = p.h + ((s & 1) * D + d) * B * H;
-    T* h_next = p.h + (((s + 1) & 1) * D + d) * B * H;
+    const T* h_cur = s == 0 ? p.h0 + d * B * H : p.h + ((s & 1) * D + d) * B * H;
+    T* h_next = s == p.T_ - 1 ? p.h_n + d * B * H : p.h + (((s + 1) & 1) * D + d) * B * H;
     for (int64_t b0 = 0; b0 < B; b0 += p.batch_tile) {
       const int nb = int(B - b0 < p.batch_tile ? B - b0 : p.batch_tile), quads = (nb + 3) / 4;
       stage_tile(h_cur + b0 * H, nb, quads, H, h_s);
@@ -118,10 +118,13 @@ __global__ void sweep_fwd_kernel(const SweepFwd<T> p) {
           h_next[b * H + j] = h_old;
           continue;
         }
-        A sums[4];
+        A sums[4], bias[4] = {};
         for (int g = 0; g < 4; ++g) sums[g] = lane_sum(part + (bb * R + g * U + u) * L, L);
-        const A h = cell_forward<T, Training>(p.xg + row * D * G + d * G, sums, p.bias ? p.bias + d * G : nullptr,
-                                              p.c[state * H + j], H, j);
+        // b_ih + b_hh rounded to the storage type, as a sum of the two tensors would be.
+        if (p.b_ih[d])
+          for (int g = 0; g < 4; ++g)
+            bias[g] = to_math(from_math<T>(to_math(p.b_ih[d][g * H + j]) + to_math(p.b_hh[d][g * H + j])));
+        const A h = cell_forward<T, Training>(p.xg + row * D * G + d * G, sums, bias, p.c[state * H + j], H, j);
         h_next[b * H + j] = from_math<T>(h);
         y[j] = from_math<T>(h);
       }
@@ -156,7 +159,7 @@ __global__ void sweep_bwd_kernel(const SweepBwd<T> p) {
   // k-major, so that neighbouring threads read neighbouring columns of a W_hh row.
   for (int i = tid; i < R * W; i += nt) {
     const int k = i / R, u = i % R;
-    w_s[u * stride + k] = u < nu ? p.w_hh[(d * G + k) * H + j0 + u] : from_math<T>(A(0));
+    w_s[u * stride + k] = u < nu ? p.w_hh[d][k * H + j0 + u] : from_math<T>(A(0));
   }
   for (int64_t q = p.q_begin; q < p.q_end; ++q) {
     const int64_t s = p.T_ - 1 - q;  // the sweep step; -1 in the last phase, which only makes dh0

@@ -26,11 +26,15 @@ struct SweepFwd {
   int64_t units, batch_tile, lanes;    // from SweepPlan
   int64_t tile_offset, part_offset;    // shared-memory layout, from SweepPlan
   const int64_t* len;  // [B] or nullptr
-  const T* w_hh;       // [D,4H,H]
-  const T* bias;       // [D,4H] (b_ih + b_hh), or nullptr
+  // Each direction's own weights where they lie (nn.LSTM's Parameters): no stacked copy.
+  const T* w_hh[2];    // [4H,H] per direction
+  const T* b_ih[2];    // [4H] per direction, or nullptr (no bias)
+  const T* b_hh[2];    // [4H] per direction, or nullptr (no bias)
   T* xg;               // [T,B,D*4H] x W_ih^T; the activated gates are written back when training
   math_t<T>* c;        // [D,B,H] cell state, c0 in, c_n out
-  T* h;                // [2,D,B,H]: step s reads h[s % 2] and writes h[(s + 1) % 2]
+  const T* h0;         // [D,B,H] read by step 0
+  T* h;                // [2,D,B,H] between the steps: step s > 0 reads h[s % 2], step s < T-1 writes h[(s + 1) % 2]
+  T* h_n;              // [D,B,H] written by step T-1
   T* y;                // [T,B,D*H]
   math_t<T>* c_prev;   // [T,B,D*H] saved when training, else nullptr
   T* h_prev;           // [D,T,B,H] saved when training, else nullptr
@@ -46,7 +50,7 @@ struct SweepBwd {
   int64_t units, batch_tile, lanes;    // from SweepPlan
   int64_t tile_offset, part_offset;    // shared-memory layout, from SweepPlan
   const int64_t* len;       // [B] or nullptr
-  const T* w_hh;            // [D,4H,H]
+  const T* w_hh[2];         // [4H,H] per direction
   const T* gates;           // [T,B,D*4H] activated, saved by the forward
   const math_t<T>* c_prev;  // [T,B,D*H] saved by the forward
   const T* dy;              // [T,B,D*H] or nullptr

@@ -93,6 +93,12 @@ struct Writer {
   void put(const std::vector<double>& v) { std::fwrite(v.data(), sizeof(double), v.size(), f); }
 };
 
+// Direction d's block of a [D, n] array, or nullptr past its directions.
+template <typename T>
+const T* per_direction(const std::vector<T>& v, int64_t d, int64_t n) {
+  return size_t((d + 1) * n) <= v.size() ? v.data() + d * n : nullptr;
+}
+
 template <typename T>
 void run_layer(const int64_t* hd, Reader& in, Writer& out) {
   using A = math_t<T>;
@@ -121,15 +127,19 @@ void run_layer(const int64_t* hd, Reader& in, Writer& out) {
   if (sweep) {
     const SweepPlan pl =
         sweep_plan(false, H, B, D, sweep_option.units, sweep_option.batch_tile, sizeof(T), sizeof(A));
-    std::vector<T> hs(2 * D * B * H);
-    std::copy(h.begin(), h.end(), hs.begin());
+    std::vector<T> hs(2 * D * B * H), h_n(D * B * H);
+    // The sweep takes each direction's weights where they lie, and b_ih and b_hh apart: the
+    // test's bias as b_ih, zeros as b_hh.
+    const std::vector<T> zeros(D * G, from_double<T>(0));
     for (int64_t s = 0; s < T_; ++s) {
       SweepFwd<T> sw{T_, B, H, D, s, s + 1, pl.units, pl.batch_tile, pl.lanes, pl.tile_offset, pl.part_offset, lp,
-                     w_hh.data(), has_bias ? bias.data() : nullptr, xg.data(), c.data(), hs.data(), y.data(),
-                     c_prev.data(), h_prev.data()};
+                     {per_direction(w_hh, 0, G * H), per_direction(w_hh, 1, G * H)},
+                     {has_bias ? per_direction(bias, 0, G) : nullptr, has_bias ? per_direction(bias, 1, G) : nullptr},
+                     {has_bias ? per_direction(zeros, 0, G) : nullptr, has_bias ? per_direction(zeros, 1, G) : nullptr},
+                     xg.data(), c.data(), h.data(), hs.data(), h_n.data(), y.data(), c_prev.data(), h_prev.data()};
       check(launch_sweep_fwd(sw, pl.shared_bytes, false, nullptr));
     }
-    std::copy(hs.begin() + (T_ % 2) * D * B * H, hs.begin() + (T_ % 2 + 1) * D * B * H, h.begin());
+    h = h_n;
   }
   for (int64_t s = 0; s < (sweep ? 0 : T_); ++s) {
     for (int64_t d = 0; d < D; ++d)
@@ -159,7 +169,7 @@ void run_layer(const int64_t* hd, Reader& in, Writer& out) {
     std::vector<T> dgs(2 * D * B * G);
     for (int64_t q = 0; q <= T_; ++q) {
       SweepBwd<T> sw{T_, B, H, D, q, q + 1, pl.units, pl.batch_tile, pl.lanes, pl.tile_offset, pl.part_offset, lp,
-                     w_hh.data(), xg.data(), c_prev.data(), has_gy ? dy.data() : nullptr, dh.data(), dc.data(),
+                     {per_direction(w_hh, 0, G * H), per_direction(w_hh, 1, G * H)}, xg.data(), c_prev.data(), has_gy ? dy.data() : nullptr, dh.data(), dc.data(),
                      dg.data(), dgs.data()};
       check(launch_sweep_bwd(sw, pl.shared_bytes, false, nullptr));
     }
