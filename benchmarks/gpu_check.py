@@ -8,7 +8,9 @@ package index):
  4. the benchmark on the targets preset and the gpu-grid preset (float32, TF32 off on
     both sides), CSV and PNG under benchmarks/results/; the targets preset again with
     the backward sweep off (BIRNN_EXT_CUDA_SWEEP_BWD=0: per-step GEMMs and launches), the
-    measurement for lstm_cuda.cpp's use_sweep rule in backward;
+    measurement for lstm_cuda.cpp's use_sweep rule in backward; and the gpu-grid cases
+    with H below 100 again with a block per direction (BIRNN_EXT_CUDA_SWEEP_BLOCK=1), the
+    measurement for its device_sweep_plan rule;
  5. the per-kernel profile of FusedBiLSTM and cuDNN (benchmarks/profile_kernels.py).
 
 Each step's output goes to LOGS/<step>.log (default build/gpu-check); a compact table of
@@ -36,7 +38,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 SANITIZED = ["tests/test_lstm_parity.py", "tests/test_cell.py", "tests/test_lengths.py", "tests/test_cuda_graphs.py",
              "-k", "not reduce_overhead"]
 STEPS = ["build", "pytest", "memcheck", "racecheck", "synccheck", "bench-targets", "bench-bwd-off", "bench-grid",
-         "profile"]
+         "bench-block", "profile"]
 
 
 def gpu() -> tuple[str, str] | None:
@@ -102,11 +104,16 @@ def ratio_table(csv_name: str) -> list[str]:
         return []
     rows = list(csv.DictReader(open(path)))
     lines = [f"{'case':<8} {'B':>4} {'T':>4} {'I':>4} {'H':>4} {'L':>2}  {'inference':>9} {'fwd+bwd':>8}"]
-    for case in dict.fromkeys(r["case"] for r in rows):
-        r = {x["mode"]: x for x in rows if x["case"] == case}
+    # Keyed by the sizes too: cases given with --case all share the name "custom".
+    def key(x):
+        return tuple(x[k] for k in ("case", "B", "T", "I", "H", "layers"))
+
+    for case in dict.fromkeys(key(x) for x in rows):
+        r = {x["mode"]: x for x in rows if key(x) == case}
         first = next(iter(r.values()))
-        lines.append(f"{case:<8} {first['B']:>4} {first['T']:>4} {first['I']:>4} {first['H']:>4} {first['layers']:>2}  "
-                     f"{float(r['inference']['ratio']):>9.2f} {float(r['forward+backward']['ratio']):>8.2f}")
+        lines.append(f"{first['case']:<8} {first['B']:>4} {first['T']:>4} {first['I']:>4} {first['H']:>4} "
+                     f"{first['layers']:>2}  {float(r['inference']['ratio']):>9.2f} "
+                     f"{float(r['forward+backward']['ratio']):>8.2f}")
     return lines
 
 
@@ -142,6 +149,9 @@ def main(argv=None) -> int:
         ("bench-targets", bench + ["--preset", "targets", "--name", "targets-cuda"], 300),
         ("bench-bwd-off", bench + ["--preset", "targets", "--name", "targets-cuda-sweep-bwd-off"], 300),
         ("bench-grid", bench + ["--preset", "gpu-grid", "--name", "gpu-grid-cuda"], 300),
+        # gpu-grid's g1, g2 and g5: the sizes where one block holds a direction's W_hh.
+        ("bench-block", bench + ["--case", "1,400,40,64,1", "--case", "8,100,28,64,2", "--case", "64,200,300,96,1",
+                                 "--name", "gpu-grid-cuda-sweep-block"], 300),
         ("profile", [py, "benchmarks/profile_kernels.py"], 180),
     ]
     results = []
@@ -149,7 +159,8 @@ def main(argv=None) -> int:
         if step in args.skip:
             continue
         step_env = {"memcheck": dict(env, PYTORCH_NO_CUDA_MEMORY_CACHING="1"),
-                    "bench-bwd-off": dict(env, BIRNN_EXT_CUDA_SWEEP_BWD="0")}.get(step, env)
+                    "bench-bwd-off": dict(env, BIRNN_EXT_CUDA_SWEEP_BWD="0"),
+                    "bench-block": dict(env, BIRNN_EXT_CUDA_SWEEP_BLOCK="1")}.get(step, env)
         print(f"[gpu-check] {step} ...", file=sys.stderr, flush=True)
         results.append(run_step(step, cmd, step_env, args.logs, timeout))
         if step == "build" and results[-1]["rc"] != 0:
@@ -163,7 +174,9 @@ def main(argv=None) -> int:
     done = {r["step"] for r in results if r["rc"] == 0}
     for step, title, csv_name in (("bench-targets", "targets preset", "targets-cuda"),
                                   ("bench-bwd-off", "targets preset, backward sweep off", "targets-cuda-sweep-bwd-off"),
-                                  ("bench-grid", "gpu-grid preset", "gpu-grid-cuda")):
+                                  ("bench-grid", "gpu-grid preset", "gpu-grid-cuda"),
+                                  ("bench-block", "gpu-grid's g1, g2, g5 with a block per direction",
+                                   "gpu-grid-cuda-sweep-block")):
         lines = ratio_table(csv_name) if step in done else []  # never an earlier run's file
         if lines:
             print(f"\nnn.LSTM time / fused time, {title} (float32, TF32 off on both sides):")

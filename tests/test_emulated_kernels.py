@@ -162,6 +162,28 @@ def test_sweep_kernel_matches_cpu(emulator, tmp_path, dtype, cut, name):
     compare(unpack(flat, want), want, dtype)
 
 
+@pytest.mark.parametrize("dtype,name", [(torch.float32, n) for n, c in LAYER_CASES.items() if not c["proj"]]
+                         + [(torch.bfloat16, "bi-lengths")], ids=lambda v: str(v).removeprefix("torch."))
+def test_sweep_kernel_in_one_launch_with_a_block_per_direction(emulator, tmp_path, dtype, name):
+    # Units = H: each direction is one block, whose step barrier is its own __syncthreads,
+    # so every step (and every backward phase) runs in one launch: the kernels' own loop
+    # over the steps, with its h and dg ping-pong buffers, runs here as on the GPU. Batch
+    # tiles of 3 rows: a tile and a partial one per step.
+    header, case = make_case(dtype, 0, T=5, B=4, I=6, H=8, P=8, **LAYER_CASES[name])
+    proc, flat = run_emulated(emulator, header, case, tmp_path, ("sweep-whole", 8, 3))
+    assert proc.returncode == 0, proc.stderr
+    want = reference_layer(case, dtype)
+    compare(unpack(flat, want), want, dtype)
+
+
+def test_a_sweep_over_several_blocks_needs_the_grid_barrier(emulator, tmp_path):
+    # Fewer units than H: the steps of one launch would need the grid barrier, which only a
+    # cooperative launch on a GPU gives; the launcher refuses rather than run without it.
+    header, case = make_case(torch.float32, 0, T=5, B=4, I=6, H=8, P=8, **LAYER_CASES["uni"])
+    proc, _ = run_emulated(emulator, header, case, tmp_path, ("sweep-whole", 3, 4))
+    assert proc.returncode != 0 and "launch failed" in proc.stderr, proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("D", [1, 2])
 def test_sweep_kernel_of_one_step(emulator, tmp_path, D):
     # T = 1: the forward sweep's only step reads h0 and writes h_n, with no step between;

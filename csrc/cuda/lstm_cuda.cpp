@@ -128,15 +128,28 @@ bool use_sweep(int64_t B, int64_t H, bool backward) {
   return (backward ? bwd_on : fwd_on) && B * H * H < (int64_t(1) << 23);
 }
 
-// The plan of a sweep on the current device, if it fits there.
+// The plan of a sweep on the current device, if it fits there: the units spread over as
+// many blocks as the device holds at once, with the grid barrier between steps. With
+// BIRNN_EXT_CUDA_SWEEP_BLOCK=1, one block per direction instead wherever its share of
+// W_hh fits one block's shared memory (H up to about 100 in float32): no grid barrier
+// (about 1.1 us a step on an H200) and a plain launch, against a fraction of the SMs'
+// arithmetic. Off by default until a GPU has timed it (make gpu-check times the gpu-grid
+// preset both ways).
 template <typename T>
 bool device_sweep_plan(bool backward, bool training, int64_t H, int64_t B, int64_t D, cuda::SweepPlan* plan) {
+  static const bool block = [] {
+    const char* v = std::getenv("BIRNN_EXT_CUDA_SWEEP_BLOCK");
+    return v && std::string(v) == "1";
+  }();
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  if (!cuda::choose_sweep_plan(backward, H, B, D, sizeof(T), sizeof(math_t<T>), prop->multiProcessorCount,
-                               int64_t(prop->sharedMemPerBlockOptin), plan))
-    return false;
-  return backward ? cuda::sweep_bwd_fits<T>(*plan, prop->multiProcessorCount)
-                  : cuda::sweep_fwd_fits<T>(*plan, training, prop->multiProcessorCount);
+  const int sms = prop->multiProcessorCount;
+  const int64_t shared = int64_t(prop->sharedMemPerBlockOptin);
+  auto fits = [&] {
+    return backward ? cuda::sweep_bwd_fits<T>(*plan, sms) : cuda::sweep_fwd_fits<T>(*plan, training, sms);
+  };
+  if (block && cuda::choose_block_sweep_plan(backward, H, B, D, sizeof(T), sizeof(math_t<T>), shared, plan) && fits())
+    return true;
+  return cuda::choose_sweep_plan(backward, H, B, D, sizeof(T), sizeof(math_t<T>), sms, shared, plan) && fits();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cuda(
@@ -194,7 +207,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                            {dir(b_hh, 0), dir(b_hh, 1)}, ptr<S>(xg), math_ptr<S>(c), ptr<S>(h0c), ptr<S>(hs),
                            ptr<S>(h), ptr<S>(y), training ? math_ptr<S>(c_prev) : nullptr,
                            training ? ptr<S>(h_prev) : nullptr};
-      C10_CUDA_CHECK(cuda::launch_sweep_fwd(sw, plan.shared_bytes, /*cooperative=*/true, stream));
+      C10_CUDA_CHECK(cuda::launch_sweep_fwd(sw, plan.shared_bytes, /*cooperative=*/plan.blocks > D, stream));
       return;
     }
     // The per-step path takes each weight with its directions stacked [D, ...]: one
@@ -279,7 +292,7 @@ lstm_layer_backward_cuda(const std::optional<at::Tensor>& grad_y, const std::opt
         cuda::SweepBwd<T> sw{T_, B, H, D, 0, T_ + 1, plan.units, plan.batch_tile, plan.lanes, plan.tile_offset,
                              plan.part_offset, lp, {ptr<S>(w[0]), D > 1 ? ptr<S>(w[1]) : nullptr}, ptr<S>(gates),
                              math_ptr<S>(c_prev), dyp, math_ptr<S>(dh), math_ptr<S>(dc), ptr<S>(dg), ptr<S>(dgs)};
-        C10_CUDA_CHECK(cuda::launch_sweep_bwd(sw, plan.shared_bytes, /*cooperative=*/true, stream));
+        C10_CUDA_CHECK(cuda::launch_sweep_bwd(sw, plan.shared_bytes, /*cooperative=*/plan.blocks > D, stream));
       }
       // The per-step path: W_hh (and W_hr) with the directions stacked, for the batched GEMMs.
       const at::Tensor w_hh = sweep ? at::Tensor() : at::stack(wts.of(wts.w_hh));

@@ -65,6 +65,16 @@ __device__ __forceinline__ void tile_products(const T* w, const T* tile, int R, 
   }
 }
 
+// The barrier between two steps of a sweep. Where a direction is one block (per_dir ==
+// 1), it exchanges its h (or dg) with itself alone, and the __syncthreads that ends
+// every batch tile already orders the step's global writes before the next step's reads
+// (a block barrier makes its threads' global writes visible to the block). Otherwise
+// every block of the grid must have written its units first: the grid barrier, which
+// needs the cooperative launch.
+__device__ __forceinline__ void step_barrier(int per_dir) {
+  if (per_dir > 1) BIRNN_GRID_SYNC();
+}
+
 // The sum of one dot product's lanes, in a fixed order.
 template <typename A>
 __device__ __forceinline__ A lane_sum(const A* lanes, int L) {
@@ -130,7 +140,7 @@ __global__ void sweep_fwd_kernel(const SweepFwd<T> p) {
       }
       __syncthreads();  // the next tile overwrites h_s and part
     }
-    if (s + 1 < p.s_end) BIRNN_GRID_SYNC();
+    if (s + 1 < p.s_end) step_barrier(per_dir);
   }
 }
 
@@ -205,12 +215,13 @@ __global__ void sweep_bwd_kernel(const SweepBwd<T> p) {
       }
       __syncthreads();  // the next tile overwrites g_s and part
     }
-    if (q + 1 < p.q_end) BIRNN_GRID_SYNC();
+    if (q + 1 < p.q_end) step_barrier(per_dir);
   }
 }
 
 // Launches `blocks` blocks of kSweepThreads: all at once with a grid barrier available
-// (cooperative, GPU only), or as a plain launch of one step.
+// (cooperative, GPU only), or as a plain launch: of one step, or of any number where
+// each direction is one block (its step barrier is the block's own).
 template <typename P>
 cudaError_t launch_sweep(void (*kernel)(P), const P& p, int64_t blocks, int64_t steps, int64_t shared_bytes,
                          bool cooperative, cudaStream_t stream) {
@@ -223,7 +234,7 @@ cudaError_t launch_sweep(void (*kernel)(P), const P& p, int64_t blocks, int64_t 
 #else
   if (cooperative) return cudaErrorNotSupported;
 #endif
-  if (steps != 1) return cudaErrorNotSupported;  // a step's blocks need the barrier before the next step
+  if (steps != 1 && blocks != p.D) return cudaErrorNotSupported;  // the steps need the grid barrier
   BIRNN_LAUNCH(kernel, dim3(unsigned(blocks)), dim3(unsigned(kSweepThreads)), size_t(shared_bytes), stream, p);
   return BIRNN_LAUNCH_ERROR();
 }

@@ -11,8 +11,10 @@
 //             dh_{t-1} = dg W_hh at its units, which then feed its units' cell backward.
 // What one block needs from the others each step (h forward, dg backward) goes through
 // global memory, staged tile by tile into shared memory, with a grid-wide barrier between
-// steps; that needs every block resident at once (a cooperative launch). The host
-// emulator runs one step per launch instead, where the launch boundary is the barrier.
+// steps; that needs every block resident at once (a cooperative launch). Where a block
+// holds a whole direction (units >= H), the step barrier is the block's own and a plain
+// launch runs every step. The host emulator runs the grid-barrier sweeps one step per
+// launch, where the launch boundary is the barrier, and the one-block ones whole.
 #pragma once
 
 #include "lstm_kernels.h"
@@ -117,9 +119,24 @@ inline bool choose_sweep_plan(bool backward, int64_t H, int64_t B, int64_t D, in
   return false;
 }
 
+// The plan that gives each direction one block (units = H, the largest batch tile that
+// fits), or false where W_hh's share does not fit one block's shared memory.
+inline bool choose_block_sweep_plan(bool backward, int64_t H, int64_t B, int64_t D, int64_t elem_bytes,
+                                    int64_t math_bytes, int64_t max_shared, SweepPlan* out) {
+  if (H <= 0 || B <= 0 || D <= 0) return false;
+  for (int64_t tile = B; tile >= 1; tile = tile > 64 ? tile * 3 / 4 : tile - 1) {
+    const SweepPlan pl = sweep_plan(backward, H, B, D, H, tile, elem_bytes, math_bytes);
+    if (pl.shared_bytes <= max_shared) {
+      *out = pl;
+      return true;
+    }
+  }
+  return false;
+}
+
 // Each returns the launch's error (cudaSuccess where it went). `shared_bytes` from the
-// plan; `cooperative` launches all the steps (phases) of p at once (GPU only); otherwise
-// p must hold one.
+// plan; `cooperative` launches all the steps (phases) of p at once with the grid barrier
+// (GPU only); otherwise p must hold one step, or the plan one block per direction.
 template <typename T>
 cudaError_t launch_sweep_fwd(const SweepFwd<T>& p, int64_t shared_bytes, bool cooperative, cudaStream_t stream);
 template <typename T>

@@ -9,7 +9,9 @@
 // "none"). run_kernels IN OUT [sweep UNITS BATCH_TILE] runs the kernels. With "sweep", a
 // layer without a projection runs its forward and its backward through the sweep kernels
 // (one step per launch, cut into blocks of UNITS hidden units and batch tiles of
-// BATCH_TILE rows) instead of the per-step GEMMs and cell kernels. IN: 14 int64 (mode 0 layer / 1 cell, dtype 0 f32 / 1 f64 /
+// BATCH_TILE rows) instead of the per-step GEMMs and cell kernels. "sweep-whole" runs
+// every step in one launch, which the kernels allow where UNITS >= H (a block per
+// direction, whose step barrier is its own). IN: 14 int64 (mode 0 layer / 1 cell, dtype 0 f32 / 1 f64 /
 // 2 f16 / 3 bf16, T, B, I, H, P, D, has_lengths, has_bias, has_proj, has_grad_y,
 // has_grad_h, has_grad_c), then lengths as int64 [B] if any, then float64 arrays:
 // x [T,B,I], h0 [D,B,P], c0 [D,B,H], w_ih [D,4H,I], w_hh [D,4H,P], bias [D,4H] if any,
@@ -76,6 +78,7 @@ void check(cudaError_t e) {
 
 struct SweepOption {
   bool on = false;
+  bool whole = false;  // every step in one launch (one block per direction)
   int64_t units = 0, batch_tile = 0;
 } sweep_option;
 
@@ -131,8 +134,9 @@ void run_layer(const int64_t* hd, Reader& in, Writer& out) {
     // The sweep takes each direction's weights where they lie, and b_ih and b_hh apart: the
     // test's bias as b_ih, zeros as b_hh.
     const std::vector<T> zeros(D * G, from_double<T>(0));
-    for (int64_t s = 0; s < T_; ++s) {
-      SweepFwd<T> sw{T_, B, H, D, s, s + 1, pl.units, pl.batch_tile, pl.lanes, pl.tile_offset, pl.part_offset, lp,
+    const int64_t step = sweep_option.whole ? T_ : 1;
+    for (int64_t s = 0; s < T_; s += step) {
+      SweepFwd<T> sw{T_, B, H, D, s, s + step, pl.units, pl.batch_tile, pl.lanes, pl.tile_offset, pl.part_offset, lp,
                      {per_direction(w_hh, 0, G * H), per_direction(w_hh, 1, G * H)},
                      {has_bias ? per_direction(bias, 0, G) : nullptr, has_bias ? per_direction(bias, 1, G) : nullptr},
                      {has_bias ? per_direction(zeros, 0, G) : nullptr, has_bias ? per_direction(zeros, 1, G) : nullptr},
@@ -167,8 +171,9 @@ void run_layer(const int64_t* hd, Reader& in, Writer& out) {
     const SweepPlan pl =
         sweep_plan(true, H, B, D, sweep_option.units, sweep_option.batch_tile, sizeof(T), sizeof(A));
     std::vector<T> dgs(2 * D * B * G);
-    for (int64_t q = 0; q <= T_; ++q) {
-      SweepBwd<T> sw{T_, B, H, D, q, q + 1, pl.units, pl.batch_tile, pl.lanes, pl.tile_offset, pl.part_offset, lp,
+    const int64_t phases = sweep_option.whole ? T_ + 1 : 1;
+    for (int64_t q = 0; q <= T_; q += phases) {
+      SweepBwd<T> sw{T_, B, H, D, q, q + phases, pl.units, pl.batch_tile, pl.lanes, pl.tile_offset, pl.part_offset, lp,
                      {per_direction(w_hh, 0, G * H), per_direction(w_hh, 1, G * H)}, xg.data(), c_prev.data(), has_gy ? dy.data() : nullptr, dh.data(), dc.data(),
                      dg.data(), dgs.data()};
       check(launch_sweep_bwd(sw, pl.shared_bytes, false, nullptr));
@@ -280,10 +285,10 @@ int main(int argc, char** argv) {
                 (long long)pl.lanes, (long long)pl.shared_bytes);
     return 0;
   }
-  if (argc == 6 && std::string(argv[3]) == "sweep") {
-    sweep_option = {true, std::atoll(argv[4]), std::atoll(argv[5])};
+  if (argc == 6 && (std::string(argv[3]) == "sweep" || std::string(argv[3]) == "sweep-whole")) {
+    sweep_option = {true, std::string(argv[3]) == "sweep-whole", std::atoll(argv[4]), std::atoll(argv[5])};
   } else if (argc != 3) {
-    std::fprintf(stderr, "usage: %s IN OUT [sweep UNITS BATCH_TILE]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s IN OUT [sweep|sweep-whole UNITS BATCH_TILE]\n", argv[0]);
     return 2;
   }
   Reader in{std::fopen(argv[1], "rb")};
