@@ -296,32 +296,30 @@ class FusedLSTM(_TorchNNCounterpart, nn.Module):
             layers.append(slots)
         return layers
 
-    def _layer_weights(self, input: Tensor) -> list[list[Tensor | None]]:
+    def _layer_weights(self) -> list[list[Tensor | None]]:
         """Per layer, the op's ten weight arguments (see _weight_slots): the module's own
         Parameters, fetched on every call and read in place by the op (no copy, nothing
         cached), so a parameter changed in any way (through .data, load_state_dict, a
-        parametrization) is what this call uses. Each is checked on the way: a parameter
-        replaced after construction must still fit (a clear error here, not a failed
-        product later)."""
-        layers = []
+        parametrization) is what this call uses. Not checked here: the op checks every
+        shape, dtype and device itself, and where it refuses a call, _weight_error names
+        the parameter at fault (checking them all here first cost 3 us a call)."""
+        return [[None if slot is None else self._param(slot[0]) for slot in slots] for slots in self._slots]
+
+    def _weight_error(self, input: Tensor) -> str | None:
+        """The error that names the first parameter that does not fit, or None: a parameter
+        replaced after construction must keep its shape and the input's device."""
         for slots in self._slots:
-            weights = []
             for slot in slots:
                 if slot is None:
-                    weights.append(None)
                     continue
                 name, shape = slot
                 w = self._param(name)
                 if w.shape != shape:
-                    raise RuntimeError(f"{name} must have shape {shape}, got {tuple(w.shape)}")
+                    return f"{name} must have shape {shape}, got {tuple(w.shape)}"
                 if w.device != input.device:
-                    raise RuntimeError(
-                        "Input and parameter tensors are not at the same device, "
-                        f"found input tensor at {input.device} and parameter tensor at {w.device}"
-                    )
-                weights.append(w)
-            layers.append(weights)
-        return layers
+                    return ("Input and parameter tensors are not at the same device, "
+                            f"found input tensor at {input.device} and parameter tensor at {w.device}")
+        return None
 
     @staticmethod
     def _check_batch_sizes(batch_sizes: Tensor, rows: int) -> None:
@@ -388,7 +386,7 @@ class FusedLSTM(_TorchNNCounterpart, nn.Module):
             data, batch_sizes, sorted_indices, unsorted_indices = input
             self._check_input(data, packed=True)
             self._check_batch_sizes(batch_sizes, data.size(0))
-            weights = self._layer_weights(data)
+            weights = self._layer_weights()
             batch = int(batch_sizes[0])
             # Padded in the packed (sorted) order; the kernel handles the lengths.
             x, seq_lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
@@ -425,7 +423,7 @@ class FusedLSTM(_TorchNNCounterpart, nn.Module):
                     )
                 hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
         self._check_input(input, packed=False)
-        weights = self._layer_weights(input)
+        weights = self._layer_weights()
         batch = input.size(batch_dim)
         if hx is not None:
             self._check_hidden(hx, batch, input)
@@ -443,21 +441,33 @@ class FusedLSTM(_TorchNNCounterpart, nn.Module):
         """x [T,B,I] -> y [T,B,D*H], (h_n, c_n) [L*D,B,H], layer by layer; `weights` from
         _layer_weights. The op is called directly (not through ops.lstm_layer): at batch 1
         this module's Python is a large part of a call."""
-        D, H, B = self.num_directions, self.hidden_size, x.size(1)
+        D, H, B, L = self.num_directions, self.hidden_size, x.size(1), self.num_layers
         if hx is None:
-            hx = (x.new_zeros((self.num_layers * D, B, self._h_size)), x.new_zeros((self.num_layers * D, B, H)))
+            # One tensor of zeros for both states where they have one shape: the op reads
+            # h0 and c0 and writes neither.
+            zeros = x.new_zeros((L * D, B, H))
+            hx = (zeros if self.proj_size == 0 else x.new_zeros((L * D, B, self.proj_size)), zeros)
         onnx = _onnx.dynamo_export()
-        if self.proj_size > 0 and (onnx or torch.onnx.is_in_onnx_export()):
-            _onnx.refuse_projection(type(self).__name__)
+        if onnx or torch.onnx.is_in_onnx_export():
+            if (error := self._weight_error(x)) is not None:
+                raise RuntimeError(error)
+            if self.proj_size > 0:
+                _onnx.refuse_projection(type(self).__name__)
         h_n, c_n = [], []
         for layer, w in enumerate(weights):
-            h0, c0 = hx[0][layer * D : (layer + 1) * D], hx[1][layer * D : (layer + 1) * D]
+            h0, c0 = hx if L == 1 else (hx[0][layer * D : (layer + 1) * D], hx[1][layer * D : (layer + 1) * D])
             if onnx:
                 x, h, c = _onnx.lstm_layer(x, h0, c0, w, lengths)
             else:
                 # Save for backward only where a gradient will be asked of this layer.
                 training = ops._needs_grad(x, h0, c0, *w)
-                x, h, c, *_ = _lstm_layer_forward(x, lengths, h0, c0, *w, training)
+                try:
+                    x, h, c, *_ = _lstm_layer_forward(x, lengths, h0, c0, *w, training)
+                except RuntimeError:
+                    # The op names its own argument; the module names its parameter.
+                    if (error := self._weight_error(x)) is not None:
+                        raise RuntimeError(error) from None
+                    raise
             h_n.append(h)
             c_n.append(c)
             if self.dropout > 0 and self.training and layer + 1 < self.num_layers:
