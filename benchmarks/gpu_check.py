@@ -10,7 +10,9 @@ package index):
     the backward sweep off (BIRNN_EXT_CUDA_SWEEP_BWD=0: per-step GEMMs and launches), the
     measurement for lstm_cuda.cpp's use_sweep rule in backward; and the gpu-grid cases
     with H below 100 again with a block per direction (BIRNN_EXT_CUDA_SWEEP_BLOCK=1), the
-    measurement for its device_sweep_plan rule;
+    measurement for its device_sweep_plan rule; and the targets preset with a cluster per
+    direction in the forward sweeps (BIRNN_EXT_CUDA_SWEEP_CLUSTER=1, sm_90), for
+    device_cluster_plan's;
  5. the per-kernel profile of FusedBiLSTM and cuDNN (benchmarks/profile_kernels.py).
 
 Each step's output goes to LOGS/<step>.log (default build/gpu-check); a compact table of
@@ -38,7 +40,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 SANITIZED = ["tests/test_lstm_parity.py", "tests/test_cell.py", "tests/test_lengths.py", "tests/test_cuda_graphs.py",
              "-k", "not reduce_overhead"]
 STEPS = ["build", "pytest", "memcheck", "racecheck", "synccheck", "bench-targets", "bench-bwd-off", "bench-grid",
-         "bench-block", "profile"]
+         "bench-block", "bench-cluster", "profile"]
 
 
 def gpu() -> tuple[str, str] | None:
@@ -152,6 +154,7 @@ def main(argv=None) -> int:
         # gpu-grid's g1, g2 and g5: the sizes where one block holds a direction's W_hh.
         ("bench-block", bench + ["--case", "1,400,40,64,1", "--case", "8,100,28,64,2", "--case", "64,200,300,96,1",
                                  "--name", "gpu-grid-cuda-sweep-block"], 300),
+        ("bench-cluster", bench + ["--preset", "targets", "--name", "targets-cuda-sweep-cluster"], 300),
         ("profile", [py, "benchmarks/profile_kernels.py"], 180),
     ]
     results = []
@@ -160,7 +163,8 @@ def main(argv=None) -> int:
             continue
         step_env = {"memcheck": dict(env, PYTORCH_NO_CUDA_MEMORY_CACHING="1"),
                     "bench-bwd-off": dict(env, BIRNN_EXT_CUDA_SWEEP_BWD="0"),
-                    "bench-block": dict(env, BIRNN_EXT_CUDA_SWEEP_BLOCK="1")}.get(step, env)
+                    "bench-block": dict(env, BIRNN_EXT_CUDA_SWEEP_BLOCK="1"),
+                    "bench-cluster": dict(env, BIRNN_EXT_CUDA_SWEEP_CLUSTER="1")}.get(step, env)
         print(f"[gpu-check] {step} ...", file=sys.stderr, flush=True)
         results.append(run_step(step, cmd, step_env, args.logs, timeout))
         if step == "build" and results[-1]["rc"] != 0:
@@ -176,7 +180,9 @@ def main(argv=None) -> int:
                                   ("bench-bwd-off", "targets preset, backward sweep off", "targets-cuda-sweep-bwd-off"),
                                   ("bench-grid", "gpu-grid preset", "gpu-grid-cuda"),
                                   ("bench-block", "gpu-grid's g1, g2, g5 with a block per direction",
-                                   "gpu-grid-cuda-sweep-block")):
+                                   "gpu-grid-cuda-sweep-block"),
+                                  ("bench-cluster", "targets preset, a cluster per direction forward",
+                                   "targets-cuda-sweep-cluster")):
         lines = ratio_table(csv_name) if step in done else []  # never an earlier run's file
         if lines:
             print(f"\nnn.LSTM time / fused time, {title} (float32, TF32 off on both sides):")

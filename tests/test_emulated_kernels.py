@@ -176,6 +176,24 @@ def test_sweep_kernel_in_one_launch_with_a_block_per_direction(emulator, tmp_pat
     compare(unpack(flat, want), want, dtype)
 
 
+# The cluster sweep (sm_90): clusters of 4 blocks of 2 units, and of 3 blocks of 3 units
+# (the last holding 2); batch tiles of 3 rows, a whole one and a partial one per step.
+CLUSTER_RUNS = [(torch.float32, cluster, name) for cluster in (4, 3) for name, c in LAYER_CASES.items()
+                if not c["proj"]] + [(torch.bfloat16, 3, "bi-lengths"), (torch.float64, 4, "bi-lengths-nobias")]
+
+
+@pytest.mark.parametrize("dtype,cluster,name", CLUSTER_RUNS, ids=lambda v: str(v).removeprefix("torch."))
+def test_cluster_sweep_matches_cpu(emulator, tmp_path, dtype, cluster, name):
+    """The forward sweep with a thread-block cluster per direction, whole in one launch:
+    its blocks read each other's h from their shared memories and meet at the cluster
+    barrier, which the emulator runs with the blocks of a cluster side by side."""
+    header, case = make_case(dtype, 0, T=5, B=4, I=6, H=8, P=8, **LAYER_CASES[name])
+    proc, flat = run_emulated(emulator, header, case, tmp_path, ("sweep-cluster", cluster, 3))
+    assert proc.returncode == 0, proc.stderr
+    want = reference_layer(case, dtype)
+    compare(unpack(flat, want), want, dtype)
+
+
 def test_a_sweep_over_several_blocks_needs_the_grid_barrier(emulator, tmp_path):
     # Fewer units than H: the steps of one launch would need the grid barrier, which only a
     # cooperative launch on a GPU gives; the launcher refuses rather than run without it.
@@ -234,13 +252,14 @@ def test_cell_kernels_match_cpu(emulator, tmp_path, dtype, bias):
 
 
 @pytest.mark.parametrize("defect", ["BIRNN_BREAK_OFF_BY_ONE", "BIRNN_BREAK_MISSING_BARRIER", "BIRNN_BREAK_LEAK",
-                                    "BIRNN_BREAK_SWEEP_BARRIER", "BIRNN_BREAK_SWEEP_BWD_BARRIER"])
+                                    "BIRNN_BREAK_SWEEP_BARRIER", "BIRNN_BREAK_SWEEP_BWD_BARRIER",
+                                    "BIRNN_BREAK_CLUSTER_BARRIER"])
 def test_a_broken_kernel_is_caught(tmp_path, defect):
     """The harness can fail: a build with a deliberate defect (the reverse direction's
     time index off by one; the barrier before the shared-memory reduction removed; a
     leaked allocation; the forward or the backward sweep's barrier between its dot
-    products and its cell update removed) must be caught, by a sanitizer or by a wrong
-    answer."""
+    products and its cell update removed; the cluster sweep's barrier between steps
+    removed) must be caught, by a sanitizer or by a wrong answer."""
     exe = build(f"run_kernels_{defect.lower()}", (defect,))
     # The shared-memory reduction (column_sums_kernel) sums the cell's bias gradient; a
     # layer's goes to an ATen reduction on the GPU, a host sum in the emulated run.
@@ -250,7 +269,7 @@ def test_a_broken_kernel_is_caught(tmp_path, defect):
     else:
         header, case = make_case(torch.float32, 0, T=5, B=4, I=6, H=8, P=8, D=2, lengths=[5, 2, 1, 4], bias=True,
                                  proj=False)
-    args = ("sweep", 3, 4) if "SWEEP" in defect else ()
+    args = ("sweep", 3, 4) if "SWEEP" in defect else ("sweep-cluster", 4, 4) if "CLUSTER" in defect else ()
     proc, flat = run_emulated(exe, header, case, tmp_path, args)
     if proc.returncode != 0:
         assert "Sanitizer" in proc.stderr or "runtime error" in proc.stderr, proc.stderr[-2000:]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from birnn_ext import FusedBiLSTM, FusedLSTM, FusedLSTMCell
-from helpers import DEVICES, TOL, assert_close, assert_same_results, layer_weight_args, outputs_and_grads
+from helpers import DEVICES, TOL, assert_close, assert_same_results, layer_weight_args, outputs_and_grads, run_python
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -218,6 +218,34 @@ def test_cuda_sweep_and_per_step_paths_match(B, H):
         y_ref, (h_ref, c_ref) = ref(x, hx)
     for got, want in ((y, y_ref), (h, h_ref), (c, c_ref)):
         assert_close(got, want, torch.float64)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.parametrize("switch", ["BIRNN_EXT_CUDA_SWEEP_BLOCK", "BIRNN_EXT_CUDA_SWEEP_CLUSTER"])
+def test_cuda_opt_in_sweeps_match(switch):
+    """The sweeps behind a switch (read once, at load: a fresh process each) against
+    nn.LSTM in float64: a block per direction (H 13 and 64 fit one block), a cluster per
+    direction (sm_90, where H 13, 64 and 128 spread over 13 and 16 blocks), with lengths
+    on the GPU (against the CPU path), in float64 and float32."""
+    code = (
+        "import sys, torch; sys.path.insert(0, 'tests')\n"
+        "from test_lstm_parity import make_pair, make_input, reference_results, outputs_and_grads\n"
+        "from helpers import assert_same_results\n"
+        "for B, H, dtype in [(3, 13, torch.float64), (5, 64, torch.float64), (4, 128, torch.float64),\n"
+        "                    (6, 64, torch.float32)]:\n"
+        "    ref, fused = make_pair(7, H, 'cuda', dtype, bidirectional=True)\n"
+        "    x, hx = make_input(9, B, 7, 2, 1, H, 'cuda', dtype, False, True)\n"
+        "    assert_same_results(outputs_and_grads(fused, x, hx), reference_results(ref, x, hx, dtype), dtype)\n"
+        "    lengths = torch.randint(1, 10, (B,))\n"
+        "    with torch.no_grad():\n"
+        "        y = fused(x, hx, lengths=lengths.cuda())[0]\n"
+        "        y_ref = fused.cpu()(x.cpu(), tuple(t.cpu() for t in hx), lengths=lengths)[0]\n"
+        "    torch.testing.assert_close(y.cpu(), y_ref, rtol=1e-5, atol=1e-5)\n"
+        "print('ok')\n"
+    )
+    run = run_python(code, **{switch: "1"})
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
 
 
 @pytest.mark.cuda

@@ -19,6 +19,24 @@
 #define BIRNN_GRID_SYNC() ::birnn_emu::fail("grid sync: the emulator runs the sweep one step per launch")
 #endif
 
+// Thread-block clusters and distributed shared memory (sm_90 and later): the cluster
+// barrier, a block's rank in its cluster, and the address of another block's copy of a
+// shared-memory variable. Compiled for an older GPU they are unreachable (the host
+// launches cluster kernels only on sm_90 and later) and trap.
+#if defined(BIRNN_EMU)
+#define BIRNN_HAVE_CLUSTERS 1
+#define BIRNN_CLUSTER_SYNC() ::birnn_emu::cluster_sync()
+#define BIRNN_CLUSTER_RANK() ::birnn_emu::cluster_block_rank()
+#define BIRNN_MAP_SHARED(ptr, rank) ::birnn_emu::map_shared_rank(ptr, rank)
+#elif !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+#define BIRNN_HAVE_CLUSTERS 1
+#define BIRNN_CLUSTER_SYNC() cooperative_groups::this_cluster().sync()
+#define BIRNN_CLUSTER_RANK() cooperative_groups::this_cluster().block_rank()
+#define BIRNN_MAP_SHARED(ptr, rank) cooperative_groups::this_cluster().map_shared_rank(ptr, rank)
+#else
+#define BIRNN_HAVE_CLUSTERS 0
+#endif
+
 namespace birnn::cuda {
 namespace {
 

@@ -144,6 +144,97 @@ __global__ void sweep_fwd_kernel(const SweepFwd<T> p) {
   }
 }
 
+#if BIRNN_HAVE_CLUSTERS
+// Rows [b0, b0 + nb) of the whole h of the step before into dst ([4 * quads][H + 1], rows
+// past nb zeros), read from the cluster's blocks: unit k is block k / U's, which keeps
+// its units' h of every row in own ([B][U], at the same address in each block).
+template <typename T>
+__device__ __forceinline__ void stage_from_cluster(const T* own, int64_t b0, int nb, int quads, int H, int U,
+                                                   T* dst) {
+  const int n = 4 * quads * H, stride = H + 1;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const int bb = i / H, k = i % H;
+    T v = from_math<T>(math_t<T>(0));
+    if (bb < nb) v = BIRNN_MAP_SHARED(own, unsigned(k / U))[(b0 + bb) * U + k % U];
+    dst[bb * stride + k] = v;
+  }
+}
+#endif
+
+// The forward sweep with a cluster per direction: sweep_fwd_kernel's cut and steps, but
+// the h of the step before comes from the cluster's shared memories (each block writes
+// its units' h into its own, two steps deep), and the cluster barrier ends each step, the
+// last one included: no block may leave while the others still read its shared memory.
+template <typename T, bool Training>
+__global__ void sweep_fwd_cluster_kernel(const SweepFwd<T> p) {
+#if BIRNN_HAVE_CLUSTERS
+  using A = math_t<T>;
+  const int H = int(p.H), U = int(p.units), R = 4 * U, L = int(p.lanes), stride = H + 1;
+  const int64_t G = 4 * p.H, B = p.B, D = p.D;
+  const int per_dir = (H + U - 1) / U;
+  const int64_t d = blockIdx.x / per_dir;
+  const int j0 = int(BIRNN_CLUSTER_RANK()) * U;
+  const int nu = H - j0 < U ? H - j0 : U;
+  const int tid = threadIdx.x, nt = blockDim.x;
+  BIRNN_DYNAMIC_SHARED(unsigned char, smem);
+  T* w_s = reinterpret_cast<T*>(smem);
+  T* h_s = reinterpret_cast<T*>(smem + p.tile_offset);
+  A* part = reinterpret_cast<A*>(smem + p.part_offset);
+  T* own = reinterpret_cast<T*>(smem + p.own_offset);  // [2][B][U]: step s reads own[s % 2], writes own[(s + 1) % 2]
+  for (int i = tid; i < R * H; i += nt) {
+    const int r = i / H, k = i % H, g = r / U, u = r % U;
+    w_s[r * stride + k] = u < nu ? p.w_hh[d][(g * H + j0 + u) * H + k] : from_math<T>(A(0));
+  }
+  for (int64_t s = p.s_begin; s < p.s_end; ++s) {
+    const T* own_cur = own + (s & 1) * B * U;
+    T* own_next = own + ((s + 1) & 1) * B * U;
+    for (int64_t b0 = 0; b0 < B; b0 += p.batch_tile) {
+      const int nb = int(B - b0 < p.batch_tile ? B - b0 : p.batch_tile), quads = (nb + 3) / 4;
+      if (s == 0) {
+        stage_tile(p.h0 + (d * B + b0) * H, nb, quads, H, h_s);
+      } else {
+        stage_from_cluster(own_cur, b0, nb, quads, H, U, h_s);
+      }
+      __syncthreads();
+      tile_products(w_s, h_s, R, H, L, nb, quads, part);
+      __syncthreads();
+      for (int t = tid; t < nb * nu; t += nt) {
+        const int bb = t / nu, u = t % nu, j = j0 + u;
+        const int64_t b = b0 + bb;
+        const int64_t len = p.len ? p.len[b] : p.T_;
+        const int64_t row = step_time(d, s, len) * B + b;
+        const int64_t state = d * B + b;
+        const T h_old = h_s[bb * stride + j];
+        if (p.c_prev) p.c_prev[row * D * H + d * H + j] = p.c[state * H + j];
+        if (p.h_prev) p.h_prev[(d * p.T_ * B + row) * H + j] = h_old;
+        T* y = p.y + row * D * H + d * H;
+        T h_new = h_old;  // padding: zero output, state carried unchanged
+        if (s >= len) {
+          y[j] = from_math<T>(A(0));
+        } else {
+          A sums[4], bias[4] = {};
+          for (int g = 0; g < 4; ++g) sums[g] = lane_sum(part + (bb * R + g * U + u) * L, L);
+          if (p.b_ih[d])
+            for (int g = 0; g < 4; ++g)
+              bias[g] = to_math(from_math<T>(to_math(p.b_ih[d][g * H + j]) + to_math(p.b_hh[d][g * H + j])));
+          h_new = from_math<T>(
+              cell_forward<T, Training>(p.xg + row * D * G + d * G, sums, bias, p.c[state * H + j], H, j));
+          y[j] = h_new;
+        }
+        own_next[b * U + u] = h_new;
+        if (s == p.T_ - 1) p.h_n[state * H + j] = h_new;
+      }
+      __syncthreads();  // the next tile overwrites h_s and part
+    }
+#if !defined(BIRNN_BREAK_CLUSTER_BARRIER)
+    BIRNN_CLUSTER_SYNC();
+#endif
+  }
+#else
+  __trap();
+#endif
+}
+
 // The backward sweep. The block's shared W_hh columns make dh = dg_{t+1} W_hh at its units
 // from the whole dg row of the step before; the cell backward of its units then needs
 // nothing from other blocks (dh and dc of its units are its own), and its dg goes out to
@@ -273,7 +364,62 @@ cudaError_t launch_sweep_bwd(const SweepBwd<T>& p, int64_t shared_bytes, bool co
                       shared_bytes, cooperative, stream);
 }
 
+template <typename T>
+cudaError_t launch_sweep_fwd_cluster(const SweepFwd<T>& p, int64_t shared_bytes, cudaStream_t stream) {
+  if (p.B == 0 || p.s_begin >= p.s_end) return cudaSuccess;
+  auto kernel = p.c_prev ? sweep_fwd_cluster_kernel<T, true> : sweep_fwd_cluster_kernel<T, false>;
+  const int64_t per_dir = (p.H + p.units - 1) / p.units;
 #if !defined(BIRNN_EMU)
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(unsigned(p.D * per_dir));
+  cfg.blockDim = dim3(unsigned(kSweepThreads));
+  cfg.dynamicSmemBytes = size_t(shared_bytes);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = unsigned(per_dir);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, p);
+#else
+  BIRNN_LAUNCH_CLUSTER(kernel, dim3(unsigned(p.D * per_dir)), dim3(unsigned(kSweepThreads)), unsigned(per_dir),
+                       size_t(shared_bytes), stream, p);
+  return BIRNN_LAUNCH_ERROR();
+#endif
+}
+
+#if !defined(BIRNN_EMU)
+template <typename T>
+bool sweep_fwd_cluster_fits(const SweepPlan& plan, bool training, int64_t D) {
+  auto kernel = training ? sweep_fwd_cluster_kernel<T, true> : sweep_fwd_cluster_kernel<T, false>;
+  const int64_t per_dir = plan.blocks / D;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.shared_bytes)) !=
+          cudaSuccess ||
+      (per_dir > 8 && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(unsigned(plan.blocks));
+  cfg.blockDim = dim3(unsigned(kSweepThreads));
+  cfg.dynamicSmemBytes = size_t(plan.shared_bytes);
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = unsigned(per_dir);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return clusters >= 1;  // the directions' clusters do not wait for each other
+}
+
 template <typename T>
 bool sweep_fwd_fits(const SweepPlan& plan, bool training, int multiprocessors) {
   return fits(training ? sweep_fwd_kernel<T, true> : sweep_fwd_kernel<T, false>, plan, multiprocessors);
@@ -284,7 +430,8 @@ bool sweep_bwd_fits(const SweepPlan& plan, int multiprocessors) {
 }
 #define BIRNN_INSTANTIATE_FITS(T)                                   \
   template bool sweep_fwd_fits<T>(const SweepPlan&, bool, int); \
-  template bool sweep_bwd_fits<T>(const SweepPlan&, int);
+  template bool sweep_bwd_fits<T>(const SweepPlan&, int);       \
+  template bool sweep_fwd_cluster_fits<T>(const SweepPlan&, bool, int64_t);
 #else
 #define BIRNN_INSTANTIATE_FITS(T)
 #endif
@@ -292,6 +439,7 @@ bool sweep_bwd_fits(const SweepPlan& plan, int multiprocessors) {
 #define BIRNN_INSTANTIATE(T)                                                                   \
   template cudaError_t launch_sweep_fwd<T>(const SweepFwd<T>&, int64_t, bool, cudaStream_t); \
   template cudaError_t launch_sweep_bwd<T>(const SweepBwd<T>&, int64_t, bool, cudaStream_t); \
+  template cudaError_t launch_sweep_fwd_cluster<T>(const SweepFwd<T>&, int64_t, cudaStream_t); \
   BIRNN_INSTANTIATE_FITS(T)
 BIRNN_INSTANTIATE(float)
 BIRNN_INSTANTIATE(double)

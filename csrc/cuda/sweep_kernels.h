@@ -40,6 +40,7 @@ struct SweepFwd {
   T* y;                // [T,B,D*H]
   math_t<T>* c_prev;   // [T,B,D*H] saved when training, else nullptr
   T* h_prev;           // [D,T,B,H] saved when training, else nullptr
+  int64_t own_offset = 0;  // the cluster sweep: where its blocks' own h lie in shared memory (SweepPlan)
 };
 
 // The backward sweep of a layer without a projection, in phases: phase q runs sweep step
@@ -72,6 +73,7 @@ constexpr int64_t kSweepThreads = 256;
 struct SweepPlan {
   int64_t units = 0, batch_tile = 0, lanes = 0, blocks = 0;
   int64_t tile_offset = 0, part_offset = 0, shared_bytes = 0;
+  int64_t own_offset = 0;  // the cluster sweep's own h, [2][B][units], after the rest
 };
 
 inline int64_t sweep_align(int64_t bytes) { return (bytes + 15) / 16 * 16; }
@@ -134,6 +136,27 @@ inline bool choose_block_sweep_plan(bool backward, int64_t H, int64_t B, int64_t
   return false;
 }
 
+// The forward sweep with a thread-block cluster per direction (sm_90): at most `cluster`
+// blocks share a direction's units, and each keeps its units' h of the last two steps
+// (all B rows) in its shared memory, where the others read it (distributed shared
+// memory) instead of through global memory; the cluster barrier replaces the grid's.
+// False where nothing fits.
+inline bool choose_cluster_sweep_plan(int64_t H, int64_t B, int64_t D, int64_t elem_bytes, int64_t math_bytes,
+                                      int64_t cluster, int64_t max_shared, SweepPlan* out) {
+  if (H <= 0 || B <= 0 || D <= 0 || cluster < 1) return false;
+  const int64_t units = (H + cluster - 1) / cluster;
+  for (int64_t tile = B; tile >= 1; tile = tile > 64 ? tile * 3 / 4 : tile - 1) {
+    SweepPlan pl = sweep_plan(false, H, B, D, units, tile, elem_bytes, math_bytes);
+    pl.own_offset = pl.shared_bytes;
+    pl.shared_bytes += sweep_align(2 * B * units * elem_bytes);
+    if (pl.shared_bytes <= max_shared) {
+      *out = pl;
+      return true;
+    }
+  }
+  return false;
+}
+
 // Each returns the launch's error (cudaSuccess where it went). `shared_bytes` from the
 // plan; `cooperative` launches all the steps (phases) of p at once with the grid barrier
 // (GPU only); otherwise p must hold one step, or the plan one block per direction.
@@ -141,6 +164,10 @@ template <typename T>
 cudaError_t launch_sweep_fwd(const SweepFwd<T>& p, int64_t shared_bytes, bool cooperative, cudaStream_t stream);
 template <typename T>
 cudaError_t launch_sweep_bwd(const SweepBwd<T>& p, int64_t shared_bytes, bool cooperative, cudaStream_t stream);
+// Every step of p, a cluster of plan.blocks / D blocks per direction (own_offset set from
+// the plan); GPU of compute capability 9.0 or later.
+template <typename T>
+cudaError_t launch_sweep_fwd_cluster(const SweepFwd<T>& p, int64_t shared_bytes, cudaStream_t stream);
 #if !defined(BIRNN_EMU)
 // Whether the device keeps all of the plan's blocks resident at once (what a cooperative
 // launch needs); sets the kernel's shared-memory limit to the plan's on the way.
@@ -148,6 +175,9 @@ template <typename T>
 bool sweep_fwd_fits(const SweepPlan& plan, bool training, int multiprocessors);
 template <typename T>
 bool sweep_bwd_fits(const SweepPlan& plan, int multiprocessors);
+// Whether the device can run one of the plan's clusters (and allows its size).
+template <typename T>
+bool sweep_fwd_cluster_fits(const SweepPlan& plan, bool training, int64_t D);
 #endif
 
 }  // namespace birnn::cuda

@@ -11,7 +11,9 @@
 // (one step per launch, cut into blocks of UNITS hidden units and batch tiles of
 // BATCH_TILE rows) instead of the per-step GEMMs and cell kernels. "sweep-whole" runs
 // every step in one launch, which the kernels allow where UNITS >= H (a block per
-// direction, whose step barrier is its own). IN: 14 int64 (mode 0 layer / 1 cell, dtype 0 f32 / 1 f64 /
+// direction, whose step barrier is its own). "sweep-cluster CLUSTER BATCH_TILE" runs the
+// forward as the cluster sweep (clusters of at most CLUSTER blocks, a direction each, in
+// one launch) and the backward sweep with the same units per block. IN: 14 int64 (mode 0 layer / 1 cell, dtype 0 f32 / 1 f64 /
 // 2 f16 / 3 bf16, T, B, I, H, P, D, has_lengths, has_bias, has_proj, has_grad_y,
 // has_grad_h, has_grad_c), then lengths as int64 [B] if any, then float64 arrays:
 // x [T,B,I], h0 [D,B,P], c0 [D,B,H], w_ih [D,4H,I], w_hh [D,4H,P], bias [D,4H] if any,
@@ -78,9 +80,11 @@ void check(cudaError_t e) {
 
 struct SweepOption {
   bool on = false;
-  bool whole = false;  // every step in one launch (one block per direction)
+  bool whole = false;    // every step in one launch (one block per direction)
+  int64_t cluster = 0;   // the forward as the cluster sweep, clusters of this many blocks at most
   int64_t units = 0, batch_tile = 0;
 } sweep_option;
+bool cluster_option_pending = false;
 
 struct Reader {
   FILE* f;
@@ -128,20 +132,25 @@ void run_layer(const int64_t* hd, Reader& in, Writer& out) {
   gemm(false, true, rows, D * G, I, x.data(), I, w_ih.data(), I, 0.0, xg.data(), D * G);
   const bool sweep = sweep_option.on && !proj;
   if (sweep) {
-    const SweepPlan pl =
-        sweep_plan(false, H, B, D, sweep_option.units, sweep_option.batch_tile, sizeof(T), sizeof(A));
+    SweepPlan pl = sweep_plan(false, H, B, D, sweep_option.units, sweep_option.batch_tile, sizeof(T), sizeof(A));
+    if (sweep_option.cluster) {
+      pl.own_offset = pl.shared_bytes;
+      pl.shared_bytes += sweep_align(2 * B * pl.units * int64_t(sizeof(T)));
+    }
     std::vector<T> hs(2 * D * B * H), h_n(D * B * H);
     // The sweep takes each direction's weights where they lie, and b_ih and b_hh apart: the
     // test's bias as b_ih, zeros as b_hh.
     const std::vector<T> zeros(D * G, from_double<T>(0));
-    const int64_t step = sweep_option.whole ? T_ : 1;
+    const int64_t step = sweep_option.whole || sweep_option.cluster ? T_ : 1;
     for (int64_t s = 0; s < T_; s += step) {
       SweepFwd<T> sw{T_, B, H, D, s, s + step, pl.units, pl.batch_tile, pl.lanes, pl.tile_offset, pl.part_offset, lp,
                      {per_direction(w_hh, 0, G * H), per_direction(w_hh, 1, G * H)},
                      {has_bias ? per_direction(bias, 0, G) : nullptr, has_bias ? per_direction(bias, 1, G) : nullptr},
                      {has_bias ? per_direction(zeros, 0, G) : nullptr, has_bias ? per_direction(zeros, 1, G) : nullptr},
-                     xg.data(), c.data(), h.data(), hs.data(), h_n.data(), y.data(), c_prev.data(), h_prev.data()};
-      check(launch_sweep_fwd(sw, pl.shared_bytes, false, nullptr));
+                     xg.data(), c.data(), h.data(), hs.data(), h_n.data(), y.data(), c_prev.data(), h_prev.data(),
+                     pl.own_offset};
+      check(sweep_option.cluster ? launch_sweep_fwd_cluster(sw, pl.shared_bytes, nullptr)
+                                 : launch_sweep_fwd(sw, pl.shared_bytes, false, nullptr));
     }
     h = h_n;
   }
@@ -286,9 +295,13 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (argc == 6 && (std::string(argv[3]) == "sweep" || std::string(argv[3]) == "sweep-whole")) {
-    sweep_option = {true, std::string(argv[3]) == "sweep-whole", std::atoll(argv[4]), std::atoll(argv[5])};
+    sweep_option = {true, std::string(argv[3]) == "sweep-whole", 0, std::atoll(argv[4]), std::atoll(argv[5])};
+  } else if (argc == 6 && std::string(argv[3]) == "sweep-cluster") {
+    // The units per block follow from the cluster size, as choose_cluster_sweep_plan sets them.
+    sweep_option = {true, false, std::atoll(argv[4]), 0, std::atoll(argv[5])};
+    cluster_option_pending = true;
   } else if (argc != 3) {
-    std::fprintf(stderr, "usage: %s IN OUT [sweep|sweep-whole UNITS BATCH_TILE]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s IN OUT [sweep|sweep-whole UNITS BATCH_TILE | sweep-cluster CLUSTER BATCH_TILE]\n", argv[0]);
     return 2;
   }
   Reader in{std::fopen(argv[1], "rb")};
@@ -299,6 +312,7 @@ int main(int argc, char** argv) {
   }
   int64_t hd[14];
   if (std::fread(hd, sizeof(int64_t), 14, in.f) != 14) return 2;
+  if (cluster_option_pending) sweep_option.units = (hd[5] + sweep_option.cluster - 1) / sweep_option.cluster;
   switch (hd[1]) {
     case 0: run<float>(hd, in, out); break;
     case 1: run<double>(hd, in, out); break;
