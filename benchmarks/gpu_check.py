@@ -11,7 +11,7 @@ package index):
     measurement for lstm_cuda.cpp's use_sweep rule in backward; and the gpu-grid cases
     with H below 100 again with a block per direction (BIRNN_EXT_CUDA_SWEEP_BLOCK=1), the
     measurement for its device_sweep_plan rule; and the targets preset with a cluster per
-    direction in the forward sweeps (BIRNN_EXT_CUDA_SWEEP_CLUSTER=1, sm_90), for
+    direction in both sweeps (BIRNN_EXT_CUDA_SWEEP_CLUSTER=1, sm_90), for
     device_cluster_plan's;
  5. the per-kernel profile of FusedBiLSTM and cuDNN (benchmarks/profile_kernels.py).
 
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
                                   ("bench-grid", "gpu-grid preset", "gpu-grid-cuda"),
                                   ("bench-block", "gpu-grid's g1, g2, g5 with a block per direction",
                                    "gpu-grid-cuda-sweep-block"),
-                                  ("bench-cluster", "targets preset, a cluster per direction forward",
+                                  ("bench-cluster", "targets preset, a cluster per direction",
                                    "targets-cuda-sweep-cluster")):
         lines = ratio_table(csv_name) if step in done else []  # never an earlier run's file
         if lines:

@@ -184,9 +184,10 @@ CLUSTER_RUNS = [(torch.float32, cluster, name) for cluster in (4, 3) for name, c
 
 @pytest.mark.parametrize("dtype,cluster,name", CLUSTER_RUNS, ids=lambda v: str(v).removeprefix("torch."))
 def test_cluster_sweep_matches_cpu(emulator, tmp_path, dtype, cluster, name):
-    """The forward sweep with a thread-block cluster per direction, whole in one launch:
-    its blocks read each other's h from their shared memories and meet at the cluster
-    barrier, which the emulator runs with the blocks of a cluster side by side."""
+    """The sweeps with a thread-block cluster per direction, forward and backward, each
+    whole in one launch: their blocks read each other's h (dg) from their shared memories
+    and meet at the cluster barrier, which the emulator runs with the blocks of a cluster
+    side by side."""
     header, case = make_case(dtype, 0, T=5, B=4, I=6, H=8, P=8, **LAYER_CASES[name])
     proc, flat = run_emulated(emulator, header, case, tmp_path, ("sweep-cluster", cluster, 3))
     assert proc.returncode == 0, proc.stderr
@@ -253,13 +254,13 @@ def test_cell_kernels_match_cpu(emulator, tmp_path, dtype, bias):
 
 @pytest.mark.parametrize("defect", ["BIRNN_BREAK_OFF_BY_ONE", "BIRNN_BREAK_MISSING_BARRIER", "BIRNN_BREAK_LEAK",
                                     "BIRNN_BREAK_SWEEP_BARRIER", "BIRNN_BREAK_SWEEP_BWD_BARRIER",
-                                    "BIRNN_BREAK_CLUSTER_BARRIER"])
+                                    "BIRNN_BREAK_CLUSTER_BARRIER", "BIRNN_BREAK_CLUSTER_BWD_BARRIER"])
 def test_a_broken_kernel_is_caught(tmp_path, defect):
     """The harness can fail: a build with a deliberate defect (the reverse direction's
     time index off by one; the barrier before the shared-memory reduction removed; a
     leaked allocation; the forward or the backward sweep's barrier between its dot
-    products and its cell update removed; the cluster sweep's barrier between steps
-    removed) must be caught, by a sanitizer or by a wrong answer."""
+    products and its cell update removed; the forward or the backward cluster sweep's
+    barrier between steps removed) must be caught, by a sanitizer or by a wrong answer."""
     exe = build(f"run_kernels_{defect.lower()}", (defect,))
     # The shared-memory reduction (column_sums_kernel) sums the cell's bias gradient; a
     # layer's goes to an ATen reduction on the GPU, a host sum in the emulated run.

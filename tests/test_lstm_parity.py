@@ -226,7 +226,8 @@ def test_cuda_sweep_and_per_step_paths_match(B, H):
 def test_cuda_opt_in_sweeps_match(switch):
     """The sweeps behind a switch (read once, at load: a fresh process each) against
     nn.LSTM in float64: a block per direction (H 13 and 64 fit one block), a cluster per
-    direction (sm_90, where H 13, 64 and 128 spread over 13 and 16 blocks), with lengths
+    direction forward and backward (sm_90, where H 13, 64 and 128 spread over 13 and 16
+    blocks), with lengths
     on the GPU (against the CPU path), in float64 and float32."""
     code = (
         "import sys, torch; sys.path.insert(0, 'tests')\n"

@@ -35,6 +35,9 @@
 #define BIRNN_MAP_SHARED(ptr, rank) cooperative_groups::this_cluster().map_shared_rank(ptr, rank)
 #else
 #define BIRNN_HAVE_CLUSTERS 0
+#define BIRNN_CLUSTER_SYNC() __trap()
+#define BIRNN_CLUSTER_RANK() (__trap(), 0u)
+#define BIRNN_MAP_SHARED(ptr, rank) (__trap(), (ptr))
 #endif
 
 namespace birnn::cuda {

@@ -152,14 +152,14 @@ bool device_sweep_plan(bool backward, bool training, int64_t H, int64_t B, int64
   return cuda::choose_sweep_plan(backward, H, B, D, sizeof(T), sizeof(math_t<T>), sms, shared, plan) && fits();
 }
 
-// The forward sweep with a thread-block cluster per direction (sm_90 and later), with
-// BIRNN_EXT_CUDA_SWEEP_CLUSTER=1: the blocks of a direction exchange h through their
-// shared memories and meet at the cluster barrier (0.31-0.40 us a step with a read of
-// another block's shared memory, against the grid barrier's 1.1-1.2, on an H200), in
-// clusters of 16 blocks where the device allows that size, else 8. Off by default until
-// a GPU has timed it against the grid sweep.
+// The sweeps with a thread-block cluster per direction (sm_90 and later), with
+// BIRNN_EXT_CUDA_SWEEP_CLUSTER=1: the blocks of a direction exchange h (dg backward)
+// through their shared memories and meet at the cluster barrier (0.31-0.40 us a step with
+// a read of another block's shared memory, against the grid barrier's 1.1-1.2, on an
+// H200), in clusters of 16 blocks where the device allows that size, else 8. Off by
+// default until a GPU has timed them against the grid sweeps.
 template <typename T>
-bool device_cluster_plan(bool training, int64_t H, int64_t B, int64_t D, cuda::SweepPlan* plan) {
+bool device_cluster_plan(bool backward, bool training, int64_t H, int64_t B, int64_t D, cuda::SweepPlan* plan) {
   static const bool on = [] {
     const char* v = std::getenv("BIRNN_EXT_CUDA_SWEEP_CLUSTER");
     return v && std::string(v) == "1";
@@ -167,9 +167,9 @@ bool device_cluster_plan(bool training, int64_t H, int64_t B, int64_t D, cuda::S
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   if (!on || prop->major < 9) return false;
   for (int64_t cluster : {16, 8})
-    if (cuda::choose_cluster_sweep_plan(H, B, D, sizeof(T), sizeof(math_t<T>), cluster,
+    if (cuda::choose_cluster_sweep_plan(backward, H, B, D, sizeof(T), sizeof(math_t<T>), cluster,
                                         int64_t(prop->sharedMemPerBlockOptin), plan) &&
-        cuda::sweep_fwd_cluster_fits<T>(*plan, training, D))
+        (backward ? cuda::sweep_bwd_cluster_fits<T>(*plan, D) : cuda::sweep_fwd_cluster_fits<T>(*plan, training, D)))
       return true;
   return false;
 }
@@ -212,7 +212,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     cuda::SweepPlan plan;
     bool cluster = false;
     if (!proj && use_sweep(B, H, /*backward=*/false) &&
-        ((cluster = device_cluster_plan<T>(training, H, B, D, &plan)) ||
+        ((cluster = device_cluster_plan<T>(false, training, H, B, D, &plan)) ||
          device_sweep_plan<T>(false, training, H, B, D, &plan))) {
       // Each direction's weights where they lie (no stacked copy per call): the input
       // projection as one GEMM per direction into its columns of xg, [T*B, I] x [4H, I]^T.
@@ -309,16 +309,20 @@ lstm_layer_backward_cuda(const std::optional<at::Tensor>& grad_y, const std::opt
       const int64_t* lp = len.defined() ? len.data_ptr<int64_t>() : nullptr;
       const T* dyp = dy.defined() ? ptr<S>(dy) : nullptr;
       cuda::SweepPlan plan;
-      const bool sweep =
-          !proj && use_sweep(B, H, /*backward=*/true) && device_sweep_plan<T>(true, true, H, B, D, &plan);
+      bool cluster = false;
+      const bool sweep = !proj && use_sweep(B, H, /*backward=*/true) &&
+                         ((cluster = device_cluster_plan<T>(true, true, H, B, D, &plan)) ||
+                          device_sweep_plan<T>(true, true, H, B, D, &plan));
       if (sweep) {
         // Each direction's W_hh where it lies: no stacked copy per call.
         const Weights w = contiguous(wts.w_hh, D);
         at::Tensor dgs = at::empty({2, D, B, G}, opt);  // phase q reads dgs[q % 2], writes dgs[(q + 1) % 2]
         cuda::SweepBwd<T> sw{T_, B, H, D, 0, T_ + 1, plan.units, plan.batch_tile, plan.lanes, plan.tile_offset,
                              plan.part_offset, lp, {ptr<S>(w[0]), D > 1 ? ptr<S>(w[1]) : nullptr}, ptr<S>(gates),
-                             math_ptr<S>(c_prev), dyp, math_ptr<S>(dh), math_ptr<S>(dc), ptr<S>(dg), ptr<S>(dgs)};
-        C10_CUDA_CHECK(cuda::launch_sweep_bwd(sw, plan.shared_bytes, /*cooperative=*/plan.blocks > D, stream));
+                             math_ptr<S>(c_prev), dyp, math_ptr<S>(dh), math_ptr<S>(dc), ptr<S>(dg), ptr<S>(dgs),
+                             plan.own_offset};
+        C10_CUDA_CHECK(cluster ? cuda::launch_sweep_bwd_cluster(sw, plan.shared_bytes, stream)
+                               : cuda::launch_sweep_bwd(sw, plan.shared_bytes, /*cooperative=*/plan.blocks > D, stream));
       }
       // The per-step path: W_hh (and W_hr) with the directions stacked, for the batched GEMMs.
       const at::Tensor w_hh = sweep ? at::Tensor() : at::stack(wts.of(wts.w_hh));

@@ -83,7 +83,30 @@ __device__ __forceinline__ A lane_sum(const A* lanes, int L) {
   return s;
 }
 
-template <typename T, bool Training>
+// Rows [b0, b0 + nb) of the whole row of the step before into dst ([4 * quads][W + 1],
+// rows past nb zeros), read from the cluster's blocks (distributed shared memory): each
+// block keeps, for every batch row, its `per_block` entries of the row (gates x U units
+// backward, U units forward) in own ([B][per_block], at the same address in each block).
+// Entry k of the row is gate k / H, unit k % H, which is block (k % H) / U's.
+template <typename T>
+__device__ __forceinline__ void stage_from_cluster(const T* own, int64_t b0, int nb, int quads, int W, int H, int U,
+                                                   int per_block, T* dst) {
+  const int n = 4 * quads * W, stride = W + 1;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const int bb = i / W, k = i % W, g = k / H, j = k % H;
+    T v = from_math<T>(math_t<T>(0));
+    if (bb < nb) v = BIRNN_MAP_SHARED(own, unsigned(j / U))[(b0 + bb) * per_block + g * U + j % U];
+    dst[bb * stride + k] = v;
+  }
+}
+
+// The forward sweep. Cluster = false: the grid sweep, h passed between the steps through
+// global memory (hs), the grid barrier between them (or none where a block holds a
+// direction). Cluster = true (sm_90): a thread-block cluster per direction; each block
+// keeps its units' h of the last two steps in its shared memory (own, [2][B][U]), where
+// the others read it, and the cluster barrier ends each step, the last one included: no
+// block may leave while another still reads its shared memory.
+template <typename T, bool Training, bool Cluster>
 __global__ void sweep_fwd_kernel(const SweepFwd<T> p) {
   using A = math_t<T>;
   // Shared-memory indices fit in int; global offsets stay int64_t.
@@ -91,13 +114,14 @@ __global__ void sweep_fwd_kernel(const SweepFwd<T> p) {
   const int64_t G = 4 * p.H, B = p.B, D = p.D;
   const int per_dir = (H + U - 1) / U;
   const int64_t d = blockIdx.x / per_dir;
-  const int j0 = (blockIdx.x % per_dir) * U;
-  const int nu = H - j0 < U ? H - j0 : U;  // this block's units: fewer in a direction's last block
+  const int j0 = (blockIdx.x % per_dir) * U;  // the block's rank in its cluster, times U
+  const int nu = H - j0 < U ? H - j0 : U;     // this block's units: fewer in a direction's last block
   const int tid = threadIdx.x, nt = blockDim.x;
   BIRNN_DYNAMIC_SHARED(unsigned char, smem);
   T* w_s = reinterpret_cast<T*>(smem);                   // [R][stride]: row g*U + u is W_hh row g*H + j0 + u
   T* h_s = reinterpret_cast<T*>(smem + p.tile_offset);  // [4 * quads][stride]: h of the tile's rows
   A* part = reinterpret_cast<A*>(smem + p.part_offset);  // [batch_tile * R][L] partial dot products
+  T* own = reinterpret_cast<T*>(smem + p.own_offset);   // Cluster: [2][B][U]
   for (int i = tid; i < R * H; i += nt) {
     const int r = i / H, k = i % H, g = r / U, u = r % U;
     w_s[r * stride + k] = u < nu ? p.w_hh[d][(g * H + j0 + u) * H + k] : from_math<T>(A(0));
@@ -105,99 +129,19 @@ __global__ void sweep_fwd_kernel(const SweepFwd<T> p) {
   for (int64_t s = p.s_begin; s < p.s_end; ++s) {
     const T* h_cur = s == 0 ? p.h0 + d * B * H : p.h + ((s & 1) * D + d) * B * H;
     T* h_next = s == p.T_ - 1 ? p.h_n + d * B * H : p.h + (((s + 1) & 1) * D + d) * B * H;
+    T* own_next = own + ((s + 1) & 1) * B * U;
     for (int64_t b0 = 0; b0 < B; b0 += p.batch_tile) {
       const int nb = int(B - b0 < p.batch_tile ? B - b0 : p.batch_tile), quads = (nb + 3) / 4;
-      stage_tile(h_cur + b0 * H, nb, quads, H, h_s);
+      if (Cluster && s > 0) {
+        stage_from_cluster(own + (s & 1) * B * U, b0, nb, quads, H, H, U, U, h_s);
+      } else {
+        stage_tile(h_cur + b0 * H, nb, quads, H, h_s);
+      }
       __syncthreads();
       tile_products(w_s, h_s, R, H, L, nb, quads, part);
 #if !defined(BIRNN_BREAK_SWEEP_BARRIER)
       __syncthreads();
 #endif
-      for (int t = tid; t < nb * nu; t += nt) {
-        const int bb = t / nu, u = t % nu, j = j0 + u;
-        const int64_t b = b0 + bb;
-        const int64_t len = p.len ? p.len[b] : p.T_;
-        const int64_t row = step_time(d, s, len) * B + b;
-        const int64_t state = d * B + b;
-        const T h_old = h_s[bb * stride + j];
-        if (p.c_prev) p.c_prev[row * D * H + d * H + j] = p.c[state * H + j];
-        if (p.h_prev) p.h_prev[(d * p.T_ * B + row) * H + j] = h_old;
-        T* y = p.y + row * D * H + d * H;
-        if (s >= len) {  // padding: zero output, state carried unchanged
-          y[j] = from_math<T>(A(0));
-          h_next[b * H + j] = h_old;
-          continue;
-        }
-        A sums[4], bias[4] = {};
-        for (int g = 0; g < 4; ++g) sums[g] = lane_sum(part + (bb * R + g * U + u) * L, L);
-        // b_ih + b_hh rounded to the storage type, as a sum of the two tensors would be.
-        if (p.b_ih[d])
-          for (int g = 0; g < 4; ++g)
-            bias[g] = to_math(from_math<T>(to_math(p.b_ih[d][g * H + j]) + to_math(p.b_hh[d][g * H + j])));
-        const A h = cell_forward<T, Training>(p.xg + row * D * G + d * G, sums, bias, p.c[state * H + j], H, j);
-        h_next[b * H + j] = from_math<T>(h);
-        y[j] = from_math<T>(h);
-      }
-      __syncthreads();  // the next tile overwrites h_s and part
-    }
-    if (s + 1 < p.s_end) step_barrier(per_dir);
-  }
-}
-
-#if BIRNN_HAVE_CLUSTERS
-// Rows [b0, b0 + nb) of the whole h of the step before into dst ([4 * quads][H + 1], rows
-// past nb zeros), read from the cluster's blocks: unit k is block k / U's, which keeps
-// its units' h of every row in own ([B][U], at the same address in each block).
-template <typename T>
-__device__ __forceinline__ void stage_from_cluster(const T* own, int64_t b0, int nb, int quads, int H, int U,
-                                                   T* dst) {
-  const int n = 4 * quads * H, stride = H + 1;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    const int bb = i / H, k = i % H;
-    T v = from_math<T>(math_t<T>(0));
-    if (bb < nb) v = BIRNN_MAP_SHARED(own, unsigned(k / U))[(b0 + bb) * U + k % U];
-    dst[bb * stride + k] = v;
-  }
-}
-#endif
-
-// The forward sweep with a cluster per direction: sweep_fwd_kernel's cut and steps, but
-// the h of the step before comes from the cluster's shared memories (each block writes
-// its units' h into its own, two steps deep), and the cluster barrier ends each step, the
-// last one included: no block may leave while the others still read its shared memory.
-template <typename T, bool Training>
-__global__ void sweep_fwd_cluster_kernel(const SweepFwd<T> p) {
-#if BIRNN_HAVE_CLUSTERS
-  using A = math_t<T>;
-  const int H = int(p.H), U = int(p.units), R = 4 * U, L = int(p.lanes), stride = H + 1;
-  const int64_t G = 4 * p.H, B = p.B, D = p.D;
-  const int per_dir = (H + U - 1) / U;
-  const int64_t d = blockIdx.x / per_dir;
-  const int j0 = int(BIRNN_CLUSTER_RANK()) * U;
-  const int nu = H - j0 < U ? H - j0 : U;
-  const int tid = threadIdx.x, nt = blockDim.x;
-  BIRNN_DYNAMIC_SHARED(unsigned char, smem);
-  T* w_s = reinterpret_cast<T*>(smem);
-  T* h_s = reinterpret_cast<T*>(smem + p.tile_offset);
-  A* part = reinterpret_cast<A*>(smem + p.part_offset);
-  T* own = reinterpret_cast<T*>(smem + p.own_offset);  // [2][B][U]: step s reads own[s % 2], writes own[(s + 1) % 2]
-  for (int i = tid; i < R * H; i += nt) {
-    const int r = i / H, k = i % H, g = r / U, u = r % U;
-    w_s[r * stride + k] = u < nu ? p.w_hh[d][(g * H + j0 + u) * H + k] : from_math<T>(A(0));
-  }
-  for (int64_t s = p.s_begin; s < p.s_end; ++s) {
-    const T* own_cur = own + (s & 1) * B * U;
-    T* own_next = own + ((s + 1) & 1) * B * U;
-    for (int64_t b0 = 0; b0 < B; b0 += p.batch_tile) {
-      const int nb = int(B - b0 < p.batch_tile ? B - b0 : p.batch_tile), quads = (nb + 3) / 4;
-      if (s == 0) {
-        stage_tile(p.h0 + (d * B + b0) * H, nb, quads, H, h_s);
-      } else {
-        stage_from_cluster(own_cur, b0, nb, quads, H, U, h_s);
-      }
-      __syncthreads();
-      tile_products(w_s, h_s, R, H, L, nb, quads, part);
-      __syncthreads();
       for (int t = tid; t < nb * nu; t += nt) {
         const int bb = t / nu, u = t % nu, j = j0 + u;
         const int64_t b = b0 + bb;
@@ -214,6 +158,7 @@ __global__ void sweep_fwd_cluster_kernel(const SweepFwd<T> p) {
         } else {
           A sums[4], bias[4] = {};
           for (int g = 0; g < 4; ++g) sums[g] = lane_sum(part + (bb * R + g * U + u) * L, L);
+          // b_ih + b_hh rounded to the storage type, as a sum of the two tensors would be.
           if (p.b_ih[d])
             for (int g = 0; g < 4; ++g)
               bias[g] = to_math(from_math<T>(to_math(p.b_ih[d][g * H + j]) + to_math(p.b_hh[d][g * H + j])));
@@ -221,28 +166,36 @@ __global__ void sweep_fwd_cluster_kernel(const SweepFwd<T> p) {
               cell_forward<T, Training>(p.xg + row * D * G + d * G, sums, bias, p.c[state * H + j], H, j));
           y[j] = h_new;
         }
-        own_next[b * U + u] = h_new;
-        if (s == p.T_ - 1) p.h_n[state * H + j] = h_new;
+        if (Cluster) {
+          own_next[b * U + u] = h_new;
+          if (s == p.T_ - 1) h_next[b * H + j] = h_new;
+        } else {
+          h_next[b * H + j] = h_new;
+        }
       }
       __syncthreads();  // the next tile overwrites h_s and part
     }
+    if (Cluster) {
 #if !defined(BIRNN_BREAK_CLUSTER_BARRIER)
-    BIRNN_CLUSTER_SYNC();
+      BIRNN_CLUSTER_SYNC();
 #endif
+    } else if (s + 1 < p.s_end) {
+      step_barrier(per_dir);
+    }
   }
-#else
-  __trap();
-#endif
 }
 
 // The backward sweep. The block's shared W_hh columns make dh = dg_{t+1} W_hh at its units
 // from the whole dg row of the step before; the cell backward of its units then needs
-// nothing from other blocks (dh and dc of its units are its own), and its dg goes out to
-// dg_step for the others' next phase. Steps no gradient has reached are not skipped, as
-// the CPU sweep skips them: both directions share the step barrier, so a direction whose
-// dg is still zero (the reverse one under a loss on the last output only) would wait for
-// the other direction anyway, and the zero products and cells cost no extra step time.
-template <typename T>
+// nothing from other blocks (dh and dc of its units are its own), and its dg goes out for
+// the others' next phase: through global memory (dg_step) with the grid barrier, or with
+// Cluster (sm_90) through its shared memory (own, [2][B][4 U]: its units' dg, gate by
+// gate) with the cluster barrier, as in the forward sweep. Steps no gradient has reached
+// are not skipped, as the CPU sweep skips them: both directions share the step barrier,
+// so a direction whose dg is still zero (the reverse one under a loss on the last output
+// only) would wait for the other direction anyway, and the zero products and cells cost
+// no extra step time.
+template <typename T, bool Cluster>
 __global__ void sweep_bwd_kernel(const SweepBwd<T> p) {
   using A = math_t<T>;
   const int H = int(p.H), U = int(p.units), R = int(sweep_rows(true, p.units)), W = 4 * H, L = int(p.lanes);
@@ -257,6 +210,7 @@ __global__ void sweep_bwd_kernel(const SweepBwd<T> p) {
   T* w_s = reinterpret_cast<T*>(smem);                   // [R][stride]: row u is W_hh column j0 + u (zeros past nu)
   T* g_s = reinterpret_cast<T*>(smem + p.tile_offset);  // [4 * quads][stride]: dg of the tile's rows, last phase
   A* part = reinterpret_cast<A*>(smem + p.part_offset);  // [batch_tile * R][L] partial dot products
+  T* own = reinterpret_cast<T*>(smem + p.own_offset);   // Cluster: [2][B][4 U]
   // k-major, so that neighbouring threads read neighbouring columns of a W_hh row.
   for (int i = tid; i < R * W; i += nt) {
     const int k = i / R, u = i % R;
@@ -266,10 +220,15 @@ __global__ void sweep_bwd_kernel(const SweepBwd<T> p) {
     const int64_t s = p.T_ - 1 - q;  // the sweep step; -1 in the last phase, which only makes dh0
     const T* dg_last = p.dg_step + ((q & 1) * D + d) * B * G;
     T* dg_next = p.dg_step + (((q + 1) & 1) * D + d) * B * G;
+    T* own_next = own + ((q + 1) & 1) * B * 4 * U;
     for (int64_t b0 = 0; b0 < B; b0 += p.batch_tile) {
       const int nb = int(B - b0 < p.batch_tile ? B - b0 : p.batch_tile), quads = (nb + 3) / 4;
       if (q > 0) {  // the first phase has no dg before it
-        stage_tile(dg_last + b0 * G, nb, quads, W, g_s);
+        if (Cluster) {
+          stage_from_cluster(own + (q & 1) * B * 4 * U, b0, nb, quads, W, H, U, 4 * U, g_s);
+        } else {
+          stage_tile(dg_last + b0 * G, nb, quads, W, g_s);
+        }
         __syncthreads();
         tile_products(w_s, g_s, R, W, L, nb, quads, part);
 #if !defined(BIRNN_BREAK_SWEEP_BWD_BARRIER)
@@ -289,24 +248,37 @@ __global__ void sweep_bwd_kernel(const SweepBwd<T> p) {
         const int64_t len = p.len ? p.len[b] : p.T_;
         const int64_t row = step_time(d, s, len) * B + b;
         T* dg = p.dg + (d * p.T_ * B + row) * G;
-        T* dg_out = dg_next + b * G;
+        A grads[4] = {};
         if (s >= len) {  // padding: no gradient through it, the carries pass unchanged
-          for (int g = 0; g < 4; ++g) dg[g * H + j] = dg_out[g * H + j] = from_math<T>(A(0));
           p.dh[state * H + j] = carry;
-          continue;
+        } else {
+          const T* gt = p.gates + row * D * G + d * G;
+          const Gates<A> a{to_math(gt[j]), to_math(gt[H + j]), to_math(gt[2 * H + j]), to_math(gt[3 * H + j])};
+          const A dh = carry + (p.dy ? to_math(p.dy[row * D * H + d * H + j]) : A(0));
+          const GateGrads<A> r = backward(a, p.c_prev[row * D * H + d * H + j], dh, p.dc[state * H + j]);
+          grads[0] = r.di, grads[1] = r.df, grads[2] = r.dg, grads[3] = r.do_;
+          p.dc[state * H + j] = r.dc_prev;
+          p.dh[state * H + j] = A(0);  // the next phase adds dg W_hh to it
         }
-        const T* gt = p.gates + row * D * G + d * G;
-        const Gates<A> a{to_math(gt[j]), to_math(gt[H + j]), to_math(gt[2 * H + j]), to_math(gt[3 * H + j])};
-        const A dh = carry + (p.dy ? to_math(p.dy[row * D * H + d * H + j]) : A(0));
-        const GateGrads<A> r = backward(a, p.c_prev[row * D * H + d * H + j], dh, p.dc[state * H + j]);
-        const A grads[4] = {r.di, r.df, r.dg, r.do_};
-        for (int g = 0; g < 4; ++g) dg[g * H + j] = dg_out[g * H + j] = from_math<T>(grads[g]);
-        p.dc[state * H + j] = r.dc_prev;
-        p.dh[state * H + j] = A(0);  // the next phase adds dg W_hh to it
+        for (int g = 0; g < 4; ++g) {
+          const T v = from_math<T>(grads[g]);
+          dg[g * H + j] = v;
+          if (Cluster) {
+            own_next[b * 4 * U + g * U + u] = v;
+          } else {
+            dg_next[b * G + g * H + j] = v;
+          }
+        }
       }
       __syncthreads();  // the next tile overwrites g_s and part
     }
-    if (q + 1 < p.q_end) step_barrier(per_dir);
+    if (Cluster) {
+#if !defined(BIRNN_BREAK_CLUSTER_BWD_BARRIER)
+      BIRNN_CLUSTER_SYNC();
+#endif
+    } else if (q + 1 < p.q_end) {
+      step_barrier(per_dir);
+    }
   }
 }
 
@@ -352,7 +324,7 @@ bool fits(void (*kernel)(P), const SweepPlan& plan, int multiprocessors) {
 template <typename T>
 cudaError_t launch_sweep_fwd(const SweepFwd<T>& p, int64_t shared_bytes, bool cooperative, cudaStream_t stream) {
   if (p.B == 0 || p.s_begin >= p.s_end) return cudaSuccess;
-  auto kernel = p.c_prev ? sweep_fwd_kernel<T, true> : sweep_fwd_kernel<T, false>;
+  auto kernel = p.c_prev ? sweep_fwd_kernel<T, true, false> : sweep_fwd_kernel<T, false, false>;
   return launch_sweep(kernel, p, p.D * ((p.H + p.units - 1) / p.units), p.s_end - p.s_begin, shared_bytes,
                       cooperative, stream);
 }
@@ -360,15 +332,16 @@ cudaError_t launch_sweep_fwd(const SweepFwd<T>& p, int64_t shared_bytes, bool co
 template <typename T>
 cudaError_t launch_sweep_bwd(const SweepBwd<T>& p, int64_t shared_bytes, bool cooperative, cudaStream_t stream) {
   if (p.B == 0 || p.q_begin >= p.q_end) return cudaSuccess;
-  return launch_sweep(sweep_bwd_kernel<T>, p, p.D * ((p.H + p.units - 1) / p.units), p.q_end - p.q_begin,
+  return launch_sweep(sweep_bwd_kernel<T, false>, p, p.D * ((p.H + p.units - 1) / p.units), p.q_end - p.q_begin,
                       shared_bytes, cooperative, stream);
 }
 
-template <typename T>
-cudaError_t launch_sweep_fwd_cluster(const SweepFwd<T>& p, int64_t shared_bytes, cudaStream_t stream) {
-  if (p.B == 0 || p.s_begin >= p.s_end) return cudaSuccess;
-  auto kernel = p.c_prev ? sweep_fwd_cluster_kernel<T, true> : sweep_fwd_cluster_kernel<T, false>;
-  const int64_t per_dir = (p.H + p.units - 1) / p.units;
+namespace {
+
+// A cluster of `per_dir` blocks per direction along x, in D * per_dir blocks.
+template <typename P>
+cudaError_t launch_clusters(void (*kernel)(P), const P& p, int64_t per_dir, int64_t shared_bytes,
+                            cudaStream_t stream) {
 #if !defined(BIRNN_EMU)
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(unsigned(p.D * per_dir));
@@ -391,9 +364,10 @@ cudaError_t launch_sweep_fwd_cluster(const SweepFwd<T>& p, int64_t shared_bytes,
 }
 
 #if !defined(BIRNN_EMU)
-template <typename T>
-bool sweep_fwd_cluster_fits(const SweepPlan& plan, bool training, int64_t D) {
-  auto kernel = training ? sweep_fwd_cluster_kernel<T, true> : sweep_fwd_cluster_kernel<T, false>;
+// Whether the device runs a cluster of the plan (its size allowed; the directions'
+// clusters do not wait for each other, so one at a time will do).
+template <typename P>
+bool cluster_fits(void (*kernel)(P), const SweepPlan& plan, int64_t D) {
   const int64_t per_dir = plan.blocks / D;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.shared_bytes)) !=
           cudaSuccess ||
@@ -417,21 +391,49 @@ bool sweep_fwd_cluster_fits(const SweepPlan& plan, bool training, int64_t D) {
     (void)cudaGetLastError();
     return false;
   }
-  return clusters >= 1;  // the directions' clusters do not wait for each other
+  return clusters >= 1;
+}
+#endif
+
+}  // namespace
+
+template <typename T>
+cudaError_t launch_sweep_fwd_cluster(const SweepFwd<T>& p, int64_t shared_bytes, cudaStream_t stream) {
+  if (p.B == 0 || p.s_begin >= p.s_end) return cudaSuccess;
+  return launch_clusters(p.c_prev ? sweep_fwd_kernel<T, true, true> : sweep_fwd_kernel<T, false, true>, p,
+                         (p.H + p.units - 1) / p.units, shared_bytes, stream);
+}
+
+template <typename T>
+cudaError_t launch_sweep_bwd_cluster(const SweepBwd<T>& p, int64_t shared_bytes, cudaStream_t stream) {
+  if (p.B == 0 || p.q_begin >= p.q_end) return cudaSuccess;
+  return launch_clusters(sweep_bwd_kernel<T, true>, p, (p.H + p.units - 1) / p.units, shared_bytes, stream);
+}
+
+#if !defined(BIRNN_EMU)
+template <typename T>
+bool sweep_fwd_cluster_fits(const SweepPlan& plan, bool training, int64_t D) {
+  return cluster_fits(training ? sweep_fwd_kernel<T, true, true> : sweep_fwd_kernel<T, false, true>, plan, D);
+}
+
+template <typename T>
+bool sweep_bwd_cluster_fits(const SweepPlan& plan, int64_t D) {
+  return cluster_fits(sweep_bwd_kernel<T, true>, plan, D);
 }
 
 template <typename T>
 bool sweep_fwd_fits(const SweepPlan& plan, bool training, int multiprocessors) {
-  return fits(training ? sweep_fwd_kernel<T, true> : sweep_fwd_kernel<T, false>, plan, multiprocessors);
+  return fits(training ? sweep_fwd_kernel<T, true, false> : sweep_fwd_kernel<T, false, false>, plan, multiprocessors);
 }
 template <typename T>
 bool sweep_bwd_fits(const SweepPlan& plan, int multiprocessors) {
-  return fits(sweep_bwd_kernel<T>, plan, multiprocessors);
+  return fits(sweep_bwd_kernel<T, false>, plan, multiprocessors);
 }
 #define BIRNN_INSTANTIATE_FITS(T)                                   \
   template bool sweep_fwd_fits<T>(const SweepPlan&, bool, int); \
   template bool sweep_bwd_fits<T>(const SweepPlan&, int);       \
-  template bool sweep_fwd_cluster_fits<T>(const SweepPlan&, bool, int64_t);
+  template bool sweep_fwd_cluster_fits<T>(const SweepPlan&, bool, int64_t); \
+  template bool sweep_bwd_cluster_fits<T>(const SweepPlan&, int64_t);
 #else
 #define BIRNN_INSTANTIATE_FITS(T)
 #endif
@@ -440,6 +442,7 @@ bool sweep_bwd_fits(const SweepPlan& plan, int multiprocessors) {
   template cudaError_t launch_sweep_fwd<T>(const SweepFwd<T>&, int64_t, bool, cudaStream_t); \
   template cudaError_t launch_sweep_bwd<T>(const SweepBwd<T>&, int64_t, bool, cudaStream_t); \
   template cudaError_t launch_sweep_fwd_cluster<T>(const SweepFwd<T>&, int64_t, cudaStream_t); \
+  template cudaError_t launch_sweep_bwd_cluster<T>(const SweepBwd<T>&, int64_t, cudaStream_t); \
   BIRNN_INSTANTIATE_FITS(T)
 BIRNN_INSTANTIATE(float)
 BIRNN_INSTANTIATE(double)

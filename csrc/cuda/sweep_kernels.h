@@ -61,6 +61,7 @@ struct SweepBwd {
   math_t<T>* dc;            // [D,B,H] carry: grad of c_n in, of c0 out
   T* dg;                    // [D,T,B,4H] out: gradients of the gate pre-activations, time-ordered
   T* dg_step;               // [2,D,B,4H]: phase q reads dg_step[q % 2] and writes dg_step[(q + 1) % 2]
+  int64_t own_offset = 0;   // the cluster sweep: where its blocks' own dg lie in shared memory (SweepPlan)
 };
 
 constexpr int64_t kSweepThreads = 256;
@@ -73,7 +74,7 @@ constexpr int64_t kSweepThreads = 256;
 struct SweepPlan {
   int64_t units = 0, batch_tile = 0, lanes = 0, blocks = 0;
   int64_t tile_offset = 0, part_offset = 0, shared_bytes = 0;
-  int64_t own_offset = 0;  // the cluster sweep's own h, [2][B][units], after the rest
+  int64_t own_offset = 0;  // the cluster sweeps' own h or dg, [2][B][units or 4 units], after the rest
 };
 
 inline int64_t sweep_align(int64_t bytes) { return (bytes + 15) / 16 * 16; }
@@ -136,19 +137,19 @@ inline bool choose_block_sweep_plan(bool backward, int64_t H, int64_t B, int64_t
   return false;
 }
 
-// The forward sweep with a thread-block cluster per direction (sm_90): at most `cluster`
-// blocks share a direction's units, and each keeps its units' h of the last two steps
-// (all B rows) in its shared memory, where the others read it (distributed shared
-// memory) instead of through global memory; the cluster barrier replaces the grid's.
-// False where nothing fits.
-inline bool choose_cluster_sweep_plan(int64_t H, int64_t B, int64_t D, int64_t elem_bytes, int64_t math_bytes,
-                                      int64_t cluster, int64_t max_shared, SweepPlan* out) {
+// A sweep with a thread-block cluster per direction (sm_90): at most `cluster` blocks
+// share a direction's units, and each keeps its units' part of the row the others need
+// next (h forward; dg backward, 4 gates per unit) for the last two steps, all B rows, in
+// its shared memory, where the others read it (distributed shared memory) instead of
+// through global memory; the cluster barrier replaces the grid's. False where nothing fits.
+inline bool choose_cluster_sweep_plan(bool backward, int64_t H, int64_t B, int64_t D, int64_t elem_bytes,
+                                      int64_t math_bytes, int64_t cluster, int64_t max_shared, SweepPlan* out) {
   if (H <= 0 || B <= 0 || D <= 0 || cluster < 1) return false;
   const int64_t units = (H + cluster - 1) / cluster;
   for (int64_t tile = B; tile >= 1; tile = tile > 64 ? tile * 3 / 4 : tile - 1) {
-    SweepPlan pl = sweep_plan(false, H, B, D, units, tile, elem_bytes, math_bytes);
+    SweepPlan pl = sweep_plan(backward, H, B, D, units, tile, elem_bytes, math_bytes);
     pl.own_offset = pl.shared_bytes;
-    pl.shared_bytes += sweep_align(2 * B * units * elem_bytes);
+    pl.shared_bytes += sweep_align(2 * B * (backward ? 4 : 1) * units * elem_bytes);
     if (pl.shared_bytes <= max_shared) {
       *out = pl;
       return true;
@@ -164,10 +165,12 @@ template <typename T>
 cudaError_t launch_sweep_fwd(const SweepFwd<T>& p, int64_t shared_bytes, bool cooperative, cudaStream_t stream);
 template <typename T>
 cudaError_t launch_sweep_bwd(const SweepBwd<T>& p, int64_t shared_bytes, bool cooperative, cudaStream_t stream);
-// Every step of p, a cluster of plan.blocks / D blocks per direction (own_offset set from
+// Every step of p with a cluster of ceil(H / units) blocks per direction (own_offset from
 // the plan); GPU of compute capability 9.0 or later.
 template <typename T>
 cudaError_t launch_sweep_fwd_cluster(const SweepFwd<T>& p, int64_t shared_bytes, cudaStream_t stream);
+template <typename T>
+cudaError_t launch_sweep_bwd_cluster(const SweepBwd<T>& p, int64_t shared_bytes, cudaStream_t stream);
 #if !defined(BIRNN_EMU)
 // Whether the device keeps all of the plan's blocks resident at once (what a cooperative
 // launch needs); sets the kernel's shared-memory limit to the plan's on the way.
@@ -178,6 +181,8 @@ bool sweep_bwd_fits(const SweepPlan& plan, int multiprocessors);
 // Whether the device can run one of the plan's clusters (and allows its size).
 template <typename T>
 bool sweep_fwd_cluster_fits(const SweepPlan& plan, bool training, int64_t D);
+template <typename T>
+bool sweep_bwd_cluster_fits(const SweepPlan& plan, int64_t D);
 #endif
 
 }  // namespace birnn::cuda

@@ -11,11 +11,12 @@
 // (one step per launch, cut into blocks of UNITS hidden units and batch tiles of
 // BATCH_TILE rows) instead of the per-step GEMMs and cell kernels. "sweep-whole" runs
 // every step in one launch, which the kernels allow where UNITS >= H (a block per
-// direction, whose step barrier is its own). "sweep-cluster CLUSTER BATCH_TILE" runs the
-// forward as the cluster sweep (clusters of at most CLUSTER blocks, a direction each, in
-// one launch) and the backward sweep with the same units per block. IN: 14 int64 (mode 0 layer / 1 cell, dtype 0 f32 / 1 f64 /
-// 2 f16 / 3 bf16, T, B, I, H, P, D, has_lengths, has_bias, has_proj, has_grad_y,
-// has_grad_h, has_grad_c), then lengths as int64 [B] if any, then float64 arrays:
+// direction, whose step barrier is its own). "sweep-cluster CLUSTER BATCH_TILE" runs both
+// as the cluster sweeps (clusters of at most CLUSTER blocks, a direction each, every step
+// in one launch).
+//
+// IN: 14 int64 (mode 0 layer / 1 cell, dtype 0 f32 / 1 f64 / 2 f16 / 3 bf16, T, B, I, H,
+// P, D, has_lengths, has_bias, has_proj, has_grad_y, has_grad_h, has_grad_c), then lengths as int64 [B] if any, then float64 arrays:
 // x [T,B,I], h0 [D,B,P], c0 [D,B,H], w_ih [D,4H,I], w_hh [D,4H,P], bias [D,4H] if any,
 // w_hr [D,P,H] if any, grad_y [T,B,D*P], grad_h_n [D,B,P], grad_c_n [D,B,H] if any.
 // OUT: float64 arrays y, h_n, c_n, dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr (if any).
@@ -177,15 +178,19 @@ void run_layer(const int64_t* hd, Reader& in, Writer& out) {
       dh_proj_saved(proj ? D * rows * P : 0);
   std::vector<A> dh_raw(proj ? D * B * H : 0);
   if (sweep) {
-    const SweepPlan pl =
-        sweep_plan(true, H, B, D, sweep_option.units, sweep_option.batch_tile, sizeof(T), sizeof(A));
+    SweepPlan pl = sweep_plan(true, H, B, D, sweep_option.units, sweep_option.batch_tile, sizeof(T), sizeof(A));
+    if (sweep_option.cluster) {
+      pl.own_offset = pl.shared_bytes;
+      pl.shared_bytes += sweep_align(2 * B * 4 * pl.units * int64_t(sizeof(T)));
+    }
     std::vector<T> dgs(2 * D * B * G);
-    const int64_t phases = sweep_option.whole ? T_ + 1 : 1;
+    const int64_t phases = sweep_option.whole || sweep_option.cluster ? T_ + 1 : 1;
     for (int64_t q = 0; q <= T_; q += phases) {
       SweepBwd<T> sw{T_, B, H, D, q, q + phases, pl.units, pl.batch_tile, pl.lanes, pl.tile_offset, pl.part_offset, lp,
                      {per_direction(w_hh, 0, G * H), per_direction(w_hh, 1, G * H)}, xg.data(), c_prev.data(), has_gy ? dy.data() : nullptr, dh.data(), dc.data(),
-                     dg.data(), dgs.data()};
-      check(launch_sweep_bwd(sw, pl.shared_bytes, false, nullptr));
+                     dg.data(), dgs.data(), pl.own_offset};
+      check(sweep_option.cluster ? launch_sweep_bwd_cluster(sw, pl.shared_bytes, nullptr)
+                                 : launch_sweep_bwd(sw, pl.shared_bytes, false, nullptr));
     }
   }
   for (int64_t s = sweep ? -1 : T_ - 1; s >= 0; --s) {
@@ -301,7 +306,8 @@ int main(int argc, char** argv) {
     sweep_option = {true, false, std::atoll(argv[4]), 0, std::atoll(argv[5])};
     cluster_option_pending = true;
   } else if (argc != 3) {
-    std::fprintf(stderr, "usage: %s IN OUT [sweep|sweep-whole UNITS BATCH_TILE | sweep-cluster CLUSTER BATCH_TILE]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s IN OUT [sweep|sweep-whole UNITS BATCH_TILE | sweep-cluster CLUSTER BATCH_TILE]\n",
+                 argv[0]);
     return 2;
   }
   Reader in{std::fopen(argv[1], "rb")};
