@@ -231,6 +231,7 @@ def test_cuda_opt_in_sweeps_match(switch):
     on the GPU (against the CPU path), in float64 and float32."""
     code = (
         "import sys, torch; sys.path.insert(0, 'tests')\n"
+        "torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # as conftest.py sets\n"
         "from test_lstm_parity import make_pair, make_input, reference_results, outputs_and_grads\n"
         "from helpers import assert_same_results\n"
         "for B, H, dtype in [(3, 13, torch.float64), (5, 64, torch.float64), (4, 128, torch.float64),\n"
