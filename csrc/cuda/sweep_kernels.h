@@ -103,6 +103,23 @@ inline SweepPlan sweep_plan(bool backward, int64_t H, int64_t B, int64_t D, int6
   return pl;
 }
 
+// The plan with `units` units per block and the largest batch tile that fits `max_shared`
+// bytes, with `own_bytes_per_row` more per batch row (the cluster sweeps' own rows, two
+// steps deep); false where not even one row fits.
+inline bool fit_batch_tile(bool backward, int64_t H, int64_t B, int64_t D, int64_t units, int64_t elem_bytes,
+                           int64_t math_bytes, int64_t own_bytes_per_row, int64_t max_shared, SweepPlan* out) {
+  for (int64_t tile = B; tile >= 1; tile = tile > 64 ? tile * 3 / 4 : tile - 1) {
+    SweepPlan pl = sweep_plan(backward, H, B, D, units, tile, elem_bytes, math_bytes);
+    pl.own_offset = pl.shared_bytes;
+    pl.shared_bytes += sweep_align(B * own_bytes_per_row);
+    if (pl.shared_bytes <= max_shared) {
+      *out = pl;
+      return true;
+    }
+  }
+  return false;
+}
+
 // The plan for a GPU that keeps at most `max_blocks` blocks resident with at most
 // `max_shared` bytes each: the fewest units per block that fit the blocks (spreading
 // the work over as many as there are), then the largest batch tile that fits the
@@ -112,14 +129,7 @@ inline bool choose_sweep_plan(bool backward, int64_t H, int64_t B, int64_t D, in
   if (H <= 0 || B <= 0 || D <= 0 || max_blocks < D) return false;
   int64_t units = (D * H + max_blocks - 1) / max_blocks;
   while (D * ((H + units - 1) / units) > max_blocks) ++units;
-  for (int64_t tile = B; tile >= 1; tile = tile > 64 ? tile * 3 / 4 : tile - 1) {
-    const SweepPlan pl = sweep_plan(backward, H, B, D, units, tile, elem_bytes, math_bytes);
-    if (pl.shared_bytes <= max_shared) {
-      *out = pl;
-      return true;
-    }
-  }
-  return false;
+  return fit_batch_tile(backward, H, B, D, units, elem_bytes, math_bytes, 0, max_shared, out);
 }
 
 // The plan that gives each direction one block (units = H, the largest batch tile that
@@ -127,14 +137,7 @@ inline bool choose_sweep_plan(bool backward, int64_t H, int64_t B, int64_t D, in
 inline bool choose_block_sweep_plan(bool backward, int64_t H, int64_t B, int64_t D, int64_t elem_bytes,
                                     int64_t math_bytes, int64_t max_shared, SweepPlan* out) {
   if (H <= 0 || B <= 0 || D <= 0) return false;
-  for (int64_t tile = B; tile >= 1; tile = tile > 64 ? tile * 3 / 4 : tile - 1) {
-    const SweepPlan pl = sweep_plan(backward, H, B, D, H, tile, elem_bytes, math_bytes);
-    if (pl.shared_bytes <= max_shared) {
-      *out = pl;
-      return true;
-    }
-  }
-  return false;
+  return fit_batch_tile(backward, H, B, D, H, elem_bytes, math_bytes, 0, max_shared, out);
 }
 
 // A sweep with a thread-block cluster per direction (sm_90): at most `cluster` blocks
@@ -146,16 +149,8 @@ inline bool choose_cluster_sweep_plan(bool backward, int64_t H, int64_t B, int64
                                       int64_t math_bytes, int64_t cluster, int64_t max_shared, SweepPlan* out) {
   if (H <= 0 || B <= 0 || D <= 0 || cluster < 1) return false;
   const int64_t units = (H + cluster - 1) / cluster;
-  for (int64_t tile = B; tile >= 1; tile = tile > 64 ? tile * 3 / 4 : tile - 1) {
-    SweepPlan pl = sweep_plan(backward, H, B, D, units, tile, elem_bytes, math_bytes);
-    pl.own_offset = pl.shared_bytes;
-    pl.shared_bytes += sweep_align(2 * B * (backward ? 4 : 1) * units * elem_bytes);
-    if (pl.shared_bytes <= max_shared) {
-      *out = pl;
-      return true;
-    }
-  }
-  return false;
+  return fit_batch_tile(backward, H, B, D, units, elem_bytes, math_bytes, 2 * (backward ? 4 : 1) * units * elem_bytes,
+                        max_shared, out);
 }
 
 // Each returns the launch's error (cudaSuccess where it went). `shared_bytes` from the
