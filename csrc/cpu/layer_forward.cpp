@@ -171,9 +171,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           std::fill(bsum + d * 4 * H, bsum + (d + 1) * 4 * H, T(0));
           continue;
         }
-        // Each bias in the storage type first, as a cast of float32 weights would leave it.
-        const at::Tensor bi = wts.b_ih[d].to(x.scalar_type()).contiguous();
-        const at::Tensor bh = wts.b_hh[d].to(x.scalar_type()).contiguous();
+        // Each bias in the storage type first, as a cast of float32 weights would leave it
+        // (a conversion only for the float32 weights of bfloat16 inference).
+        auto in_storage = [&](const at::Tensor& b) {
+          return (b.scalar_type() == x.scalar_type() ? b : b.to(x.scalar_type())).contiguous();
+        };
+        const at::Tensor bi = in_storage(wts.b_ih[d]), bh = in_storage(wts.b_hh[d]);
         const T *pi = bi.data_ptr<T>(), *ph = bh.data_ptr<T>();
         for (int64_t g = 0; g < 4 * H; ++g) bsum[d * 4 * H + g] = T(math_t<T>(pi[g]) + math_t<T>(ph[g]));
       }

@@ -117,14 +117,15 @@ math_t<typename Storage<S>::type>* math_ptr(const at::Tensor& t) {
 // (dg W_hh instead of h W_hh^T, the same count) on the same cut of the units, but has not
 // yet been timed against the per-step GEMMs on a GPU. BIRNN_EXT_CUDA_SWEEP_BWD=0 turns
 // the backward sweep alone off, so that one `make gpu-check` times both ways.
-bool env_on(const char* name) {
+// Whether the environment sets `name` to `value` (the switches below are read once).
+bool env_is(const char* name, const char* value) {
   const char* v = std::getenv(name);
-  return !(v && std::string(v) == "0");
+  return v && std::string(v) == value;
 }
 
 bool use_sweep(int64_t B, int64_t H, bool backward) {
-  static const bool fwd_on = env_on("BIRNN_EXT_CUDA_SWEEP");
-  static const bool bwd_on = fwd_on && env_on("BIRNN_EXT_CUDA_SWEEP_BWD");
+  static const bool fwd_on = !env_is("BIRNN_EXT_CUDA_SWEEP", "0");
+  static const bool bwd_on = fwd_on && !env_is("BIRNN_EXT_CUDA_SWEEP_BWD", "0");
   return (backward ? bwd_on : fwd_on) && B * H * H < (int64_t(1) << 23);
 }
 
@@ -137,10 +138,7 @@ bool use_sweep(int64_t B, int64_t H, bool backward) {
 // preset both ways).
 template <typename T>
 bool device_sweep_plan(bool backward, bool training, int64_t H, int64_t B, int64_t D, cuda::SweepPlan* plan) {
-  static const bool block = [] {
-    const char* v = std::getenv("BIRNN_EXT_CUDA_SWEEP_BLOCK");
-    return v && std::string(v) == "1";
-  }();
+  static const bool block = env_is("BIRNN_EXT_CUDA_SWEEP_BLOCK", "1");
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   const int sms = prop->multiProcessorCount;
   const int64_t shared = int64_t(prop->sharedMemPerBlockOptin);
@@ -160,10 +158,7 @@ bool device_sweep_plan(bool backward, bool training, int64_t H, int64_t B, int64
 // default until a GPU has timed them against the grid sweeps.
 template <typename T>
 bool device_cluster_plan(bool backward, bool training, int64_t H, int64_t B, int64_t D, cuda::SweepPlan* plan) {
-  static const bool on = [] {
-    const char* v = std::getenv("BIRNN_EXT_CUDA_SWEEP_CLUSTER");
-    return v && std::string(v) == "1";
-  }();
+  static const bool on = env_is("BIRNN_EXT_CUDA_SWEEP_CLUSTER", "1");
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   if (!on || prop->major < 9) return false;
   for (int64_t cluster : {16, 8})

@@ -82,10 +82,9 @@ void check(cudaError_t e) {
 struct SweepOption {
   bool on = false;
   bool whole = false;    // every step in one launch (one block per direction)
-  int64_t cluster = 0;   // the forward as the cluster sweep, clusters of this many blocks at most
+  int64_t cluster = 0;   // the cluster sweeps, clusters of this many blocks at most (units follow)
   int64_t units = 0, batch_tile = 0;
 } sweep_option;
-bool cluster_option_pending = false;
 
 struct Reader {
   FILE* f;
@@ -125,6 +124,9 @@ void run_layer(const int64_t* hd, Reader& in, Writer& out) {
   auto dh = convert<A>(has_gh ? in.doubles(D * B * P) : std::vector<double>(D * B * P));
   auto dc = convert<A>(has_gc ? in.doubles(D * B * H) : std::vector<double>(D * B * H));
   const int64_t* lp = has_len ? len.data() : nullptr;
+  // The units per block: given, or from the cluster size, as choose_cluster_sweep_plan sets them.
+  const int64_t units = sweep_option.cluster ? (H + sweep_option.cluster - 1) / sweep_option.cluster
+                                             : sweep_option.units;
 
   // Forward, as lstm_cuda.cpp runs it.
   std::vector<T> xg(rows * D * G), y(rows * D * P), h_raw(proj ? D * B * H : 0), h_proj(proj ? D * B * P : 0);
@@ -133,7 +135,7 @@ void run_layer(const int64_t* hd, Reader& in, Writer& out) {
   gemm(false, true, rows, D * G, I, x.data(), I, w_ih.data(), I, 0.0, xg.data(), D * G);
   const bool sweep = sweep_option.on && !proj;
   if (sweep) {
-    SweepPlan pl = sweep_plan(false, H, B, D, sweep_option.units, sweep_option.batch_tile, sizeof(T), sizeof(A));
+    SweepPlan pl = sweep_plan(false, H, B, D, units, sweep_option.batch_tile, sizeof(T), sizeof(A));
     if (sweep_option.cluster) {
       pl.own_offset = pl.shared_bytes;
       pl.shared_bytes += sweep_align(2 * B * pl.units * int64_t(sizeof(T)));
@@ -178,7 +180,7 @@ void run_layer(const int64_t* hd, Reader& in, Writer& out) {
       dh_proj_saved(proj ? D * rows * P : 0);
   std::vector<A> dh_raw(proj ? D * B * H : 0);
   if (sweep) {
-    SweepPlan pl = sweep_plan(true, H, B, D, sweep_option.units, sweep_option.batch_tile, sizeof(T), sizeof(A));
+    SweepPlan pl = sweep_plan(true, H, B, D, units, sweep_option.batch_tile, sizeof(T), sizeof(A));
     if (sweep_option.cluster) {
       pl.own_offset = pl.shared_bytes;
       pl.shared_bytes += sweep_align(2 * B * 4 * pl.units * int64_t(sizeof(T)));
@@ -302,9 +304,7 @@ int main(int argc, char** argv) {
   if (argc == 6 && (std::string(argv[3]) == "sweep" || std::string(argv[3]) == "sweep-whole")) {
     sweep_option = {true, std::string(argv[3]) == "sweep-whole", 0, std::atoll(argv[4]), std::atoll(argv[5])};
   } else if (argc == 6 && std::string(argv[3]) == "sweep-cluster") {
-    // The units per block follow from the cluster size, as choose_cluster_sweep_plan sets them.
     sweep_option = {true, false, std::atoll(argv[4]), 0, std::atoll(argv[5])};
-    cluster_option_pending = true;
   } else if (argc != 3) {
     std::fprintf(stderr, "usage: %s IN OUT [sweep|sweep-whole UNITS BATCH_TILE | sweep-cluster CLUSTER BATCH_TILE]\n",
                  argv[0]);
@@ -318,7 +318,6 @@ int main(int argc, char** argv) {
   }
   int64_t hd[14];
   if (std::fread(hd, sizeof(int64_t), 14, in.f) != 14) return 2;
-  if (cluster_option_pending) sweep_option.units = (hd[5] + sweep_option.cluster - 1) / sweep_option.cluster;
   switch (hd[1]) {
     case 0: run<float>(hd, in, out); break;
     case 1: run<double>(hd, in, out); break;
