@@ -124,10 +124,71 @@ void matmul(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, at::o
   }
 }
 
+// A 2-D operand by pointer: element (r, c) at data[r * rs + c * cs]. The step products
+// take these rather than tensors: every tensor view (a select, a narrow, a transpose)
+// is a dispatcher round trip, about half a microsecond here, and a layer call at batch 1
+// made some twenty of them (the op at batch 1, T 1, H 16 spent 8 of its 15 us there).
+template <typename T>
+struct Mat {
+  T* data = nullptr;
+  int64_t rows = 0, cols = 0, rs = 0, cs = 1;
+
+  Mat() = default;
+  Mat(T* data, int64_t rows, int64_t cols, int64_t rs, int64_t cs = 1)
+      : data(data), rows(rows), cols(cols), rs(rs), cs(cs) {}
+  // Contiguous rows x cols at `data`.
+  static Mat dense(T* data, int64_t rows, int64_t cols) { return {data, rows, cols, cols, 1}; }
+  // A 2-D tensor's own layout.
+  template <typename S>
+  static Mat of(const at::Tensor& t) {
+    return {reinterpret_cast<T*>(t.data_ptr<S>()), t.size(0), t.size(1), t.stride(0), t.stride(1)};
+  }
+  template <typename U, typename = std::enable_if_t<std::is_same_v<const U, T>>>
+  Mat(const Mat<U>& m) : data(m.data), rows(m.rows), cols(m.cols), rs(m.rs), cs(m.cs) {}
+  Mat t() const { return {data, cols, rows, cs, rs}; }
+  Mat first_rows(int64_t n) const { return {data, n, cols, rs, cs}; }
+  // A tensor over the same memory, for the engines that take tensors (oneDNN).
+  at::Tensor tensor(at::ScalarType dtype) const {
+    return at::from_blob(const_cast<std::remove_const_t<T>*>(data), {rows, cols}, {rs, cs},
+                         at::TensorOptions().dtype(dtype));
+  }
+};
+
+// matmul on operands by pointer: BLAS directly where matmul would call it, through
+// tensors over the same memory where it would go to oneDNN.
+template <typename T>
+void matmul(Mat<const T> a, Mat<const T> b, Mat<T> c, at::opmath_type<T> beta) {
+  const int64_t M = a.rows, K = a.cols, N = b.cols;
+  if (M == 0 || N == 0) return;
+  const bool dense_c = c.cs == 1 && (M == 1 || c.rs == N);
+  if (std::is_same_v<T, at::BFloat16> ||
+      (std::is_same_v<T, float> && K > 0 && M * N * K >= kOnednnMinWork && dense_c && onednn_matmul())) {
+    const at::ScalarType dtype = c10::CppTypeToScalarType<T>::value;
+    matmul<T>(a.tensor(dtype), b.tensor(dtype), c.tensor(dtype), beta);
+    return;
+  }
+  if constexpr (!std::is_same_v<T, at::BFloat16>) {
+    auto layout_of = [](const auto& m, bool& trans, int64_t& ld) {
+      if (m.cs == 1 && (m.rows == 1 || m.rs >= m.cols)) {
+        trans = false, ld = std::max<int64_t>(m.rs, m.cols);
+      } else {
+        TORCH_INTERNAL_ASSERT(m.rs == 1, "birnn_ext: GEMM operand has no unit stride");
+        trans = true, ld = std::max<int64_t>(m.cs, m.rows);
+      }
+    };
+    bool ta, tb;
+    int64_t lda, ldb;
+    layout_of(a, ta, lda);
+    layout_of(b, tb, ldb);
+    TORCH_INTERNAL_ASSERT(c.cs == 1 || N == 1, "birnn_ext: GEMM output rows must be contiguous");
+    gemm<T>(ta, tb, M, N, K, T(1), a.data, lda, b.data, ldb, T(beta), c.data, std::max<int64_t>(c.rs, N));
+  }
+}
+
 // A weight matrix B [K,N] made ready for a sweep's step products c = a B: packed for
 // small_gemm (float32) when the sweep multiplies enough rows by it to repay the packing,
-// kept as a view for matmul otherwise; always packed for small_gemm_bf16 (bfloat16),
-// whose alternative, oneDNN, costs more per call than a step product at these sizes
+// read in place otherwise; always packed for small_gemm_bf16 (bfloat16), whose
+// alternative, oneDNN, costs more per call than a step product at these sizes
 // (benchmarks/bench_step_gemm.py --dtype bf16). Made once per call, used every step.
 struct StepWeight {
   // Rows (steps x batch) from which packing repays its copy. B the transpose of a
@@ -139,41 +200,55 @@ struct StepWeight {
   // within a few percent of it; a copy pays only over long sweeps.
   static constexpr int64_t kMinRowsToPackTransposed = 16;
   static constexpr int64_t kMinRowsToPack = 256;
-  at::Tensor view;    // [K,N], for matmul
+  const void* data = nullptr;  // B in place: element (k, n) at data[k * rs + n * cs], of `dtype`
+  int64_t K = 0, N = 0, rs = 0, cs = 1;
+  at::ScalarType dtype = at::kFloat;
   at::Tensor packed;  // small_gemm's panels, or undefined
-  int64_t K = 0, N = 0;
   bool bf16 = false;  // products in bfloat16: packed for small_gemm_bf16
 
+  bool defined() const { return data != nullptr; }
+  template <typename T>
+  Mat<const T> in_place() const {
+    return {static_cast<const T*>(data), K, N, rs, cs};
+  }
+
+  // B = w^T for a contiguous weight w [N,K] as nn.LSTM stores it (x W_ih^T, h W_hh^T).
+  static StepWeight transposed(const at::Tensor& w, int64_t rows, at::ScalarType products) {
+    return make(w.data_ptr(), w.size(1), w.size(0), 1, w.size(1), w.scalar_type(), rows, products);
+  }
+  // B = w for a contiguous weight w [K,N] (dg W_hh, dh W_hr).
+  static StepWeight as_is(const at::Tensor& w, int64_t rows) {
+    return make(w.data_ptr(), w.size(0), w.size(1), w.size(1), 1, w.scalar_type(), rows, w.scalar_type());
+  }
   // Made on the calling thread; the packing itself (pack()) runs on the thread of the
   // direction that uses it, so the directions pack at the same time. `products`: the
   // dtype of the products, b's own, or bfloat16 for a float32 b (rounded as packed).
-  static StepWeight of(const at::Tensor& b, int64_t rows) { return of(b, rows, b.scalar_type()); }
-  static StepWeight of(const at::Tensor& b, int64_t rows, at::ScalarType products) {
-    TORCH_INTERNAL_ASSERT(products == b.scalar_type() || (products == at::kBFloat16 && b.scalar_type() == at::kFloat));
+  static StepWeight make(const void* data, int64_t K, int64_t N, int64_t rs, int64_t cs, at::ScalarType dtype,
+                         int64_t rows, at::ScalarType products) {
+    TORCH_INTERNAL_ASSERT(products == dtype || (products == at::kBFloat16 && dtype == at::kFloat));
     StepWeight w;
-    w.view = b;
-    w.K = b.size(0), w.N = b.size(1);
+    w.data = data, w.K = K, w.N = N, w.rs = rs, w.cs = cs, w.dtype = dtype;
     w.bf16 = products == at::kBFloat16;
-    const bool transposed = b.stride(0) == 1 && b.stride(1) != 1;
+    const bool transposed = rs == 1 && cs != 1;
+    const auto bytes = at::TensorOptions().dtype(at::kByte);
     if (w.bf16)
-      w.packed = pooled_empty({small_gemm_bf16_packed_bytes(w.K, w.N)}, b.options().dtype(at::kByte));
-    else if (b.scalar_type() == at::kFloat && rows >= (transposed ? kMinRowsToPackTransposed : kMinRowsToPack))
-      w.packed = pooled_empty({small_gemm_packed_size(w.K, w.N)}, b.options());
+      w.packed = pooled_empty({small_gemm_bf16_packed_bytes(K, N)}, bytes);
+    else if (dtype == at::kFloat && rows >= (transposed ? kMinRowsToPackTransposed : kMinRowsToPack))
+      w.packed = pooled_empty({small_gemm_packed_size(K, N)}, at::TensorOptions().dtype(at::kFloat));
     return w;
   }
   void pack() const {
     if (!packed.defined()) return;
-    if (bf16 && view.scalar_type() == at::kFloat) {
-      small_gemm_bf16_pack(K, N, view.data_ptr<float>(), view.stride(0), view.stride(1), packed.data_ptr());
+    if (bf16 && dtype == at::kFloat) {
+      small_gemm_bf16_pack(K, N, static_cast<const float*>(data), rs, cs, packed.data_ptr());
       return;
     }
     if (bf16) {
-      small_gemm_bf16_pack(K, N, bits(view), view.stride(0), view.stride(1), packed.data_ptr());
+      small_gemm_bf16_pack(K, N, static_cast<const uint16_t*>(data), rs, cs, packed.data_ptr());
       return;
     }
-    small_gemm_pack(K, N, view.data_ptr<float>(), view.stride(0), view.stride(1), packed.data_ptr<float>());
+    small_gemm_pack(K, N, static_cast<const float*>(data), rs, cs, packed.data_ptr<float>());
   }
-  static const uint16_t* bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); }
 };
 
 // c[M,N] = a[M,K] B + beta c: one step's product (c's rows contiguous).
@@ -183,31 +258,28 @@ struct StepWeight {
 // to 16). It is not matmul's engine in general: with many rows and a few columns (a
 // weight gradient, 512 x 28 x 28) its narrow tiles are slower than BLAS.
 template <typename T>
-void step_product(const at::Tensor& a, const StepWeight& w, const at::Tensor& c, at::opmath_type<T> beta) {
+void step_product(Mat<const T> a, const StepWeight& w, Mat<T> c, at::opmath_type<T> beta) {
+  TORCH_INTERNAL_ASSERT(c.cs == 1 || w.N == 1, "birnn_ext: step product rows must be contiguous");
+  const int64_t M = a.rows, ldc = std::max<int64_t>(c.rs, w.N);
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     if (w.packed.defined()) {
-      TORCH_INTERNAL_ASSERT(c.stride(1) == 1 || w.N == 1, "birnn_ext: step product rows must be contiguous");
-      small_gemm_bf16(a.size(0), w.N, w.K, StepWeight::bits(a), a.stride(0), a.stride(1), w.packed.data_ptr(), beta,
-                      reinterpret_cast<uint16_t*>(c.data_ptr()), std::max<int64_t>(c.stride(0), w.N));
+      small_gemm_bf16(M, w.N, w.K, reinterpret_cast<const uint16_t*>(a.data), a.rs, a.cs, w.packed.data_ptr(), beta,
+                      reinterpret_cast<uint16_t*>(c.data), ldc);
       return;
     }
   }
   if constexpr (std::is_same_v<T, float>) {
-    const int64_t M = a.size(0), ldc = std::max<int64_t>(c.stride(0), w.N);
-    TORCH_INTERNAL_ASSERT(c.stride(1) == 1 || w.N == 1, "birnn_ext: step product rows must be contiguous");
     if (w.packed.defined()) {
-      small_gemm(M, w.N, w.K, a.data_ptr<float>(), a.stride(0), a.stride(1), w.packed.data_ptr<float>(), beta,
-                 c.data_ptr<float>(), ldc);
+      small_gemm(M, w.N, w.K, a.data, a.rs, a.cs, w.packed.data_ptr<float>(), beta, c.data, ldc);
       return;
     }
-    const int64_t b_row = w.view.stride(0), b_col = w.view.stride(1);
-    if (M * w.N * w.K < kOnednnMinWork && small_gemm_in_place_fits(w.K, a.stride(1), b_row, b_col)) {
-      small_gemm_in_place(M, w.N, w.K, a.data_ptr<float>(), a.stride(0), a.stride(1), w.view.data_ptr<float>(), b_row,
-                          b_col, beta, c.data_ptr<float>(), ldc);
+    if (M * w.N * w.K < kOnednnMinWork && small_gemm_in_place_fits(w.K, a.cs, w.rs, w.cs)) {
+      small_gemm_in_place(M, w.N, w.K, a.data, a.rs, a.cs, static_cast<const float*>(w.data), w.rs, w.cs, beta, c.data,
+                          ldc);
       return;
     }
   }
-  matmul<T>(a, w.view, c, beta);
+  matmul<T>(a, w.in_place<T>(), c, beta);
 }
 
 }  // namespace birnn

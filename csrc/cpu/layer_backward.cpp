@@ -79,10 +79,10 @@ struct BwdParams {
   const int64_t* len;                 // [B] or nullptr
   std::array<StepWeight, 2> w_hh;     // [4H,P] per direction, ready for the step products
   std::array<StepWeight, 2> w_hr;     // [P,H] per direction, empty without a projection
-  std::array<at::Tensor, 2> dh;       // [B,P] grad of h_n on entry, of h0 on exit
-  std::array<at::Tensor, 2> dg_step;  // [B,4H] scratch: dg of one step, for the recurrent GEMM
-  std::array<at::Tensor, 2> dh_proj;  // [B,P] scratch with a projection: total grad of h at one step
-  std::array<at::Tensor, 2> dh_raw;   // [B,H] scratch with a projection: dh_proj W_hr
+  T* dh;                              // [D,B,P] grad of h_n on entry, of h0 on exit
+  T* dg_step;                         // [D,B,4H] scratch: dg of one step, for the recurrent GEMM
+  T* dh_proj;                         // [D,B,P] scratch with a projection: total grad of h at one step
+  T* dh_raw;                          // [D,B,H] scratch with a projection: dh_proj W_hr
   const T* gates;                     // [T,B,D*4H] activated
   const math_t<T>* c_prev;            // [T,B,D*H]
   const T* dy;                        // [T,B,D*P] or nullptr
@@ -127,7 +127,7 @@ template <typename T>
 void plan_blocks(const BwdParams<T>& p, int64_t d, int64_t last_live) {
   const auto [T_, B, I, H, P, D] = p.n;
   const int64_t G = 4 * H;
-  const bool proj = p.w_hr[d].view.defined();
+  const bool proj = p.w_hr[d].defined();
   // The times [t0, t1) that hold every row a live step wrote; dead rows inside are
   // zeroed below. (time_index maps steps to times, and times back to steps.)
   auto length = [&](int64_t b) { return p.len ? p.len[b] : T_; };
@@ -164,13 +164,13 @@ template <typename T>
 void backward_direction(const BwdParams<T>& p, int64_t d) {
   const auto [T_, B, I, H, P, D] = p.n;
   const int64_t G = 4 * H;
-  const bool proj = p.w_hr[d].view.defined();
-  T* dh = p.dh[d].template data_ptr<T>();
+  const bool proj = p.w_hr[d].defined();
+  T* dh = p.dh + d * B * P;
   math_t<T>* dc = p.dc + d * B * H;
-  T* dg_step = p.dg_step[d].template data_ptr<T>();
+  T* dg_step = p.dg_step + d * B * G;
   std::vector<math_t<T>> dbias(G, 0);
-  T* dh_proj = proj ? p.dh_proj[d].template data_ptr<T>() : nullptr;
-  T* dh_raw = proj ? p.dh_raw[d].template data_ptr<T>() : nullptr;
+  T* dh_proj = proj ? p.dh_proj + d * B * P : nullptr;
+  T* dh_raw = proj ? p.dh_raw + d * B * H : nullptr;
   p.w_hh[d].pack();
   p.w_hr[d].pack();
   // The sweep starts with the last step. Where no loss term reaches the first steps it
@@ -179,8 +179,8 @@ void backward_direction(const BwdParams<T>& p, int64_t d) {
   // GEMM, their dg rows not even written. Only while every weight is finite: each
   // skipped product with them would be zero times a weight.
   bool zeros_so_far = all_zero(dh, B * P) && all_zero(dc, B * H) && all_finite(p.w_ih[d], G * I) &&
-                      all_finite(p.w_hh[d].view.template data_ptr<T>(), G * P) &&
-                      (!proj || all_finite(p.w_hr[d].view.template data_ptr<T>(), P * H));
+                      all_finite(static_cast<const T*>(p.w_hh[d].data), G * P) &&
+                      (!proj || all_finite(static_cast<const T*>(p.w_hr[d].data), P * H));
   int64_t last_live = T_ - 1;  // steps past it were skipped
   BlockWork::Direction& work = p.work->dir[d];
   for (int64_t s = T_ - 1; s >= 0; --s) {
@@ -210,7 +210,7 @@ void backward_direction(const BwdParams<T>& p, int64_t d) {
         }
         std::memcpy(out, dh_proj + b * P, P * sizeof(T));
       }
-      step_product<T>(p.dh_proj[d], p.w_hr[d], p.dh_raw[d], T(0));
+      step_product<T>(Mat<const T>::dense(dh_proj, B, P), p.w_hr[d], Mat<T>::dense(dh_raw, B, H), T(0));
     }
     for (int64_t b = 0; b < B; ++b) {
       const int64_t L = p.len ? p.len[b] : T_;
@@ -232,7 +232,7 @@ void backward_direction(const BwdParams<T>& p, int64_t d) {
     work.progress.store(s, std::memory_order_release);  // this step's dg rows are final
     // dh_{t-1} = dg W_hh for the sequences that stepped; padded rows of dg_step are
     // zero, so their carried gradient is left as it was.
-    step_product<T>(p.dg_step[d], p.w_hh[d], p.dh[d], T(1));
+    step_product<T>(Mat<const T>::dense(dg_step, B, G), p.w_hh[d], Mat<T>::dense(dh, B, P), T(1));
     // The bias gradient, while the step's rows are in cache: in a fixed order (steps
     // descending, rows ascending), so the same bits for any thread count.
     for (int64_t b = 0; b < B; ++b) add_row(G, dg_step + b * G, dbias.data());
@@ -287,15 +287,13 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
     p.n = n;
     p.len = len.defined() ? len.data_ptr<int64_t>() : nullptr;
     for (int64_t d = 0; d < D; ++d) {
-      p.w_hh[d] = StepWeight::of(w_hh[d], T_ * B);
-      p.dh[d] = dh[d];
-      p.dg_step[d] = dg_step[d];
-      if (proj) {
-        p.w_hr[d] = StepWeight::of(w_hr[d], T_ * B);
-        p.dh_proj[d] = dh_proj[d];
-        p.dh_raw[d] = dh_raw[d];
-      }
+      p.w_hh[d] = StepWeight::as_is(w_hh[d], T_ * B);
+      if (proj) p.w_hr[d] = StepWeight::as_is(w_hr[d], T_ * B);
     }
+    p.dh = dh.data_ptr<T>();
+    p.dg_step = dg_step.data_ptr<T>();
+    p.dh_proj = proj ? dh_proj.data_ptr<T>() : nullptr;
+    p.dh_raw = proj ? dh_raw.data_ptr<T>() : nullptr;
     p.gates = gates.data_ptr<T>();
     p.c_prev = c_prev.data_ptr<math_t<T>>();
     p.dy = dy.defined() ? dy.data_ptr<T>() : nullptr;

@@ -34,14 +34,14 @@ template <typename T>
 struct FwdParams {
   LayerDims n;
   const int64_t* len;  // [B] or nullptr: every sequence has T steps
-  // Per-direction GEMM operands, made on the calling thread: OpenMP workers do not
-  // carry its autograd state, so no view is created inside the parallel region.
+  // Per-direction GEMM operands, made on the calling thread (the packing runs on the
+  // direction's own).
   std::array<StepWeight, 2> w_hh_t;  // [P,4H] = W_hh[d]^T
   std::array<StepWeight, 2> w_hr_t;  // [H,P] = W_hr[d]^T, empty without a projection
-  std::array<at::Tensor, 2> h;       // [B,P] h0 on entry, h_n on exit
-  std::array<at::Tensor, 2> rec;     // [B,4H] scratch: h W_hh^T of one step
-  std::array<at::Tensor, 2> h_raw;   // [B,H] scratch with a projection: o * tanh(c) of one step
-  std::array<at::Tensor, 2> h_proj;  // [B,P] scratch with a projection: h_raw W_hr^T
+  T* h;                              // [D,B,P] h0 on entry, h_n on exit
+  T* rec;                            // [D,B,4H] scratch: h W_hh^T of one step
+  T* h_raw;                          // [D,B,H] scratch with a projection: o * tanh(c) of one step
+  T* h_proj;                         // [D,B,P] scratch with a projection: h_raw W_hr^T
   const T* bias;                     // [D,4H], zeros when the layer has none
   T* xg;                             // [T,B,D*4H] x W_ih^T on entry; activated gates on exit when training;
                                      // nullptr when the projection is made chunk by chunk (inference)
@@ -51,14 +51,11 @@ struct FwdParams {
   int64_t chunk = 0;
   const T* x = nullptr;                   // [T,B,I]
   std::array<StepWeight, 2> w_ih_t;       // [I,4H] = W_ih[d]^T
-  std::array<at::Tensor, 2> x_chunk;      // [chunk*B, I] the rows of x this direction reads next
-  std::array<at::Tensor, 2> xg_chunk;     // [chunk*B, 4H]
-  std::array<at::Tensor, 2> x_tail;       // the same two for the last, shorter chunk
-  std::array<at::Tensor, 2> xg_tail;
+  T* x_chunk = nullptr;                   // [D, chunk*B, I] the rows of x each direction reads next
+  T* xg_chunk = nullptr;                  // [D, chunk*B, 4H]
   // Training, a short sweep (float32): each direction projects all of x on its own
   // thread, over its W_ih^T (w_ih_t), into its columns of xg.
-  at::Tensor x_rows;                   // [T*B, I]
-  std::array<at::Tensor, 2> xg_cols;   // [T*B, 4H] columns d*4H.. of xg viewed as [T*B, D*4H]
+  bool project_per_direction = false;
   T* y;                              // [T,B,D*P]
   math_t<T>* c;                      // [D,B,H] c0 on entry, c_n on exit
   math_t<T>* c_prev;                 // [T,B,D*H] saved when training
@@ -70,29 +67,33 @@ template <typename T, bool Training>
 void forward_direction(const FwdParams<T>& p, int64_t d) {
   const auto [T_, B, I, H, P, D] = p.n;
   const int64_t G = 4 * H;
-  const bool proj = p.w_hr_t[d].view.defined();
+  const bool proj = p.w_hr_t[d].defined();
   const T* bias = p.bias + d * G;
-  T* h = p.h[d].template data_ptr<T>();
+  T* h = p.h + d * B * P;
   math_t<T>* c = p.c + d * B * H;
-  T* rec = p.rec[d].template data_ptr<T>();
-  T* h_raw = proj ? p.h_raw[d].template data_ptr<T>() : nullptr;
-  const T* h_proj = proj ? p.h_proj[d].template data_ptr<T>() : nullptr;
+  T* rec = p.rec + d * B * G;
+  T* h_raw = proj ? p.h_raw + d * B * H : nullptr;
+  const T* h_proj = proj ? p.h_proj + d * B * P : nullptr;
   p.w_hh_t[d].pack();
   p.w_hr_t[d].pack();
   p.w_ih_t[d].pack();
-  if (p.x_rows.defined()) step_product<T>(p.x_rows, p.w_ih_t[d], p.xg_cols[d], T(0));
+  if (p.project_per_direction)
+    step_product<T>(Mat<const T>::dense(p.x, T_ * B, I), p.w_ih_t[d], Mat<T>(p.xg + d * G, T_ * B, G, D * G), T(0));
+  T* x_chunk = p.chunk ? p.x_chunk + d * p.chunk * B * I : nullptr;
+  T* xg_chunk = p.chunk ? p.xg_chunk + d * p.chunk * B * G : nullptr;
   auto row_of = [&](int64_t s, int64_t b) { return time_index(int(d), s, p.len ? p.len[b] : T_) * B + b; };
   for (int64_t s = 0; s < T_; ++s) {
     if (p.chunk && s % p.chunk == 0) {
       // Gather the x rows of the next steps in this direction's own order, then project.
       const bool tail = s + p.chunk > T_;
       const int64_t steps = tail ? T_ - s : p.chunk;
-      T* xc = p.x_chunk[d].template data_ptr<T>();
       for (int64_t k = 0; k < steps; ++k)
-        for (int64_t b = 0; b < B; ++b) std::memcpy(xc + (k * B + b) * I, p.x + row_of(s + k, b) * I, I * sizeof(T));
-      step_product<T>(tail ? p.x_tail[d] : p.x_chunk[d], p.w_ih_t[d], tail ? p.xg_tail[d] : p.xg_chunk[d], T(0));
+        for (int64_t b = 0; b < B; ++b)
+          std::memcpy(x_chunk + (k * B + b) * I, p.x + row_of(s + k, b) * I, I * sizeof(T));
+      step_product<T>(Mat<const T>::dense(x_chunk, steps * B, I), p.w_ih_t[d], Mat<T>::dense(xg_chunk, steps * B, G),
+                      T(0));
     }
-    step_product<T>(p.h[d], p.w_hh_t[d], p.rec[d], T(0));
+    step_product<T>(Mat<const T>::dense(h, B, P), p.w_hh_t[d], Mat<T>::dense(rec, B, G), T(0));
     for (int64_t b = 0; b < B; ++b) {
       const int64_t row = row_of(s, b);
       const bool active = s < (p.len ? p.len[b] : T_);
@@ -108,13 +109,13 @@ void forward_direction(const FwdParams<T>& p, int64_t d) {
         if (proj) std::memset(h_raw + b * H, 0, H * sizeof(T));
         continue;
       }
-      T* xg = p.chunk ? p.xg_chunk[d].template data_ptr<T>() + ((s % p.chunk) * B + b) * G : p.xg + row * D * G + d * G;
+      T* xg = p.chunk ? xg_chunk + ((s % p.chunk) * B + b) * G : p.xg + row * D * G + d * G;
       cell_forward_row<T, Training>(H, xg, rec + b * G, bias, cb, proj ? h_raw + b * H : hb);
       if (!proj) std::memcpy(y, hb, H * sizeof(T));
     }
     if (!proj) continue;
     // h = (o * tanh(c)) W_hr^T for the whole step, then out to the state and y.
-    step_product<T>(p.h_raw[d], p.w_hr_t[d], p.h_proj[d], T(0));
+    step_product<T>(Mat<const T>::dense(h_raw, B, H), p.w_hr_t[d], Mat<T>::dense(p.h_proj + d * B * P, B, P), T(0));
     for (int64_t b = 0; b < B; ++b) {
       const int64_t row = row_of(s, b);
       if (Training) std::memcpy(p.h_raw_saved + (d * T_ * B + row) * H, h_raw + b * H, H * sizeof(T));
@@ -185,48 +186,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       FwdParams<T> p{};
       p.n = n;
       p.len = len.defined() ? len.data_ptr<int64_t>() : nullptr;
+      p.x = x.data_ptr<T>();
       at::Tensor x_chunk, xg_chunk;
+      const at::ScalarType products = x.scalar_type();
       // A projection too small for oneDNN: below that, a BLAS call over both directions
       // (their W_ih copied side by side) cost more than each direction's own product on
       // its thread (the layer op at batch 1, T 28, H 128: 91 us before, 77 after).
-      const bool project_per_direction =
-          (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>) && T_ * B * D * 4 * H * I < kOnednnMinWork;
-      if (training && project_per_direction) {
-        p.x_rows = x.view({T_ * B, I});
-        for (int64_t d = 0; d < D; ++d) {
-          p.w_ih_t[d] = StepWeight::of(w_ih[d].t(), T_ * B, x.scalar_type());
-          p.xg_cols[d] = xg.view({T_ * B, D * 4 * H}).narrow(1, d * 4 * H, 4 * H);
-        }
-      } else if (training) {
+      p.project_per_direction = training && (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>) &&
+                                T_ * B * D * 4 * H * I < kOnednnMinWork;
+      if (training && !p.project_per_direction) {
         // Input projection of every step and direction: [T*B, I] x [D*4H, I]^T, with the
         // directions' W_ih side by side (a copy, small beside the training work).
         const at::Tensor w_ih_all = D == 1 ? w_ih[0] : pooled_empty({D * 4 * H, I}, opt);
         for (int64_t d = 0; d < D && D > 1; ++d) w_ih_all.narrow(0, d * 4 * H, 4 * H).copy_(w_ih[d]);
         matmul<T>(x.view({T_ * B, I}), w_ih_all.t(), xg.view({T_ * B, D * 4 * H}), T(0));
-      } else {
-        const int64_t tail = T_ % chunk;
+      } else if (!training) {
         x_chunk = pooled_empty({D, chunk * B, I}, opt);
         xg_chunk = pooled_empty({D, chunk * B, 4 * H}, opt);
         p.chunk = chunk;
-        p.x = x.data_ptr<T>();
-        for (int64_t d = 0; d < D; ++d) {
-          p.w_ih_t[d] = StepWeight::of(w_ih[d].t(), T_ * B, x.scalar_type());
-          p.x_chunk[d] = x_chunk[d];
-          p.xg_chunk[d] = xg_chunk[d];
-          p.x_tail[d] = x_chunk[d].narrow(0, 0, tail * B);
-          p.xg_tail[d] = xg_chunk[d].narrow(0, 0, tail * B);
-        }
+        p.x_chunk = x_chunk.data_ptr<T>();
+        p.xg_chunk = xg_chunk.data_ptr<T>();
       }
       for (int64_t d = 0; d < D; ++d) {
-        p.w_hh_t[d] = StepWeight::of(w_hh[d].t(), T_ * B, x.scalar_type());
-        p.h[d] = h[d];
-        p.rec[d] = rec[d];
-        if (proj) {
-          p.w_hr_t[d] = StepWeight::of(w_hr[d].t(), T_ * B, x.scalar_type());
-          p.h_raw[d] = raw_step[d];
-          p.h_proj[d] = proj_step[d];
-        }
+        if (!training || p.project_per_direction) p.w_ih_t[d] = StepWeight::transposed(w_ih[d], T_ * B, products);
+        p.w_hh_t[d] = StepWeight::transposed(w_hh[d], T_ * B, products);
+        if (proj) p.w_hr_t[d] = StepWeight::transposed(w_hr[d], T_ * B, products);
       }
+      p.h = h.data_ptr<T>();
+      p.rec = rec.data_ptr<T>();
+      p.h_raw = proj ? raw_step.data_ptr<T>() : nullptr;
+      p.h_proj = proj ? proj_step.data_ptr<T>() : nullptr;
       p.bias = bias.data_ptr<T>();
       p.xg = training ? xg.data_ptr<T>() : nullptr;
       p.y = y.data_ptr<T>();
@@ -234,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       p.c_prev = training ? c_prev.data_ptr<math_t<T>>() : nullptr;
       p.h_prev = training ? h_prev.data_ptr<T>() : nullptr;
       p.h_raw_saved = training && proj ? h_raw.data_ptr<T>() : nullptr;
-      for_each_direction(D, [&](int64_t d) {
+      for_each_direction(D, T_ * B * 4 * H * (I + P + (proj ? H : 0)), [&](int64_t d) {
         training ? forward_direction<T, true>(p, d) : forward_direction<T, false>(p, d);
       });
     });
