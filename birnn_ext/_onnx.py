@@ -70,11 +70,12 @@ def _stack_onnx(tensors: Sequence[Tensor], rows: Tensor) -> Tensor:
 
 
 def lstm_layer(
-    x: Tensor, h0: Tensor, c0: Tensor, weights: Sequence[Tensor | None], lengths: Tensor | None = None
+    x: Tensor, h0: Tensor | None, c0: Tensor | None, weights: Sequence[Tensor | None], lengths: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """lstm_layer_forward's arguments (weights: its ten weight arguments, w_ih, w_hh,
-    b_ih, b_hh, w_hr, then the reverse direction's, None where absent; no projection)
-    and first three results, as one ONNX LSTM node."""
+    b_ih, b_hh, w_hr, then the reverse direction's, None where absent; no projection;
+    h0 and c0 None for zeros, which ONNX's LSTM also takes as absent inputs) and first
+    three results, as one ONNX LSTM node."""
     directions = [weights[:5]] + ([weights[5:]] if weights[6] is not None else [])
     T, B = x.shape[0], x.shape[1]
     D, H = len(directions), weights[1].shape[1]
@@ -132,6 +133,7 @@ def _lstm_node_ts(g, x, h0, c0, w_ih, w_hh, bias_pairs, lengths, hidden_size):
                     _stack_onnx_ts(g, [b for _, b in bias_pairs], rows), axis_i=1)
     seq_lens = _unused(g) if _is_none(lengths) else g.op("Cast", lengths, to_i=6)  # 6: INT32
     attrs = _attributes(hidden_size, D)
+    h0, c0 = (_unused(g) if _is_none(t) else t for t in (h0, c0))  # None: zeros, as in ONNX
     return g.op("LSTM", x, W, R, bias, seq_lens, h0, c0, outputs=3,
                 hidden_size_i=attrs["hidden_size"], direction_s=attrs["direction"])
 

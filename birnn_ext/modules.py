@@ -447,12 +447,7 @@ class FusedLSTM(_TorchNNCounterpart, nn.Module):
         """x [T,B,I] -> y [T,B,D*H], (h_n, c_n) [L*D,B,H], layer by layer; `weights` from
         _layer_weights. The op is called directly (not through ops.lstm_layer): at batch 1
         this module's Python is a large part of a call."""
-        D, H, B, L = self.num_directions, self.hidden_size, x.size(1), self.num_layers
-        if hx is None:
-            # One tensor of zeros for both states where they have one shape: the op reads
-            # h0 and c0 and writes neither.
-            zeros = x.new_zeros((L * D, B, H))
-            hx = (zeros if self.proj_size == 0 else x.new_zeros((L * D, B, self.proj_size)), zeros)
+        D, L = self.num_directions, self.num_layers
         onnx = _onnx.dynamo_export()
         # The TorchScript exporter traces: is_tracing() (0.1 us) spares the 1.2 us of
         # is_in_onnx_export() on every other call.
@@ -463,7 +458,11 @@ class FusedLSTM(_TorchNNCounterpart, nn.Module):
                 _onnx.refuse_projection(type(self).__name__)
         h_n, c_n = [], []
         for layer, w in enumerate(weights):
-            h0, c0 = hx if L == 1 else (hx[0][layer * D : (layer + 1) * D], hx[1][layer * D : (layer + 1) * D])
+            # No hx: None, and the op starts from zeros of its own.
+            if hx is None:
+                h0 = c0 = None
+            else:
+                h0, c0 = hx if L == 1 else (hx[0][layer * D : (layer + 1) * D], hx[1][layer * D : (layer + 1) * D])
             if onnx:
                 x, h, c = _onnx.lstm_layer(x, h0, c0, w, lengths)
             else:

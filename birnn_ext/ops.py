@@ -53,8 +53,8 @@ def _(x, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ih_reverse, w_hh_rever
     saved = T if training else 0
     return (
         x.new_empty((T, B, D * P)),
-        h0.new_empty((D, B, P)),
-        c0.new_empty((D, B, H)),
+        x.new_empty((D, B, P)),
+        x.new_empty((D, B, H)),
         x.new_empty((saved, B, D * G)),
         x.new_empty((saved, B, D * H), dtype=_math_dtype(x.dtype)),  # the cell state is kept in the math type
         x.new_empty((D, saved, B, P)),

@@ -51,7 +51,7 @@ struct Cast {
 bool requires_grad(const OptTensor& t) { return t && t->requires_grad(); }
 
 using LayerOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using LayerForwardSig = LayerOutputs(const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
+using LayerForwardSig = LayerOutputs(const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                                      const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
                                      const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                                      const OptTensor&, const OptTensor&, bool);
@@ -60,7 +60,7 @@ using CellForwardSig = CellOutputs(const at::Tensor&, const at::Tensor&, const a
                                    const at::Tensor&, const OptTensor&, bool);
 
 template <c10::DeviceType Dev>
-LayerOutputs layer_forward(const at::Tensor& x, const OptTensor& lengths, const at::Tensor& h0, const at::Tensor& c0,
+LayerOutputs layer_forward(const at::Tensor& x, const OptTensor& lengths, const OptTensor& h0, const OptTensor& c0,
                            const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
                            const OptTensor& b_hh, const OptTensor& w_hr, const OptTensor& w_ih_r,
                            const OptTensor& w_hh_r, const OptTensor& b_ih_r, const OptTensor& b_hh_r,
@@ -70,7 +70,7 @@ LayerOutputs layer_forward(const at::Tensor& x, const OptTensor& lengths, const 
   const std::array<OptTensor, 10> w{w_ih, w_hh, b_ih, b_hh, w_hr, w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r};
   bool keep = Dev == c10::DeviceType::CPU && cast.to == at::kBFloat16 && !training;
   if (keep) {
-    bool grad = x.requires_grad() || h0.requires_grad() || c0.requires_grad();
+    bool grad = x.requires_grad() || requires_grad(h0) || requires_grad(c0);
     for (const OptTensor& t : w) {
       keep = keep && (!t || (t->scalar_type() == at::kFloat && t->device().type() == Dev));
       grad = grad || requires_grad(t);

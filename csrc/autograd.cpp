@@ -42,7 +42,7 @@ bool any_requires_grad(std::initializer_list<const at::Tensor*> tensors) {
 // ---------------------------------------------------------------- layer
 
 using LayerOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using LayerForwardSig = LayerOutputs(const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
+using LayerForwardSig = LayerOutputs(const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                                      const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
                                      const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                                      const OptTensor&, const OptTensor&, bool);
@@ -58,7 +58,7 @@ using LayerBackwardSig = LayerOutputs(const OptTensor&, const OptTensor&, const 
 class LstmLayer : public torch::autograd::Function<LstmLayer> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& lengths,
-                               const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+                               const OptTensor& h0, const OptTensor& c0, const at::Tensor& w_ih,
                                const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
                                const OptTensor& w_hr, const OptTensor& w_ih_r, const OptTensor& w_hh_r,
                                const OptTensor& b_ih_r, const OptTensor& b_hh_r, const OptTensor& w_hr_r,
@@ -73,6 +73,8 @@ class LstmLayer : public torch::autograd::Function<LstmLayer> {
     ctx->mark_non_differentiable({gates, c_prev, h_prev, h_raw});
     ctx->set_materialize_grads(false);  // an unused output costs no zero tensor
     ctx->saved_data["has_bias"] = b_ih.has_value();
+    ctx->saved_data["has_h0"] = h0.has_value();
+    ctx->saved_data["has_c0"] = c0.has_value();
     ctx->save_for_backward({x, value_or_undefined(lengths), w_ih, w_hh, value_or_undefined(w_hr),
                             value_or_undefined(w_ih_r), value_or_undefined(w_hh_r), value_or_undefined(w_hr_r),
                             gates, c_prev, h_prev, h_raw});
@@ -99,7 +101,9 @@ class LstmLayer : public torch::autograd::Function<LstmLayer> {
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const int64_t D = w_hh_r.defined() ? 2 : 1;
     if (input_grad) out[0] = dx;
-    out[2] = dh0, out[3] = dc0;
+    // No gradient for a state the caller left out (None: zeros made in the kernel).
+    if (ctx->saved_data["has_h0"].toBool()) out[2] = dh0;
+    if (ctx->saved_data["has_c0"].toBool()) out[3] = dc0;
     for (int64_t d = 0; d < D; ++d) {
       const size_t k = 4 + 5 * d;  // w_ih, w_hh, b_ih, b_hh, w_hr of direction d
       out[k] = dw_ih[d], out[k + 1] = dw_hh[d];
@@ -112,8 +116,8 @@ class LstmLayer : public torch::autograd::Function<LstmLayer> {
 
 namespace {
 
-LayerOutputs lstm_layer_forward_autograd(const at::Tensor& x, const OptTensor& lengths, const at::Tensor& h0,
-                                         const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+LayerOutputs lstm_layer_forward_autograd(const at::Tensor& x, const OptTensor& lengths, const OptTensor& h0,
+                                         const OptTensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
                                          const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
                                          const OptTensor& w_ih_r, const OptTensor& w_hh_r, const OptTensor& b_ih_r,
                                          const OptTensor& b_hh_r, const OptTensor& w_hr_r, bool training) {
@@ -121,7 +125,7 @@ LayerOutputs lstm_layer_forward_autograd(const at::Tensor& x, const OptTensor& l
   auto opt = [&](const OptTensor& t) { return t ? &*t : &none; };
   const bool needs_grad =
       at::GradMode::is_enabled() &&
-      any_requires_grad({&x, &h0, &c0, &w_ih, &w_hh, opt(b_ih), opt(b_hh), opt(w_hr), opt(w_ih_r), opt(w_hh_r),
+      any_requires_grad({&x, opt(h0), opt(c0), &w_ih, &w_hh, opt(b_ih), opt(b_hh), opt(w_hr), opt(w_ih_r), opt(w_hh_r),
                          opt(b_ih_r), opt(b_hh_r), opt(w_hr_r)});
   if (!needs_grad) {  // nothing to record: straight to the backend
     at::AutoDispatchBelowADInplaceOrView below_autograd;

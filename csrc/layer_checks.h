@@ -127,8 +127,8 @@ inline LayerDims layer_dims(const char* op, const at::Tensor& x, const LayerWeig
 // `float32_weights`: whether this kernel takes float32 weights with a bfloat16 x (see
 // weight_dtype).
 inline LayerDims check_layer_forward(const at::Tensor& x, const std::optional<at::Tensor>& lengths,
-                                     const at::Tensor& h0, const at::Tensor& c0, const LayerWeights& w,
-                                     bool float32_weights = false) {
+                                     const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& c0,
+                                     const LayerWeights& w, bool float32_weights = false) {
   const char* op = "lstm_layer_forward";
   const LayerDims d = layer_dims(op, x, w);
   TORCH_CHECK(d.T > 0, op, ": x must have at least one time step, got T = 0");
@@ -145,10 +145,14 @@ inline LayerDims check_layer_forward(const at::Tensor& x, const std::optional<at
     check_weights(op, x, w.of(w.b_ih), "b_ih", d.D, {4 * d.H}, "[4H]", wt);
     check_weights(op, x, w.of(w.b_hh), "b_hh", d.D, {4 * d.H}, "[4H]", wt);
   }
-  check_shape(op, h0, "h0", {d.D, d.B, d.P}, proj ? "[D, B, P]" : "[D, B, H]");
-  check_shape(op, c0, "c0", {d.D, d.B, d.H}, "[D, B, H]");
-  check_same(op, x, h0, "h0");
-  check_same(op, x, c0, "c0");
+  if (h0) {
+    check_shape(op, *h0, "h0", {d.D, d.B, d.P}, proj ? "[D, B, P]" : "[D, B, H]");
+    check_same(op, x, *h0, "h0");
+  }
+  if (c0) {
+    check_shape(op, *c0, "c0", {d.D, d.B, d.H}, "[D, B, H]");
+    check_same(op, x, *c0, "c0");
+  }
   return d;
 }
 

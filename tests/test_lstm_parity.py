@@ -152,6 +152,7 @@ def test_opcheck_layer_ops():
         w_hr = r(D, P, H) if P != H else None
         weights = layer_weight_args(w_ih, w_hh, b, w_hr)
         torch.library.opcheck(ops.lstm_layer_forward, (x, ln, h0, c0, *weights, False))
+        torch.library.opcheck(ops.lstm_layer_forward, (x, ln, None, None, *weights, False))
         grad_args = [t.clone().requires_grad_() if t is not None else None for t in (x, h0, c0, *weights)]
         x_, h0_, c0_, *weights_ = grad_args
         torch.library.opcheck(ops.lstm_layer_forward, (x_, ln, h0_, c0_, *weights_, True))
@@ -162,6 +163,46 @@ def test_opcheck_layer_ops():
                 (r(T, B, D * P), r(D, B, P), None, x, ln, *layer_weight_args(w_ih, w_hh, w_hr=w_hr, backward=True),
                  gates, cp, hp, hr, input_grad),
             )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("P", [6, 4], ids=["no-proj", "proj"])
+def test_layer_op_takes_none_for_zero_states(device, P):
+    # h0 or c0 None: the op starts from zeros of its own (what FusedLSTM passes without
+    # hx), bit for bit as from given zeros, forward and backward, and no gradient goes
+    # to the state that was left out.
+    ops = torch.ops.birnn_ext
+    g = torch.Generator().manual_seed(0)
+    T, B, I, H, D = 5, 3, 4, 6, 2
+
+    def r(*s):
+        return torch.randn(*s, generator=g).to(device)
+
+    x = r(T, B, I)
+    lengths = torch.tensor([5, 2, 4], device=device)
+    w_ih, w_hh, b = r(D, 4 * H, I), r(D, 4 * H, P), r(D, 4 * H)
+    w_hr = r(D, P, H) if P != H else None
+    zeros = {"h0": torch.zeros(D, B, P, device=device), "c0": torch.zeros(D, B, H, device=device)}
+    for given in ([], ["h0"], ["c0"]):
+        weights = [w.clone().requires_grad_() if w is not None else None
+                   for w in layer_weight_args(w_ih, w_hh, b, w_hr)]
+        ref_weights = [w.detach().clone().requires_grad_() if w is not None else None for w in weights]
+        xs = x.clone().requires_grad_(), x.clone().requires_grad_()
+        states = {k: zeros[k].clone().requires_grad_() for k in given}
+        out = ops.lstm_layer_forward(xs[0], lengths, states.get("h0"), states.get("c0"), *weights, True)
+        ref = ops.lstm_layer_forward(xs[1], lengths, zeros["h0"], zeros["c0"], *ref_weights, True)
+        for a, e in zip(out, ref):
+            assert torch.equal(a, e)
+        seed = torch.Generator().manual_seed(1)
+        grads = [torch.randn(t.shape, generator=seed).to(device) for t in out[:3]]
+        torch.autograd.backward(out[:3], grads)
+        torch.autograd.backward(ref[:3], grads)
+        assert torch.equal(xs[0].grad, xs[1].grad)
+        for w, e in zip(weights, ref_weights):
+            if w is not None:
+                assert torch.equal(w.grad, e.grad)
+        for t in states.values():
+            assert t.grad is not None and t.grad.shape == t.shape
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -127,7 +127,8 @@ void forward_direction(const FwdParams<T>& p, int64_t d) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cpu(
-    const at::Tensor& x_, const std::optional<at::Tensor>& lengths, const at::Tensor& h0, const at::Tensor& c0,
+    const at::Tensor& x_, const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& h0,
+    const std::optional<at::Tensor>& c0,
     const at::Tensor& w_ih_, const at::Tensor& w_hh_, const std::optional<at::Tensor>& b_ih_,
     const std::optional<at::Tensor>& b_hh_, const std::optional<at::Tensor>& w_hr_,
     const std::optional<at::Tensor>& w_ih_reverse, const std::optional<at::Tensor>& w_hh_reverse,
@@ -152,8 +153,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto mopt = opt.dtype(math_dtype(x.scalar_type()));
   const int64_t saved = training ? T_ : 0;
   at::Tensor y = pooled_empty({T_, B, D * P}, opt);
-  at::Tensor h = h0.clone(at::MemoryFormat::Contiguous);
-  at::Tensor c = c0.to(mopt, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  // The state the sweep carries, from h0 and c0 (zeros where they are None).
+  at::Tensor h = h0 ? h0->clone(at::MemoryFormat::Contiguous) : pooled_zeros({D, B, P}, opt);
+  at::Tensor c = c0 ? c0->to(mopt, /*non_blocking=*/false, /*copy=*/true).contiguous() : pooled_zeros({D, B, H}, mopt);
   // Rows of x per projection chunk in inference: large enough for an efficient GEMM.
   constexpr int64_t kChunkRows = 256;
   const int64_t chunk = training ? 0 : std::min<int64_t>(T_, std::max<int64_t>(1, kChunkRows / std::max<int64_t>(B, 1)));
@@ -229,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     });
   }
   at::Tensor gates = training ? xg : pooled_empty({0, B, D * 4 * H}, opt);
-  return {y, h, c.to(c0.scalar_type()), gates, c_prev, h_prev, h_raw};
+  return {y, h, c.to(x.scalar_type()), gates, c_prev, h_prev, h_raw};
 }
 
 }  // namespace

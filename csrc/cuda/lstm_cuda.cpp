@@ -170,8 +170,9 @@ bool device_cluster_plan(bool backward, bool training, int64_t H, int64_t B, int
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cuda(
-    const at::Tensor& x_, const std::optional<at::Tensor>& lengths, const at::Tensor& h0, const at::Tensor& c0,
-    const at::Tensor& w_ih_, const at::Tensor& w_hh_, const std::optional<at::Tensor>& b_ih_,
+    const at::Tensor& x_, const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& h0,
+    const std::optional<at::Tensor>& c0, const at::Tensor& w_ih_, const at::Tensor& w_hh_,
+    const std::optional<at::Tensor>& b_ih_,
     const std::optional<at::Tensor>& b_hh_, const std::optional<at::Tensor>& w_hr_,
     const std::optional<at::Tensor>& w_ih_reverse, const std::optional<at::Tensor>& w_hh_reverse,
     const std::optional<at::Tensor>& b_ih_reverse, const std::optional<at::Tensor>& b_hh_reverse,
@@ -186,6 +187,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool proj = wts.proj();
   const at::Tensor x = x_.contiguous();
   auto opt = x.options();
+  // A fresh copy of h0 for the state the sweep carries, or zeros where h0 is None.
+  auto h_init = [&] { return h0 ? h0->clone(at::MemoryFormat::Contiguous) : at::zeros({D, B, P}, opt); };
   at::Tensor y = at::empty({T_, B, D * P}, opt);
   at::Tensor h;
   at::Tensor xg = at::empty({T_, B, D * G}, opt);
@@ -196,10 +199,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     using S = scalar_t;
     using T = typename Storage<S>::type;
     auto mopt = opt.dtype(math_scalar<S>());
-    c = c0.to(mopt, /*non_blocking=*/false, /*copy=*/true).contiguous();
+    c = c0 ? c0->to(mopt, /*non_blocking=*/false, /*copy=*/true).contiguous() : at::zeros({D, B, H}, mopt);
     c_prev = at::empty({saved, B, D * H}, mopt);
     if (B == 0) {
-      h = h0.clone(at::MemoryFormat::Contiguous);
+      h = h_init();
       return;
     }
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -218,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                 Storage<S>::id, D * G, 0, 1);
       // The sweep reads h0 at its first step and writes h_n at its last; the steps between
       // pass h through hs: step s reads hs[s % 2] and writes hs[(s + 1) % 2].
-      const at::Tensor h0c = h0.contiguous();
+      const at::Tensor h0c = h0 ? h0->contiguous() : at::zeros({D, B, H}, opt);
       h = at::empty({D, B, H}, opt);
       at::Tensor hs = at::empty({T_ > 1 ? 2 : 0, D, B, H}, opt);
       auto dir = [&](const Weights& w, int64_t d) { return d < D && w[d].defined() ? ptr<S>(w[d]) : nullptr; };
@@ -237,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor w_ih = at::stack(wts.of(wts.w_ih)), w_hh = at::stack(wts.of(wts.w_hh));
     const at::Tensor w_hr = proj ? at::stack(wts.of(wts.w_hr)) : at::Tensor();
     const at::Tensor bias = wts.bias() ? at::stack(wts.of(wts.b_ih)) + at::stack(wts.of(wts.b_hh)) : at::Tensor();
-    h = h0.clone(at::MemoryFormat::Contiguous);
+    h = h_init();
     // Input projection of every step and direction: [T*B, I] x [D*4H, I]^T.
     gemm<S>(false, true, rows, D * G, I, ptr<S>(x), I, 0, ptr<S>(w_ih), I, 0, 0.0, ptr<S>(xg), Storage<S>::id, D * G,
             0, 1);
@@ -261,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     }
   });
   at::Tensor gates = training ? xg : at::empty({0, B, D * G}, opt);
-  return {y, h, c.to(c0.scalar_type()), gates, c_prev, h_prev, h_raw_saved};
+  return {y, h, c.to(x.scalar_type()), gates, c_prev, h_prev, h_raw_saved};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
