@@ -106,8 +106,8 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
 
 def lstm_layer(
     x: Tensor,
-    h0: Tensor,
-    c0: Tensor,
+    h0: Tensor | None,
+    c0: Tensor | None,
     w_ih: Sequence[Tensor],
     w_hh: Sequence[Tensor],
     b_ih: Sequence[Tensor] = (),
@@ -117,9 +117,9 @@ def lstm_layer(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One LSTM layer over all steps, D = len(w_hh) directions in one sweep.
 
-    x [T,B,I]; h0 [D,B,P]; c0 [D,B,H]; one tensor per direction of each of nn.LSTM's
-    weights: w_ih [4H,I], w_hh [4H,P], b_ih and b_hh [4H] (both empty: no bias), w_hr
-    [P,H] (empty: no projection, P = H); lengths [B] int64 or None.
+    x [T,B,I]; h0 [D,B,P] and c0 [D,B,H], each None for zeros; one tensor per direction
+    of each of nn.LSTM's weights: w_ih [4H,I], w_hh [4H,P], b_ih and b_hh [4H] (both
+    empty: no bias), w_hr [P,H] (empty: no projection, P = H); lengths [B] int64 or None.
     Returns y [T,B,D*P], h_n [D,B,P], c_n [D,B,H]. Saves activations for backward only
     when a gradient is needed.
     """

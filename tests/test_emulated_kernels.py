@@ -278,3 +278,55 @@ def test_a_broken_kernel_is_caught(tmp_path, defect):
     want = (reference_cell if cell else reference_layer)(case, torch.float32)
     with pytest.raises(AssertionError):
         compare(unpack(flat, want), want, torch.float32)
+
+
+# ---------------------------------------------------------------- warp collectives
+
+def run_driver(exe, *args):
+    env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1", "UBSAN_OPTIONS": "print_stacktrace=1"}
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, env=env)
+
+
+def test_warp_shuffles(emulator):
+    """__shfl_sync, __shfl_xor_sync, __shfl_down_sync (segments of 8) and __shfl_up_sync
+    across three warps per block, against sums the driver makes on the host."""
+    proc = run_driver(emulator, "shuffles")
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr[-2000:]
+
+
+def test_a_lane_that_skips_a_shuffle_is_caught(tmp_path):
+    # One lane leaves out a step of the butterfly: its warp's lanes meet at different
+    # collectives, which deadlocks or corrupts on a GPU; the emulator must say so.
+    exe = build("run_kernels_break_shuffle_divergence", ("BIRNN_BREAK_SHUFFLE_DIVERGENCE",))
+    proc = run_driver(exe, "shuffles")
+    assert proc.returncode != 0 and "warp divergence" in proc.stderr, proc.stdout + proc.stderr[-2000:]
+
+
+# The largest error of the mma tile products against a float64 product of the same
+# rounded operands, as a share of sum_k |a_ik b_kj|. Both sides multiply the same
+# operands exactly; the emulated accumulators round once to float, so 2^-24 plus slack
+# for sums that cancel is all a correct fragment layout leaves. A wrong one is off by O(1).
+MMA_TOL = 1e-6
+
+
+@pytest.mark.parametrize("kind", ["tf32", "bf16", "f16"])
+@pytest.mark.parametrize("tiles", [(1, 1, 8), (2, 3, 32), (3, 2, 48)], ids=lambda t: "x".join(map(str, t)))
+def test_mma_tile_products(emulator, kind, tiles):
+    """One warp per 16 x 8 tile through csrc/cuda/mma.cuh (its fragment loaders, mma_sync
+    and store), checked against the emulator's reference of the PTX fragment layout."""
+    tm, tn, kdim = tiles
+    if kind != "tf32" and kdim % 16:
+        kdim *= 2  # m16n8k16: K a multiple of 16
+    proc = run_driver(emulator, "mma", kind, tm, tn, kdim)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    err = float(proc.stdout.split()[1])
+    assert err <= MMA_TOL, proc.stdout
+
+
+@pytest.mark.parametrize("kind", ["tf32", "bf16"])
+def test_a_wrong_fragment_layout_is_caught(kind):
+    # The A loader with two registers swapped (BIRNN_BREAK_MMA_LAYOUT).
+    exe = build("run_kernels_break_mma_layout", ("BIRNN_BREAK_MMA_LAYOUT",))
+    proc = run_driver(exe, "mma", kind, 2, 3, 32)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert float(proc.stdout.split()[1]) > 100 * MMA_TOL, proc.stdout

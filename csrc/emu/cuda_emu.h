@@ -16,13 +16,23 @@
 // Shared memory starts filled with 0xFF bytes (NaN as float): a read before the write it
 // depends on shows up as a wrong answer rather than a lucky zero.
 //
-// Not supported (and not used by the kernels): warp shuffles and votes, atomics, the
+// Warp collectives: __shfl_sync, __shfl_xor_sync, __shfl_down_sync and __shfl_up_sync
+// over whole warps (the mask must name every lane the warp has), and mma_sync, the
+// tensor-core tile products (m16n8k8 on tf32, m16n8k16 on bf16 and f16, float
+// accumulators; csrc/cuda/mma.cuh) computed from the fragments of all 32 lanes as the
+// PTX ISA lays them out (mma_layout below, the reference the kernels' own fragment
+// loaders are tested against). A lane that reaches a collective waits for the rest of its
+// warp; lanes of one warp at different collectives, or at a collective and a barrier, or
+// a lane that returns while others wait at one, are reported as warp divergence.
+//
+// Not supported (and not used by the kernels): votes, partial-warp masks, atomics, the
 // grid barrier, static __shared__ arrays, streams running concurrently.
 #pragma once
 
 #include <ucontext.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -55,7 +65,10 @@
 
 namespace birnn_emu {
 
-enum class Wait { kRunning, kBlock, kCluster, kDone };
+enum class Wait { kRunning, kBlock, kCluster, kWarp, kDone };
+
+constexpr unsigned kWarpSize = 32;
+constexpr size_t kLaneSlot = 64;  // bytes a lane contributes to one warp collective, at most
 
 struct Fiber {
   ucontext_t ctx;
@@ -63,6 +76,7 @@ struct Fiber {
   dim3 tid;
   unsigned block = 0;  // index of its block within the cluster
   Wait wait = Wait::kRunning;
+  unsigned collectives = 0;  // warp collectives this thread has entered
   void* fake_stack = nullptr;
 };
 
@@ -70,6 +84,10 @@ struct State {
   dim3 thread, block, block_dim, grid_dim;
   unsigned cluster_x = 1;                          // blocks per cluster, along x
   std::vector<std::vector<unsigned char>> shared;  // per block of the running cluster
+  // Per block of the running cluster: [warp][2][lane][kLaneSlot], what the lanes put into
+  // their warp's collectives; two buffers, so that a lane that moves on to the next
+  // collective does not overwrite what slower lanes of its warp still read.
+  std::vector<std::vector<unsigned char>> exchange;
   unsigned shared_block = 0;                       // the running thread's block within its cluster
   ucontext_t scheduler;
   Fiber* current = nullptr;
@@ -145,6 +163,180 @@ T* map_shared_rank(T* p, unsigned rank) {
 
 inline unsigned cluster_block_rank() { return state().block.x % state().cluster_x; }
 
+inline unsigned linear_thread() {
+  const State& s = state();
+  return s.thread.x + s.block_dim.x * (s.thread.y + s.block_dim.y * s.thread.z);
+}
+inline unsigned lane_id() { return linear_thread() % kWarpSize; }
+
+// The lanes the running thread's warp has (the last warp of a block may be partial).
+inline unsigned warp_lanes() {
+  const State& s = state();
+  const unsigned n = s.block_dim.x * s.block_dim.y * s.block_dim.z, first = linear_thread() / kWarpSize * kWarpSize;
+  return std::min(kWarpSize, n - first);
+}
+
+inline void check_mask(unsigned mask, const char* what) {
+  const unsigned lanes = warp_lanes(), full = lanes == kWarpSize ? 0xFFFFFFFFu : (1u << lanes) - 1;
+  if (mask != full) fail(what);
+}
+
+// Puts `bytes` of `in` into the running lane's slot of its warp's next collective and waits
+// for every lane of the warp to do the same; returns the [lane][kLaneSlot] slots of all
+// of them, valid until this lane enters its next collective.
+inline const unsigned char* warp_exchange(const void* in, size_t bytes) {
+  State& s = state();
+  if (bytes > kLaneSlot) fail("warp collective: more bytes per lane than the emulator's slot holds");
+  Fiber* f = s.current;
+  const unsigned t = linear_thread(), warp = t / kWarpSize, lane = t % kWarpSize;
+  unsigned char* buffer = s.exchange[s.shared_block].data() + ((size_t(warp) * 2 + f->collectives % 2) * kWarpSize) * kLaneSlot;
+  std::memcpy(buffer + lane * kLaneSlot, in, bytes);
+  ++f->collectives;
+  f->wait = Wait::kWarp;
+  yield_to_scheduler(false);
+  return buffer;
+}
+
+template <typename T>
+T lane_value(const unsigned char* slots, unsigned lane) {
+  T v;
+  std::memcpy(&v, slots + size_t(lane) * kLaneSlot, sizeof v);
+  return v;
+}
+
+// The shuffles, as CUDA defines them for a whole warp: width a power of two up to 32,
+// the warp cut into segments of `width` lanes; a source outside the lane's segment (down,
+// up) leaves the lane its own value.
+template <typename T>
+T shfl_sync(unsigned mask, T v, int src, int width) {
+  check_mask(mask, "__shfl_sync: the emulator takes only masks of the whole warp");
+  const unsigned char* slots = warp_exchange(&v, sizeof v);
+  const unsigned lane = lane_id(), base = lane & ~unsigned(width - 1);
+  return lane_value<T>(slots, base + (unsigned(src) & unsigned(width - 1)));
+}
+template <typename T>
+T shfl_xor_sync(unsigned mask, T v, int lane_mask, int width) {
+  check_mask(mask, "__shfl_xor_sync: the emulator takes only masks of the whole warp");
+  const unsigned char* slots = warp_exchange(&v, sizeof v);
+  const unsigned lane = lane_id(), from = lane ^ unsigned(lane_mask);
+  return (from & ~unsigned(width - 1)) == (lane & ~unsigned(width - 1)) && from < warp_lanes()
+             ? lane_value<T>(slots, from) : v;
+}
+template <typename T>
+T shfl_down_sync(unsigned mask, T v, unsigned delta, int width) {
+  check_mask(mask, "__shfl_down_sync: the emulator takes only masks of the whole warp");
+  const unsigned char* slots = warp_exchange(&v, sizeof v);
+  const unsigned lane = lane_id();
+  return (lane % unsigned(width)) + delta < unsigned(width) && lane + delta < warp_lanes()
+             ? lane_value<T>(slots, lane + delta) : v;
+}
+template <typename T>
+T shfl_up_sync(unsigned mask, T v, unsigned delta, int width) {
+  check_mask(mask, "__shfl_up_sync: the emulator takes only masks of the whole warp");
+  const unsigned char* slots = warp_exchange(&v, sizeof v);
+  const unsigned lane = lane_id();
+  return lane % unsigned(width) >= delta ? lane_value<T>(slots, lane - delta) : v;
+}
+
+// ---------------------------------------------------------------- tensor-core tiles
+
+// Where element i of a lane's fragment sits in its matrix, as the PTX ISA lays out the
+// fragments of mma.sync (sections "Matrix Fragments for mma.m16n8k8" and "... m16n8k16
+// with floating point type"): group = lane / 4, tig = lane % 4. A is M x K row-major,
+// B is K x N, C and D are M x N (M 16, N 8). This is the reference the kernels' fragment
+// loaders (csrc/cuda/mma.cuh) are checked against: keep it written from the ISA, not from them.
+enum class MmaShape { kM16N8K8Tf32, kM16N8K16Bf16, kM16N8K16F16 };
+
+struct Coord {
+  int row, col;
+};
+
+namespace mma_layout {
+// A: m16n8k8 .tf32, four elements a0..a3: rows group, group + 8, group, group + 8;
+// columns tig, tig, tig + 4, tig + 4.
+inline Coord a_tf32(unsigned lane, int i) {
+  return {int(lane / 4) + (i % 2) * 8, int(lane % 4) + (i / 2) * 4};
+}
+// B: m16n8k8 .tf32, b0 and b1: rows tig and tig + 4, column group.
+inline Coord b_tf32(unsigned lane, int i) { return {int(lane % 4) + i * 4, int(lane / 4)}; }
+// A: m16n8k16 .bf16/.f16, eight elements a0..a7 (two per 32-bit register): rows group for
+// a0, a1, a4, a5 and group + 8 for a2, a3, a6, a7; columns 2 tig + (i % 2), plus 8 for a4..a7.
+inline Coord a_16bit(unsigned lane, int i) {
+  return {int(lane / 4) + ((i / 2) % 2) * 8, int(lane % 4) * 2 + (i % 2) + (i / 4) * 8};
+}
+// B: m16n8k16 .bf16/.f16, b0..b3: rows 2 tig + (i % 2), plus 8 for b2 and b3; column group.
+inline Coord b_16bit(unsigned lane, int i) { return {int(lane % 4) * 2 + (i % 2) + (i / 2) * 8, int(lane / 4)}; }
+// C and D, float: c0..c3: rows group (c0, c1) and group + 8 (c2, c3), columns 2 tig + (i % 2).
+inline Coord c(unsigned lane, int i) { return {int(lane / 4) + (i / 2) * 8, int(lane % 4) * 2 + (i % 2)}; }
+}  // namespace mma_layout
+
+inline float tf32_value(uint32_t bits) {
+  bits &= 0xFFFFE000u;  // the tensor cores read the top 19 bits of a .tf32 operand
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline float half_value(uint16_t bits, bool bf16) {
+  if (bf16) {
+    const uint32_t u = uint32_t(bits) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+  }
+  const uint32_t sign = uint32_t(bits >> 15) << 31, exp = (bits >> 10) & 0x1F, man = bits & 0x3FF;
+  float mag;
+  if (exp == 0) mag = std::ldexp(float(man), -24);
+  else if (exp == 31) mag = man ? NAN : INFINITY;
+  else mag = std::ldexp(float(man | 0x400), int(exp) - 25);
+  return sign ? -mag : mag;
+}
+
+// d = A B + c for one warp's 16 x 8 tile: a[4] and b[2] the lane's 32-bit fragment
+// registers, c[4] and d[4] its accumulators. Each product sum is formed in double and
+// rounded once to float: the tensor cores' own order and precision of accumulation are
+// not specified, and the tests compare with tolerances that cover any of them.
+template <MmaShape S>
+void mma_sync(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4]) {
+  if (warp_lanes() != kWarpSize) fail("mma_sync: needs a whole warp");
+  struct Fragments {
+    uint32_t a[4], b[2];
+    float c[4];
+  } mine{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}, {c[0], c[1], c[2], c[3]}};
+  const unsigned char* slots = warp_exchange(&mine, sizeof mine);
+  constexpr int K = S == MmaShape::kM16N8K8Tf32 ? 8 : 16;
+  double A[16][16] = {}, B[16][8] = {};
+  for (unsigned lane = 0; lane < kWarpSize; ++lane) {
+    const Fragments f = lane_value<Fragments>(slots, lane);
+    if constexpr (S == MmaShape::kM16N8K8Tf32) {
+      for (int i = 0; i < 4; ++i) {
+        const Coord at = mma_layout::a_tf32(lane, i);
+        A[at.row][at.col] = tf32_value(f.a[i]);
+      }
+      for (int i = 0; i < 2; ++i) {
+        const Coord at = mma_layout::b_tf32(lane, i);
+        B[at.row][at.col] = tf32_value(f.b[i]);
+      }
+    } else {
+      const bool bf16 = S == MmaShape::kM16N8K16Bf16;
+      for (int i = 0; i < 8; ++i) {  // element i: register i / 2, its low half first
+        const Coord at = mma_layout::a_16bit(lane, i);
+        A[at.row][at.col] = half_value(uint16_t(f.a[i / 2] >> (16 * (i % 2))), bf16);
+      }
+      for (int i = 0; i < 4; ++i) {
+        const Coord at = mma_layout::b_16bit(lane, i);
+        B[at.row][at.col] = half_value(uint16_t(f.b[i / 2] >> (16 * (i % 2))), bf16);
+      }
+    }
+  }
+  const unsigned lane = lane_id();
+  for (int i = 0; i < 4; ++i) {
+    const Coord at = mma_layout::c(lane, i);
+    double acc = c[i];
+    for (int k = 0; k < K; ++k) acc += A[at.row][k] * B[k][at.col];
+    d[i] = float(acc);
+  }
+}
+
 // Runs body once per thread of every block of the grid, in clusters of cluster_x blocks
 // along x (1: no clusters).
 inline void launch_cluster(dim3 grid, dim3 block, unsigned cluster_x, size_t shared_bytes,
@@ -161,6 +353,8 @@ inline void launch_cluster(dim3 grid, dim3 block, unsigned cluster_x, size_t sha
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx0 = 0; bx0 < grid.x; bx0 += cluster_x) {
         s.shared.assign(cluster_x, std::vector<unsigned char>(shared_bytes, 0xFF));
+        s.exchange.assign(cluster_x, std::vector<unsigned char>(size_t(n + kWarpSize - 1) / kWarpSize * 2 * kWarpSize *
+                                                                kLaneSlot));
         std::vector<Fiber> fibers(size_t(n) * cluster_x);
         for (unsigned i = 0; i < fibers.size(); ++i) {
           Fiber& f = fibers[i];
@@ -200,6 +394,24 @@ inline void launch_cluster(dim3 grid, dim3 block, unsigned cluster_x, size_t sha
                 __sanitizer_finish_switch_fiber(s.scheduler_fake_stack, nullptr, nullptr);
 #endif
               }
+              // Warps whose every lane waits at the same collective go on; a warp whose lanes
+              // wait at different points (or some returned) cannot.
+              bool released = false;
+              for (unsigned w0 = 0; w0 < n; w0 += kWarpSize) {
+                const unsigned lanes = std::min(kWarpSize, n - w0);
+                unsigned at_collective = 0;
+                for (unsigned t = w0; t < w0 + lanes; ++t) at_collective += first[t].wait == Wait::kWarp;
+                if (at_collective == 0) continue;
+                for (unsigned t = w0; t < w0 + lanes; ++t)
+                  if (first[t].wait != Wait::kWarp || first[t].collectives != first[w0].collectives) {
+                    where(first[t]);
+                    fail("warp divergence: lanes of one warp at different collectives, or at a collective and a "
+                         "barrier, or returned while others wait at a collective");
+                  }
+                for (unsigned t = w0; t < w0 + lanes; ++t) first[t].wait = Wait::kRunning;
+                released = true;
+              }
+              if (released) continue;
               unsigned block_waits = 0, done = 0;
               for (unsigned t = 0; t < n; ++t) block_waits += first[t].wait == Wait::kBlock, done += first[t].wait == Wait::kDone;
               if (block_waits && block_waits + done != n) {
@@ -239,6 +451,25 @@ inline void launch(dim3 grid, dim3 block, size_t shared_bytes, const std::functi
 }
 
 }  // namespace birnn_emu
+
+// The warp shuffles under their CUDA names (functions: a macro would also rewrite the
+// CUDA headers' own declarations).
+template <typename T>
+T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
+  return ::birnn_emu::shfl_sync(mask, v, src, width);
+}
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  return ::birnn_emu::shfl_xor_sync(mask, v, lane_mask, width);
+}
+template <typename T>
+T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  return ::birnn_emu::shfl_down_sync(mask, v, delta, width);
+}
+template <typename T>
+T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  return ::birnn_emu::shfl_up_sync(mask, v, delta, width);
+}
 
 #define threadIdx (::birnn_emu::state().thread)
 #define blockIdx (::birnn_emu::state().block)

@@ -22,6 +22,7 @@
 // OUT: float64 arrays y, h_n, c_n, dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr (if any).
 // The cell mode uses T = D = 1, P = H and writes h', c', dx, dh, dc, dw_ih, dw_hh, dbias.
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <stdexcept>
@@ -29,6 +30,7 @@
 #include <vector>
 
 #include "../cuda/lstm_kernels.h"
+#include "../cuda/mma.cuh"
 #include "../cuda/sweep_kernels.h"
 
 namespace {
@@ -290,7 +292,144 @@ __attribute__((noinline)) void leak_on_purpose() {
 
 }  // namespace
 
+// ---------------------------------------------------------------- warp collectives
+
+namespace birnn::cuda {
+namespace {
+
+// One warp per 16 x 8 tile of c = a b (a [16 tm][kdim] row-major, b given by its columns:
+// bt [8 tn][kdim]), the tile at (blockIdx.y, blockIdx.x * warps + warp).
+template <mma::Kind K, typename T>
+__global__ void mma_tiles_kernel(const T* a, const T* bt, int kdim, int tn, float* c) {
+  const int warp = int(threadIdx.x / 32), col_tile = int(blockIdx.x * (blockDim.x / 32)) + warp;
+  const int row_tile = int(blockIdx.y);
+  if (col_tile >= tn) return;  // the whole warp
+  mma::warp_tile_product<K>(a + row_tile * 16 * kdim, kdim, bt + col_tile * 8 * kdim, kdim, kdim,
+                            c + row_tile * 16 * (8 * tn) + col_tile * 8, 8 * tn);
+}
+
+// Every shuffle, per lane of each warp: out[t][0] the warp's sum by xor butterfly,
+// [1] lane 5's value broadcast, [2] the sum of lanes lane..lane+3 within segments of 8
+// (down), [3] the inclusive prefix sum (up).
+__global__ void shuffles_kernel(const int* in, int* out) {
+  const int t = int(blockIdx.x * blockDim.x + threadIdx.x), v = in[t];
+  int sum = v;
+  for (int m = 16; m >= 1; m /= 2) {
+#if defined(BIRNN_BREAK_SHUFFLE_DIVERGENCE)
+    // Deliberately wrong: one lane skips a step of the butterfly that the others take.
+    if (threadIdx.x % 32 == 3 && m == 4) continue;
+#endif
+    sum += __shfl_xor_sync(0xFFFFFFFFu, sum, m);
+  }
+  const int five = __shfl_sync(0xFFFFFFFFu, v, 5);
+  int down = v;
+  for (unsigned k = 1; k < 4; k *= 2) {
+    const int from = __shfl_down_sync(0xFFFFFFFFu, down, k, 8);  // its own value past the segment's end
+    if (threadIdx.x % 8 + k < 8) down += from;
+  }
+  int scan = v;
+  for (unsigned k = 1; k < 32; k *= 2) {
+    const int from = __shfl_up_sync(0xFFFFFFFFu, scan, k);
+    if (threadIdx.x % 32 >= k) scan += from;
+  }
+  out[4 * t] = sum, out[4 * t + 1] = five, out[4 * t + 2] = down, out[4 * t + 3] = scan;
+}
+
+}  // namespace
+}  // namespace birnn::cuda
+
+namespace {
+
+uint64_t lcg_state = 12345;
+double next_value() {  // in [-1, 1), a fixed sequence
+  lcg_state = lcg_state * 6364136223846793005ull + 1442695040888963407ull;
+  return double(lcg_state >> 11) / double(1ull << 52) - 1.0;
+}
+
+// The value a kind's mma multiplies for v, rounded here on the host, independently of
+// the kernels' own conversions.
+double operand(double v, birnn::cuda::mma::Kind k) {
+  using birnn::cuda::mma::Kind;
+  if (k == Kind::kBf16) return __bfloat162float(__float2bfloat16_rn(float(v)));
+  if (k == Kind::kF16) return __half2float(__float2half_rn(float(v)));
+  // TF32: 10 mantissa bits, to nearest with ties away from zero.
+  const float f = float(v);
+  int e;
+  const double m = std::frexp(double(f), &e);  // |m| in [0.5, 1): 11 significant bits are m * 2^11
+  return std::ldexp(std::round(m * 2048.0) / 2048.0, e);
+}
+
+// run_kernels mma tf32|bf16|f16 ROW_TILES COL_TILES KDIM: c = a b through mma_tiles_kernel,
+// against a double product of the same rounded operands; prints the largest error as a
+// share of sum_k |a_ik b_kj| (the scale of a float accumulation's rounding).
+template <birnn::cuda::mma::Kind K>
+int run_mma(int tm, int tn, int kdim) {
+  using T = typename birnn::cuda::mma::Traits<K>::T;
+  const int M = 16 * tm, N = 8 * tn;
+  std::vector<double> a(size_t(M) * kdim), bt(size_t(N) * kdim);
+  for (double& v : a) v = operand(next_value(), K);
+  for (double& v : bt) v = operand(next_value(), K);
+  std::vector<T> a_t(a.size()), bt_t(bt.size());
+  for (size_t i = 0; i < a.size(); ++i) a_t[i] = from_double<T>(a[i]);
+  for (size_t i = 0; i < bt.size(); ++i) bt_t[i] = from_double<T>(bt[i]);
+  std::vector<float> c(size_t(M) * N, std::nanf(""));
+  const int warps = 2;
+  BIRNN_LAUNCH((birnn::cuda::mma_tiles_kernel<K, T>), dim3((tn + warps - 1) / warps, tm), dim3(32 * warps), 0, nullptr,
+               a_t.data(), bt_t.data(), kdim, tn, c.data());
+  check(BIRNN_LAUNCH_ERROR());
+  double worst = 0;
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) {
+      double ref = 0, scale = 0;
+      for (int k = 0; k < kdim; ++k) {
+        ref += a[size_t(i) * kdim + k] * bt[size_t(j) * kdim + k];
+        scale += std::abs(a[size_t(i) * kdim + k] * bt[size_t(j) * kdim + k]);
+      }
+      const double err = std::abs(double(c[size_t(i) * N + j]) - ref) / (scale > 0 ? scale : 1);
+      worst = std::isnan(err) ? INFINITY : std::max(worst, err);
+    }
+  std::printf("max_err %.3g\n", worst);
+  return 0;
+}
+
+// run_kernels shuffles: shuffles_kernel over 2 blocks of 96 threads, against the host's
+// sums; prints "ok" or the first mismatch and fails.
+int run_shuffles() {
+  const int blocks = 2, threads = 96, n = blocks * threads;
+  std::vector<int> in(n), out(4 * n, -1);
+  for (int t = 0; t < n; ++t) in[t] = int(next_value() * 1000);
+  BIRNN_LAUNCH(birnn::cuda::shuffles_kernel, dim3(blocks), dim3(threads), 0, nullptr, in.data(), out.data());
+  check(BIRNN_LAUNCH_ERROR());
+  for (int t = 0; t < n; ++t) {
+    const int w0 = t / 32 * 32, lane = t % 32;
+    int sum = 0, down = 0, scan = 0;
+    for (int l = 0; l < 32; ++l) sum += in[w0 + l];
+    for (int l = lane; l < std::min(lane + 4, lane / 8 * 8 + 8); ++l) down += in[w0 + l];
+    for (int l = 0; l <= lane; ++l) scan += in[w0 + l];
+    const int want[4] = {sum, in[w0 + 5], down, scan};
+    for (int k = 0; k < 4; ++k)
+      if (out[4 * t + k] != want[k]) {
+        std::printf("thread %d result %d: %d, expected %d\n", t, k, out[4 * t + k], want[k]);
+        return 1;
+      }
+  }
+  std::puts("ok");
+  return 0;
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
+  if (argc == 2 && std::string(argv[1]) == "shuffles") return run_shuffles();
+  if (argc == 6 && std::string(argv[1]) == "mma") {
+    using birnn::cuda::mma::Kind;
+    const std::string kind = argv[2];
+    const int tm = std::atoi(argv[3]), tn = std::atoi(argv[4]), kdim = std::atoi(argv[5]);
+    if (kind == "tf32") return run_mma<Kind::kTf32>(tm, tn, kdim);
+    if (kind == "bf16") return run_mma<Kind::kBf16>(tm, tn, kdim);
+    if (kind == "f16") return run_mma<Kind::kF16>(tm, tn, kdim);
+    return 2;
+  }
   if (argc == 10 && std::string(argv[1]) == "plan") {  // plan fwd|bwd H B D ELEM MATH MAX_BLOCKS MAX_SHARED
     const bool backward = std::string(argv[2]) == "bwd";
     int64_t a[7];
