@@ -380,7 +380,6 @@ class FusedLSTM(_TorchNNCounterpart, nn.Module):
     # lengths is not keyword-only: torch.onnx.export(dynamo=False) passes every defaulted
     # argument of a top-level module positionally.
     def forward(self, input, hx=None, lengths=None):
-        D = self.num_directions
         if isinstance(input, PackedSequence):
             if lengths is not None:
                 raise ValueError("lengths must not be given with a PackedSequence input: it carries its own")
@@ -409,9 +408,10 @@ class FusedLSTM(_TorchNNCounterpart, nn.Module):
                 h_n, c_n = _apply_permutation(h_n, unsorted_indices), _apply_permutation(c_n, unsorted_indices)
             return out, (h_n, c_n)
 
-        if input.dim() not in (2, 3):
-            raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
-        batched = input.dim() == 3
+        dim = input.dim()
+        if dim not in (2, 3):
+            raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {dim}D instead")
+        batched = dim == 3
         batch_dim = 0 if self.batch_first else 1
         if not batched:
             input = input.unsqueeze(batch_dim)
