@@ -13,7 +13,9 @@ package index):
     measurement for its device_sweep_plan rule; and the targets preset with a cluster per
     direction in both sweeps (BIRNN_EXT_CUDA_SWEEP_CLUSTER=1, sm_90), for
     device_cluster_plan's;
- 5. the per-kernel profile of FusedBiLSTM and cuDNN (benchmarks/profile_kernels.py).
+ 5. the per-kernel profile of FusedBiLSTM and cuDNN (benchmarks/profile_kernels.py);
+ 6. the host time of a call (benchmarks/bench_call_overhead.py --device cuda): FusedBiLSTM,
+    its layer op alone and nn.LSTM at B 1, T 1, H 16, inference and forward+backward.
 
 Each step's output goes to LOGS/<step>.log (default build/gpu-check); a compact table of
 the steps and the benchmark ratios is printed last. Exits 1 if a step failed.
@@ -40,7 +42,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 SANITIZED = ["tests/test_lstm_parity.py", "tests/test_cell.py", "tests/test_lengths.py", "tests/test_cuda_graphs.py",
              "-k", "not reduce_overhead"]
 STEPS = ["build", "pytest", "memcheck", "racecheck", "synccheck", "bench-targets", "bench-bwd-off", "bench-grid",
-         "bench-block", "bench-cluster", "profile"]
+         "bench-block", "bench-cluster", "profile", "call-overhead"]
 
 
 def gpu() -> tuple[str, str] | None:
@@ -156,6 +158,7 @@ def main(argv=None) -> int:
                                  "--name", "gpu-grid-cuda-sweep-block"], 300),
         ("bench-cluster", bench + ["--preset", "targets", "--name", "targets-cuda-sweep-cluster"], 300),
         ("profile", [py, "benchmarks/profile_kernels.py"], 180),
+        ("call-overhead", [py, "benchmarks/bench_call_overhead.py", "--device", "cuda"], 120),
     ]
     results = []
     for step, cmd, timeout in plan:
@@ -187,6 +190,10 @@ def main(argv=None) -> int:
         if lines:
             print(f"\nnn.LSTM time / fused time, {title} (float32, TF32 off on both sides):")
             print("\n".join(lines))
+    overhead = next((r for r in results if r["step"] == "call-overhead" and r["rc"] == 0), None)
+    if overhead:
+        table = Path(overhead["log"]).read_text(errors="replace").splitlines()[1:]  # past the "$ command" line
+        print("\n" + "\n".join(line for line in table if line.strip() and "Warning" not in line))
     return 0 if all(r["rc"] == 0 for r in results) else 1
 
 
