@@ -466,8 +466,9 @@ class FusedLSTM(_TorchNNCounterpart, nn.Module):
             if onnx:
                 x, h, c = _onnx.lstm_layer(x, h0, c0, w, lengths)
             else:
-                # Save for backward only where a gradient will be asked of this layer.
-                training = ops._needs_grad(x, h0, c0, *w)
+                # Save for backward only where a gradient will be asked of this layer (grad
+                # mode first: in inference that spares packing the arguments, 0.3 us).
+                training = torch.is_grad_enabled() and ops._needs_grad(x, h0, c0, *w)
                 try:
                     x, h, c, *_ = _lstm_layer_forward(x, lengths, h0, c0, *w, training)
                 except RuntimeError:
