@@ -71,16 +71,53 @@ inline OnednnMatmul onednn_matmul() {
   return fn;
 }
 
-// Row-major layout of a 2-D operand: transposed or not, and its leading dimension.
-inline void layout(const at::Tensor& t, bool& trans, int64_t& ld) {
-  if (t.stride(1) == 1 && (t.size(0) == 1 || t.stride(0) >= t.size(1))) {
-    trans = false;
-    ld = std::max<int64_t>(t.stride(0), t.size(1));
-  } else {
-    TORCH_INTERNAL_ASSERT(t.stride(0) == 1, "birnn_ext: GEMM operand has no unit stride");
-    trans = true;
-    ld = std::max<int64_t>(t.stride(1), t.size(0));
+// A 2-D operand by pointer: element (r, c) at data[r * rs + c * cs]. The step products
+// take these rather than tensors: every tensor view (a select, a narrow, a transpose)
+// is a dispatcher round trip, about half a microsecond here, and a layer call at batch 1
+// made some twenty of them (the op at batch 1, T 1, H 16 spent 8 of its 15 us there).
+template <typename T>
+struct Mat {
+  T* data = nullptr;
+  int64_t rows = 0, cols = 0, rs = 0, cs = 1;
+
+  Mat() = default;
+  Mat(T* data, int64_t rows, int64_t cols, int64_t rs, int64_t cs = 1)
+      : data(data), rows(rows), cols(cols), rs(rs), cs(cs) {}
+  template <typename U, typename = std::enable_if_t<std::is_same_v<const U, T>>>
+  Mat(const Mat<U>& m) : data(m.data), rows(m.rows), cols(m.cols), rs(m.rs), cs(m.cs) {}
+  // Contiguous rows x cols at `data`.
+  static Mat dense(T* data, int64_t rows, int64_t cols) { return {data, rows, cols, cols, 1}; }
+  // A 2-D tensor of element type T, in its own layout.
+  static Mat of(const at::Tensor& t) {
+    return {static_cast<T*>(t.data_ptr()), t.size(0), t.size(1), t.stride(0), t.stride(1)};
   }
+  // A tensor over the same memory, for the engines that take tensors (oneDNN).
+  at::Tensor tensor(at::ScalarType dtype) const {
+    return at::from_blob(const_cast<std::remove_const_t<T>*>(data), {rows, cols}, {rs, cs},
+                         at::TensorOptions().dtype(dtype));
+  }
+};
+
+// c[M,N] = a[M,K] b[K,N] + beta c through BLAS (float, double), each operand with a unit
+// stride in one dimension, c's rows contiguous.
+template <typename T>
+void blas_matmul(Mat<const T> a, Mat<const T> b, Mat<T> c, T beta) {
+  // Row-major layout of an operand: transposed or not, and its leading dimension.
+  auto layout = [](const Mat<const T>& m, bool& trans, int64_t& ld) {
+    if (m.cs == 1 && (m.rows == 1 || m.rs >= m.cols)) {
+      trans = false, ld = std::max<int64_t>(m.rs, m.cols);
+    } else {
+      TORCH_INTERNAL_ASSERT(m.rs == 1, "birnn_ext: GEMM operand has no unit stride");
+      trans = true, ld = std::max<int64_t>(m.cs, m.rows);
+    }
+  };
+  const int64_t N = b.cols;
+  bool ta, tb;
+  int64_t lda, ldb;
+  layout(a, ta, lda);
+  layout(b, tb, ldb);
+  TORCH_INTERNAL_ASSERT(c.cs == 1 || N == 1, "birnn_ext: GEMM output rows must be contiguous");
+  gemm<T>(ta, tb, a.rows, N, a.cols, T(1), a.data, lda, b.data, ldb, beta, c.data, std::max<int64_t>(c.rs, N));
 }
 
 // M*N*K where oneDNN's per-call cost and BLAS's slower kernels break even.
@@ -104,55 +141,18 @@ void matmul(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, at::o
     at::Tensor r = at::mm(a.to(at::kFloat), b.to(at::kFloat));
     if (beta != 0) r.add_(c.to(at::kFloat), beta);
     c.copy_(r);
-    return;
   } else {
-  if constexpr (std::is_same_v<T, float>) {
-    if (K > 0 && M * N * K >= kOnednnMinWork && c.is_contiguous()) {
-      if (OnednnMatmul fn = onednn_matmul()) {
-        fn(a, b, c, beta, 1.0f);
-        return;
+    if constexpr (std::is_same_v<T, float>) {
+      if (K > 0 && M * N * K >= kOnednnMinWork && c.is_contiguous()) {
+        if (OnednnMatmul fn = onednn_matmul()) {
+          fn(a, b, c, beta, 1.0f);
+          return;
+        }
       }
     }
-  }
-  bool ta, tb;
-  int64_t lda, ldb;
-  layout(a, ta, lda);
-  layout(b, tb, ldb);
-  TORCH_INTERNAL_ASSERT(c.stride(1) == 1 || N == 1, "birnn_ext: GEMM output rows must be contiguous");
-  gemm<T>(ta, tb, M, N, K, T(1), a.data_ptr<T>(), lda, b.data_ptr<T>(), ldb, beta, c.data_ptr<T>(),
-          std::max<int64_t>(c.stride(0), N));
+    blas_matmul<T>(Mat<const T>::of(a), Mat<const T>::of(b), Mat<T>::of(c), T(beta));
   }
 }
-
-// A 2-D operand by pointer: element (r, c) at data[r * rs + c * cs]. The step products
-// take these rather than tensors: every tensor view (a select, a narrow, a transpose)
-// is a dispatcher round trip, about half a microsecond here, and a layer call at batch 1
-// made some twenty of them (the op at batch 1, T 1, H 16 spent 8 of its 15 us there).
-template <typename T>
-struct Mat {
-  T* data = nullptr;
-  int64_t rows = 0, cols = 0, rs = 0, cs = 1;
-
-  Mat() = default;
-  Mat(T* data, int64_t rows, int64_t cols, int64_t rs, int64_t cs = 1)
-      : data(data), rows(rows), cols(cols), rs(rs), cs(cs) {}
-  // Contiguous rows x cols at `data`.
-  static Mat dense(T* data, int64_t rows, int64_t cols) { return {data, rows, cols, cols, 1}; }
-  // A 2-D tensor's own layout.
-  template <typename S>
-  static Mat of(const at::Tensor& t) {
-    return {reinterpret_cast<T*>(t.data_ptr<S>()), t.size(0), t.size(1), t.stride(0), t.stride(1)};
-  }
-  template <typename U, typename = std::enable_if_t<std::is_same_v<const U, T>>>
-  Mat(const Mat<U>& m) : data(m.data), rows(m.rows), cols(m.cols), rs(m.rs), cs(m.cs) {}
-  Mat t() const { return {data, cols, rows, cs, rs}; }
-  Mat first_rows(int64_t n) const { return {data, n, cols, rs, cs}; }
-  // A tensor over the same memory, for the engines that take tensors (oneDNN).
-  at::Tensor tensor(at::ScalarType dtype) const {
-    return at::from_blob(const_cast<std::remove_const_t<T>*>(data), {rows, cols}, {rs, cs},
-                         at::TensorOptions().dtype(dtype));
-  }
-};
 
 // matmul on operands by pointer: BLAS directly where matmul would call it, through
 // tensors over the same memory where it would go to oneDNN.
@@ -161,27 +161,15 @@ void matmul(Mat<const T> a, Mat<const T> b, Mat<T> c, at::opmath_type<T> beta) {
   const int64_t M = a.rows, K = a.cols, N = b.cols;
   if (M == 0 || N == 0) return;
   const bool dense_c = c.cs == 1 && (M == 1 || c.rs == N);
-  if (std::is_same_v<T, at::BFloat16> ||
-      (std::is_same_v<T, float> && K > 0 && M * N * K >= kOnednnMinWork && dense_c && onednn_matmul())) {
-    const at::ScalarType dtype = c10::CppTypeToScalarType<T>::value;
-    matmul<T>(a.tensor(dtype), b.tensor(dtype), c.tensor(dtype), beta);
-    return;
-  }
-  if constexpr (!std::is_same_v<T, at::BFloat16>) {
-    auto layout_of = [](const auto& m, bool& trans, int64_t& ld) {
-      if (m.cs == 1 && (m.rows == 1 || m.rs >= m.cols)) {
-        trans = false, ld = std::max<int64_t>(m.rs, m.cols);
-      } else {
-        TORCH_INTERNAL_ASSERT(m.rs == 1, "birnn_ext: GEMM operand has no unit stride");
-        trans = true, ld = std::max<int64_t>(m.cs, m.rows);
-      }
-    };
-    bool ta, tb;
-    int64_t lda, ldb;
-    layout_of(a, ta, lda);
-    layout_of(b, tb, ldb);
-    TORCH_INTERNAL_ASSERT(c.cs == 1 || N == 1, "birnn_ext: GEMM output rows must be contiguous");
-    gemm<T>(ta, tb, M, N, K, T(1), a.data, lda, b.data, ldb, T(beta), c.data, std::max<int64_t>(c.rs, N));
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    matmul<T>(a.tensor(at::kBFloat16), b.tensor(at::kBFloat16), c.tensor(at::kBFloat16), beta);
+  } else {
+    if (std::is_same_v<T, float> && K > 0 && M * N * K >= kOnednnMinWork && dense_c && onednn_matmul()) {
+      const at::ScalarType dtype = c10::CppTypeToScalarType<T>::value;
+      matmul<T>(a.tensor(dtype), b.tensor(dtype), c.tensor(dtype), beta);
+      return;
+    }
+    blas_matmul<T>(a, b, c, T(beta));
   }
 }
 
