@@ -4,6 +4,7 @@ package index):
 
  1. build the extension for the GPU present (its compute capability);
  2. `pytest -m cuda`: every GPU test, the property tests against nn.LSTM among them;
+    then again with the sweeps' tensor-core products on (BIRNN_EXT_CUDA_MMA=1);
  3. compute-sanitizer memcheck, racecheck and synccheck over the GPU kernel tests;
  4. the benchmark on the targets preset and the gpu-grid preset (float32, TF32 off on
     both sides), CSV and PNG under benchmarks/results/; the targets preset again with
@@ -12,7 +13,9 @@ package index):
     with H below 100 again with a block per direction (BIRNN_EXT_CUDA_SWEEP_BLOCK=1), the
     measurement for its device_sweep_plan rule; and the targets preset with a cluster per
     direction in both sweeps (BIRNN_EXT_CUDA_SWEEP_CLUSTER=1, sm_90), for
-    device_cluster_plan's;
+    device_cluster_plan's; and the targets preset with the sweeps' step products on the
+    tensor cores (BIRNN_EXT_CUDA_MMA=1), once with TF32 on for both sides (--tf32) and
+    once under --autocast bf16, for sweep_mma_k's;
  5. the per-kernel profile of FusedBiLSTM and cuDNN (benchmarks/profile_kernels.py);
  6. the host time of a call (benchmarks/bench_call_overhead.py --device cuda): FusedBiLSTM,
     its layer op alone and nn.LSTM at B 1, T 1, H 16, inference and forward+backward.
@@ -41,8 +44,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 # compile-heavy or property ones, so that each tool stays within about a minute.
 SANITIZED = ["tests/test_lstm_parity.py", "tests/test_cell.py", "tests/test_lengths.py", "tests/test_cuda_graphs.py",
              "-k", "not reduce_overhead"]
-STEPS = ["build", "pytest", "memcheck", "racecheck", "synccheck", "bench-targets", "bench-bwd-off", "bench-grid",
-         "bench-block", "bench-cluster", "profile", "call-overhead"]
+STEPS = ["build", "pytest", "pytest-mma", "memcheck", "racecheck", "synccheck", "bench-targets", "bench-bwd-off",
+         "bench-grid", "bench-block", "bench-cluster", "bench-mma-tf32", "bench-mma-bf16", "profile", "call-overhead"]
 
 
 def gpu() -> tuple[str, str] | None:
@@ -86,7 +89,7 @@ def run_step(name: str, cmd: list[str], env: dict, logs: Path, timeout: int) -> 
 
 
 def summarize(name: str, text: str, rc) -> str:
-    if name in ("pytest", "memcheck", "racecheck", "synccheck"):
+    if name in ("pytest", "pytest-mma", "memcheck", "racecheck", "synccheck"):
         tail = re.findall(r"=+ (.*(?:passed|failed|error).*?) =+", text)
         summary = tail[-1] if tail else ""
         errors = re.findall(r"ERROR SUMMARY: (\d+) error", text)
@@ -142,6 +145,7 @@ def main(argv=None) -> int:
     plan = [
         ("build", [py, "-c", "import birnn_ext"], 300),
         ("pytest", [py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"], 300),
+        ("pytest-mma", [py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"], 300),
     ]
     tool = sanitizer()
     if tool:
@@ -157,6 +161,9 @@ def main(argv=None) -> int:
         ("bench-block", bench + ["--case", "1,400,40,64,1", "--case", "8,100,28,64,2", "--case", "64,200,300,96,1",
                                  "--name", "gpu-grid-cuda-sweep-block"], 300),
         ("bench-cluster", bench + ["--preset", "targets", "--name", "targets-cuda-sweep-cluster"], 300),
+        ("bench-mma-tf32", bench + ["--preset", "targets", "--tf32", "--name", "targets-cuda-tf32-mma"], 300),
+        ("bench-mma-bf16", bench + ["--preset", "targets", "--autocast", "bf16", "--name",
+                                    "targets-cuda-bf16-mma"], 300),
         ("profile", [py, "benchmarks/profile_kernels.py"], 180),
         ("call-overhead", [py, "benchmarks/bench_call_overhead.py", "--device", "cuda"], 120),
     ]
@@ -167,7 +174,10 @@ def main(argv=None) -> int:
         step_env = {"memcheck": dict(env, PYTORCH_NO_CUDA_MEMORY_CACHING="1"),
                     "bench-bwd-off": dict(env, BIRNN_EXT_CUDA_SWEEP_BWD="0"),
                     "bench-block": dict(env, BIRNN_EXT_CUDA_SWEEP_BLOCK="1"),
-                    "bench-cluster": dict(env, BIRNN_EXT_CUDA_SWEEP_CLUSTER="1")}.get(step, env)
+                    "bench-cluster": dict(env, BIRNN_EXT_CUDA_SWEEP_CLUSTER="1"),
+                    "pytest-mma": dict(env, BIRNN_EXT_CUDA_MMA="1"),
+                    "bench-mma-tf32": dict(env, BIRNN_EXT_CUDA_MMA="1"),
+                    "bench-mma-bf16": dict(env, BIRNN_EXT_CUDA_MMA="1")}.get(step, env)
         print(f"[gpu-check] {step} ...", file=sys.stderr, flush=True)
         results.append(run_step(step, cmd, step_env, args.logs, timeout))
         if step == "build" and results[-1]["rc"] != 0:
@@ -185,10 +195,14 @@ def main(argv=None) -> int:
                                   ("bench-block", "gpu-grid's g1, g2, g5 with a block per direction",
                                    "gpu-grid-cuda-sweep-block"),
                                   ("bench-cluster", "targets preset, a cluster per direction",
-                                   "targets-cuda-sweep-cluster")):
+                                   "targets-cuda-sweep-cluster"),
+                                  ("bench-mma-tf32", "targets preset, tensor-core sweeps", "targets-cuda-tf32-mma"),
+                                  ("bench-mma-bf16", "targets preset, tensor-core sweeps", "targets-cuda-bf16-mma")):
         lines = ratio_table(csv_name) if step in done else []  # never an earlier run's file
         if lines:
-            print(f"\nnn.LSTM time / fused time, {title} (float32, TF32 off on both sides):")
+            precision = {"bench-mma-tf32": "float32, TF32 on both sides",
+                         "bench-mma-bf16": "autocast bf16 on both sides"}.get(step, "float32, TF32 off on both sides")
+            print(f"\nnn.LSTM time / fused time, {title} ({precision}):")
             print("\n".join(lines))
     overhead = next((r for r in results if r["step"] == "call-overhead" and r["rc"] == 0), None)
     if overhead:

@@ -214,15 +214,16 @@ def test_sweep_kernel_of_one_step(emulator, tmp_path, D):
     compare(unpack(flat, want), want, torch.float32)
 
 
-def _plan(H, B, D, max_blocks, max_shared, elem=4, math=4, direction="fwd"):
-    out = subprocess.run([str(build("run_kernels")), "plan", direction,
+def _plan(H, B, D, max_blocks, max_shared, elem=4, math=4, direction="fwd", mma=False):
+    out = subprocess.run([str(build("run_kernels")), "plan-mma" if mma else "plan", direction,
                           *map(str, (H, B, D, elem, math, max_blocks, max_shared))],
                          capture_output=True, text=True, check=True).stdout.split()
     if out == ["none"]:
         return None
-    units, blocks, batch_tile, lanes, shared = map(int, out)
+    units, blocks, batch_tile, lanes, shared, rows, kdim, stride = map(int, out)
     assert shared <= max_shared and blocks <= max_blocks and 1 <= lanes <= 32
-    return SimpleNamespace(units=units, blocks=blocks, batch_tile=batch_tile)
+    return SimpleNamespace(units=units, blocks=blocks, batch_tile=batch_tile, lanes=lanes, rows=rows, kdim=kdim,
+                           stride=stride)
 
 
 def test_sweep_plans():
@@ -240,6 +241,23 @@ def test_sweep_plans():
     assert _plan(H=256, B=64, D=2, max_blocks=132, max_shared=227 * 1024).batch_tile == 64
     pl = _plan(H=256, B=64, D=2, max_blocks=132, max_shared=227 * 1024, direction="bwd")
     assert (pl.units, pl.blocks) == (4, 128) and pl.batch_tile < 64
+
+
+@pytest.mark.parametrize("elem,k", [(4, 8), (2, 16)], ids=["tf32", "16bit"])
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+@pytest.mark.parametrize("H,B", [(128, 100), (6, 3), (200, 17), (512, 16)])
+def test_tensor_core_sweep_plans(elem, k, direction, H, B):
+    """The plans with tensor-core products: units in fours (16 forward weight rows, one
+    mma's M), the block's rows padded to 16, the row length to whole mma steps of every
+    slice, and rows 4 words past that apart (the fragment loads' 32 lanes on 32 banks)."""
+    pl = _plan(H=H, B=B, D=2, max_blocks=132, max_shared=227 * 1024, elem=elem, direction=direction, mma=True)
+    width = H if direction == "fwd" else 4 * H
+    assert pl.units % 4 == 0 or pl.units == H
+    assert pl.rows % 16 == 0 and pl.rows >= (4 * pl.units if direction == "fwd" else pl.units)
+    assert pl.kdim >= width and pl.kdim % (k * pl.lanes) == 0 and pl.kdim - width < k * pl.lanes
+    assert (pl.stride * elem // 4) % 8 == 4
+    simt = _plan(H=H, B=B, D=2, max_blocks=132, max_shared=227 * 1024, elem=elem, direction=direction)
+    assert pl.units >= simt.units
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
@@ -330,3 +348,72 @@ def test_a_wrong_fragment_layout_is_caught(kind):
     proc = run_driver(exe, "mma", kind, 2, 3, 32)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert float(proc.stdout.split()[1]) > 100 * MMA_TOL, proc.stdout
+
+
+# ---------------------------------------------------------------- tensor-core sweeps
+
+# The sweeps with their step products on the tensor cores (mma_products), against the CPU
+# path. float32 then multiplies in TF32, whose operands keep float16's 10-bit mantissa: its
+# tolerance is float16's (as test_lstm_parity.py's TF32 test on a GPU sets it). bfloat16
+# and float16 keep their own: their products were already rounded operands summed in float.
+MMA_SWEEP_TOL = {torch.float32: TOL[torch.float16], torch.bfloat16: TOL[torch.bfloat16],
+                 torch.float16: TOL[torch.float16]}
+# (sweep, units or cluster, batch tile, H, B, layer case): H = 8 in blocks of 4 units, one
+# step per launch, tiles of 3 rows (a partial octet); a block per direction whole, with
+# 10 rows in one tile (two octets, the second partial); H = 6 (rows shorter than one mma
+# step: zeros to its end; a last block of 2 units, the weight rows padded to 16) in
+# clusters of 2 blocks; H = 12 in clusters of 3 blocks of 4 units and tiles of 8 rows.
+MMA_CUTS = {
+    "grid-units4-tile3": ("sweep", 4, 3, 8, 4, "bi-lengths"),
+    "whole-tile10": ("sweep-whole", 8, 10, 8, 10, "bi-lengths-nobias"),
+    "cluster2-H6": ("sweep-cluster", 2, 3, 6, 4, "bi-lengths"),
+    "cluster3-H12": ("sweep-cluster", 3, 8, 12, 9, "uni"),
+}
+MMA_RUNS = [(torch.float32, cut) for cut in MMA_CUTS] + [(dtype, cut) for dtype in (torch.bfloat16, torch.float16)
+                                                         for cut in ("grid-units4-tile3", "cluster2-H6")]
+
+
+def mma_case(dtype, cut):
+    sweep, units, tile, H, B, name = MMA_CUTS[cut]
+    cfg = dict(LAYER_CASES[name])
+    if cfg["lengths"]:
+        cfg["lengths"] = (cfg["lengths"] * 3)[:B]
+    header, case = make_case(dtype, 0, T=5, B=B, I=6, H=H, P=H, **cfg)
+    return header, case, (sweep, units, tile, "mma")
+
+
+@pytest.mark.parametrize("dtype,cut", MMA_RUNS, ids=lambda v: str(v).removeprefix("torch."))
+def test_tensor_core_sweep_matches_cpu(emulator, tmp_path, dtype, cut):
+    """Both sweeps with mma step products: the fragments of every warp through the
+    emulator's reference of the PTX layout, the padding of rows, batch rows and row
+    length, the slices' partial sums added by the cell update."""
+    header, case, args = mma_case(dtype, cut)
+    proc, flat = run_emulated(emulator, header, case, tmp_path, args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    want = reference_layer(case, dtype)
+    got = unpack(flat, want)
+    for k, w in want.items():
+        torch.testing.assert_close(got[k], w.double(), **MMA_SWEEP_TOL[dtype], msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_wrong_fragment_layout_in_a_sweep_is_caught(tmp_path, dtype):
+    # The sweeps built with the A loader's two registers swapped (BIRNN_BREAK_MMA_LAYOUT):
+    # their products mix weight rows, and the answers must fail the same comparison.
+    exe = build("run_kernels_break_mma_layout", ("BIRNN_BREAK_MMA_LAYOUT",))
+    header, case, args = mma_case(dtype, "grid-units4-tile3")
+    proc, flat = run_emulated(exe, header, case, tmp_path, args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    want = reference_layer(case, dtype)
+    got = unpack(flat, want)
+    with pytest.raises(AssertionError):
+        for k, w in want.items():
+            torch.testing.assert_close(got[k], w.double(), **MMA_SWEEP_TOL[dtype])
+
+
+def test_tensor_core_sweeps_refuse_float64(emulator, tmp_path):
+    # float64 has no mma of its own: a plan with tensor-core products is refused, not run
+    # on the CUDA cores under a plan laid out for the tensor cores.
+    header, case = make_case(torch.float64, 0, T=5, B=4, I=6, H=8, P=8, **LAYER_CASES["uni"])
+    proc, _ = run_emulated(emulator, header, case, tmp_path, ("sweep", 4, 3, "mma"))
+    assert proc.returncode != 0 and "no tensor-core products in float64" in proc.stderr, proc.stderr[-2000:]

@@ -129,6 +129,26 @@ bool use_sweep(int64_t B, int64_t H, bool backward) {
   return (backward ? bwd_on : fwd_on) && B * H * H < (int64_t(1) << 23);
 }
 
+// Whether a sweep's step products run on the tensor cores, as nn.LSTM's do: the mma K
+// (cuda::SweepPlan::mma_k) for float16 and bfloat16, for float32 where
+// torch.backends.cudnn.allow_tf32 is on (TF32), on sm_80 and later; else 0, the CUDA
+// cores (float64 always). BIRNN_EXT_CUDA_MMA=1 turns them on: off by default until a GPU
+// has run them. The emulator checks their fragment layout against its own reference of
+// the PTX ISA's (csrc/emu/cuda_emu.h); make gpu-check runs the GPU tests and times the
+// targets preset with them on.
+template <typename T>
+int64_t sweep_mma_k() {
+  static const bool on = env_is("BIRNN_EXT_CUDA_MMA", "1");
+  if (!on || at::cuda::getCurrentDeviceProperties()->major < 8) return 0;
+  if constexpr (std::is_same_v<T, double>) {
+    return 0;
+  } else if constexpr (std::is_same_v<T, float>) {
+    return at::globalContext().allowTF32CuDNN() ? 8 : 0;
+  } else {
+    return 16;
+  }
+}
+
 // The plan of a sweep on the current device, if it fits there: the units spread over as
 // many blocks as the device holds at once, with the grid barrier between steps. With
 // BIRNN_EXT_CUDA_SWEEP_BLOCK=1, one block per direction instead wherever its share of
@@ -139,15 +159,17 @@ bool use_sweep(int64_t B, int64_t H, bool backward) {
 template <typename T>
 bool device_sweep_plan(bool backward, bool training, int64_t H, int64_t B, int64_t D, cuda::SweepPlan* plan) {
   static const bool block = env_is("BIRNN_EXT_CUDA_SWEEP_BLOCK", "1");
+  const int64_t mma_k = sweep_mma_k<T>();
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   const int sms = prop->multiProcessorCount;
   const int64_t shared = int64_t(prop->sharedMemPerBlockOptin);
   auto fits = [&] {
     return backward ? cuda::sweep_bwd_fits<T>(*plan, sms) : cuda::sweep_fwd_fits<T>(*plan, training, sms);
   };
-  if (block && cuda::choose_block_sweep_plan(backward, H, B, D, sizeof(T), sizeof(math_t<T>), shared, plan) && fits())
+  if (block && cuda::choose_block_sweep_plan(backward, H, B, D, sizeof(T), sizeof(math_t<T>), mma_k, shared, plan) &&
+      fits())
     return true;
-  return cuda::choose_sweep_plan(backward, H, B, D, sizeof(T), sizeof(math_t<T>), sms, shared, plan) && fits();
+  return cuda::choose_sweep_plan(backward, H, B, D, sizeof(T), sizeof(math_t<T>), mma_k, sms, shared, plan) && fits();
 }
 
 // The sweeps with a thread-block cluster per direction (sm_90 and later), with
@@ -162,7 +184,7 @@ bool device_cluster_plan(bool backward, bool training, int64_t H, int64_t B, int
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   if (!on || prop->major < 9) return false;
   for (int64_t cluster : {16, 8})
-    if (cuda::choose_cluster_sweep_plan(backward, H, B, D, sizeof(T), sizeof(math_t<T>), cluster,
+    if (cuda::choose_cluster_sweep_plan(backward, H, B, D, sizeof(T), sizeof(math_t<T>), sweep_mma_k<T>(), cluster,
                                         int64_t(prop->sharedMemPerBlockOptin), plan) &&
         (backward ? cuda::sweep_bwd_cluster_fits<T>(*plan, D) : cuda::sweep_fwd_cluster_fits<T>(*plan, training, D)))
       return true;
@@ -225,13 +247,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       h = at::empty({D, B, H}, opt);
       at::Tensor hs = at::empty({T_ > 1 ? 2 : 0, D, B, H}, opt);
       auto dir = [&](const Weights& w, int64_t d) { return d < D && w[d].defined() ? ptr<S>(w[d]) : nullptr; };
-      cuda::SweepFwd<T> sw{T_, B, H, D, 0, T_, plan.units, plan.batch_tile, plan.lanes, plan.tile_offset,
-                           plan.part_offset, lp, {dir(w_hh, 0), dir(w_hh, 1)}, {dir(b_ih, 0), dir(b_ih, 1)},
+      cuda::SweepFwd<T> sw{T_, B, H, D, 0, T_, plan, lp, {dir(w_hh, 0), dir(w_hh, 1)}, {dir(b_ih, 0), dir(b_ih, 1)},
                            {dir(b_hh, 0), dir(b_hh, 1)}, ptr<S>(xg), math_ptr<S>(c), ptr<S>(h0c), ptr<S>(hs),
                            ptr<S>(h), ptr<S>(y), training ? math_ptr<S>(c_prev) : nullptr,
-                           training ? ptr<S>(h_prev) : nullptr, plan.own_offset};
-      C10_CUDA_CHECK(cluster ? cuda::launch_sweep_fwd_cluster(sw, plan.shared_bytes, stream)
-                             : cuda::launch_sweep_fwd(sw, plan.shared_bytes, /*cooperative=*/plan.blocks > D, stream));
+                           training ? ptr<S>(h_prev) : nullptr};
+      C10_CUDA_CHECK(cluster ? cuda::launch_sweep_fwd_cluster(sw, stream)
+                             : cuda::launch_sweep_fwd(sw, /*cooperative=*/plan.blocks > D, stream));
       return;
     }
     // The per-step path takes each weight with its directions stacked [D, ...]: one
@@ -315,12 +336,11 @@ lstm_layer_backward_cuda(const std::optional<at::Tensor>& grad_y, const std::opt
         // Each direction's W_hh where it lies: no stacked copy per call.
         const Weights w = contiguous(wts.w_hh, D);
         at::Tensor dgs = at::empty({2, D, B, G}, opt);  // phase q reads dgs[q % 2], writes dgs[(q + 1) % 2]
-        cuda::SweepBwd<T> sw{T_, B, H, D, 0, T_ + 1, plan.units, plan.batch_tile, plan.lanes, plan.tile_offset,
-                             plan.part_offset, lp, {ptr<S>(w[0]), D > 1 ? ptr<S>(w[1]) : nullptr}, ptr<S>(gates),
-                             math_ptr<S>(c_prev), dyp, math_ptr<S>(dh), math_ptr<S>(dc), ptr<S>(dg), ptr<S>(dgs),
-                             plan.own_offset};
-        C10_CUDA_CHECK(cluster ? cuda::launch_sweep_bwd_cluster(sw, plan.shared_bytes, stream)
-                               : cuda::launch_sweep_bwd(sw, plan.shared_bytes, /*cooperative=*/plan.blocks > D, stream));
+        cuda::SweepBwd<T> sw{T_, B, H, D, 0, T_ + 1, plan, lp, {ptr<S>(w[0]), D > 1 ? ptr<S>(w[1]) : nullptr},
+                             ptr<S>(gates), math_ptr<S>(c_prev), dyp, math_ptr<S>(dh), math_ptr<S>(dc), ptr<S>(dg),
+                             ptr<S>(dgs)};
+        C10_CUDA_CHECK(cluster ? cuda::launch_sweep_bwd_cluster(sw, stream)
+                               : cuda::launch_sweep_bwd(sw, /*cooperative=*/plan.blocks > D, stream));
       }
       // The per-step path: W_hh (and W_hr) with the directions stacked, for the batched GEMMs.
       const at::Tensor w_hh = sweep ? at::Tensor() : at::stack(wts.of(wts.w_hh));

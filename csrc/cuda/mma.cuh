@@ -149,30 +149,45 @@ __device__ __forceinline__ void mma_sync(float (&d)[4], const uint32_t (&a)[4], 
 #endif
 }
 
-// Lane's accumulators into a row-major 16 x 8 tile d (row r at d + r * ldd): c0, c1 at
-// (g, 2t), (g, 2t + 1); c2, c3 at (g + 8, 2t), (g + 8, 2t + 1).
-__device__ __forceinline__ void store_c(const float (&c)[4], float* d, int ldd) {
-  const int g = int(lane() / 4), t = int(lane() % 4);
-  d[g * ldd + 2 * t] = c[0];
-  d[g * ldd + 2 * t + 1] = c[1];
-  d[(g + 8) * ldd + 2 * t] = c[2];
-  d[(g + 8) * ldd + 2 * t + 1] = c[3];
+// Lane's accumulators into a 16 x 8 tile d, entry (r, n) at d[r * row_stride + n * col_stride],
+// columns n < cols only (a batch tile's last rows): c0, c1 at (g, 2t), (g, 2t + 1); c2, c3
+// at (g + 8, 2t), (g + 8, 2t + 1).
+__device__ __forceinline__ void store_c(const float (&c)[4], float* d, int row_stride, int col_stride, int cols = 8) {
+  const int g = int(lane() / 4), n = 2 * int(lane() % 4);
+  for (int i = 0; i < 4; ++i) {
+    const int r = g + (i >= 2 ? 8 : 0), col = n + (i & 1);
+    if (col < cols) d[r * row_stride + col * col_stride] = c[i];
+  }
 }
 
-// One warp's C[16][8] = A[16][Kdim] B[Kdim][8], A row-major (lda), B given by its columns
-// (ldb), Kdim a multiple of the kind's K: the building block of the step products.
+// One warp's acc[16][8] += A[16][Kdim] B[Kdim][8], A row-major (lda), B given by its
+// columns (ldb), Kdim a multiple of the kind's K: the building block of the step products.
 template <Kind K, typename T>
-__device__ __forceinline__ void warp_tile_product(const T* a, int lda, const T* b_cols, int ldb, int kdim, float* c,
-                                                  int ldc) {
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+__device__ __forceinline__ void warp_tile_product(float (&acc)[4], const T* a, int lda, const T* b_cols, int ldb,
+                                                  int kdim) {
   for (int k0 = 0; k0 < kdim; k0 += Traits<K>::kK) {
     uint32_t fa[4], fb[2];
     load_a<K>(fa, a + k0, lda);
     load_b_cols<K>(fb, b_cols + k0, ldb);
     mma_sync<K>(acc, fa, fb, acc);
   }
-  store_c(acc, c, ldc);
 }
+
+// The kind that multiplies storage type T (float32 storage: TF32).
+template <typename T>
+struct KindOf;
+template <>
+struct KindOf<float> {
+  static constexpr Kind value = Kind::kTf32;
+};
+template <>
+struct KindOf<__nv_bfloat16> {
+  static constexpr Kind value = Kind::kBf16;
+};
+template <>
+struct KindOf<__half> {
+  static constexpr Kind value = Kind::kF16;
+};
 
 }  // namespace mma
 }  // namespace birnn::cuda

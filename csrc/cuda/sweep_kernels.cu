@@ -1,19 +1,22 @@
 // The persistent sweeps: a layer's forward or backward recurrence, both directions, in
 // one launch (sweep_kernels.h says how the work is cut). Torch-free, launched through
 // BIRNN_LAUNCH like lstm_kernels.cu, so the host emulator runs the same device code.
+#include <type_traits>
+
 #include "kernel_common.cuh"
+#include "mma.cuh"
 #include "sweep_kernels.h"
 
 namespace birnn::cuda {
 namespace {
 
 // Copies rows [b0, b0 + nb) of a [B][W] matrix that other blocks wrote before the last
-// barrier into dst ([4 * quads][W + 1] in shared memory), rows past nb as zeros, so that
-// the products can take batch rows four at a time. Eight loads in flight per thread
-// before their stores: one at a time, each waits out a trip to L2.
+// barrier into the first W columns of dst ([rows][stride] in shared memory), rows past nb
+// as zeros, so that the products can take batch rows four (eight) at a time. Eight loads
+// in flight per thread before their stores: one at a time, each waits out a trip to L2.
 template <typename T>
-__device__ __forceinline__ void stage_tile(const T* src, int nb, int quads, int W, T* dst) {
-  const int tid = threadIdx.x, nt = blockDim.x, n = 4 * quads * W, stride = W + 1;
+__device__ __forceinline__ void stage_tile(const T* src, int nb, int rows, int W, int stride, T* dst) {
+  const int tid = threadIdx.x, nt = blockDim.x, n = rows * W;
   for (int i0 = tid; i0 < n; i0 += 8 * nt) {
     T v[8];
 #pragma unroll
@@ -30,14 +33,15 @@ __device__ __forceinline__ void stage_tile(const T* src, int nb, int quads, int 
 }
 
 // part[(bb * R + r) * L + l] = lane l's share of sum_k w[r][k] tile[bb][k], k = l, l + L, ...
-// for the tile's nb rows and the block's R weight rows (w: [R][W + 1], tile: [4 * quads][W + 1],
-// both in shared memory). Each thread takes 4 x 2 of them at a time: tile rows
-// 4 bq .. 4 bq + 3 against weight rows rp and rp + R/2 (item order: rp fastest).
+// for the tile's nb rows and the block's R weight rows (w: [R][stride], tile:
+// [4 * quads][stride], both in shared memory) on the CUDA cores. Each thread takes 4 x 2
+// of them at a time: tile rows 4 bq .. 4 bq + 3 against weight rows rp and rp + R/2 (item
+// order: rp fastest).
 template <typename T>
-__device__ __forceinline__ void tile_products(const T* w, const T* tile, int R, int W, int L, int nb, int quads,
-                                              math_t<T>* part) {
+__device__ __forceinline__ void tile_products(const T* w, const T* tile, int R, int W, int stride, int L, int nb,
+                                              int quads, math_t<T>* part) {
   using A = math_t<T>;
-  const int half = R / 2, stride = W + 1;
+  const int half = R / 2;
   for (int t = threadIdx.x; t < half * L * quads; t += blockDim.x) {
     const int rp = t % half, l = (t / half) % L, bq = t / (half * L);
     const T* w0 = w + rp * stride;
@@ -65,6 +69,27 @@ __device__ __forceinline__ void tile_products(const T* w, const T* tile, int R, 
   }
 }
 
+// The same products on the tensor cores (sm_80 and later): part[(bb * R + r) * L + l] =
+// slice l's share of sum_k w[r][k] tile[bb][k], slice l the columns [l kdim / L,
+// (l + 1) kdim / L), for the tile's nb rows and the block's R weight rows (a multiple of
+// 16; the tile's rows staged to a multiple of 8, the columns up to kdim zeros past the
+// row's end). A warp's work item: 16 weight rows (mma's A, row-major) x 8 batch rows
+// (B's columns) over one slice, accumulated in float.
+template <typename T>
+__device__ __forceinline__ void mma_products(const T* w, const T* tile, int R, int stride, int kdim, int L, int nb,
+                                             float* part) {
+  constexpr mma::Kind K = mma::KindOf<T>::value;
+  const int warp = int(threadIdx.x / 32), warps = int(blockDim.x / 32);
+  const int row_tiles = R / 16, octs = (nb + 7) / 8, slice = kdim / L;
+  for (int item = warp; item < row_tiles * L * octs; item += warps) {  // the same for the whole warp
+    const int rt = item % row_tiles, l = item / row_tiles % L, oc = item / (row_tiles * L);
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    mma::warp_tile_product<K>(acc, w + rt * 16 * stride + l * slice, stride, tile + oc * 8 * stride + l * slice,
+                              stride, slice);
+    mma::store_c(acc, part + (oc * 8 * R + rt * 16) * L + l, L, R * L, nb - 8 * oc);
+  }
+}
+
 // The barrier between two steps of a sweep. Where a direction is one block (per_dir ==
 // 1), it exchanges its h (or dg) with itself alone, and the __syncthreads that ends
 // every batch tile already orders the step's global writes before the next step's reads
@@ -75,6 +100,13 @@ __device__ __forceinline__ void step_barrier(int per_dir) {
   if (per_dir > 1) BIRNN_GRID_SYNC();
 }
 
+// The batch rows a tile of nb rows stages: whole quads for the SIMT products, whole
+// octets (one mma's N) for the tensor cores'.
+template <bool Mma>
+__device__ __forceinline__ int staged_rows(int nb) {
+  return Mma ? (nb + 7) / 8 * 8 : (nb + 3) / 4 * 4;
+}
+
 // The sum of one dot product's lanes, in a fixed order.
 template <typename A>
 __device__ __forceinline__ A lane_sum(const A* lanes, int L) {
@@ -83,15 +115,15 @@ __device__ __forceinline__ A lane_sum(const A* lanes, int L) {
   return s;
 }
 
-// Rows [b0, b0 + nb) of the whole row of the step before into dst ([4 * quads][W + 1],
-// rows past nb zeros), read from the cluster's blocks (distributed shared memory): each
+// Rows [b0, b0 + nb) of the whole row of the step before into the first W columns of dst
+// ([rows][stride], rows past nb zeros), read from the cluster's blocks (distributed shared memory): each
 // block keeps, for every batch row, its `per_block` entries of the row (gates x U units
 // backward, U units forward) in own ([B][per_block], at the same address in each block).
 // Entry k of the row is gate k / H, unit k % H, which is block (k % H) / U's.
 template <typename T>
-__device__ __forceinline__ void stage_from_cluster(const T* own, int64_t b0, int nb, int quads, int W, int H, int U,
-                                                   int per_block, T* dst) {
-  const int n = 4 * quads * W, stride = W + 1;
+__device__ __forceinline__ void stage_from_cluster(const T* own, int64_t b0, int nb, int rows, int W, int stride,
+                                                   int H, int U, int per_block, T* dst) {
+  const int n = rows * W;
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     const int bb = i / W, k = i % W, g = k / H, j = k % H;
     T v = from_math<T>(math_t<T>(0));
@@ -105,12 +137,14 @@ __device__ __forceinline__ void stage_from_cluster(const T* own, int64_t b0, int
 // direction). Cluster = true (sm_90): a thread-block cluster per direction; each block
 // keeps its units' h of the last two steps in its shared memory (own, [2][B][U]), where
 // the others read it, and the cluster barrier ends each step, the last one included: no
-// block may leave while another still reads its shared memory.
-template <typename T, bool Training, bool Cluster>
+// block may leave while another still reads its shared memory. Mma: the step's products
+// on the tensor cores (mma_products), else on the CUDA cores (tile_products).
+template <typename T, bool Training, bool Cluster, bool Mma>
 __global__ void sweep_fwd_kernel(const SweepFwd<T> p) {
   using A = math_t<T>;
+  const SweepPlan& pl = p.plan;
   // Shared-memory indices fit in int; global offsets stay int64_t.
-  const int H = int(p.H), U = int(p.units), R = 4 * U, L = int(p.lanes), stride = H + 1;
+  const int H = int(p.H), U = int(pl.units), R = int(pl.rows), L = int(pl.lanes), stride = int(pl.stride);
   const int64_t G = 4 * p.H, B = p.B, D = p.D;
   const int per_dir = (H + U - 1) / U;
   const int64_t d = blockIdx.x / per_dir;
@@ -118,27 +152,36 @@ __global__ void sweep_fwd_kernel(const SweepFwd<T> p) {
   const int nu = H - j0 < U ? H - j0 : U;     // this block's units: fewer in a direction's last block
   const int tid = threadIdx.x, nt = blockDim.x;
   BIRNN_DYNAMIC_SHARED(unsigned char, smem);
-  T* w_s = reinterpret_cast<T*>(smem);                   // [R][stride]: row g*U + u is W_hh row g*H + j0 + u
-  T* h_s = reinterpret_cast<T*>(smem + p.tile_offset);  // [4 * quads][stride]: h of the tile's rows
-  A* part = reinterpret_cast<A*>(smem + p.part_offset);  // [batch_tile * R][L] partial dot products
-  T* own = reinterpret_cast<T*>(smem + p.own_offset);   // Cluster: [2][B][U]
-  for (int i = tid; i < R * H; i += nt) {
-    const int r = i / H, k = i % H, g = r / U, u = r % U;
-    w_s[r * stride + k] = u < nu ? p.w_hh[d][(g * H + j0 + u) * H + k] : from_math<T>(A(0));
+  T* w_s = reinterpret_cast<T*>(smem);                    // [R][stride]: row g*U + u is W_hh row g*H + j0 + u
+  T* h_s = reinterpret_cast<T*>(smem + pl.tile_offset);  // [tile_rows][stride]: h of the tile's rows
+  A* part = reinterpret_cast<A*>(smem + pl.part_offset);  // [batch_tile * R][L] partial dot products
+  T* own = reinterpret_cast<T*>(smem + pl.own_offset);   // Cluster: [2][B][U]
+  // Zeros past the rows of the block's units and past the row's end: the products read
+  // whole mma tiles (the staged tile's first H columns are written each step, the rest
+  // stays zeros).
+  const T zero = from_math<T>(A(0));
+  for (int i = tid; i < R * stride; i += nt) {
+    const int r = i / stride, k = i % stride, g = r / U, u = r % U;
+    w_s[i] = r < 4 * U && u < nu && k < H ? p.w_hh[d][(g * H + j0 + u) * H + k] : zero;
   }
+  for (int i = tid; i < int(pl.tile_rows) * (stride - H); i += nt) h_s[i / (stride - H) * stride + H + i % (stride - H)] = zero;
   for (int64_t s = p.s_begin; s < p.s_end; ++s) {
     const T* h_cur = s == 0 ? p.h0 + d * B * H : p.h + ((s & 1) * D + d) * B * H;
     T* h_next = s == p.T_ - 1 ? p.h_n + d * B * H : p.h + (((s + 1) & 1) * D + d) * B * H;
     T* own_next = own + ((s + 1) & 1) * B * U;
-    for (int64_t b0 = 0; b0 < B; b0 += p.batch_tile) {
-      const int nb = int(B - b0 < p.batch_tile ? B - b0 : p.batch_tile), quads = (nb + 3) / 4;
+    for (int64_t b0 = 0; b0 < B; b0 += pl.batch_tile) {
+      const int nb = int(B - b0 < pl.batch_tile ? B - b0 : pl.batch_tile), staged = staged_rows<Mma>(nb);
       if (Cluster && s > 0) {
-        stage_from_cluster(own + (s & 1) * B * U, b0, nb, quads, H, H, U, U, h_s);
+        stage_from_cluster(own + (s & 1) * B * U, b0, nb, staged, H, stride, H, U, U, h_s);
       } else {
-        stage_tile(h_cur + b0 * H, nb, quads, H, h_s);
+        stage_tile(h_cur + b0 * H, nb, staged, H, stride, h_s);
       }
       __syncthreads();
-      tile_products(w_s, h_s, R, H, L, nb, quads, part);
+      if constexpr (Mma) {
+        mma_products(w_s, h_s, R, stride, int(pl.kdim), L, nb, part);
+      } else {
+        tile_products(w_s, h_s, R, H, stride, L, nb, staged / 4, part);
+      }
 #if !defined(BIRNN_BREAK_SWEEP_BARRIER)
       __syncthreads();
 #endif
@@ -195,11 +238,12 @@ __global__ void sweep_fwd_kernel(const SweepFwd<T> p) {
 // so a direction whose dg is still zero (the reverse one under a loss on the last output
 // only) would wait for the other direction anyway, and the zero products and cells cost
 // no extra step time.
-template <typename T, bool Cluster>
+template <typename T, bool Cluster, bool Mma>
 __global__ void sweep_bwd_kernel(const SweepBwd<T> p) {
   using A = math_t<T>;
-  const int H = int(p.H), U = int(p.units), R = int(sweep_rows(true, p.units)), W = 4 * H, L = int(p.lanes);
-  const int stride = W + 1;
+  const SweepPlan& pl = p.plan;
+  const int H = int(p.H), U = int(pl.units), R = int(pl.rows), W = 4 * H, L = int(pl.lanes);
+  const int stride = int(pl.stride);
   const int64_t G = 4 * p.H, B = p.B, D = p.D;
   const int per_dir = (H + U - 1) / U;
   const int64_t d = blockIdx.x / per_dir;
@@ -207,30 +251,37 @@ __global__ void sweep_bwd_kernel(const SweepBwd<T> p) {
   const int nu = H - j0 < U ? H - j0 : U;
   const int tid = threadIdx.x, nt = blockDim.x;
   BIRNN_DYNAMIC_SHARED(unsigned char, smem);
-  T* w_s = reinterpret_cast<T*>(smem);                   // [R][stride]: row u is W_hh column j0 + u (zeros past nu)
-  T* g_s = reinterpret_cast<T*>(smem + p.tile_offset);  // [4 * quads][stride]: dg of the tile's rows, last phase
-  A* part = reinterpret_cast<A*>(smem + p.part_offset);  // [batch_tile * R][L] partial dot products
-  T* own = reinterpret_cast<T*>(smem + p.own_offset);   // Cluster: [2][B][4 U]
-  // k-major, so that neighbouring threads read neighbouring columns of a W_hh row.
-  for (int i = tid; i < R * W; i += nt) {
+  T* w_s = reinterpret_cast<T*>(smem);                    // [R][stride]: row u is W_hh column j0 + u (zeros past nu)
+  T* g_s = reinterpret_cast<T*>(smem + pl.tile_offset);  // [tile_rows][stride]: dg of the tile's rows, last phase
+  A* part = reinterpret_cast<A*>(smem + pl.part_offset);  // [batch_tile * R][L] partial dot products
+  T* own = reinterpret_cast<T*>(smem + pl.own_offset);   // Cluster: [2][B][4 U]
+  // k-major, so that neighbouring threads read neighbouring columns of a W_hh row; zeros
+  // past the block's units and past the row's end, as in the forward sweep.
+  const T zero = from_math<T>(A(0));
+  for (int i = tid; i < R * stride; i += nt) {
     const int k = i / R, u = i % R;
-    w_s[u * stride + k] = u < nu ? p.w_hh[d][k * H + j0 + u] : from_math<T>(A(0));
+    w_s[u * stride + k] = u < nu && k < W ? p.w_hh[d][k * H + j0 + u] : zero;
   }
+  for (int i = tid; i < int(pl.tile_rows) * (stride - W); i += nt) g_s[i / (stride - W) * stride + W + i % (stride - W)] = zero;
   for (int64_t q = p.q_begin; q < p.q_end; ++q) {
     const int64_t s = p.T_ - 1 - q;  // the sweep step; -1 in the last phase, which only makes dh0
     const T* dg_last = p.dg_step + ((q & 1) * D + d) * B * G;
     T* dg_next = p.dg_step + (((q + 1) & 1) * D + d) * B * G;
     T* own_next = own + ((q + 1) & 1) * B * 4 * U;
-    for (int64_t b0 = 0; b0 < B; b0 += p.batch_tile) {
-      const int nb = int(B - b0 < p.batch_tile ? B - b0 : p.batch_tile), quads = (nb + 3) / 4;
+    for (int64_t b0 = 0; b0 < B; b0 += pl.batch_tile) {
+      const int nb = int(B - b0 < pl.batch_tile ? B - b0 : pl.batch_tile), staged = staged_rows<Mma>(nb);
       if (q > 0) {  // the first phase has no dg before it
         if (Cluster) {
-          stage_from_cluster(own + (q & 1) * B * 4 * U, b0, nb, quads, W, H, U, 4 * U, g_s);
+          stage_from_cluster(own + (q & 1) * B * 4 * U, b0, nb, staged, W, stride, H, U, 4 * U, g_s);
         } else {
-          stage_tile(dg_last + b0 * G, nb, quads, W, g_s);
+          stage_tile(dg_last + b0 * G, nb, staged, W, stride, g_s);
         }
         __syncthreads();
-        tile_products(w_s, g_s, R, W, L, nb, quads, part);
+        if constexpr (Mma) {
+          mma_products(w_s, g_s, R, stride, int(pl.kdim), L, nb, part);
+        } else {
+          tile_products(w_s, g_s, R, W, stride, L, nb, staged / 4, part);
+        }
 #if !defined(BIRNN_BREAK_SWEEP_BWD_BARRIER)
         __syncthreads();
 #endif
@@ -282,29 +333,57 @@ __global__ void sweep_bwd_kernel(const SweepBwd<T> p) {
   }
 }
 
-// Launches `blocks` blocks of kSweepThreads: all at once with a grid barrier available
+// The kernel that runs a plan: tensor-core products where the plan has them (not in
+// float64, which has no mma of its own), the forward's variant that saves what the
+// backward needs where training. nullptr for a plan no kernel runs.
+template <typename T>
+constexpr bool kHasMma = !std::is_same_v<T, double>;
+
+template <typename T, bool Cluster>
+auto fwd_kernel(const SweepPlan& plan, bool training) -> void (*)(SweepFwd<T>) {
+  if constexpr (kHasMma<T>) {
+    if (plan.mma_k == mma::Traits<mma::KindOf<T>::value>::kK)
+      return training ? sweep_fwd_kernel<T, true, Cluster, true> : sweep_fwd_kernel<T, false, Cluster, true>;
+  }
+  if (plan.mma_k) return nullptr;
+  return training ? sweep_fwd_kernel<T, true, Cluster, false> : sweep_fwd_kernel<T, false, Cluster, false>;
+}
+
+template <typename T, bool Cluster>
+auto bwd_kernel(const SweepPlan& plan) -> void (*)(SweepBwd<T>) {
+  if constexpr (kHasMma<T>) {
+    if (plan.mma_k == mma::Traits<mma::KindOf<T>::value>::kK) return sweep_bwd_kernel<T, Cluster, true>;
+  }
+  if (plan.mma_k) return nullptr;
+  return sweep_bwd_kernel<T, Cluster, false>;
+}
+
+// Launches the plan's blocks of kSweepThreads: all at once with a grid barrier available
 // (cooperative, GPU only), or as a plain launch: of one step, or of any number where
 // each direction is one block (its step barrier is the block's own).
 template <typename P>
-cudaError_t launch_sweep(void (*kernel)(P), const P& p, int64_t blocks, int64_t steps, int64_t shared_bytes,
-                         bool cooperative, cudaStream_t stream) {
+cudaError_t launch_sweep(void (*kernel)(P), const P& p, int64_t steps, bool cooperative, cudaStream_t stream) {
+  if (!kernel) return cudaErrorNotSupported;
+  const int64_t blocks = p.D * ((p.H + p.plan.units - 1) / p.plan.units);
+  const size_t shared_bytes = size_t(p.plan.shared_bytes);
 #if !defined(BIRNN_EMU)
   if (cooperative) {
     void* args[] = {const_cast<P*>(&p)};
     return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(unsigned(blocks)),
-                                       dim3(unsigned(kSweepThreads)), args, size_t(shared_bytes), stream);
+                                       dim3(unsigned(kSweepThreads)), args, shared_bytes, stream);
   }
 #else
   if (cooperative) return cudaErrorNotSupported;
 #endif
   if (steps != 1 && blocks != p.D) return cudaErrorNotSupported;  // the steps need the grid barrier
-  BIRNN_LAUNCH(kernel, dim3(unsigned(blocks)), dim3(unsigned(kSweepThreads)), size_t(shared_bytes), stream, p);
+  BIRNN_LAUNCH(kernel, dim3(unsigned(blocks)), dim3(unsigned(kSweepThreads)), shared_bytes, stream, p);
   return BIRNN_LAUNCH_ERROR();
 }
 
 #if !defined(BIRNN_EMU)
 template <typename P>
 bool fits(void (*kernel)(P), const SweepPlan& plan, int multiprocessors) {
+  if (!kernel) return false;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.shared_bytes)) != cudaSuccess) {
     (void)cudaGetLastError();  // a size over the device's limit: no sweep, and no error left behind
     return false;
@@ -322,31 +401,30 @@ bool fits(void (*kernel)(P), const SweepPlan& plan, int multiprocessors) {
 }  // namespace
 
 template <typename T>
-cudaError_t launch_sweep_fwd(const SweepFwd<T>& p, int64_t shared_bytes, bool cooperative, cudaStream_t stream) {
+cudaError_t launch_sweep_fwd(const SweepFwd<T>& p, bool cooperative, cudaStream_t stream) {
   if (p.B == 0 || p.s_begin >= p.s_end) return cudaSuccess;
-  auto kernel = p.c_prev ? sweep_fwd_kernel<T, true, false> : sweep_fwd_kernel<T, false, false>;
-  return launch_sweep(kernel, p, p.D * ((p.H + p.units - 1) / p.units), p.s_end - p.s_begin, shared_bytes,
-                      cooperative, stream);
+  return launch_sweep(fwd_kernel<T, false>(p.plan, p.c_prev != nullptr), p, p.s_end - p.s_begin, cooperative, stream);
 }
 
 template <typename T>
-cudaError_t launch_sweep_bwd(const SweepBwd<T>& p, int64_t shared_bytes, bool cooperative, cudaStream_t stream) {
+cudaError_t launch_sweep_bwd(const SweepBwd<T>& p, bool cooperative, cudaStream_t stream) {
   if (p.B == 0 || p.q_begin >= p.q_end) return cudaSuccess;
-  return launch_sweep(sweep_bwd_kernel<T, false>, p, p.D * ((p.H + p.units - 1) / p.units), p.q_end - p.q_begin,
-                      shared_bytes, cooperative, stream);
+  return launch_sweep(bwd_kernel<T, false>(p.plan), p, p.q_end - p.q_begin, cooperative, stream);
 }
 
 namespace {
 
-// A cluster of `per_dir` blocks per direction along x, in D * per_dir blocks.
+// A cluster of ceil(H / units) blocks per direction along x, a direction each.
 template <typename P>
-cudaError_t launch_clusters(void (*kernel)(P), const P& p, int64_t per_dir, int64_t shared_bytes,
-                            cudaStream_t stream) {
+cudaError_t launch_clusters(void (*kernel)(P), const P& p, cudaStream_t stream) {
+  if (!kernel) return cudaErrorNotSupported;
+  const int64_t per_dir = (p.H + p.plan.units - 1) / p.plan.units;
+  const size_t shared_bytes = size_t(p.plan.shared_bytes);
 #if !defined(BIRNN_EMU)
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(unsigned(p.D * per_dir));
   cfg.blockDim = dim3(unsigned(kSweepThreads));
-  cfg.dynamicSmemBytes = size_t(shared_bytes);
+  cfg.dynamicSmemBytes = shared_bytes;
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -358,7 +436,7 @@ cudaError_t launch_clusters(void (*kernel)(P), const P& p, int64_t per_dir, int6
   return cudaLaunchKernelEx(&cfg, kernel, p);
 #else
   BIRNN_LAUNCH_CLUSTER(kernel, dim3(unsigned(p.D * per_dir)), dim3(unsigned(kSweepThreads)), unsigned(per_dir),
-                       size_t(shared_bytes), stream, p);
+                       shared_bytes, stream, p);
   return BIRNN_LAUNCH_ERROR();
 #endif
 }
@@ -368,6 +446,7 @@ cudaError_t launch_clusters(void (*kernel)(P), const P& p, int64_t per_dir, int6
 // clusters do not wait for each other, so one at a time will do).
 template <typename P>
 bool cluster_fits(void (*kernel)(P), const SweepPlan& plan, int64_t D) {
+  if (!kernel) return false;
   const int64_t per_dir = plan.blocks / D;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.shared_bytes)) !=
           cudaSuccess ||
@@ -398,51 +477,50 @@ bool cluster_fits(void (*kernel)(P), const SweepPlan& plan, int64_t D) {
 }  // namespace
 
 template <typename T>
-cudaError_t launch_sweep_fwd_cluster(const SweepFwd<T>& p, int64_t shared_bytes, cudaStream_t stream) {
+cudaError_t launch_sweep_fwd_cluster(const SweepFwd<T>& p, cudaStream_t stream) {
   if (p.B == 0 || p.s_begin >= p.s_end) return cudaSuccess;
-  return launch_clusters(p.c_prev ? sweep_fwd_kernel<T, true, true> : sweep_fwd_kernel<T, false, true>, p,
-                         (p.H + p.units - 1) / p.units, shared_bytes, stream);
+  return launch_clusters(fwd_kernel<T, true>(p.plan, p.c_prev != nullptr), p, stream);
 }
 
 template <typename T>
-cudaError_t launch_sweep_bwd_cluster(const SweepBwd<T>& p, int64_t shared_bytes, cudaStream_t stream) {
+cudaError_t launch_sweep_bwd_cluster(const SweepBwd<T>& p, cudaStream_t stream) {
   if (p.B == 0 || p.q_begin >= p.q_end) return cudaSuccess;
-  return launch_clusters(sweep_bwd_kernel<T, true>, p, (p.H + p.units - 1) / p.units, shared_bytes, stream);
+  return launch_clusters(bwd_kernel<T, true>(p.plan), p, stream);
 }
 
 #if !defined(BIRNN_EMU)
 template <typename T>
 bool sweep_fwd_cluster_fits(const SweepPlan& plan, bool training, int64_t D) {
-  return cluster_fits(training ? sweep_fwd_kernel<T, true, true> : sweep_fwd_kernel<T, false, true>, plan, D);
+  return cluster_fits(fwd_kernel<T, true>(plan, training), plan, D);
 }
 
 template <typename T>
 bool sweep_bwd_cluster_fits(const SweepPlan& plan, int64_t D) {
-  return cluster_fits(sweep_bwd_kernel<T, true>, plan, D);
+  return cluster_fits(bwd_kernel<T, true>(plan), plan, D);
 }
 
 template <typename T>
 bool sweep_fwd_fits(const SweepPlan& plan, bool training, int multiprocessors) {
-  return fits(training ? sweep_fwd_kernel<T, true, false> : sweep_fwd_kernel<T, false, false>, plan, multiprocessors);
+  return fits(fwd_kernel<T, false>(plan, training), plan, multiprocessors);
 }
 template <typename T>
 bool sweep_bwd_fits(const SweepPlan& plan, int multiprocessors) {
-  return fits(sweep_bwd_kernel<T, false>, plan, multiprocessors);
+  return fits(bwd_kernel<T, false>(plan), plan, multiprocessors);
 }
-#define BIRNN_INSTANTIATE_FITS(T)                                   \
-  template bool sweep_fwd_fits<T>(const SweepPlan&, bool, int); \
-  template bool sweep_bwd_fits<T>(const SweepPlan&, int);       \
+#define BIRNN_INSTANTIATE_FITS(T)                                             \
+  template bool sweep_fwd_fits<T>(const SweepPlan&, bool, int);           \
+  template bool sweep_bwd_fits<T>(const SweepPlan&, int);                 \
   template bool sweep_fwd_cluster_fits<T>(const SweepPlan&, bool, int64_t); \
   template bool sweep_bwd_cluster_fits<T>(const SweepPlan&, int64_t);
 #else
 #define BIRNN_INSTANTIATE_FITS(T)
 #endif
 
-#define BIRNN_INSTANTIATE(T)                                                                   \
-  template cudaError_t launch_sweep_fwd<T>(const SweepFwd<T>&, int64_t, bool, cudaStream_t); \
-  template cudaError_t launch_sweep_bwd<T>(const SweepBwd<T>&, int64_t, bool, cudaStream_t); \
-  template cudaError_t launch_sweep_fwd_cluster<T>(const SweepFwd<T>&, int64_t, cudaStream_t); \
-  template cudaError_t launch_sweep_bwd_cluster<T>(const SweepBwd<T>&, int64_t, cudaStream_t); \
+#define BIRNN_INSTANTIATE(T)                                                          \
+  template cudaError_t launch_sweep_fwd<T>(const SweepFwd<T>&, bool, cudaStream_t); \
+  template cudaError_t launch_sweep_bwd<T>(const SweepBwd<T>&, bool, cudaStream_t); \
+  template cudaError_t launch_sweep_fwd_cluster<T>(const SweepFwd<T>&, cudaStream_t); \
+  template cudaError_t launch_sweep_bwd_cluster<T>(const SweepBwd<T>&, cudaStream_t); \
   BIRNN_INSTANTIATE_FITS(T)
 BIRNN_INSTANTIATE(float)
 BIRNN_INSTANTIATE(double)

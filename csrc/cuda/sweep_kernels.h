@@ -15,18 +15,42 @@
 // holds a whole direction (units >= H), the step barrier is the block's own and a plain
 // launch runs every step. The host emulator runs the grid-barrier sweeps one step per
 // launch, where the launch boundary is the barrier, and the one-block ones whole.
+//
+// A step's products (weight rows x staged batch rows, summed over the row of the step
+// before) run on the CUDA cores (SIMT: each thread 4 batch rows x 2 weight rows) or, where
+// the plan says so (mma_k > 0, sm_80 and later), on the tensor cores: one warp per 16
+// weight rows x 8 batch rows through csrc/cuda/mma.cuh, TF32 for float32 storage, bf16 or
+// f16 for those; the weight rows are then padded to a multiple of 16, the staged batch
+// rows to a multiple of 8 and the row length to whole mma steps, all with zeros.
 #pragma once
 
 #include "lstm_kernels.h"
 
 namespace birnn::cuda {
 
+constexpr int64_t kSweepThreads = 256;
+
+// How a sweep is cut: `units` hidden units per block, whose `rows` weight rows it keeps
+// in shared memory ([rows][stride]); batch rows in tiles of `batch_tile`, each tile's h
+// (or dg) staged in shared memory ([tile_rows][stride], rows past the tile zeros); each
+// dot product summed in `lanes` parts (SIMT: a power of two up to 32 threads, so that
+// small batches still keep the block's threads busy; mma: up to 8 slices of the row, one
+// warp each), which land in shared memory ([batch_tile][rows][lanes]) for the cell
+// update to add in a fixed order. The products read `kdim` entries of each row (the
+// row's length, padded with zeros to whole mma steps on the tensor cores).
+struct SweepPlan {
+  int64_t units = 0, batch_tile = 0, lanes = 0, blocks = 0;
+  int64_t mma_k = 0;  // the K of one mma (8 TF32, 16 bf16 and f16), or 0: SIMT products
+  int64_t rows = 0, tile_rows = 0, kdim = 0, stride = 0;
+  int64_t tile_offset = 0, part_offset = 0, shared_bytes = 0;
+  int64_t own_offset = 0;  // the cluster sweeps' own h or dg, [2][B][units or 4 units], after the rest
+};
+
 // The forward sweep of a layer without a projection.
 template <typename T>
 struct SweepFwd {
   int64_t T_, B, H, D, s_begin, s_end;  // runs the sweep steps [s_begin, s_end)
-  int64_t units, batch_tile, lanes;    // from SweepPlan
-  int64_t tile_offset, part_offset;    // shared-memory layout, from SweepPlan
+  SweepPlan plan;      // how the work is cut and where it lies in shared memory
   const int64_t* len;  // [B] or nullptr
   // Each direction's own weights where they lie (nn.LSTM's Parameters): no stacked copy.
   const T* w_hh[2];    // [4H,H] per direction
@@ -40,7 +64,6 @@ struct SweepFwd {
   T* y;                // [T,B,D*H]
   math_t<T>* c_prev;   // [T,B,D*H] saved when training, else nullptr
   T* h_prev;           // [D,T,B,H] saved when training, else nullptr
-  int64_t own_offset = 0;  // the cluster sweep: where its blocks' own h lie in shared memory (SweepPlan)
 };
 
 // The backward sweep of a layer without a projection, in phases: phase q runs sweep step
@@ -50,8 +73,7 @@ struct SweepFwd {
 template <typename T>
 struct SweepBwd {
   int64_t T_, B, H, D, q_begin, q_end;  // runs the phases [q_begin, q_end) of [0, T]
-  int64_t units, batch_tile, lanes;    // from SweepPlan
-  int64_t tile_offset, part_offset;    // shared-memory layout, from SweepPlan
+  SweepPlan plan;           // how the work is cut and where it lies in shared memory
   const int64_t* len;       // [B] or nullptr
   const T* w_hh[2];         // [4H,H] per direction
   const T* gates;           // [T,B,D*4H] activated, saved by the forward
@@ -61,45 +83,53 @@ struct SweepBwd {
   math_t<T>* dc;            // [D,B,H] carry: grad of c_n in, of c0 out
   T* dg;                    // [D,T,B,4H] out: gradients of the gate pre-activations, time-ordered
   T* dg_step;               // [2,D,B,4H]: phase q reads dg_step[q % 2] and writes dg_step[(q + 1) % 2]
-  int64_t own_offset = 0;   // the cluster sweep: where its blocks' own dg lie in shared memory (SweepPlan)
-};
-
-constexpr int64_t kSweepThreads = 256;
-
-// How a sweep is cut: `units` hidden units per block, batch rows in tiles of
-// `batch_tile` (each tile's h, or dg, staged in shared memory), `lanes` threads summing
-// each dot product (a power of two up to 32, so that small batches still keep the
-// block's threads busy). Shared memory: the weight rows, then the staged tile, then the
-// lanes' partial sums; rows are padded by one element against bank conflicts.
-struct SweepPlan {
-  int64_t units = 0, batch_tile = 0, lanes = 0, blocks = 0;
-  int64_t tile_offset = 0, part_offset = 0, shared_bytes = 0;
-  int64_t own_offset = 0;  // the cluster sweeps' own h or dg, [2][B][units or 4 units], after the rest
 };
 
 inline int64_t sweep_align(int64_t bytes) { return (bytes + 15) / 16 * 16; }
 
-// The weight rows a block holds and their length (the dot products' length): forward
-// 4 * units rows of W_hh, of H; backward the units' columns of W_hh, of 4H, an even count
-// (a thread's work item takes two; the spare one of an odd count is zeros).
-__host__ __device__ inline int64_t sweep_rows(bool backward, int64_t units) { return backward ? (units + 1) / 2 * 2 : 4 * units; }
+// The weight rows a block holds: forward 4 * units rows of W_hh, backward the units'
+// columns of W_hh, an even count (a SIMT work item takes two; the spare one of an odd
+// count is zeros), and a multiple of 16 on the tensor cores (one mma's M).
+__host__ __device__ inline int64_t sweep_rows(bool backward, int64_t units, bool mma) {
+  const int64_t rows = backward ? (units + 1) / 2 * 2 : 4 * units;
+  return mma ? (rows + 15) / 16 * 16 : rows;
+}
+// Their length, the dot products' length: H forward (against h), 4H backward (against dg).
 __host__ __device__ inline int64_t sweep_width(bool backward, int64_t H) { return backward ? 4 * H : H; }
 
 inline SweepPlan sweep_plan(bool backward, int64_t H, int64_t B, int64_t D, int64_t units, int64_t batch_tile,
-                            int64_t elem_bytes, int64_t math_bytes) {
+                            int64_t elem_bytes, int64_t math_bytes, int64_t mma_k = 0) {
   SweepPlan pl;
   pl.units = units;
+  pl.mma_k = mma_k;
   pl.batch_tile = batch_tile < B ? batch_tile : B;
-  const int64_t rows = sweep_rows(backward, units), width = sweep_width(backward, H);
-  const int64_t quads = (pl.batch_tile + 3) / 4;
-  // A thread's work item: 4 batch rows x 2 weight rows, in one lane of the dot products.
-  const int64_t items = quads * (rows / 2);
-  pl.lanes = 1;
-  while (pl.lanes < 32 && items * pl.lanes * 2 <= kSweepThreads) pl.lanes *= 2;
+  pl.rows = sweep_rows(backward, units, mma_k > 0);
+  const int64_t width = sweep_width(backward, H);
+  if (mma_k == 0) {
+    // A thread's work item: 4 batch rows x 2 weight rows, in one lane of the dot products.
+    const int64_t quads = (pl.batch_tile + 3) / 4, items = quads * (pl.rows / 2);
+    pl.lanes = 1;
+    while (pl.lanes < 32 && items * pl.lanes * 2 <= kSweepThreads) pl.lanes *= 2;
+    pl.tile_rows = 4 * quads;
+    pl.kdim = width;
+    pl.stride = width + 1;  // an odd stride: a row apart is a bank apart
+  } else {
+    // A warp's work item: 16 weight rows x 8 batch rows over one slice of the row; slices
+    // while the items do not yet fill the block's warps and each slice keeps a whole mma
+    // step of the row.
+    const int64_t octs = (pl.batch_tile + 7) / 8, items = pl.rows / 16 * octs, warps = kSweepThreads / 32;
+    pl.lanes = 1;
+    while (pl.lanes < 8 && items * pl.lanes < warps && width > mma_k * pl.lanes) pl.lanes *= 2;
+    pl.tile_rows = 8 * octs;
+    pl.kdim = (width + mma_k * pl.lanes - 1) / (mma_k * pl.lanes) * (mma_k * pl.lanes);
+    // Rows kdim + 4 words apart (kdim is whole 8-word steps): the 8 x 4 lanes of a fragment
+    // load (row lane / 4, word lane % 4) then reach 32 different banks.
+    pl.stride = pl.kdim + 4 * 4 / elem_bytes;
+  }
   pl.blocks = D * ((H + units - 1) / units);
-  pl.tile_offset = sweep_align(rows * (width + 1) * elem_bytes);
-  pl.part_offset = pl.tile_offset + sweep_align(4 * quads * (width + 1) * elem_bytes);
-  pl.shared_bytes = pl.part_offset + sweep_align(pl.batch_tile * rows * pl.lanes * math_bytes);
+  pl.tile_offset = sweep_align(pl.rows * pl.stride * elem_bytes);
+  pl.part_offset = pl.tile_offset + sweep_align(pl.tile_rows * pl.stride * elem_bytes);
+  pl.shared_bytes = pl.part_offset + sweep_align(pl.batch_tile * pl.rows * pl.lanes * math_bytes);
   return pl;
 }
 
@@ -107,9 +137,10 @@ inline SweepPlan sweep_plan(bool backward, int64_t H, int64_t B, int64_t D, int6
 // bytes, with `own_bytes_per_row` more per batch row (the cluster sweeps' own rows, two
 // steps deep); false where not even one row fits.
 inline bool fit_batch_tile(bool backward, int64_t H, int64_t B, int64_t D, int64_t units, int64_t elem_bytes,
-                           int64_t math_bytes, int64_t own_bytes_per_row, int64_t max_shared, SweepPlan* out) {
+                           int64_t math_bytes, int64_t mma_k, int64_t own_bytes_per_row, int64_t max_shared,
+                           SweepPlan* out) {
   for (int64_t tile = B; tile >= 1; tile = tile > 64 ? tile * 3 / 4 : tile - 1) {
-    SweepPlan pl = sweep_plan(backward, H, B, D, units, tile, elem_bytes, math_bytes);
+    SweepPlan pl = sweep_plan(backward, H, B, D, units, tile, elem_bytes, math_bytes, mma_k);
     pl.own_offset = pl.shared_bytes;
     pl.shared_bytes += sweep_align(B * own_bytes_per_row);
     if (pl.shared_bytes <= max_shared) {
@@ -120,24 +151,34 @@ inline bool fit_batch_tile(bool backward, int64_t H, int64_t B, int64_t D, int64
   return false;
 }
 
+// Units per block on the tensor cores come in fours (16 forward weight rows, one mma's M;
+// the backward's rows are padded to 16 instead), at most H.
+inline int64_t mma_units(int64_t units, int64_t H, int64_t mma_k) {
+  if (mma_k == 0) return units;
+  units = (units + 3) / 4 * 4;
+  return units < H ? units : H;
+}
+
 // The plan for a GPU that keeps at most `max_blocks` blocks resident with at most
 // `max_shared` bytes each: the fewest units per block that fit the blocks (spreading
 // the work over as many as there are), then the largest batch tile that fits the
 // shared memory. Returns false where nothing fits (the weight rows too long).
+// `mma_k`: the tensor-core products' K (SweepPlan), or 0 for SIMT products.
 inline bool choose_sweep_plan(bool backward, int64_t H, int64_t B, int64_t D, int64_t elem_bytes, int64_t math_bytes,
-                              int64_t max_blocks, int64_t max_shared, SweepPlan* out) {
+                              int64_t mma_k, int64_t max_blocks, int64_t max_shared, SweepPlan* out) {
   if (H <= 0 || B <= 0 || D <= 0 || max_blocks < D) return false;
   int64_t units = (D * H + max_blocks - 1) / max_blocks;
   while (D * ((H + units - 1) / units) > max_blocks) ++units;
-  return fit_batch_tile(backward, H, B, D, units, elem_bytes, math_bytes, 0, max_shared, out);
+  units = mma_units(units, H, mma_k);
+  return fit_batch_tile(backward, H, B, D, units, elem_bytes, math_bytes, mma_k, 0, max_shared, out);
 }
 
 // The plan that gives each direction one block (units = H, the largest batch tile that
 // fits), or false where W_hh's share does not fit one block's shared memory.
 inline bool choose_block_sweep_plan(bool backward, int64_t H, int64_t B, int64_t D, int64_t elem_bytes,
-                                    int64_t math_bytes, int64_t max_shared, SweepPlan* out) {
+                                    int64_t math_bytes, int64_t mma_k, int64_t max_shared, SweepPlan* out) {
   if (H <= 0 || B <= 0 || D <= 0) return false;
-  return fit_batch_tile(backward, H, B, D, H, elem_bytes, math_bytes, 0, max_shared, out);
+  return fit_batch_tile(backward, H, B, D, H, elem_bytes, math_bytes, mma_k, 0, max_shared, out);
 }
 
 // A sweep with a thread-block cluster per direction (sm_90): at most `cluster` blocks
@@ -146,26 +187,28 @@ inline bool choose_block_sweep_plan(bool backward, int64_t H, int64_t B, int64_t
 // its shared memory, where the others read it (distributed shared memory) instead of
 // through global memory; the cluster barrier replaces the grid's. False where nothing fits.
 inline bool choose_cluster_sweep_plan(bool backward, int64_t H, int64_t B, int64_t D, int64_t elem_bytes,
-                                      int64_t math_bytes, int64_t cluster, int64_t max_shared, SweepPlan* out) {
+                                      int64_t math_bytes, int64_t mma_k, int64_t cluster, int64_t max_shared,
+                                      SweepPlan* out) {
   if (H <= 0 || B <= 0 || D <= 0 || cluster < 1) return false;
-  const int64_t units = (H + cluster - 1) / cluster;
-  return fit_batch_tile(backward, H, B, D, units, elem_bytes, math_bytes, 2 * (backward ? 4 : 1) * units * elem_bytes,
-                        max_shared, out);
+  const int64_t units = mma_units((H + cluster - 1) / cluster, H, mma_k);
+  return fit_batch_tile(backward, H, B, D, units, elem_bytes, math_bytes, mma_k,
+                        2 * (backward ? 4 : 1) * units * elem_bytes, max_shared, out);
 }
 
-// Each returns the launch's error (cudaSuccess where it went). `shared_bytes` from the
-// plan; `cooperative` launches all the steps (phases) of p at once with the grid barrier
-// (GPU only); otherwise p must hold one step, or the plan one block per direction.
+// Each returns the launch's error (cudaSuccess where it went): cudaErrorNotSupported for
+// a plan with tensor-core products in float64. `cooperative` launches all the steps
+// (phases) of p at once with the grid barrier (GPU only); otherwise p must hold one step,
+// or the plan one block per direction.
 template <typename T>
-cudaError_t launch_sweep_fwd(const SweepFwd<T>& p, int64_t shared_bytes, bool cooperative, cudaStream_t stream);
+cudaError_t launch_sweep_fwd(const SweepFwd<T>& p, bool cooperative, cudaStream_t stream);
 template <typename T>
-cudaError_t launch_sweep_bwd(const SweepBwd<T>& p, int64_t shared_bytes, bool cooperative, cudaStream_t stream);
-// Every step of p with a cluster of ceil(H / units) blocks per direction (own_offset from
-// the plan); GPU of compute capability 9.0 or later.
+cudaError_t launch_sweep_bwd(const SweepBwd<T>& p, bool cooperative, cudaStream_t stream);
+// Every step of p with a cluster of ceil(H / units) blocks per direction (a plan with
+// own_offset); GPU of compute capability 9.0 or later.
 template <typename T>
-cudaError_t launch_sweep_fwd_cluster(const SweepFwd<T>& p, int64_t shared_bytes, cudaStream_t stream);
+cudaError_t launch_sweep_fwd_cluster(const SweepFwd<T>& p, cudaStream_t stream);
 template <typename T>
-cudaError_t launch_sweep_bwd_cluster(const SweepBwd<T>& p, int64_t shared_bytes, cudaStream_t stream);
+cudaError_t launch_sweep_bwd_cluster(const SweepBwd<T>& p, cudaStream_t stream);
 #if !defined(BIRNN_EMU)
 // Whether the device keeps all of the plan's blocks resident at once (what a cooperative
 // launch needs); sets the kernel's shared-memory limit to the plan's on the way.

@@ -13,7 +13,9 @@
 // every step in one launch, which the kernels allow where UNITS >= H (a block per
 // direction, whose step barrier is its own). "sweep-cluster CLUSTER BATCH_TILE" runs both
 // as the cluster sweeps (clusters of at most CLUSTER blocks, a direction each, every step
-// in one launch).
+// in one launch). A last argument "mma" gives any of them tensor-core step products
+// (TF32 for float32, bf16 and f16 for those; UNITS then as the plans round them, to fours).
+// "run_kernels plan-mma ..." prints the plan choose_sweep_plan makes with them.
 //
 // IN: 14 int64 (mode 0 layer / 1 cell, dtype 0 f32 / 1 f64 / 2 f16 / 3 bf16, T, B, I, H,
 // P, D, has_lengths, has_bias, has_proj, has_grad_y, has_grad_h, has_grad_c), then lengths as int64 [B] if any, then float64 arrays:
@@ -86,7 +88,15 @@ struct SweepOption {
   bool whole = false;    // every step in one launch (one block per direction)
   int64_t cluster = 0;   // the cluster sweeps, clusters of this many blocks at most (units follow)
   int64_t units = 0, batch_tile = 0;
+  bool mma = false;      // tensor-core step products
 } sweep_option;
+
+// The mma K of storage type T (SweepPlan::mma_k); float64 has none.
+template <typename T>
+int64_t mma_k_of() {
+  if constexpr (std::is_same_v<T, double>) throw std::runtime_error("no tensor-core products in float64");
+  else return birnn::cuda::mma::Traits<birnn::cuda::mma::KindOf<T>::value>::kK;
+}
 
 struct Reader {
   FILE* f;
@@ -126,9 +136,11 @@ void run_layer(const int64_t* hd, Reader& in, Writer& out) {
   auto dh = convert<A>(has_gh ? in.doubles(D * B * P) : std::vector<double>(D * B * P));
   auto dc = convert<A>(has_gc ? in.doubles(D * B * H) : std::vector<double>(D * B * H));
   const int64_t* lp = has_len ? len.data() : nullptr;
-  // The units per block: given, or from the cluster size, as choose_cluster_sweep_plan sets them.
-  const int64_t units = sweep_option.cluster ? (H + sweep_option.cluster - 1) / sweep_option.cluster
-                                             : sweep_option.units;
+  // The units per block: given, or from the cluster size, as choose_cluster_sweep_plan sets
+  // them; in fours with tensor-core products, as the plans round them.
+  const int64_t mma_k = sweep_option.mma ? mma_k_of<T>() : 0;
+  const int64_t units = mma_units(sweep_option.cluster ? (H + sweep_option.cluster - 1) / sweep_option.cluster
+                                                       : sweep_option.units, H, mma_k);
 
   // Forward, as lstm_cuda.cpp runs it.
   std::vector<T> xg(rows * D * G), y(rows * D * P), h_raw(proj ? D * B * H : 0), h_proj(proj ? D * B * P : 0);
@@ -137,7 +149,7 @@ void run_layer(const int64_t* hd, Reader& in, Writer& out) {
   gemm(false, true, rows, D * G, I, x.data(), I, w_ih.data(), I, 0.0, xg.data(), D * G);
   const bool sweep = sweep_option.on && !proj;
   if (sweep) {
-    SweepPlan pl = sweep_plan(false, H, B, D, units, sweep_option.batch_tile, sizeof(T), sizeof(A));
+    SweepPlan pl = sweep_plan(false, H, B, D, units, sweep_option.batch_tile, sizeof(T), sizeof(A), mma_k);
     if (sweep_option.cluster) {
       pl.own_offset = pl.shared_bytes;
       pl.shared_bytes += sweep_align(2 * B * pl.units * int64_t(sizeof(T)));
@@ -148,14 +160,12 @@ void run_layer(const int64_t* hd, Reader& in, Writer& out) {
     const std::vector<T> zeros(D * G, from_double<T>(0));
     const int64_t step = sweep_option.whole || sweep_option.cluster ? T_ : 1;
     for (int64_t s = 0; s < T_; s += step) {
-      SweepFwd<T> sw{T_, B, H, D, s, s + step, pl.units, pl.batch_tile, pl.lanes, pl.tile_offset, pl.part_offset, lp,
+      SweepFwd<T> sw{T_, B, H, D, s, s + step, pl, lp,
                      {per_direction(w_hh, 0, G * H), per_direction(w_hh, 1, G * H)},
                      {has_bias ? per_direction(bias, 0, G) : nullptr, has_bias ? per_direction(bias, 1, G) : nullptr},
                      {has_bias ? per_direction(zeros, 0, G) : nullptr, has_bias ? per_direction(zeros, 1, G) : nullptr},
-                     xg.data(), c.data(), h.data(), hs.data(), h_n.data(), y.data(), c_prev.data(), h_prev.data(),
-                     pl.own_offset};
-      check(sweep_option.cluster ? launch_sweep_fwd_cluster(sw, pl.shared_bytes, nullptr)
-                                 : launch_sweep_fwd(sw, pl.shared_bytes, false, nullptr));
+                     xg.data(), c.data(), h.data(), hs.data(), h_n.data(), y.data(), c_prev.data(), h_prev.data()};
+      check(sweep_option.cluster ? launch_sweep_fwd_cluster(sw, nullptr) : launch_sweep_fwd(sw, false, nullptr));
     }
     h = h_n;
   }
@@ -182,7 +192,7 @@ void run_layer(const int64_t* hd, Reader& in, Writer& out) {
       dh_proj_saved(proj ? D * rows * P : 0);
   std::vector<A> dh_raw(proj ? D * B * H : 0);
   if (sweep) {
-    SweepPlan pl = sweep_plan(true, H, B, D, units, sweep_option.batch_tile, sizeof(T), sizeof(A));
+    SweepPlan pl = sweep_plan(true, H, B, D, units, sweep_option.batch_tile, sizeof(T), sizeof(A), mma_k);
     if (sweep_option.cluster) {
       pl.own_offset = pl.shared_bytes;
       pl.shared_bytes += sweep_align(2 * B * 4 * pl.units * int64_t(sizeof(T)));
@@ -190,11 +200,10 @@ void run_layer(const int64_t* hd, Reader& in, Writer& out) {
     std::vector<T> dgs(2 * D * B * G);
     const int64_t phases = sweep_option.whole || sweep_option.cluster ? T_ + 1 : 1;
     for (int64_t q = 0; q <= T_; q += phases) {
-      SweepBwd<T> sw{T_, B, H, D, q, q + phases, pl.units, pl.batch_tile, pl.lanes, pl.tile_offset, pl.part_offset, lp,
-                     {per_direction(w_hh, 0, G * H), per_direction(w_hh, 1, G * H)}, xg.data(), c_prev.data(), has_gy ? dy.data() : nullptr, dh.data(), dc.data(),
-                     dg.data(), dgs.data(), pl.own_offset};
-      check(sweep_option.cluster ? launch_sweep_bwd_cluster(sw, pl.shared_bytes, nullptr)
-                                 : launch_sweep_bwd(sw, pl.shared_bytes, false, nullptr));
+      SweepBwd<T> sw{T_, B, H, D, q, q + phases, pl, lp, {per_direction(w_hh, 0, G * H), per_direction(w_hh, 1, G * H)},
+                     xg.data(), c_prev.data(), has_gy ? dy.data() : nullptr, dh.data(), dc.data(), dg.data(),
+                     dgs.data()};
+      check(sweep_option.cluster ? launch_sweep_bwd_cluster(sw, nullptr) : launch_sweep_bwd(sw, false, nullptr));
     }
   }
   for (int64_t s = sweep ? -1 : T_ - 1; s >= 0; --s) {
@@ -304,8 +313,9 @@ __global__ void mma_tiles_kernel(const T* a, const T* bt, int kdim, int tn, floa
   const int warp = int(threadIdx.x / 32), col_tile = int(blockIdx.x * (blockDim.x / 32)) + warp;
   const int row_tile = int(blockIdx.y);
   if (col_tile >= tn) return;  // the whole warp
-  mma::warp_tile_product<K>(a + row_tile * 16 * kdim, kdim, bt + col_tile * 8 * kdim, kdim, kdim,
-                            c + row_tile * 16 * (8 * tn) + col_tile * 8, 8 * tn);
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  mma::warp_tile_product<K>(acc, a + row_tile * 16 * kdim, kdim, bt + col_tile * 8 * kdim, kdim, kdim);
+  mma::store_c(acc, c + row_tile * 16 * (8 * tn) + col_tile * 8, 8 * tn, 1);
 }
 
 // Every shuffle, per lane of each warp: out[t][0] the warp's sum by xor butterfly,
@@ -430,22 +440,30 @@ int main(int argc, char** argv) {
     if (kind == "f16") return run_mma<Kind::kF16>(tm, tn, kdim);
     return 2;
   }
-  if (argc == 10 && std::string(argv[1]) == "plan") {  // plan fwd|bwd H B D ELEM MATH MAX_BLOCKS MAX_SHARED
+  // plan[-mma] fwd|bwd H B D ELEM MATH MAX_BLOCKS MAX_SHARED (plan-mma: K 8 for 4-byte
+  // elements, else 16)
+  if (argc == 10 && (std::string(argv[1]) == "plan" || std::string(argv[1]) == "plan-mma")) {
     const bool backward = std::string(argv[2]) == "bwd";
     int64_t a[7];
     for (int i = 0; i < 7; ++i) a[i] = std::atoll(argv[3 + i]);
+    const int64_t mma_k = std::string(argv[1]) == "plan-mma" ? (a[3] == 4 ? 8 : 16) : 0;
     SweepPlan pl;
-    if (!choose_sweep_plan(backward, a[0], a[1], a[2], a[3], a[4], a[5], a[6], &pl)) return std::puts("none"), 0;
-    std::printf("%lld %lld %lld %lld %lld\n", (long long)pl.units, (long long)pl.blocks, (long long)pl.batch_tile,
-                (long long)pl.lanes, (long long)pl.shared_bytes);
+    if (!choose_sweep_plan(backward, a[0], a[1], a[2], a[3], a[4], mma_k, a[5], a[6], &pl))
+      return std::puts("none"), 0;
+    std::printf("%lld %lld %lld %lld %lld %lld %lld %lld\n", (long long)pl.units, (long long)pl.blocks,
+                (long long)pl.batch_tile, (long long)pl.lanes, (long long)pl.shared_bytes, (long long)pl.rows,
+                (long long)pl.kdim, (long long)pl.stride);
     return 0;
   }
-  if (argc == 6 && (std::string(argv[3]) == "sweep" || std::string(argv[3]) == "sweep-whole")) {
-    sweep_option = {true, std::string(argv[3]) == "sweep-whole", 0, std::atoll(argv[4]), std::atoll(argv[5])};
-  } else if (argc == 6 && std::string(argv[3]) == "sweep-cluster") {
-    sweep_option = {true, false, std::atoll(argv[4]), 0, std::atoll(argv[5])};
+  const bool mma = argc == 7 && std::string(argv[6]) == "mma";
+  const int sweep_args = mma ? 7 : 6;
+  if (argc == sweep_args && (std::string(argv[3]) == "sweep" || std::string(argv[3]) == "sweep-whole")) {
+    sweep_option = {true, std::string(argv[3]) == "sweep-whole", 0, std::atoll(argv[4]), std::atoll(argv[5]), mma};
+  } else if (argc == sweep_args && std::string(argv[3]) == "sweep-cluster") {
+    sweep_option = {true, false, std::atoll(argv[4]), 0, std::atoll(argv[5]), mma};
   } else if (argc != 3) {
-    std::fprintf(stderr, "usage: %s IN OUT [sweep|sweep-whole UNITS BATCH_TILE | sweep-cluster CLUSTER BATCH_TILE]\n",
+    std::fprintf(stderr,
+                 "usage: %s IN OUT [sweep|sweep-whole UNITS BATCH_TILE | sweep-cluster CLUSTER BATCH_TILE] [mma]\n",
                  argv[0]);
     return 2;
   }
