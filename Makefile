@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv build test demo bench gpu-check clean
+.PHONY: venv build test demo bench gpu-check gpu-variants clean
 
 venv: $(STAMP)
 
@@ -47,9 +47,13 @@ bench: build
 
 # On a GPU machine, with the python3 and torch already there (no venv: such a machine may
 # have no package index): build, GPU tests, sanitizers, benchmarks and kernel profile in
-# a few minutes; benchmarks/gpu_check.py says what each step runs.
+# a few minutes; gpu-variants times each launch switch awaiting its measurement against
+# the defaults. benchmarks/gpu_check.py says what each step runs.
 gpu-check:
-	$(PY) benchmarks/gpu_check.py $(if $(LOGS),--logs $(LOGS))
+	$(PY) benchmarks/gpu_check.py --group core $(if $(LOGS),--logs $(LOGS))
+
+gpu-variants:
+	$(PY) benchmarks/gpu_check.py --group variants $(if $(LOGS),--logs $(LOGS))
 
 clean:
 	rm -rf build dist *.egg-info birnn_ext/_C*.so

@@ -1,29 +1,33 @@
-"""`make gpu-check`: everything a GPU machine is needed for, in one command of a few
-minutes, with the python3 and torch already installed there (a GPU machine may have no
-package index):
+"""`make gpu-check` and `make gpu-variants`: what a GPU machine is needed for, with the
+python3 and torch already installed there (a GPU machine may have no package index), in
+two commands of a few minutes each (a session's GPU time is short: each fits one call).
 
+`make gpu-check` (--group core), the state of the code as it ships:
  1. build the extension for the GPU present (its compute capability);
  2. `pytest -m cuda`: every GPU test, the property tests against nn.LSTM among them;
-    then again with the sweeps' tensor-core products on (BIRNN_EXT_CUDA_MMA=1);
  3. compute-sanitizer memcheck, racecheck and synccheck over the GPU kernel tests;
  4. the benchmark on the targets preset and the gpu-grid preset (float32, TF32 off on
-    both sides), CSV and PNG under benchmarks/results/; the targets preset again with
-    the backward sweep off (BIRNN_EXT_CUDA_SWEEP_BWD=0: per-step GEMMs and launches), the
-    measurement for lstm_cuda.cpp's use_sweep rule in backward; and the gpu-grid cases
-    with H below 100 again with a block per direction (BIRNN_EXT_CUDA_SWEEP_BLOCK=1), the
-    measurement for its device_sweep_plan rule; and the targets preset with a cluster per
-    direction in both sweeps (BIRNN_EXT_CUDA_SWEEP_CLUSTER=1, sm_90), for
-    device_cluster_plan's; and the targets preset with the sweeps' step products on the
-    tensor cores (BIRNN_EXT_CUDA_MMA=1), once with TF32 on for both sides (--tf32) and
-    once under --autocast bf16, for sweep_mma_k's;
+    both sides), CSV and PNG under benchmarks/results/;
  5. the per-kernel profile of FusedBiLSTM and cuDNN (benchmarks/profile_kernels.py);
  6. the host time of a call (benchmarks/bench_call_overhead.py --device cuda): FusedBiLSTM,
     its layer op alone and nn.LSTM at B 1, T 1, H 16, inference and forward+backward.
 
+`make gpu-variants` (--group variants), each switch of csrc/cuda/launch_rules.cpp that
+awaits its measurement, against the defaults timed in the same run:
+ 1. build; `pytest -m cuda` with the sweeps' tensor-core products on (BIRNN_EXT_CUDA_MMA=1);
+ 2. the targets preset at the defaults; again with the backward sweep off
+    (BIRNN_EXT_CUDA_SWEEP_BWD=0: per-step GEMMs and launches), for use_sweep's rule in
+    backward; with a cluster per direction in both sweeps (BIRNN_EXT_CUDA_SWEEP_CLUSTER=1,
+    sm_90), for device_cluster_plan's;
+ 3. gpu-grid's cases with H below 100 at the defaults and with a block per direction
+    (BIRNN_EXT_CUDA_SWEEP_BLOCK=1), for device_sweep_plan's;
+ 4. the targets preset with TF32 on for both sides (--tf32) and under --autocast bf16,
+    each at the defaults and with the tensor-core products on, for sweep_mma_k's.
+
 Each step's output goes to LOGS/<step>.log (default build/gpu-check); a compact table of
 the steps and the benchmark ratios is printed last. Exits 1 if a step failed.
 
-    python3 benchmarks/gpu_check.py [--logs DIR] [--skip STEP ...]
+    python3 benchmarks/gpu_check.py [--group core|variants|all] [--logs DIR] [--skip STEP ...]
 """
 
 from __future__ import annotations
@@ -44,8 +48,17 @@ RESULTS = ROOT / "benchmarks" / "results"
 # compile-heavy or property ones, so that each tool stays within about a minute.
 SANITIZED = ["tests/test_lstm_parity.py", "tests/test_cell.py", "tests/test_lengths.py", "tests/test_cuda_graphs.py",
              "-k", "not reduce_overhead"]
-STEPS = ["build", "pytest", "pytest-mma", "memcheck", "racecheck", "synccheck", "bench-targets", "bench-bwd-off",
-         "bench-grid", "bench-block", "bench-cluster", "bench-mma-tf32", "bench-mma-bf16", "profile", "call-overhead"]
+GROUPS = {
+    "core": ["build", "pytest", "memcheck", "racecheck", "synccheck", "bench-targets", "bench-grid", "profile",
+             "call-overhead"],
+    "variants": ["build", "pytest-mma", "bench-targets", "bench-bwd-off", "bench-cluster", "bench-small-h", "bench-block",
+                 "bench-tf32", "bench-mma-tf32", "bench-bf16", "bench-mma-bf16"],
+}
+STEPS = list(dict.fromkeys(GROUPS["core"] + GROUPS["variants"]))
+
+
+# gpu-grid's cases with H below 100 (bench_lstm.py's g1, g2 and g5).
+SMALL_H = ["--case", "1,400,40,64,1", "--case", "8,100,28,64,2", "--case", "64,200,300,96,1"]
 
 
 def gpu() -> tuple[str, str] | None:
@@ -127,6 +140,7 @@ def ratio_table(csv_name: str) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--logs", type=Path, default=ROOT / "build" / "gpu-check")
+    p.add_argument("--group", choices=[*GROUPS, "all"], default="core")
     p.add_argument("--skip", action="append", default=[], choices=STEPS)
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
@@ -142,6 +156,8 @@ def main(argv=None) -> int:
            "MAX_JOBS": os.environ.get("MAX_JOBS", str(os.cpu_count() or 4))}
     py = sys.executable
     bench = [py, "benchmarks/bench_lstm.py", "--device", "cuda", "--min-run-time", "0.2"]
+    # The variants' timings: half the time each, as many of them as fit one call.
+    variant = [py, "benchmarks/bench_lstm.py", "--device", "cuda", "--min-run-time", "0.1", "--preset", "targets"]
     plan = [
         ("build", [py, "-c", "import birnn_ext"], 300),
         ("pytest", [py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"], 300),
@@ -155,21 +171,24 @@ def main(argv=None) -> int:
                                  "cuda", "-p", "no:cacheprovider", *SANITIZED], 240))
     plan += [
         ("bench-targets", bench + ["--preset", "targets", "--name", "targets-cuda"], 300),
-        ("bench-bwd-off", bench + ["--preset", "targets", "--name", "targets-cuda-sweep-bwd-off"], 300),
+        ("bench-bwd-off", variant + ["--name", "targets-cuda-sweep-bwd-off"], 300),
         ("bench-grid", bench + ["--preset", "gpu-grid", "--name", "gpu-grid-cuda"], 300),
         # gpu-grid's g1, g2 and g5: the sizes where one block holds a direction's W_hh.
-        ("bench-block", bench + ["--case", "1,400,40,64,1", "--case", "8,100,28,64,2", "--case", "64,200,300,96,1",
-                                 "--name", "gpu-grid-cuda-sweep-block"], 300),
-        ("bench-cluster", bench + ["--preset", "targets", "--name", "targets-cuda-sweep-cluster"], 300),
-        ("bench-mma-tf32", bench + ["--preset", "targets", "--tf32", "--name", "targets-cuda-tf32-mma"], 300),
-        ("bench-mma-bf16", bench + ["--preset", "targets", "--autocast", "bf16", "--name",
-                                    "targets-cuda-bf16-mma"], 300),
+        ("bench-small-h", bench + [*SMALL_H, "--name", "gpu-grid-cuda-small-h"], 300),
+        ("bench-block", bench + [*SMALL_H, "--name", "gpu-grid-cuda-sweep-block"], 300),
+        ("bench-cluster", variant + ["--name", "targets-cuda-sweep-cluster"], 300),
+        ("bench-tf32", variant + ["--tf32", "--name", "targets-cuda-tf32"], 300),
+        ("bench-mma-tf32", variant + ["--tf32", "--name", "targets-cuda-tf32-mma"], 300),
+        ("bench-bf16", variant + ["--autocast", "bf16", "--name", "targets-cuda-bf16"], 300),
+        ("bench-mma-bf16", variant + ["--autocast", "bf16", "--name", "targets-cuda-bf16-mma"], 300),
         ("profile", [py, "benchmarks/profile_kernels.py"], 180),
         ("call-overhead", [py, "benchmarks/bench_call_overhead.py", "--device", "cuda"], 120),
     ]
+    wanted = STEPS if args.group == "all" else GROUPS[args.group]
+    plan.sort(key=lambda entry: wanted.index(entry[0]) if entry[0] in wanted else len(wanted))
     results = []
     for step, cmd, timeout in plan:
-        if step in args.skip:
+        if step in args.skip or step not in wanted:
             continue
         step_env = {"memcheck": dict(env, PYTORCH_NO_CUDA_MEMORY_CACHING="1"),
                     "bench-bwd-off": dict(env, BIRNN_EXT_CUDA_SWEEP_BWD="0"),
@@ -192,15 +211,19 @@ def main(argv=None) -> int:
     for step, title, csv_name in (("bench-targets", "targets preset", "targets-cuda"),
                                   ("bench-bwd-off", "targets preset, backward sweep off", "targets-cuda-sweep-bwd-off"),
                                   ("bench-grid", "gpu-grid preset", "gpu-grid-cuda"),
+                                  ("bench-small-h", "gpu-grid's g1, g2, g5", "gpu-grid-cuda-small-h"),
                                   ("bench-block", "gpu-grid's g1, g2, g5 with a block per direction",
                                    "gpu-grid-cuda-sweep-block"),
                                   ("bench-cluster", "targets preset, a cluster per direction",
                                    "targets-cuda-sweep-cluster"),
+                                  ("bench-tf32", "targets preset", "targets-cuda-tf32"),
                                   ("bench-mma-tf32", "targets preset, tensor-core sweeps", "targets-cuda-tf32-mma"),
+                                  ("bench-bf16", "targets preset", "targets-cuda-bf16"),
                                   ("bench-mma-bf16", "targets preset, tensor-core sweeps", "targets-cuda-bf16-mma")):
         lines = ratio_table(csv_name) if step in done else []  # never an earlier run's file
         if lines:
-            precision = {"bench-mma-tf32": "float32, TF32 on both sides",
+            precision = {"bench-tf32": "float32, TF32 on both sides", "bench-mma-tf32": "float32, TF32 on both sides",
+                         "bench-bf16": "autocast bf16 on both sides",
                          "bench-mma-bf16": "autocast bf16 on both sides"}.get(step, "float32, TF32 off on both sides")
             print(f"\nnn.LSTM time / fused time, {title} ({precision}):")
             print("\n".join(lines))

@@ -32,10 +32,11 @@ CPU_SOURCES = [
     "cpu/cell_rows.cpp", "cpu/buffer_pool.cpp", "cpu/small_gemm.cpp",
     "cpu/small_gemm_bf16.cpp", "cpu/cell_avx512.cpp",
 ]
-CUDA_SOURCES = ["cuda/lstm_kernels.cu", "cuda/sweep_kernels.cu", "cuda/lstm_cuda.cpp"]
+CUDA_SOURCES = ["cuda/lstm_kernels.cu", "cuda/sweep_fwd.cu", "cuda/sweep_bwd.cu", "cuda/launch_rules.cpp",
+                "cuda/lstm_cuda.cpp"]
 # The host-emulated build of the CUDA kernels (tests only): the device code of the .cu
 # files compiled by g++ against emu/cuda_emu.h, with a driver.
-EMU_SOURCES = ["cuda/lstm_kernels.cu", "cuda/sweep_kernels.cu", "emu/run_kernels.cpp"]
+EMU_SOURCES = ["cuda/lstm_kernels.cu", "cuda/sweep_fwd.cu", "cuda/sweep_bwd.cu", "emu/run_kernels.cpp"]
 EMU_FLAGS = ["-std=c++17", "-O1", "-g", "-Wall", "-DBIRNN_EMU",
              "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
 

@@ -1,4 +1,4 @@
-// Device helpers of the CUDA kernel files (lstm_kernels.cu, sweep_kernels.cu): the
+// Device helpers of the CUDA kernel files (lstm_kernels.cu, sweep_fwd.cu, sweep_bwd.cu): the
 // launch macros that let one source serve nvcc and the host emulator, the storage <->
 // math conversions, the step -> time map and one element's forward cell. Torch-free.
 #pragma once

@@ -1,19 +1,18 @@
 // CUDA implementations of the layer and cell ops: argument checks, allocation, cuBLAS
 // on ATen's handle and the current stream, and the kernel launchers of lstm_kernels.cu
-// and sweep_kernels.cu. A layer is one GEMM for the input projection of every step and
-// direction, then the recurrence: one persistent sweep launch where use_sweep() says so
-// and the device holds it, else per step one batched GEMM covering both directions and
-// one pointwise launch covering both directions.
+// and the sweeps (sweep_kernels.h). A layer is one GEMM for the input projection of every
+// step and direction, then the recurrence: one persistent sweep launch where the launch
+// rules (launch_rules.cpp) say so, else per step one batched GEMM covering both
+// directions and one pointwise launch covering both directions.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cublas_v2.h>
-#include <cstdlib>
-#include <string>
 #include <torch/library.h>
 
 #include "../layer_checks.h"
+#include "launch_rules.h"
 #include "lstm_kernels.h"
 #include "sweep_kernels.h"
 
@@ -102,95 +101,6 @@ math_t<typename Storage<S>::type>* math_ptr(const at::Tensor& t) {
   return t.numel() ? t.data_ptr<math_t<typename Storage<S>::type>>() : nullptr;
 }
 
-// Whether a layer's forward runs as one sweep launch (cuda::SweepFwd, where it also
-// fits the device) rather than a GEMM and a launch per step. The sweep wins while a
-// step's work is small. Inference on an H100, two runs of benchmarks/bench_lstm.py with
-// BIRNN_EXT_CUDA_SWEEP=0 and without (the second: benchmarks/results/cuda-sweep-*.csv):
-// 1.15-2.3x faster in both at B 1 to 100 with H 128, B 8 and 16 with H 512, and B 32
-// with H 256 (B H^2 from 2^14 to 2^22); mixed at B 64 with H 256 (2^22: 1.16x faster,
-// then 1.22x slower) and B 32 with H 512 (2^23: 1.08x faster, then 1.38x slower); 2.7x
-// slower at B 256 with H 256 (2^24), where each block's share of a step outgrows what
-// its 256 threads turn around quickly. BIRNN_EXT_CUDA_SWEEP=0 turns it off (read once,
-// at first use).
-//
-// The backward sweep follows the same rule for now: it does per step the same products
-// (dg W_hh instead of h W_hh^T, the same count) on the same cut of the units, but has not
-// yet been timed against the per-step GEMMs on a GPU. BIRNN_EXT_CUDA_SWEEP_BWD=0 turns
-// the backward sweep alone off, so that one `make gpu-check` times both ways.
-// Whether the environment sets `name` to `value` (the switches below are read once).
-bool env_is(const char* name, const char* value) {
-  const char* v = std::getenv(name);
-  return v && std::string(v) == value;
-}
-
-bool use_sweep(int64_t B, int64_t H, bool backward) {
-  static const bool fwd_on = !env_is("BIRNN_EXT_CUDA_SWEEP", "0");
-  static const bool bwd_on = fwd_on && !env_is("BIRNN_EXT_CUDA_SWEEP_BWD", "0");
-  return (backward ? bwd_on : fwd_on) && B * H * H < (int64_t(1) << 23);
-}
-
-// Whether a sweep's step products run on the tensor cores, as nn.LSTM's do: the mma K
-// (cuda::SweepPlan::mma_k) for float16 and bfloat16, for float32 where
-// torch.backends.cudnn.allow_tf32 is on (TF32), on sm_80 and later; else 0, the CUDA
-// cores (float64 always). BIRNN_EXT_CUDA_MMA=1 turns them on: off by default until a GPU
-// has run them. The emulator checks their fragment layout against its own reference of
-// the PTX ISA's (csrc/emu/cuda_emu.h); make gpu-check runs the GPU tests and times the
-// targets preset with them on.
-template <typename T>
-int64_t sweep_mma_k() {
-  static const bool on = env_is("BIRNN_EXT_CUDA_MMA", "1");
-  if (!on || at::cuda::getCurrentDeviceProperties()->major < 8) return 0;
-  if constexpr (std::is_same_v<T, double>) {
-    return 0;
-  } else if constexpr (std::is_same_v<T, float>) {
-    return at::globalContext().allowTF32CuDNN() ? 8 : 0;
-  } else {
-    return 16;
-  }
-}
-
-// The plan of a sweep on the current device, if it fits there: the units spread over as
-// many blocks as the device holds at once, with the grid barrier between steps. With
-// BIRNN_EXT_CUDA_SWEEP_BLOCK=1, one block per direction instead wherever its share of
-// W_hh fits one block's shared memory (H up to about 100 in float32): no grid barrier
-// (about 1.1 us a step on an H200) and a plain launch, against a fraction of the SMs'
-// arithmetic. Off by default until a GPU has timed it (make gpu-check times the gpu-grid
-// preset both ways).
-template <typename T>
-bool device_sweep_plan(bool backward, bool training, int64_t H, int64_t B, int64_t D, cuda::SweepPlan* plan) {
-  static const bool block = env_is("BIRNN_EXT_CUDA_SWEEP_BLOCK", "1");
-  const int64_t mma_k = sweep_mma_k<T>();
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const int sms = prop->multiProcessorCount;
-  const int64_t shared = int64_t(prop->sharedMemPerBlockOptin);
-  auto fits = [&] {
-    return backward ? cuda::sweep_bwd_fits<T>(*plan, sms) : cuda::sweep_fwd_fits<T>(*plan, training, sms);
-  };
-  if (block && cuda::choose_block_sweep_plan(backward, H, B, D, sizeof(T), sizeof(math_t<T>), mma_k, shared, plan) &&
-      fits())
-    return true;
-  return cuda::choose_sweep_plan(backward, H, B, D, sizeof(T), sizeof(math_t<T>), mma_k, sms, shared, plan) && fits();
-}
-
-// The sweeps with a thread-block cluster per direction (sm_90 and later), with
-// BIRNN_EXT_CUDA_SWEEP_CLUSTER=1: the blocks of a direction exchange h (dg backward)
-// through their shared memories and meet at the cluster barrier (0.31-0.40 us a step with
-// a read of another block's shared memory, against the grid barrier's 1.1-1.2, on an
-// H200), in clusters of 16 blocks where the device allows that size, else 8. Off by
-// default until a GPU has timed them against the grid sweeps.
-template <typename T>
-bool device_cluster_plan(bool backward, bool training, int64_t H, int64_t B, int64_t D, cuda::SweepPlan* plan) {
-  static const bool on = env_is("BIRNN_EXT_CUDA_SWEEP_CLUSTER", "1");
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  if (!on || prop->major < 9) return false;
-  for (int64_t cluster : {16, 8})
-    if (cuda::choose_cluster_sweep_plan(backward, H, B, D, sizeof(T), sizeof(math_t<T>), sweep_mma_k<T>(), cluster,
-                                        int64_t(prop->sharedMemPerBlockOptin), plan) &&
-        (backward ? cuda::sweep_bwd_cluster_fits<T>(*plan, D) : cuda::sweep_fwd_cluster_fits<T>(*plan, training, D)))
-      return true;
-  return false;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cuda(
     const at::Tensor& x_, const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& h0,
     const std::optional<at::Tensor>& c0, const at::Tensor& w_ih_, const at::Tensor& w_hh_,
@@ -229,11 +139,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     }
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     const int64_t* lp = len.defined() ? len.data_ptr<int64_t>() : nullptr;
-    cuda::SweepPlan plan;
-    bool cluster = false;
-    if (!proj && use_sweep(B, H, /*backward=*/false) &&
-        ((cluster = device_cluster_plan<T>(false, training, H, B, D, &plan)) ||
-         device_sweep_plan<T>(false, training, H, B, D, &plan))) {
+    const rules::Recurrence how = rules::recurrence<T>(/*backward=*/false, training, B, H, D, proj);
+    if (how.sweep) {
       // Each direction's weights where they lie (no stacked copy per call): the input
       // projection as one GEMM per direction into its columns of xg, [T*B, I] x [4H, I]^T.
       const Weights w_ih = contiguous(wts.w_ih, D), w_hh = contiguous(wts.w_hh, D);
@@ -247,12 +154,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       h = at::empty({D, B, H}, opt);
       at::Tensor hs = at::empty({T_ > 1 ? 2 : 0, D, B, H}, opt);
       auto dir = [&](const Weights& w, int64_t d) { return d < D && w[d].defined() ? ptr<S>(w[d]) : nullptr; };
-      cuda::SweepFwd<T> sw{T_, B, H, D, 0, T_, plan, lp, {dir(w_hh, 0), dir(w_hh, 1)}, {dir(b_ih, 0), dir(b_ih, 1)},
+      cuda::SweepFwd<T> sw{T_, B, H, D, 0, T_, how.plan, lp, {dir(w_hh, 0), dir(w_hh, 1)}, {dir(b_ih, 0), dir(b_ih, 1)},
                            {dir(b_hh, 0), dir(b_hh, 1)}, ptr<S>(xg), math_ptr<S>(c), ptr<S>(h0c), ptr<S>(hs),
                            ptr<S>(h), ptr<S>(y), training ? math_ptr<S>(c_prev) : nullptr,
                            training ? ptr<S>(h_prev) : nullptr};
-      C10_CUDA_CHECK(cluster ? cuda::launch_sweep_fwd_cluster(sw, stream)
-                             : cuda::launch_sweep_fwd(sw, /*cooperative=*/plan.blocks > D, stream));
+      C10_CUDA_CHECK(how.cluster ? cuda::launch_sweep_fwd_cluster(sw, stream)
+                                 : cuda::launch_sweep_fwd(sw, how.cooperative, stream));
       return;
     }
     // The per-step path takes each weight with its directions stacked [D, ...]: one
@@ -327,20 +234,17 @@ lstm_layer_backward_cuda(const std::optional<at::Tensor>& grad_y, const std::opt
       at::Tensor dh_proj_saved = at::empty({D, proj ? rows : 0, P}, opt);
       const int64_t* lp = len.defined() ? len.data_ptr<int64_t>() : nullptr;
       const T* dyp = dy.defined() ? ptr<S>(dy) : nullptr;
-      cuda::SweepPlan plan;
-      bool cluster = false;
-      const bool sweep = !proj && use_sweep(B, H, /*backward=*/true) &&
-                         ((cluster = device_cluster_plan<T>(true, true, H, B, D, &plan)) ||
-                          device_sweep_plan<T>(true, true, H, B, D, &plan));
+      const rules::Recurrence how = rules::recurrence<T>(/*backward=*/true, /*training=*/true, B, H, D, proj);
+      const bool sweep = how.sweep;
       if (sweep) {
         // Each direction's W_hh where it lies: no stacked copy per call.
         const Weights w = contiguous(wts.w_hh, D);
         at::Tensor dgs = at::empty({2, D, B, G}, opt);  // phase q reads dgs[q % 2], writes dgs[(q + 1) % 2]
-        cuda::SweepBwd<T> sw{T_, B, H, D, 0, T_ + 1, plan, lp, {ptr<S>(w[0]), D > 1 ? ptr<S>(w[1]) : nullptr},
+        cuda::SweepBwd<T> sw{T_, B, H, D, 0, T_ + 1, how.plan, lp, {ptr<S>(w[0]), D > 1 ? ptr<S>(w[1]) : nullptr},
                              ptr<S>(gates), math_ptr<S>(c_prev), dyp, math_ptr<S>(dh), math_ptr<S>(dc), ptr<S>(dg),
                              ptr<S>(dgs)};
-        C10_CUDA_CHECK(cluster ? cuda::launch_sweep_bwd_cluster(sw, stream)
-                               : cuda::launch_sweep_bwd(sw, /*cooperative=*/plan.blocks > D, stream));
+        C10_CUDA_CHECK(how.cluster ? cuda::launch_sweep_bwd_cluster(sw, stream)
+                                   : cuda::launch_sweep_bwd(sw, how.cooperative, stream));
       }
       // The per-step path: W_hh (and W_hr) with the directions stacked, for the batched GEMMs.
       const at::Tensor w_hh = sweep ? at::Tensor() : at::stack(wts.of(wts.w_hh));

@@ -1,5 +1,5 @@
 // The per-step CUDA kernels of the layer and cell ops, and their launchers (the
-// persistent sweeps are sweep_kernels.cu). Torch-free: compiled by nvcc for the GPU, and
+// persistent sweeps are sweep_fwd.cu and sweep_bwd.cu). Torch-free: compiled by nvcc for the GPU, and
 // by g++ with csrc/emu/cuda_emu.h to run the same device code on the host in the tests.
 // Every launch goes through BIRNN_LAUNCH for that reason.
 //

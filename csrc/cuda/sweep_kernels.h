@@ -1,4 +1,4 @@
-// Torch-free interface of the persistent sweeps (sweep_kernels.cu): a layer's whole
+// Torch-free interface of the persistent sweeps (sweep_fwd.cu, sweep_bwd.cu): a layer's whole
 // recurrence, forward or backward, both directions, in one launch. Serves the torch glue
 // (lstm_cuda.cpp) and the host emulator (csrc/emu/), as lstm_kernels.h does.
 //

@@ -1,0 +1,243 @@
+// What the persistent sweeps (sweep_fwd.cu, sweep_bwd.cu) share: staging a tile of the
+// row the others wrote, the step products on the CUDA cores or the tensor cores, the step
+// barrier, and the launches (grid, cooperative, cluster) with their fit tests.
+// sweep_kernels.h says how the work is cut. Torch-free, launched through BIRNN_LAUNCH like
+// lstm_kernels.cu, so the host emulator runs the same device code.
+#pragma once
+
+#include <type_traits>
+
+#include "kernel_common.cuh"
+#include "mma.cuh"
+#include "sweep_kernels.h"
+
+namespace birnn::cuda::sweep {
+
+// Copies rows [b0, b0 + nb) of a [B][W] matrix that other blocks wrote before the last
+// barrier into the first W columns of dst ([rows][stride] in shared memory), rows past nb
+// as zeros, so that the products can take batch rows four (eight) at a time. Eight loads
+// in flight per thread before their stores: one at a time, each waits out a trip to L2.
+template <typename T>
+__device__ __forceinline__ void stage_tile(const T* src, int nb, int rows, int W, int stride, T* dst) {
+  const int tid = threadIdx.x, nt = blockDim.x, n = rows * W;
+  for (int i0 = tid; i0 < n; i0 += 8 * nt) {
+    T v[8];
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      const int i = i0 + q * nt;
+      v[q] = i < n && i / W < nb ? load_coherent(src + i) : from_math<T>(math_t<T>(0));
+    }
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      const int i = i0 + q * nt;
+      if (i < n) dst[(i / W) * stride + i % W] = v[q];
+    }
+  }
+}
+
+// part[(bb * R + r) * L + l] = lane l's share of sum_k w[r][k] tile[bb][k], k = l, l + L, ...
+// for the tile's nb rows and the block's R weight rows (w: [R][stride], tile:
+// [4 * quads][stride], both in shared memory) on the CUDA cores. Each thread takes 4 x 2
+// of them at a time: tile rows 4 bq .. 4 bq + 3 against weight rows rp and rp + R/2 (item
+// order: rp fastest).
+template <typename T>
+__device__ __forceinline__ void tile_products(const T* w, const T* tile, int R, int W, int stride, int L, int nb,
+                                              int quads, math_t<T>* part) {
+  using A = math_t<T>;
+  const int half = R / 2;
+  for (int t = threadIdx.x; t < half * L * quads; t += blockDim.x) {
+    const int rp = t % half, l = (t / half) % L, bq = t / (half * L);
+    const T* w0 = w + rp * stride;
+    const T* w1 = w0 + half * stride;
+    const T* tq = tile + 4 * bq * stride;
+    A acc[4][2] = {};
+#pragma unroll 2
+    for (int k = l; k < W; k += L) {
+      const A a0 = to_math(w0[k]), a1 = to_math(w1[k]);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const A v = to_math(tq[q * stride + k]);
+        acc[q][0] += a0 * v;
+        acc[q][1] += a1 * v;
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int bb = 4 * bq + q;
+      if (bb < nb) {
+        part[(bb * R + rp) * L + l] = acc[q][0];
+        part[(bb * R + rp + half) * L + l] = acc[q][1];
+      }
+    }
+  }
+}
+
+// The same products on the tensor cores (sm_80 and later): part[(bb * R + r) * L + l] =
+// slice l's share of sum_k w[r][k] tile[bb][k], slice l the columns [l kdim / L,
+// (l + 1) kdim / L), for the tile's nb rows and the block's R weight rows (a multiple of
+// 16; the tile's rows staged to a multiple of 8, the columns up to kdim zeros past the
+// row's end). A warp's work item: 16 weight rows (mma's A, row-major) x 8 batch rows
+// (B's columns) over one slice, accumulated in float.
+template <typename T>
+__device__ __forceinline__ void mma_products(const T* w, const T* tile, int R, int stride, int kdim, int L, int nb,
+                                             float* part) {
+  constexpr mma::Kind K = mma::KindOf<T>::value;
+  const int warp = int(threadIdx.x / 32), warps = int(blockDim.x / 32);
+  const int row_tiles = R / 16, octs = (nb + 7) / 8, slice = kdim / L;
+  for (int item = warp; item < row_tiles * L * octs; item += warps) {  // the same for the whole warp
+    const int rt = item % row_tiles, l = item / row_tiles % L, oc = item / (row_tiles * L);
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    mma::warp_tile_product<K>(acc, w + rt * 16 * stride + l * slice, stride, tile + oc * 8 * stride + l * slice,
+                              stride, slice);
+    mma::store_c(acc, part + (oc * 8 * R + rt * 16) * L + l, L, R * L, nb - 8 * oc);
+  }
+}
+
+// The barrier between two steps of a sweep. Where a direction is one block (per_dir ==
+// 1), it exchanges its h (or dg) with itself alone, and the __syncthreads that ends
+// every batch tile already orders the step's global writes before the next step's reads
+// (a block barrier makes its threads' global writes visible to the block). Otherwise
+// every block of the grid must have written its units first: the grid barrier, which
+// needs the cooperative launch.
+__device__ __forceinline__ void step_barrier(int per_dir) {
+  if (per_dir > 1) BIRNN_GRID_SYNC();
+}
+
+// The batch rows a tile of nb rows stages: whole quads for the SIMT products, whole
+// octets (one mma's N) for the tensor cores'.
+template <bool Mma>
+__device__ __forceinline__ int staged_rows(int nb) {
+  return Mma ? (nb + 7) / 8 * 8 : (nb + 3) / 4 * 4;
+}
+
+// The sum of one dot product's lanes, in a fixed order.
+template <typename A>
+__device__ __forceinline__ A lane_sum(const A* lanes, int L) {
+  A s = A(0);
+  for (int l = 0; l < L; ++l) s += lanes[l];
+  return s;
+}
+
+// Rows [b0, b0 + nb) of the whole row of the step before into the first W columns of dst
+// ([rows][stride], rows past nb zeros), read from the cluster's blocks (distributed shared memory): each
+// block keeps, for every batch row, its `per_block` entries of the row (gates x U units
+// backward, U units forward) in own ([B][per_block], at the same address in each block).
+// Entry k of the row is gate k / H, unit k % H, which is block (k % H) / U's.
+template <typename T>
+__device__ __forceinline__ void stage_from_cluster(const T* own, int64_t b0, int nb, int rows, int W, int stride,
+                                                   int H, int U, int per_block, T* dst) {
+  const int n = rows * W;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const int bb = i / W, k = i % W, g = k / H, j = k % H;
+    T v = from_math<T>(math_t<T>(0));
+    if (bb < nb) v = BIRNN_MAP_SHARED(own, unsigned(j / U))[(b0 + bb) * per_block + g * U + j % U];
+    dst[bb * stride + k] = v;
+  }
+}
+
+// Whether storage type T has tensor-core products (float64 has no mma of its own).
+template <typename T>
+constexpr bool kHasMma = !std::is_same_v<T, double>;
+
+// Launches the plan's blocks of kSweepThreads: all at once with a grid barrier available
+// (cooperative, GPU only), or as a plain launch: of one step, or of any number where
+// each direction is one block (its step barrier is the block's own).
+template <typename P>
+cudaError_t launch_sweep(void (*kernel)(P), const P& p, int64_t steps, bool cooperative, cudaStream_t stream) {
+  if (!kernel) return cudaErrorNotSupported;
+  const int64_t blocks = p.D * ((p.H + p.plan.units - 1) / p.plan.units);
+  const size_t shared_bytes = size_t(p.plan.shared_bytes);
+#if !defined(BIRNN_EMU)
+  if (cooperative) {
+    void* args[] = {const_cast<P*>(&p)};
+    return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(unsigned(blocks)),
+                                       dim3(unsigned(kSweepThreads)), args, shared_bytes, stream);
+  }
+#else
+  if (cooperative) return cudaErrorNotSupported;
+#endif
+  if (steps != 1 && blocks != p.D) return cudaErrorNotSupported;  // the steps need the grid barrier
+  BIRNN_LAUNCH(kernel, dim3(unsigned(blocks)), dim3(unsigned(kSweepThreads)), shared_bytes, stream, p);
+  return BIRNN_LAUNCH_ERROR();
+}
+
+#if !defined(BIRNN_EMU)
+template <typename P>
+bool fits(void (*kernel)(P), const SweepPlan& plan, int multiprocessors) {
+  if (!kernel) return false;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.shared_bytes)) != cudaSuccess) {
+    (void)cudaGetLastError();  // a size over the device's limit: no sweep, and no error left behind
+    return false;
+  }
+  int per_sm = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, int(kSweepThreads), size_t(plan.shared_bytes)) !=
+      cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return int64_t(per_sm) * multiprocessors >= plan.blocks;
+}
+#endif
+
+
+// A cluster of ceil(H / units) blocks per direction along x, a direction each.
+template <typename P>
+cudaError_t launch_clusters(void (*kernel)(P), const P& p, cudaStream_t stream) {
+  if (!kernel) return cudaErrorNotSupported;
+  const int64_t per_dir = (p.H + p.plan.units - 1) / p.plan.units;
+  const size_t shared_bytes = size_t(p.plan.shared_bytes);
+#if !defined(BIRNN_EMU)
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(unsigned(p.D * per_dir));
+  cfg.blockDim = dim3(unsigned(kSweepThreads));
+  cfg.dynamicSmemBytes = shared_bytes;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = unsigned(per_dir);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, p);
+#else
+  BIRNN_LAUNCH_CLUSTER(kernel, dim3(unsigned(p.D * per_dir)), dim3(unsigned(kSweepThreads)), unsigned(per_dir),
+                       shared_bytes, stream, p);
+  return BIRNN_LAUNCH_ERROR();
+#endif
+}
+
+#if !defined(BIRNN_EMU)
+// Whether the device runs a cluster of the plan (its size allowed; the directions'
+// clusters do not wait for each other, so one at a time will do).
+template <typename P>
+bool cluster_fits(void (*kernel)(P), const SweepPlan& plan, int64_t D) {
+  if (!kernel) return false;
+  const int64_t per_dir = plan.blocks / D;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.shared_bytes)) !=
+          cudaSuccess ||
+      (per_dir > 8 && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(unsigned(plan.blocks));
+  cfg.blockDim = dim3(unsigned(kSweepThreads));
+  cfg.dynamicSmemBytes = size_t(plan.shared_bytes);
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = unsigned(per_dir);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return clusters >= 1;
+}
+#endif
+
+}  // namespace birnn::cuda::sweep

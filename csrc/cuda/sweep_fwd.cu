@@ -1,0 +1,161 @@
+// The forward sweep of a layer: its whole recurrence, both directions, in one launch
+// (sweep_kernels.h says how the work is cut; sweep_common.cuh holds what it shares with
+// the backward sweep).
+#include "sweep_common.cuh"
+
+namespace birnn::cuda {
+namespace {
+
+using namespace sweep;
+
+// The forward sweep. Cluster = false: the grid sweep, h passed between the steps through
+// global memory (hs), the grid barrier between them (or none where a block holds a
+// direction). Cluster = true (sm_90): a thread-block cluster per direction; each block
+// keeps its units' h of the last two steps in its shared memory (own, [2][B][U]), where
+// the others read it, and the cluster barrier ends each step, the last one included: no
+// block may leave while another still reads its shared memory. Mma: the step's products
+// on the tensor cores (mma_products), else on the CUDA cores (tile_products).
+template <typename T, bool Training, bool Cluster, bool Mma>
+__global__ void sweep_fwd_kernel(const SweepFwd<T> p) {
+  using A = math_t<T>;
+  const SweepPlan& pl = p.plan;
+  // Shared-memory indices fit in int; global offsets stay int64_t.
+  const int H = int(p.H), U = int(pl.units), R = int(pl.rows), L = int(pl.lanes), stride = int(pl.stride);
+  const int64_t G = 4 * p.H, B = p.B, D = p.D;
+  const int per_dir = (H + U - 1) / U;
+  const int64_t d = blockIdx.x / per_dir;
+  const int j0 = (blockIdx.x % per_dir) * U;  // the block's rank in its cluster, times U
+  const int nu = H - j0 < U ? H - j0 : U;     // this block's units: fewer in a direction's last block
+  const int tid = threadIdx.x, nt = blockDim.x;
+  BIRNN_DYNAMIC_SHARED(unsigned char, smem);
+  T* w_s = reinterpret_cast<T*>(smem);                    // [R][stride]: row g*U + u is W_hh row g*H + j0 + u
+  T* h_s = reinterpret_cast<T*>(smem + pl.tile_offset);  // [tile_rows][stride]: h of the tile's rows
+  A* part = reinterpret_cast<A*>(smem + pl.part_offset);  // [batch_tile * R][L] partial dot products
+  T* own = reinterpret_cast<T*>(smem + pl.own_offset);   // Cluster: [2][B][U]
+  // Zeros past the rows of the block's units and past the row's end: the products read
+  // whole mma tiles (the staged tile's first H columns are written each step, the rest
+  // stays zeros).
+  const T zero = from_math<T>(A(0));
+  for (int i = tid; i < R * stride; i += nt) {
+    const int r = i / stride, k = i % stride, g = r / U, u = r % U;
+    w_s[i] = r < 4 * U && u < nu && k < H ? p.w_hh[d][(g * H + j0 + u) * H + k] : zero;
+  }
+  for (int i = tid; i < int(pl.tile_rows) * (stride - H); i += nt) h_s[i / (stride - H) * stride + H + i % (stride - H)] = zero;
+  for (int64_t s = p.s_begin; s < p.s_end; ++s) {
+    const T* h_cur = s == 0 ? p.h0 + d * B * H : p.h + ((s & 1) * D + d) * B * H;
+    T* h_next = s == p.T_ - 1 ? p.h_n + d * B * H : p.h + (((s + 1) & 1) * D + d) * B * H;
+    T* own_next = own + ((s + 1) & 1) * B * U;
+    for (int64_t b0 = 0; b0 < B; b0 += pl.batch_tile) {
+      const int nb = int(B - b0 < pl.batch_tile ? B - b0 : pl.batch_tile), staged = staged_rows<Mma>(nb);
+      if (Cluster && s > 0) {
+        stage_from_cluster(own + (s & 1) * B * U, b0, nb, staged, H, stride, H, U, U, h_s);
+      } else {
+        stage_tile(h_cur + b0 * H, nb, staged, H, stride, h_s);
+      }
+      __syncthreads();
+      if constexpr (Mma) {
+        mma_products(w_s, h_s, R, stride, int(pl.kdim), L, nb, part);
+      } else {
+        tile_products(w_s, h_s, R, H, stride, L, nb, staged / 4, part);
+      }
+#if !defined(BIRNN_BREAK_SWEEP_BARRIER)
+      __syncthreads();
+#endif
+      for (int t = tid; t < nb * nu; t += nt) {
+        const int bb = t / nu, u = t % nu, j = j0 + u;
+        const int64_t b = b0 + bb;
+        const int64_t len = p.len ? p.len[b] : p.T_;
+        const int64_t row = step_time(d, s, len) * B + b;
+        const int64_t state = d * B + b;
+        const T h_old = h_s[bb * stride + j];
+        if (p.c_prev) p.c_prev[row * D * H + d * H + j] = p.c[state * H + j];
+        if (p.h_prev) p.h_prev[(d * p.T_ * B + row) * H + j] = h_old;
+        T* y = p.y + row * D * H + d * H;
+        T h_new = h_old;  // padding: zero output, state carried unchanged
+        if (s >= len) {
+          y[j] = from_math<T>(A(0));
+        } else {
+          A sums[4], bias[4] = {};
+          for (int g = 0; g < 4; ++g) sums[g] = lane_sum(part + (bb * R + g * U + u) * L, L);
+          // b_ih + b_hh rounded to the storage type, as a sum of the two tensors would be.
+          if (p.b_ih[d])
+            for (int g = 0; g < 4; ++g)
+              bias[g] = to_math(from_math<T>(to_math(p.b_ih[d][g * H + j]) + to_math(p.b_hh[d][g * H + j])));
+          h_new = from_math<T>(
+              cell_forward<T, Training>(p.xg + row * D * G + d * G, sums, bias, p.c[state * H + j], H, j));
+          y[j] = h_new;
+        }
+        if (Cluster) {
+          own_next[b * U + u] = h_new;
+          if (s == p.T_ - 1) h_next[b * H + j] = h_new;
+        } else {
+          h_next[b * H + j] = h_new;
+        }
+      }
+      __syncthreads();  // the next tile overwrites h_s and part
+    }
+    if (Cluster) {
+#if !defined(BIRNN_BREAK_CLUSTER_BARRIER)
+      BIRNN_CLUSTER_SYNC();
+#endif
+    } else if (s + 1 < p.s_end) {
+      step_barrier(per_dir);
+    }
+  }
+}
+
+// The kernel that runs a plan: tensor-core products where the plan has them, the variant
+// that saves what the backward needs where training; nullptr for a plan no kernel runs.
+template <typename T, bool Cluster>
+auto fwd_kernel(const SweepPlan& plan, bool training) -> void (*)(SweepFwd<T>) {
+  if constexpr (kHasMma<T>) {
+    if (plan.mma_k == mma::Traits<mma::KindOf<T>::value>::kK)
+      return training ? sweep_fwd_kernel<T, true, Cluster, true> : sweep_fwd_kernel<T, false, Cluster, true>;
+  }
+  if (plan.mma_k) return nullptr;
+  return training ? sweep_fwd_kernel<T, true, Cluster, false> : sweep_fwd_kernel<T, false, Cluster, false>;
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t launch_sweep_fwd(const SweepFwd<T>& p, bool cooperative, cudaStream_t stream) {
+  if (p.B == 0 || p.s_begin >= p.s_end) return cudaSuccess;
+  return launch_sweep(fwd_kernel<T, false>(p.plan, p.c_prev != nullptr), p, p.s_end - p.s_begin, cooperative, stream);
+}
+
+template <typename T>
+cudaError_t launch_sweep_fwd_cluster(const SweepFwd<T>& p, cudaStream_t stream) {
+  if (p.B == 0 || p.s_begin >= p.s_end) return cudaSuccess;
+  return launch_clusters(fwd_kernel<T, true>(p.plan, p.c_prev != nullptr), p, stream);
+}
+
+#if !defined(BIRNN_EMU)
+template <typename T>
+bool sweep_fwd_fits(const SweepPlan& plan, bool training, int multiprocessors) {
+  return fits(fwd_kernel<T, false>(plan, training), plan, multiprocessors);
+}
+
+template <typename T>
+bool sweep_fwd_cluster_fits(const SweepPlan& plan, bool training, int64_t D) {
+  return cluster_fits(fwd_kernel<T, true>(plan, training), plan, D);
+}
+#define BIRNN_INSTANTIATE_FITS(T)                                 \
+  template bool sweep_fwd_fits<T>(const SweepPlan&, bool, int); \
+  template bool sweep_fwd_cluster_fits<T>(const SweepPlan&, bool, int64_t);
+#else
+#define BIRNN_INSTANTIATE_FITS(T)
+#endif
+
+#define BIRNN_INSTANTIATE(T)                                                          \
+  template cudaError_t launch_sweep_fwd<T>(const SweepFwd<T>&, bool, cudaStream_t); \
+  template cudaError_t launch_sweep_fwd_cluster<T>(const SweepFwd<T>&, cudaStream_t); \
+  BIRNN_INSTANTIATE_FITS(T)
+BIRNN_INSTANTIATE(float)
+BIRNN_INSTANTIATE(double)
+BIRNN_INSTANTIATE(__half)
+BIRNN_INSTANTIATE(__nv_bfloat16)
+#undef BIRNN_INSTANTIATE
+#undef BIRNN_INSTANTIATE_FITS
+
+}  // namespace birnn::cuda
