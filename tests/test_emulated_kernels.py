@@ -312,6 +312,13 @@ def test_warp_shuffles(emulator):
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr[-2000:]
 
 
+def test_pointer_tables(emulator):
+    """The per-step path's operand tables (cuda::PointerTable): one launch writes every
+    pointer it carries into the device table, and no more; a table past its room is refused."""
+    proc = run_driver(emulator, "pointers")
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr[-2000:]
+
+
 def test_a_lane_that_skips_a_shuffle_is_caught(tmp_path):
     # One lane leaves out a step of the butterfly: its warp's lanes meet at different
     # collectives, which deadlocks or corrupts on a GPU; the emulator must say so.

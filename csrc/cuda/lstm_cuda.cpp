@@ -59,6 +59,17 @@ constexpr at::ScalarType math_scalar() {
 // switch, which ATen's matmuls follow, defaults to off). float16 and bfloat16 take the
 // tensor cores either way; float64 computes in float64.
 template <typename S>
+cublasComputeType_t compute_type() {
+  if constexpr (std::is_same_v<S, double>) return CUBLAS_COMPUTE_64F;
+  return std::is_same_v<S, float> && at::globalContext().allowTF32CuDNN() ? CUBLAS_COMPUTE_32F_FAST_TF32
+                                                                          : CUBLAS_COMPUTE_32F;
+}
+
+// The scaling factors in the compute type's precision.
+template <typename S>
+using Scale = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
+template <typename S>
 void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const void* A, int64_t lda, int64_t stride_a,
           const void* B, int64_t ldb, int64_t stride_b, double beta, void* C, cudaDataType_t c_type, int64_t ldc,
           int64_t stride_c, int64_t batch) {
@@ -66,22 +77,52 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const void* A, int6
   cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
   const cublasOperation_t op_a = ta ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
   constexpr cudaDataType_t ab = Storage<S>::id;
+  const Scale<S> one = 1, b = Scale<S>(beta);
   // A row-major matrix is its column-major transpose: swap the operands.
-  if constexpr (std::is_same_v<S, double>) {
-    const double one = 1, b = beta;
-    TORCH_CUDABLAS_CHECK(cublasGemmStridedBatchedEx(handle, op_b, op_a, N, M, K, &one, B, ab, ldb, stride_b, A, ab,
-                                                    lda, stride_a, &b, C, c_type, ldc, stride_c, batch,
-                                                    CUBLAS_COMPUTE_64F, CUBLAS_GEMM_DEFAULT));
-  } else {
-    const float one = 1, b = float(beta);
-    const cublasComputeType_t compute = std::is_same_v<S, float> && at::globalContext().allowTF32CuDNN()
-                                            ? CUBLAS_COMPUTE_32F_FAST_TF32
-                                            : CUBLAS_COMPUTE_32F;
-    TORCH_CUDABLAS_CHECK(cublasGemmStridedBatchedEx(handle, op_b, op_a, N, M, K, &one, B, ab, ldb, stride_b, A, ab,
-                                                    lda, stride_a, &b, C, c_type, ldc, stride_c, batch, compute,
-                                                    CUBLAS_GEMM_DEFAULT));
-  }
+  TORCH_CUDABLAS_CHECK(cublasGemmStridedBatchedEx(handle, op_b, op_a, N, M, K, &one, B, ab, ldb, stride_b, A, ab, lda,
+                                                  stride_a, &b, C, c_type, ldc, stride_c, batch, compute_type<S>(),
+                                                  CUBLAS_GEMM_DEFAULT));
 }
+
+// The same product for `batch` matrices given by device tables of pointers (DeviceTables):
+// the per-step path's products over the directions, each direction's weight where it lies.
+template <typename S>
+void gemm_tables(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const void* const* A, int64_t lda,
+                 const void* const* B, int64_t ldb, double beta, const void* const* C, cudaDataType_t c_type,
+                 int64_t ldc, int64_t batch) {
+  if (M == 0 || N == 0 || batch == 0) return;
+  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
+  const cublasOperation_t op_a = ta ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
+  constexpr cudaDataType_t ab = Storage<S>::id;
+  const Scale<S> one = 1, b = Scale<S>(beta);
+  TORCH_CUDABLAS_CHECK(cublasGemmBatchedEx(handle, op_b, op_a, N, M, K, &one, B, ab, ldb, A, ab, lda, &b,
+                                           const_cast<void* const*>(C), c_type, ldc, batch, compute_type<S>(),
+                                           CUBLAS_GEMM_DEFAULT));
+}
+
+// Per-direction operand tables on the device for gemm_tables: operand i's D pointers at
+// [i] (cuda::PointerTable: one launch writes them, no host-to-device copy).
+class DeviceTables {
+ public:
+  DeviceTables(std::initializer_list<std::array<const void*, 2>> operands, int64_t D, at::Device device,
+               cudaStream_t stream)
+      : D_(D) {
+    cuda::PointerTable t{};
+    for (const auto& op : operands)
+      for (int64_t d = 0; d < D; ++d) {
+        TORCH_INTERNAL_ASSERT(t.n < cuda::PointerTable::kMax, "DeviceTables: too many operands");
+        t.ptrs[t.n++] = op[d];
+      }
+    buf_ = at::empty({t.n}, at::TensorOptions().dtype(at::kLong).device(device));
+    C10_CUDA_CHECK(cuda::launch_pointer_table(t, table(0), stream));
+  }
+  const void* const* operator[](int64_t i) const { return table(i); }
+
+ private:
+  const void** table(int64_t i) const { return reinterpret_cast<const void**>(buf_.data_ptr<int64_t>()) + i * D_; }
+  at::Tensor buf_;
+  int64_t D_;
+};
 
 // One kind of weight per direction, contiguous (a copy only where a weight is not).
 using Weights = std::array<at::Tensor, 2>;
@@ -91,6 +132,13 @@ Weights contiguous(const std::array<at::Tensor, 2>& kind, int64_t D) {
     if (kind[d].defined()) w[d] = kind[d].contiguous();
   return w;
 }
+
+// Direction d's block of a contiguous [D, ...] tensor, and direction d's weight: entries
+// of the per-step path's pointer tables (nullptr where there is none).
+const void* block_of(const at::Tensor& t, int64_t d, int64_t D) {
+  return t.numel() && d < D ? static_cast<const char*>(t.data_ptr()) + d * (t.numel() / D) * t.element_size() : nullptr;
+}
+const void* weight_of(const Weights& w, int64_t d) { return w[d].defined() ? w[d].data_ptr() : nullptr; }
 
 template <typename S>
 typename Storage<S>::type* ptr(const at::Tensor& t) {
@@ -139,15 +187,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     }
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     const int64_t* lp = len.defined() ? len.data_ptr<int64_t>() : nullptr;
+    // Each direction's weights where they lie (no stacked copy per call): the input
+    // projection as one GEMM per direction into its columns of xg, [T*B, I] x [4H, I]^T.
+    const Weights w_ih = contiguous(wts.w_ih, D), w_hh = contiguous(wts.w_hh, D);
+    const Weights b_ih = contiguous(wts.b_ih, D), b_hh = contiguous(wts.b_hh, D);
+    for (int64_t d = 0; d < D; ++d)
+      gemm<S>(false, true, rows, G, I, ptr<S>(x), I, 0, ptr<S>(w_ih[d]), I, 0, 0.0, ptr<S>(xg) + d * G,
+              Storage<S>::id, D * G, 0, 1);
     const rules::Recurrence how = rules::recurrence<T>(/*backward=*/false, training, B, H, D, proj);
     if (how.sweep) {
-      // Each direction's weights where they lie (no stacked copy per call): the input
-      // projection as one GEMM per direction into its columns of xg, [T*B, I] x [4H, I]^T.
-      const Weights w_ih = contiguous(wts.w_ih, D), w_hh = contiguous(wts.w_hh, D);
-      const Weights b_ih = contiguous(wts.b_ih, D), b_hh = contiguous(wts.b_hh, D);
-      for (int64_t d = 0; d < D; ++d)
-        gemm<S>(false, true, rows, G, I, ptr<S>(x), I, 0, ptr<S>(w_ih[d]), I, 0, 0.0, ptr<S>(xg) + d * G,
-                Storage<S>::id, D * G, 0, 1);
       // The sweep reads h0 at its first step and writes h_n at its last; the steps between
       // pass h through hs: step s reads hs[s % 2] and writes hs[(s + 1) % 2].
       const at::Tensor h0c = h0 ? h0->contiguous() : at::zeros({D, B, H}, opt);
@@ -162,29 +210,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                  : cuda::launch_sweep_fwd(sw, how.cooperative, stream));
       return;
     }
-    // The per-step path takes each weight with its directions stacked [D, ...]: one
-    // batched GEMM per step covers both directions. A copy of the weights, made per call,
-    // small beside this path's per-step work (B H^2 large, or a projection).
-    const at::Tensor w_ih = at::stack(wts.of(wts.w_ih)), w_hh = at::stack(wts.of(wts.w_hh));
-    const at::Tensor w_hr = proj ? at::stack(wts.of(wts.w_hr)) : at::Tensor();
-    const at::Tensor bias = wts.bias() ? at::stack(wts.of(wts.b_ih)) + at::stack(wts.of(wts.b_hh)) : at::Tensor();
+    // The per-step path: one batched GEMM per step covers both directions, through
+    // tables of per-direction pointers (h, W_hh, rec; with a projection h_raw, W_hr,
+    // h_proj), so that each direction's weights are read where they lie.
+    const Weights w_hr = proj ? contiguous(wts.w_hr, D) : Weights{};
+    at::Tensor bias;  // [D,4H] b_ih + b_hh, rounded to the storage type as nn.LSTM's sum is
+    if (wts.bias()) {
+      bias = at::empty({D, G}, opt);
+      for (int64_t d = 0; d < D; ++d) {
+        at::Tensor out = bias[d];
+        at::add_out(out, b_ih[d], b_hh[d]);
+      }
+    }
     h = h_init();
-    // Input projection of every step and direction: [T*B, I] x [D*4H, I]^T.
-    gemm<S>(false, true, rows, D * G, I, ptr<S>(x), I, 0, ptr<S>(w_ih), I, 0, 0.0, ptr<S>(xg), Storage<S>::id, D * G,
-            0, 1);
     at::Tensor rec = at::empty({D, B, G}, mopt);
     at::Tensor h_raw = at::empty({D, proj ? B : 0, H}, opt), h_proj = at::empty({D, proj ? B : 0, P}, opt);
+    auto dir = [&](const at::Tensor& t) { return std::array<const void*, 2>{block_of(t, 0, D), block_of(t, 1, D)}; };
+    auto weight = [](const Weights& w) { return std::array<const void*, 2>{weight_of(w, 0), weight_of(w, 1)}; };
+    const DeviceTables tables({dir(h), weight(w_hh), dir(rec), dir(h_raw), weight(w_hr), dir(h_proj)}, D, x.device(),
+                              stream);
     for (int64_t s = 0; s < T_; ++s) {
       // rec[d] = h[d] W_hh[d]^T, both directions in one batched GEMM.
-      gemm<S>(false, true, B, G, P, ptr<S>(h), P, B * P, ptr<S>(w_hh), P, G * P, 0.0, math_ptr<S>(rec),
-              Storage<math_t<T> >::id, G, B * G, D);
+      gemm_tables<S>(false, true, B, G, P, tables[0], P, tables[1], P, 0.0, tables[2], Storage<math_t<T> >::id, G,
+                     D);
       cuda::FwdStep<T> f{T_, B, H, P, D, s, lp, math_ptr<S>(rec), bias.defined() ? ptr<S>(bias) : nullptr,
                          ptr<S>(xg), math_ptr<S>(c), ptr<S>(h), proj ? ptr<S>(h_raw) : nullptr, ptr<S>(y),
                          training ? math_ptr<S>(c_prev) : nullptr, training ? ptr<S>(h_prev) : nullptr};
       C10_CUDA_CHECK(cuda::launch_fwd_step(f, stream));
       if (proj) {
-        gemm<S>(false, true, B, P, H, ptr<S>(h_raw), H, B * H, ptr<S>(w_hr), H, P * H, 0.0, ptr<S>(h_proj),
-                Storage<S>::id, P, B * P, D);
+        gemm_tables<S>(false, true, B, P, H, tables[3], H, tables[4], H, 0.0, tables[5], Storage<S>::id, P, D);
         cuda::ProjOut<T> po{T_, B, H, P, D, s, lp, ptr<S>(h_proj), ptr<S>(h_raw), ptr<S>(h), ptr<S>(y),
                             training ? ptr<S>(h_raw_saved) : nullptr};
         C10_CUDA_CHECK(cuda::launch_proj_out(po, stream));
@@ -246,23 +300,34 @@ lstm_layer_backward_cuda(const std::optional<at::Tensor>& grad_y, const std::opt
         C10_CUDA_CHECK(how.cluster ? cuda::launch_sweep_bwd_cluster(sw, stream)
                                    : cuda::launch_sweep_bwd(sw, how.cooperative, stream));
       }
-      // The per-step path: W_hh (and W_hr) with the directions stacked, for the batched GEMMs.
-      const at::Tensor w_hh = sweep ? at::Tensor() : at::stack(wts.of(wts.w_hh));
-      const at::Tensor w_hr = proj ? at::stack(wts.of(wts.w_hr)) : at::Tensor();
+      // The per-step path: one batched GEMM per step covers both directions, through tables
+      // of per-direction pointers (dg_step, W_hh, dh; with a projection dh_proj, W_hr,
+      // dh_raw), each direction's weights where they lie.
+      // (The weights, copies where not contiguous, live as long as the tables point at them.)
+      std::optional<DeviceTables> tables;
+      const Weights w_hh = sweep ? Weights{} : contiguous(wts.w_hh, D);
+      const Weights w_hr = !sweep && proj ? contiguous(wts.w_hr, D) : Weights{};
+      if (!sweep) {
+        auto dir = [&](const at::Tensor& t) { return std::array<const void*, 2>{block_of(t, 0, D), block_of(t, 1, D)}; };
+        auto weight = [](const Weights& w) { return std::array<const void*, 2>{weight_of(w, 0), weight_of(w, 1)}; };
+        tables.emplace(std::initializer_list<std::array<const void*, 2>>{dir(dg_step), weight(w_hh), dir(dh),
+                                                                        dir(dh_proj), weight(w_hr), dir(dh_raw)},
+                       D, x.device(), stream);
+      }
       for (int64_t s = sweep ? -1 : T_ - 1; s >= 0; --s) {
         if (proj) {
           cuda::ProjBwd<T> pb{T_, B, P, D, s, lp, dyp, math_ptr<S>(dh), ptr<S>(dh_proj), ptr<S>(dh_proj_saved)};
           C10_CUDA_CHECK(cuda::launch_proj_bwd(pb, stream));
-          gemm<S>(false, false, B, H, P, ptr<S>(dh_proj), P, B * P, ptr<S>(w_hr), H, P * H, 0.0, math_ptr<S>(dh_raw),
-                  Storage<math_t<T> >::id, H, B * H, D);
+          gemm_tables<S>(false, false, B, H, P, (*tables)[3], P, (*tables)[4], H, 0.0, (*tables)[5],
+                         Storage<math_t<T> >::id, H, D);
         }
         cuda::BwdStep<T> bs{T_, B, H, P, D, s, lp, ptr<S>(gates), math_ptr<S>(c_prev), dyp,
                             proj ? math_ptr<S>(dh_raw) : nullptr, math_ptr<S>(dh), math_ptr<S>(dc), ptr<S>(dg),
                             ptr<S>(dg_step)};
         C10_CUDA_CHECK(cuda::launch_bwd_step(bs, stream));
         // dh_{t-1} += dg W_hh, both directions in one batched GEMM.
-        gemm<S>(false, false, B, P, G, ptr<S>(dg_step), G, B * G, ptr<S>(w_hh), P, G * P, 1.0, math_ptr<S>(dh),
-                Storage<math_t<T> >::id, P, B * P, D);
+        gemm_tables<S>(false, false, B, P, G, (*tables)[0], G, (*tables)[1], P, 1.0, (*tables)[2],
+                       Storage<math_t<T> >::id, P, D);
       }
       // What does not recur, for all steps at once.
       if (input_grad) {  // dx = sum over d of dg[d] W_ih[d]

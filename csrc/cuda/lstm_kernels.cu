@@ -180,6 +180,20 @@ cudaError_t launch_column_sums(const ColumnSums<T>& p, cudaStream_t stream) {
   return BIRNN_LAUNCH_ERROR();
 }
 
+namespace {
+__global__ void pointer_table_kernel(const PointerTable p, const void** table) {
+  const int i = int(threadIdx.x);
+  if (i < p.n) table[i] = p.ptrs[i];
+}
+}  // namespace
+
+cudaError_t launch_pointer_table(const PointerTable& p, const void** table, cudaStream_t stream) {
+  if (p.n <= 0) return cudaSuccess;
+  if (p.n > PointerTable::kMax) return cudaErrorInvalidValue;
+  BIRNN_LAUNCH(pointer_table_kernel, dim3(1), dim3(unsigned(PointerTable::kMax)), 0, stream, p, table);
+  return BIRNN_LAUNCH_ERROR();
+}
+
 #define BIRNN_INSTANTIATE(T)                                                          \
   template cudaError_t launch_fwd_step<T>(const FwdStep<T>&, cudaStream_t);         \
   template cudaError_t launch_cell_fwd<T>(const FwdStep<T>&, bool, cudaStream_t);   \

@@ -97,6 +97,17 @@ struct ColumnSums {
   T* out;      // [cols]
 };
 
+// The operand tables of a batched product over the directions, for cuBLAS's
+// pointer-array batched GEMM: table[i] = ptrs[i], i < n, written by one launch whose
+// arguments carry the pointers. So the per-step products read each direction's weights
+// where they lie (no stacked copy per call), with no host-to-device copy, and a CUDA
+// graph captures the pointers by value as it does every kernel argument.
+struct PointerTable {
+  static constexpr int kMax = 12;  // 6 operands x 2 directions
+  const void* ptrs[kMax];
+  int n;
+};
+
 // Each returns the launch's error (cudaSuccess where it went).
 template <typename T> cudaError_t launch_fwd_step(const FwdStep<T>& p, cudaStream_t stream);
 // The cell op: one step with T_ = 1, D = 1, s = 0, no c_prev/h_prev; gates written when training.
@@ -105,5 +116,7 @@ template <typename T> cudaError_t launch_proj_out(const ProjOut<T>& p, cudaStrea
 template <typename T> cudaError_t launch_bwd_step(const BwdStep<T>& p, cudaStream_t stream);
 template <typename T> cudaError_t launch_proj_bwd(const ProjBwd<T>& p, cudaStream_t stream);
 template <typename T> cudaError_t launch_column_sums(const ColumnSums<T>& p, cudaStream_t stream);
+// table: n pointers' room on the device.
+cudaError_t launch_pointer_table(const PointerTable& p, const void** table, cudaStream_t stream);
 
 }  // namespace birnn::cuda

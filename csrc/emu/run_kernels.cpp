@@ -427,10 +427,29 @@ int run_shuffles() {
   return 0;
 }
 
+// run_kernels pointers: a full PointerTable written to the device table by its launch,
+// entry for entry, and a table past kMax refused; prints "ok" or what differs.
+int run_pointers() {
+  using birnn::cuda::PointerTable;
+  std::vector<double> operands(PointerTable::kMax);
+  PointerTable t{};
+  for (int i = 0; i < PointerTable::kMax; ++i) t.ptrs[t.n++] = &operands[size_t(i)];
+  std::vector<const void*> table(PointerTable::kMax + 1, nullptr);
+  check(birnn::cuda::launch_pointer_table(t, table.data(), nullptr));
+  for (int i = 0; i < PointerTable::kMax; ++i)
+    if (table[size_t(i)] != &operands[size_t(i)]) return std::printf("entry %d differs\n", i), 1;
+  if (table[PointerTable::kMax] != nullptr) return std::puts("wrote past the table"), 1;
+  t.n = PointerTable::kMax + 1;
+  if (birnn::cuda::launch_pointer_table(t, table.data(), nullptr) == cudaSuccess) return std::puts("took n > kMax"), 1;
+  std::puts("ok");
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc == 2 && std::string(argv[1]) == "shuffles") return run_shuffles();
+  if (argc == 2 && std::string(argv[1]) == "pointers") return run_pointers();
   if (argc == 6 && std::string(argv[1]) == "mma") {
     using birnn::cuda::mma::Kind;
     const std::string kind = argv[2];
