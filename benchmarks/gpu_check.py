@@ -14,11 +14,14 @@ two commands of a few minutes each (a session's GPU time is short: each fits one
 
 `make gpu-variants` (--group variants), each switch of csrc/cuda/launch_rules.cpp that
 awaits its measurement, against the defaults timed in the same run:
- 1. build; `pytest -m cuda` with the sweeps' tensor-core products on (BIRNN_EXT_CUDA_MMA=1);
+ 1. build; `pytest -m cuda` with the sweeps' tensor-core products on (BIRNN_EXT_CUDA_MMA=1),
+    and with the backward's work after the recurrence on streams of its own
+    (BIRNN_EXT_CUDA_OVERLAP=1);
  2. the targets preset at the defaults; again with the backward sweep off
     (BIRNN_EXT_CUDA_SWEEP_BWD=0: per-step GEMMs and launches), for use_sweep's rule in
     backward; with a cluster per direction in both sweeps (BIRNN_EXT_CUDA_SWEEP_CLUSTER=1,
-    sm_90), for device_cluster_plan's;
+    sm_90), for device_cluster_plan's; with the backward's work after the recurrence
+    side by side (BIRNN_EXT_CUDA_OVERLAP=1), for overlap_weight_grads';
  3. gpu-grid's cases with H below 100 at the defaults and with a block per direction
     (BIRNN_EXT_CUDA_SWEEP_BLOCK=1), for device_sweep_plan's;
  4. the targets preset with TF32 on for both sides (--tf32) and under --autocast bf16,
@@ -51,7 +54,8 @@ SANITIZED = ["tests/test_lstm_parity.py", "tests/test_cell.py", "tests/test_leng
 GROUPS = {
     "core": ["build", "pytest", "memcheck", "racecheck", "synccheck", "bench-targets", "bench-grid", "profile",
              "call-overhead"],
-    "variants": ["build", "pytest-mma", "bench-targets", "bench-bwd-off", "bench-cluster", "bench-small-h", "bench-block",
+    "variants": ["build", "pytest-mma", "pytest-overlap", "bench-targets", "bench-bwd-off", "bench-cluster",
+                 "bench-overlap", "bench-small-h", "bench-block",
                  "bench-tf32", "bench-mma-tf32", "bench-bf16", "bench-mma-bf16"],
 }
 STEPS = list(dict.fromkeys(GROUPS["core"] + GROUPS["variants"]))
@@ -102,7 +106,7 @@ def run_step(name: str, cmd: list[str], env: dict, logs: Path, timeout: int) -> 
 
 
 def summarize(name: str, text: str, rc) -> str:
-    if name in ("pytest", "pytest-mma", "memcheck", "racecheck", "synccheck"):
+    if name in ("pytest", "pytest-mma", "pytest-overlap", "memcheck", "racecheck", "synccheck"):
         tail = re.findall(r"=+ (.*(?:passed|failed|error).*?) =+", text)
         summary = tail[-1] if tail else ""
         errors = re.findall(r"ERROR SUMMARY: (\d+) error", text)
@@ -162,6 +166,7 @@ def main(argv=None) -> int:
         ("build", [py, "-c", "import birnn_ext"], 300),
         ("pytest", [py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"], 300),
         ("pytest-mma", [py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"], 300),
+        ("pytest-overlap", [py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"], 300),
     ]
     tool = sanitizer()
     if tool:
@@ -177,6 +182,7 @@ def main(argv=None) -> int:
         ("bench-small-h", bench + [*SMALL_H, "--name", "gpu-grid-cuda-small-h"], 300),
         ("bench-block", bench + [*SMALL_H, "--name", "gpu-grid-cuda-sweep-block"], 300),
         ("bench-cluster", variant + ["--name", "targets-cuda-sweep-cluster"], 300),
+        ("bench-overlap", variant + ["--name", "targets-cuda-overlap"], 300),
         ("bench-tf32", variant + ["--tf32", "--name", "targets-cuda-tf32"], 300),
         ("bench-mma-tf32", variant + ["--tf32", "--name", "targets-cuda-tf32-mma"], 300),
         ("bench-bf16", variant + ["--autocast", "bf16", "--name", "targets-cuda-bf16"], 300),
@@ -195,14 +201,16 @@ def main(argv=None) -> int:
                     "bench-block": dict(env, BIRNN_EXT_CUDA_SWEEP_BLOCK="1"),
                     "bench-cluster": dict(env, BIRNN_EXT_CUDA_SWEEP_CLUSTER="1"),
                     "pytest-mma": dict(env, BIRNN_EXT_CUDA_MMA="1"),
+                    "pytest-overlap": dict(env, BIRNN_EXT_CUDA_OVERLAP="1"),
+                    "bench-overlap": dict(env, BIRNN_EXT_CUDA_OVERLAP="1"),
                     "bench-mma-tf32": dict(env, BIRNN_EXT_CUDA_MMA="1"),
                     "bench-mma-bf16": dict(env, BIRNN_EXT_CUDA_MMA="1")}.get(step, env)
         print(f"[gpu-check] {step} ...", file=sys.stderr, flush=True)
         results.append(run_step(step, cmd, step_env, args.logs, timeout))
         if step == "build" and results[-1]["rc"] != 0:
             break  # nothing else can run
-    print(f"\nmake gpu-check on {name} (sm_{arch.replace('.', '')}); logs in {args.logs}")
-    if not tool:
+    print(f"\ngpu_check.py --group {args.group} on {name} (sm_{arch.replace('.', '')}); logs in {args.logs}")
+    if not tool and "memcheck" in wanted:
         print("compute-sanitizer: not found (not on PATH, nor in the CUDA toolkit): sanitizer steps not run")
     print(f"{'step':<14} {'result':<6} {'s':>6}  summary")
     for r in results:
@@ -216,6 +224,8 @@ def main(argv=None) -> int:
                                    "gpu-grid-cuda-sweep-block"),
                                   ("bench-cluster", "targets preset, a cluster per direction",
                                    "targets-cuda-sweep-cluster"),
+                                  ("bench-overlap", "targets preset, backward's weight gradients side by side",
+                                   "targets-cuda-overlap"),
                                   ("bench-tf32", "targets preset", "targets-cuda-tf32"),
                                   ("bench-mma-tf32", "targets preset, tensor-core sweeps", "targets-cuda-tf32-mma"),
                                   ("bench-bf16", "targets preset", "targets-cuda-bf16"),

@@ -119,6 +119,16 @@ Recurrence recurrence(bool backward, bool training, int64_t B, int64_t H, int64_
   return r;
 }
 
+// The backward's products after the recurrence are each small beside the GPU at the
+// sizes the sweeps serve (classic on an H200: 0.38 ms of weight-gradient GEMMs, four
+// launches one after another, in a 2.48 ms forward+backward), and independent of each
+// other, as cuDNN runs its own on several streams. BIRNN_EXT_CUDA_OVERLAP=1 runs them side
+// by side; off by default until make gpu-variants has timed it.
+bool overlap_weight_grads() {
+  static const bool on = env_is("BIRNN_EXT_CUDA_OVERLAP", "1");
+  return on;
+}
+
 template Recurrence recurrence<float>(bool, bool, int64_t, int64_t, int64_t, bool);
 template Recurrence recurrence<double>(bool, bool, int64_t, int64_t, int64_t, bool);
 template Recurrence recurrence<__half>(bool, bool, int64_t, int64_t, int64_t, bool);

@@ -24,4 +24,8 @@ struct Recurrence {
 template <typename T>
 Recurrence recurrence(bool backward, bool training, int64_t B, int64_t H, int64_t D, bool proj);
 
+// Whether a layer backward's work after the recurrence (dx, dW_ih, dW_hh and dW_hr, the
+// bias gradient) runs side by side on streams of its own rather than in order.
+bool overlap_weight_grads();
+
 }  // namespace birnn::rules

@@ -6,10 +6,14 @@
 // directions and one pointwise launch covering both directions.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cublas_v2.h>
 #include <torch/library.h>
+
+#include <functional>
+#include <vector>
 
 #include "../layer_checks.h"
 #include "launch_rules.h"
@@ -139,6 +143,36 @@ const void* block_of(const at::Tensor& t, int64_t d, int64_t D) {
   return t.numel() && d < D ? static_cast<const char*>(t.data_ptr()) + d * (t.numel() / D) * t.element_size() : nullptr;
 }
 const void* weight_of(const Weights& w, int64_t d) { return w[d].defined() ? w[d].data_ptr() : nullptr; }
+
+// Runs each piece of work on a stream of its own, the first on the current stream, the
+// others on streams from ATen's pool: they start once the current stream's work so far
+// is done, and the current stream's later work waits until they are all done (events:
+// no host synchronisation, and a CUDA graph captures the fork and the join). The pieces
+// must not depend on each other. Every tensor they touch outlives the join on the
+// current stream, so the caching allocator, which orders reuse by that stream, hands
+// none of their memory out while they run.
+void side_by_side(std::initializer_list<std::function<void()>> work) {
+  const at::cuda::CUDAStream current = at::cuda::getCurrentCUDAStream();
+  at::cuda::CUDAEvent forked;
+  forked.record(current);
+  std::vector<at::cuda::CUDAEvent> done(work.size());
+  size_t i = 0;
+  for (const auto& piece : work) {
+    if (i == 0) {
+      piece();
+    } else {
+      const at::cuda::CUDAStream side = at::cuda::getStreamFromPool(/*isHighPriority=*/false, current.device_index());
+      forked.block(side);
+      {
+        const c10::cuda::CUDAStreamGuard on_side(side);
+        piece();
+      }
+      done[i].record(side);
+    }
+    ++i;
+  }
+  for (i = 1; i < done.size(); ++i) done[i].block(current);
+}
 
 template <typename S>
 typename Storage<S>::type* ptr(const at::Tensor& t) {
@@ -329,26 +363,35 @@ lstm_layer_backward_cuda(const std::optional<at::Tensor>& grad_y, const std::opt
         gemm_tables<S>(false, false, B, P, G, (*tables)[0], G, (*tables)[1], P, 1.0, (*tables)[2],
                        Storage<math_t<T> >::id, P, D);
       }
-      // What does not recur, for all steps at once.
-      if (input_grad) {  // dx = sum over d of dg[d] W_ih[d]
-        const Weights w_ih = contiguous(wts.w_ih, D);
-        for (int64_t d = 0; d < D; ++d)
+      // What does not recur, for all steps at once: four independent pieces of work, one
+      // after another on the current stream, or side by side on streams of their own where
+      // the launch rules say so (rules::overlap_weight_grads).
+      const Weights w_ih = input_grad ? contiguous(wts.w_ih, D) : Weights{};
+      auto input_grads = [&] {  // dx = sum over d of dg[d] W_ih[d]
+        for (int64_t d = 0; d < (input_grad ? D : 0); ++d)
           gemm<S>(false, false, rows, I, G, ptr<S>(dg) + d * rows * G, G, 0, ptr<S>(w_ih[d]), I, 0, d ? 1.0 : 0.0,
                   ptr<S>(dx), Storage<S>::id, I, 0, 1);
-      }
-      // dW_ih[d] = dg[d]^T x (x shared by the directions: stride 0), dW_hh[d] = dg[d]^T h_prev[d],
-      // dW_hr[d] = dh_proj[d]^T h_raw[d].
-      gemm<S>(true, false, G, I, rows, ptr<S>(dg), G, rows * G, ptr<S>(x), I, 0, 0.0, ptr<S>(dw_ih), Storage<S>::id,
-              I, G * I, D);
-      gemm<S>(true, false, G, P, rows, ptr<S>(dg), G, rows * G, ptr<S>(h_prev), P, rows * P, 0.0, ptr<S>(dw_hh),
-              Storage<S>::id, P, G * P, D);
-      if (proj)
-        gemm<S>(true, false, P, H, rows, ptr<S>(dh_proj_saved), P, rows * P, ptr<S>(h_raw), H, rows * H, 0.0,
-                ptr<S>(dw_hr), Storage<S>::id, H, P * H, D);
+      };
+      auto input_weight_grads = [&] {  // dW_ih[d] = dg[d]^T x (x shared by the directions: stride 0)
+        gemm<S>(true, false, G, I, rows, ptr<S>(dg), G, rows * G, ptr<S>(x), I, 0, 0.0, ptr<S>(dw_ih), Storage<S>::id,
+                I, G * I, D);
+      };
+      auto recurrent_weight_grads = [&] {  // dW_hh[d] = dg[d]^T h_prev[d], dW_hr[d] = dh_proj[d]^T h_raw[d]
+        gemm<S>(true, false, G, P, rows, ptr<S>(dg), G, rows * G, ptr<S>(h_prev), P, rows * P, 0.0, ptr<S>(dw_hh),
+                Storage<S>::id, P, G * P, D);
+        if (proj)
+          gemm<S>(true, false, P, H, rows, ptr<S>(dh_proj_saved), P, rows * P, ptr<S>(h_raw), H, rows * H, 0.0,
+                  ptr<S>(dw_hr), Storage<S>::id, H, P * H, D);
+      };
       // The bias gradient as one reduction over the rows of both directions (ATen's sum:
       // float accumulation, a fixed order). column_sums_kernel, 8 threads per column,
       // took 0.24 ms of the classic size's 2.48 ms forward+backward on an H200.
-      at::sum_out(dbias, dg, {1});
+      auto bias_grads = [&] { at::sum_out(dbias, dg, {1}); };
+      if (rules::overlap_weight_grads()) {
+        side_by_side({input_grads, input_weight_grads, recurrent_weight_grads, bias_grads});
+      } else {
+        input_grads(), input_weight_grads(), recurrent_weight_grads(), bias_grads();
+      }
     }
     dh0 = dh.to(x.scalar_type());
     dc0 = dc.to(x.scalar_type());
