@@ -272,13 +272,15 @@ def test_cell_kernels_match_cpu(emulator, tmp_path, dtype, bias):
 
 @pytest.mark.parametrize("defect", ["BIRNN_BREAK_OFF_BY_ONE", "BIRNN_BREAK_MISSING_BARRIER", "BIRNN_BREAK_LEAK",
                                     "BIRNN_BREAK_SWEEP_BARRIER", "BIRNN_BREAK_SWEEP_BWD_BARRIER",
-                                    "BIRNN_BREAK_CLUSTER_BARRIER", "BIRNN_BREAK_CLUSTER_BWD_BARRIER"])
+                                    "BIRNN_BREAK_CLUSTER_BARRIER", "BIRNN_BREAK_CLUSTER_BWD_BARRIER",
+                                    "BIRNN_BREAK_DSMEM_RANK"])
 def test_a_broken_kernel_is_caught(tmp_path, defect):
     """The harness can fail: a build with a deliberate defect (the reverse direction's
     time index off by one; the barrier before the shared-memory reduction removed; a
     leaked allocation; the forward or the backward sweep's barrier between its dot
     products and its cell update removed; the forward or the backward cluster sweep's
-    barrier between steps removed) must be caught, by a sanitizer or by a wrong answer."""
+    barrier between steps removed; the cluster sweeps reading each entry of the row from
+    the wrong block's shared memory) must be caught, by a sanitizer or by a wrong answer."""
     exe = build(f"run_kernels_{defect.lower()}", (defect,))
     # The shared-memory reduction (column_sums_kernel) sums the cell's bias gradient; a
     # layer's goes to an ATen reduction on the GPU, a host sum in the emulated run.
@@ -288,7 +290,8 @@ def test_a_broken_kernel_is_caught(tmp_path, defect):
     else:
         header, case = make_case(torch.float32, 0, T=5, B=4, I=6, H=8, P=8, D=2, lengths=[5, 2, 1, 4], bias=True,
                                  proj=False)
-    args = ("sweep", 3, 4) if "SWEEP" in defect else ("sweep-cluster", 4, 4) if "CLUSTER" in defect else ()
+    args = (("sweep", 3, 4) if "SWEEP" in defect
+            else ("sweep-cluster", 4, 4) if "CLUSTER" in defect or "DSMEM" in defect else ())
     proc, flat = run_emulated(exe, header, case, tmp_path, args)
     if proc.returncode != 0:
         assert "Sanitizer" in proc.stderr or "runtime error" in proc.stderr, proc.stderr[-2000:]

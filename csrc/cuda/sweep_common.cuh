@@ -130,7 +130,13 @@ __device__ __forceinline__ void stage_from_cluster(const T* own, int64_t b0, int
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     const int bb = i / W, k = i % W, g = k / H, j = k % H;
     T v = from_math<T>(math_t<T>(0));
-    if (bb < nb) v = BIRNN_MAP_SHARED(own, unsigned(j / U))[(b0 + bb) * per_block + g * U + j % U];
+#if defined(BIRNN_BREAK_DSMEM_RANK)
+    // Deliberately wrong: each entry read from the next block of the cluster, not its owner's.
+    const unsigned rank = unsigned((j / U + 1) % ((H + U - 1) / U));
+#else
+    const unsigned rank = unsigned(j / U);
+#endif
+    if (bb < nb) v = BIRNN_MAP_SHARED(own, rank)[(b0 + bb) * per_block + g * U + j % U];
     dst[bb * stride + k] = v;
   }
 }
