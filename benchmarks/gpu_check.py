@@ -15,13 +15,14 @@ two commands of a few minutes each (a session's GPU time is short: each fits one
 `make gpu-variants` (--group variants), each switch of csrc/cuda/launch_rules.cpp that
 awaits its measurement, against the defaults timed in the same run:
  1. build; `pytest -m cuda` with the sweeps' tensor-core products on (BIRNN_EXT_CUDA_MMA=1),
-    and with the backward's work after the recurrence on streams of its own
-    (BIRNN_EXT_CUDA_OVERLAP=1);
+    and with the backward's weight gradients on streams of their own
+    (BIRNN_EXT_CUDA_OVERLAP=1, with the sweeps off so that every test takes the per-step
+    path, whose weight gradients then run chunk by chunk beside the recurrence);
  2. the targets preset at the defaults; again with the backward sweep off
     (BIRNN_EXT_CUDA_SWEEP_BWD=0: per-step GEMMs and launches), for use_sweep's rule in
     backward; with a cluster per direction in both sweeps (BIRNN_EXT_CUDA_SWEEP_CLUSTER=1,
-    sm_90), for device_cluster_plan's; with the backward's work after the recurrence
-    side by side (BIRNN_EXT_CUDA_OVERLAP=1), for overlap_weight_grads';
+    sm_90), for device_cluster_plan's; with the backward's weight gradients beside the
+    recurrence and each other (BIRNN_EXT_CUDA_OVERLAP=1), for overlap_weight_grads';
  3. gpu-grid's cases with H below 100 at the defaults and with a block per direction
     (BIRNN_EXT_CUDA_SWEEP_BLOCK=1), for device_sweep_plan's;
  4. the targets preset with TF32 on for both sides (--tf32) and under --autocast bf16,
@@ -201,7 +202,8 @@ def main(argv=None) -> int:
                     "bench-block": dict(env, BIRNN_EXT_CUDA_SWEEP_BLOCK="1"),
                     "bench-cluster": dict(env, BIRNN_EXT_CUDA_SWEEP_CLUSTER="1"),
                     "pytest-mma": dict(env, BIRNN_EXT_CUDA_MMA="1"),
-                    "pytest-overlap": dict(env, BIRNN_EXT_CUDA_OVERLAP="1"),
+                    # The per-step path everywhere: its weight gradients then run chunk by chunk.
+                    "pytest-overlap": dict(env, BIRNN_EXT_CUDA_OVERLAP="1", BIRNN_EXT_CUDA_SWEEP="0"),
                     "bench-overlap": dict(env, BIRNN_EXT_CUDA_OVERLAP="1"),
                     "bench-mma-tf32": dict(env, BIRNN_EXT_CUDA_MMA="1"),
                     "bench-mma-bf16": dict(env, BIRNN_EXT_CUDA_MMA="1")}.get(step, env)

@@ -28,4 +28,8 @@ Recurrence recurrence(bool backward, bool training, int64_t B, int64_t H, int64_
 // bias gradient) runs side by side on streams of its own rather than in order.
 bool overlap_weight_grads();
 
+// With those side streams on, the per-step backward also sums its weight gradients in this
+// many chunks of steps on a side stream while the recurrence goes on (lstm_cuda.cpp).
+constexpr int64_t kWeightGradChunks = 8;
+
 }  // namespace birnn::rules

@@ -144,34 +144,49 @@ const void* block_of(const at::Tensor& t, int64_t d, int64_t D) {
 }
 const void* weight_of(const Weights& w, int64_t d) { return w[d].defined() ? w[d].data_ptr() : nullptr; }
 
+// A stream from ATen's pool beside the current one: run() queues work there that starts
+// once the current stream's work so far is done; join() makes the current stream's later
+// work wait until all of it is done (events: no host synchronisation, and a CUDA graph
+// captures the fork and the join). Every tensor the work touches must outlive the join on
+// the current stream, so that the caching allocator, which orders reuse by that stream,
+// hands none of its memory out while the work runs.
+class SideStream {
+ public:
+  SideStream()
+      : current_(at::cuda::getCurrentCUDAStream()),
+        side_(at::cuda::getStreamFromPool(/*isHighPriority=*/false, current_.device_index())) {}
+  void run(const std::function<void()>& work) {
+    at::cuda::CUDAEvent ready;
+    ready.record(current_);
+    ready.block(side_);
+    const c10::cuda::CUDAStreamGuard on_side(side_);
+    work();
+    used_ = true;
+  }
+  void join() {
+    if (!used_) return;
+    at::cuda::CUDAEvent done;
+    done.record(side_);
+    done.block(current_);
+    used_ = false;
+  }
+
+ private:
+  at::cuda::CUDAStream current_, side_;
+  bool used_ = false;
+};
+
 // Runs each piece of work on a stream of its own, the first on the current stream, the
-// others on streams from ATen's pool: they start once the current stream's work so far
-// is done, and the current stream's later work waits until they are all done (events:
-// no host synchronisation, and a CUDA graph captures the fork and the join). The pieces
-// must not depend on each other. Every tensor they touch outlives the join on the
-// current stream, so the caching allocator, which orders reuse by that stream, hands
-// none of their memory out while they run.
+// others on SideStreams, joined before it returns. The pieces must not depend on each other.
 void side_by_side(std::initializer_list<std::function<void()>> work) {
-  const at::cuda::CUDAStream current = at::cuda::getCurrentCUDAStream();
-  at::cuda::CUDAEvent forked;
-  forked.record(current);
-  std::vector<at::cuda::CUDAEvent> done(work.size());
+  std::vector<SideStream> sides(work.size() > 0 ? work.size() - 1 : 0);
   size_t i = 0;
   for (const auto& piece : work) {
-    if (i == 0) {
-      piece();
-    } else {
-      const at::cuda::CUDAStream side = at::cuda::getStreamFromPool(/*isHighPriority=*/false, current.device_index());
-      forked.block(side);
-      {
-        const c10::cuda::CUDAStreamGuard on_side(side);
-        piece();
-      }
-      done[i].record(side);
-    }
+    if (i == 0) piece();
+    else sides[i - 1].run(piece);
     ++i;
   }
-  for (i = 1; i < done.size(); ++i) done[i].block(current);
+  for (SideStream& side : sides) side.join();
 }
 
 template <typename S>
@@ -348,6 +363,32 @@ lstm_layer_backward_cuda(const std::optional<at::Tensor>& grad_y, const std::opt
                                                                         dir(dh_proj), weight(w_hr), dir(dh_raw)},
                        D, x.device(), stream);
       }
+      // The weight gradients of direction d's rows for times [t0, t1), onto what the rows
+      // before them gave (beta 1) or alone (beta 0).
+      auto weight_grads_of = [&](int64_t d, int64_t t0, int64_t t1, double beta) {
+        const int64_t r0 = t0 * B, k = (t1 - t0) * B;
+        gemm<S>(true, false, G, I, k, ptr<S>(dg) + (d * rows + r0) * G, G, 0, ptr<S>(x) + r0 * I, I, 0, beta,
+                ptr<S>(dw_ih) + d * G * I, Storage<S>::id, I, 0, 1);
+        gemm<S>(true, false, G, P, k, ptr<S>(dg) + (d * rows + r0) * G, G, 0, ptr<S>(h_prev) + (d * rows + r0) * P, P,
+                0, beta, ptr<S>(dw_hh) + d * G * P, Storage<S>::id, P, 0, 1);
+        if (proj)
+          gemm<S>(true, false, P, H, k, ptr<S>(dh_proj_saved) + (d * rows + r0) * P, P, 0,
+                  ptr<S>(h_raw) + (d * rows + r0) * H, H, 0, beta, ptr<S>(dw_hr) + d * P * H, Storage<S>::id, H, 0, 1);
+      };
+      // With the side streams on (rules::overlap_weight_grads), the per-step path sums the
+      // weight gradients chunk by chunk on a side stream while the recurrence goes on: every
+      // chunk of steps finishes the rows of known times, direction 0's at the steps' own
+      // times, direction 1's at T-1 minus them (with lengths its rows' times differ per
+      // sequence, and the host does not read the lengths: its gradients wait for the end).
+      // In float32 and float64 only: the half types would round the running sum to 16 bits
+      // at every chunk. The chunks, and the order they are added in, depend on T alone.
+      const bool chunked = !sweep && rules::overlap_weight_grads() &&
+                           (std::is_same_v<T, float> || std::is_same_v<T, double>);
+      const int64_t chunked_dirs = !chunked ? 0 : len.defined() ? 1 : D;
+      const int64_t chunk = (T_ + rules::kWeightGradChunks - 1) / rules::kWeightGradChunks;
+      std::optional<SideStream> side;
+      if (chunked) side.emplace();
+      int64_t unflushed = T_;  // steps [s, unflushed) are done, their weight gradients not yet queued
       for (int64_t s = sweep ? -1 : T_ - 1; s >= 0; --s) {
         if (proj) {
           cuda::ProjBwd<T> pb{T_, B, P, D, s, lp, dyp, math_ptr<S>(dh), ptr<S>(dh_proj), ptr<S>(dh_proj_saved)};
@@ -362,6 +403,16 @@ lstm_layer_backward_cuda(const std::optional<at::Tensor>& grad_y, const std::opt
         // dh_{t-1} += dg W_hh, both directions in one batched GEMM.
         gemm_tables<S>(false, false, B, P, G, (*tables)[0], G, (*tables)[1], P, 1.0, (*tables)[2],
                        Storage<math_t<T> >::id, P, D);
+        if (chunked && (unflushed - s == chunk || s == 0)) {
+          side->run([&] {
+            for (int64_t d = 0; d < chunked_dirs; ++d) {
+              const double beta = unflushed == T_ ? 0.0 : 1.0;  // the first chunk starts the sum
+              if (d == 0) weight_grads_of(0, s, unflushed, beta);
+              else weight_grads_of(1, T_ - unflushed, T_ - s, beta);
+            }
+          });
+          unflushed = s;
+        }
       }
       // What does not recur, for all steps at once: four independent pieces of work, one
       // after another on the current stream, or side by side on streams of their own where
@@ -373,10 +424,15 @@ lstm_layer_backward_cuda(const std::optional<at::Tensor>& grad_y, const std::opt
                   ptr<S>(dx), Storage<S>::id, I, 0, 1);
       };
       auto input_weight_grads = [&] {  // dW_ih[d] = dg[d]^T x (x shared by the directions: stride 0)
+        if (chunked) return;  // weight_grads_of, below
         gemm<S>(true, false, G, I, rows, ptr<S>(dg), G, rows * G, ptr<S>(x), I, 0, 0.0, ptr<S>(dw_ih), Storage<S>::id,
                 I, G * I, D);
       };
       auto recurrent_weight_grads = [&] {  // dW_hh[d] = dg[d]^T h_prev[d], dW_hr[d] = dh_proj[d]^T h_raw[d]
+        if (chunked) {  // the directions the chunks did not cover
+          for (int64_t d = chunked_dirs; d < D; ++d) weight_grads_of(d, 0, T_, 0.0);
+          return;
+        }
         gemm<S>(true, false, G, P, rows, ptr<S>(dg), G, rows * G, ptr<S>(h_prev), P, rows * P, 0.0, ptr<S>(dw_hh),
                 Storage<S>::id, P, G * P, D);
         if (proj)
@@ -392,6 +448,7 @@ lstm_layer_backward_cuda(const std::optional<at::Tensor>& grad_y, const std::opt
       } else {
         input_grads(), input_weight_grads(), recurrent_weight_grads(), bias_grads();
       }
+      if (side) side->join();
     }
     dh0 = dh.to(x.scalar_type());
     dc0 = dc.to(x.scalar_type());
