@@ -37,7 +37,7 @@
 #define BIRNN_HAVE_CLUSTERS 0
 #define BIRNN_CLUSTER_SYNC() __trap()
 #define BIRNN_CLUSTER_RANK() (__trap(), 0u)
-#define BIRNN_MAP_SHARED(ptr, rank) (__trap(), (ptr))
+#define BIRNN_MAP_SHARED(ptr, rank) ((void)(rank), __trap(), (ptr))
 #endif
 
 namespace birnn::cuda {

@@ -54,10 +54,13 @@ __device__ __forceinline__ uint32_t to_tf32(float f) {
   std::memcpy(&u, &f, sizeof u);
   if ((u & 0x7F800000u) != 0x7F800000u) u = (u + 0x1000u) & 0xFFFFE000u;  // NaN and infinity pass as they are
   return u;
-#else
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   uint32_t u;
   asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(u) : "f"(f));
   return u;
+#else
+  __trap();  // as mma_sync: the host launches tensor-core kernels only on sm_80 and later
+  return 0u;
 #endif
 }
 
