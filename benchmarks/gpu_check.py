@@ -26,7 +26,9 @@ awaits its measurement, against the defaults timed in the same run:
  3. gpu-grid's cases with H below 100 at the defaults and with a block per direction
     (BIRNN_EXT_CUDA_SWEEP_BLOCK=1), for device_sweep_plan's;
  4. the targets preset with TF32 on for both sides (--tf32) and under --autocast bf16,
-    each at the defaults and with the tensor-core products on, for sweep_mma_k's.
+    each at the defaults and with the tensor-core products on, for sweep_mma_k's; the
+    per-kernel profile with TF32 on both sides and the tensor-core products on
+    (profile-cuda-tf32-mma.csv), where the sweeps' own time shows.
 
 Each step's output goes to LOGS/<step>.log (default build/gpu-check); a compact table of
 the steps and the benchmark ratios is printed last. Exits 1 if a step failed.
@@ -57,7 +59,7 @@ GROUPS = {
              "call-overhead"],
     "variants": ["build", "pytest-mma", "pytest-overlap", "bench-targets", "bench-bwd-off", "bench-cluster",
                  "bench-overlap", "bench-small-h", "bench-block",
-                 "bench-tf32", "bench-mma-tf32", "bench-bf16", "bench-mma-bf16"],
+                 "bench-tf32", "bench-mma-tf32", "bench-bf16", "bench-mma-bf16", "profile-mma"],
 }
 STEPS = list(dict.fromkeys(GROUPS["core"] + GROUPS["variants"]))
 
@@ -189,6 +191,7 @@ def main(argv=None) -> int:
         ("bench-bf16", variant + ["--autocast", "bf16", "--name", "targets-cuda-bf16"], 300),
         ("bench-mma-bf16", variant + ["--autocast", "bf16", "--name", "targets-cuda-bf16-mma"], 300),
         ("profile", [py, "benchmarks/profile_kernels.py"], 180),
+        ("profile-mma", [py, "benchmarks/profile_kernels.py", "--tf32", "--name", "profile-cuda-tf32-mma"], 180),
         ("call-overhead", [py, "benchmarks/bench_call_overhead.py", "--device", "cuda"], 120),
     ]
     wanted = STEPS if args.group == "all" else GROUPS[args.group]
@@ -206,7 +209,8 @@ def main(argv=None) -> int:
                     "pytest-overlap": dict(env, BIRNN_EXT_CUDA_OVERLAP="1", BIRNN_EXT_CUDA_SWEEP="0"),
                     "bench-overlap": dict(env, BIRNN_EXT_CUDA_OVERLAP="1"),
                     "bench-mma-tf32": dict(env, BIRNN_EXT_CUDA_MMA="1"),
-                    "bench-mma-bf16": dict(env, BIRNN_EXT_CUDA_MMA="1")}.get(step, env)
+                    "bench-mma-bf16": dict(env, BIRNN_EXT_CUDA_MMA="1"),
+                    "profile-mma": dict(env, BIRNN_EXT_CUDA_MMA="1")}.get(step, env)
         print(f"[gpu-check] {step} ...", file=sys.stderr, flush=True)
         results.append(run_step(step, cmd, step_env, args.logs, timeout))
         if step == "build" and results[-1]["rc"] != 0:

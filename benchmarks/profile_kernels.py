@@ -52,6 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--top", type=int, default=8)
     p.add_argument("--tf32", action="store_true", help="TF32 on both sides (cuDNN's default)")
+    p.add_argument("--name", default="profile-cuda", help="results file name (default: profile-cuda)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_kernels.py needs a CUDA GPU; none is visible", file=sys.stderr)
@@ -76,11 +77,12 @@ def main(argv=None) -> int:
                 print(f"    {us:9.1f} us {calls:5d} x  {kernel[:90]}")
             out_rows += [dict(case=spec, implementation=name, kernel=k, calls=c, us=round(us, 2)) for k, c, us in rows]
     RESULTS.mkdir(exist_ok=True)
-    with open(RESULTS / "profile-cuda.csv", "w", newline="") as f:
+    path = RESULTS / f"{args.name}.csv"
+    with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["case", "implementation", "kernel", "calls", "us"])
         w.writeheader()
         w.writerows(out_rows)
-    print(f"wrote {RESULTS / 'profile-cuda.csv'}")
+    print(f"wrote {path}")
     return 0
 
 
