@@ -220,10 +220,10 @@ def _plan(H, B, D, max_blocks, max_shared, elem=4, math=4, direction="fwd", mma=
                          capture_output=True, text=True, check=True).stdout.split()
     if out == ["none"]:
         return None
-    units, blocks, batch_tile, lanes, shared, rows, kdim, stride = map(int, out)
+    units, blocks, batch_tile, lanes, shared, rows, kdim, stride, registers = map(int, out)
     assert shared <= max_shared and blocks <= max_blocks and 1 <= lanes <= 32
     return SimpleNamespace(units=units, blocks=blocks, batch_tile=batch_tile, lanes=lanes, rows=rows, kdim=kdim,
-                           stride=stride)
+                           stride=stride, registers=bool(registers))
 
 
 def test_sweep_plans():
@@ -258,6 +258,22 @@ def test_tensor_core_sweep_plans(elem, k, direction, H, B):
     assert (pl.stride * elem // 4) % 8 == 4
     simt = _plan(H=H, B=B, D=2, max_blocks=132, max_shared=227 * 1024, elem=elem, direction=direction)
     assert pl.units >= simt.units
+    # Weight fragments in registers: each warp's items share one (tile, slice) pair, whose
+    # mma steps fit kRegSteps (16).
+    assert pl.registers == (8 % (pl.rows // 16 * pl.lanes) == 0 and pl.kdim // pl.lanes // k <= 16)
+
+
+def test_tensor_core_plans_keep_the_weights_in_registers_where_they_fit():
+    # The classic size (B 100, H 128, both directions on 132 SMs): forward 16 rows a block,
+    # 16 TF32 steps a row; backward its rows 4H = 512 long, cut into 4 slices of 16 steps.
+    fwd = _plan(H=128, B=100, D=2, max_blocks=132, max_shared=227 * 1024, mma=True)
+    assert (fwd.rows, fwd.lanes, fwd.registers) == (16, 1, True)
+    bwd = _plan(H=128, B=100, D=2, max_blocks=132, max_shared=227 * 1024, direction="bwd", mma=True)
+    assert (bwd.rows, bwd.lanes, bwd.registers) == (16, 4, True)
+    # H 1024 in bfloat16: 64 forward rows a block (4 tiles) x 2 slices fill the 8 warps, and
+    # each slice still has 32 steps of 16: the fragments come from shared memory.
+    big = _plan(H=1024, B=4, D=2, max_blocks=132, max_shared=227 * 1024, elem=2, mma=True)
+    assert (big.rows, big.lanes, big.registers) == (64, 2, False)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
@@ -379,25 +395,29 @@ MMA_CUTS = {
     "cluster2-H6": ("sweep-cluster", 2, 3, 6, 4, "bi-lengths"),
     "cluster3-H12": ("sweep-cluster", 3, 8, 12, 9, "uni"),
 }
-MMA_RUNS = [(torch.float32, cut) for cut in MMA_CUTS] + [(dtype, cut) for dtype in (torch.bfloat16, torch.float16)
-                                                         for cut in ("grid-units4-tile3", "cluster2-H6")]
+# Each with the weight fragments in registers (every cut here fits) and, for one cut per
+# dtype, loaded from shared memory at every step ("smem").
+MMA_RUNS = [(torch.float32, cut, "mma") for cut in MMA_CUTS] + [
+    (dtype, cut, "mma") for dtype in (torch.bfloat16, torch.float16) for cut in ("grid-units4-tile3", "cluster2-H6")]
+MMA_RUNS += [(dtype, "cluster3-H12", "mma-smem") for dtype in (torch.float32, torch.bfloat16)]
 
 
-def mma_case(dtype, cut):
+def mma_case(dtype, cut, fragments="mma"):
     sweep, units, tile, H, B, name = MMA_CUTS[cut]
     cfg = dict(LAYER_CASES[name])
     if cfg["lengths"]:
         cfg["lengths"] = (cfg["lengths"] * 3)[:B]
     header, case = make_case(dtype, 0, T=5, B=B, I=6, H=H, P=H, **cfg)
-    return header, case, (sweep, units, tile, "mma")
+    return header, case, (sweep, units, tile, fragments)
 
 
-@pytest.mark.parametrize("dtype,cut", MMA_RUNS, ids=lambda v: str(v).removeprefix("torch."))
-def test_tensor_core_sweep_matches_cpu(emulator, tmp_path, dtype, cut):
+@pytest.mark.parametrize("dtype,cut,fragments", MMA_RUNS, ids=lambda v: str(v).removeprefix("torch."))
+def test_tensor_core_sweep_matches_cpu(emulator, tmp_path, dtype, cut, fragments):
     """Both sweeps with mma step products: the fragments of every warp through the
     emulator's reference of the PTX layout, the padding of rows, batch rows and row
-    length, the slices' partial sums added by the cell update."""
-    header, case, args = mma_case(dtype, cut)
+    length, the slices' partial sums added by the cell update, the weight fragments kept
+    in registers across the steps or loaded each step."""
+    header, case, args = mma_case(dtype, cut, fragments)
     proc, flat = run_emulated(emulator, header, case, tmp_path, args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     want = reference_layer(case, dtype)

@@ -42,7 +42,15 @@ __global__ void sweep_bwd_kernel(const SweepBwd<T> p) {
     const int k = i / R, u = i % R;
     w_s[u * stride + k] = u < nu && k < W ? p.w_hh[d][k * H + j0 + u] : zero;
   }
-  for (int i = tid; i < int(pl.tile_rows) * (stride - W); i += nt) g_s[i / (stride - W) * stride + W + i % (stride - W)] = zero;
+  for (int i = tid; i < int(pl.tile_rows) * (stride - W); i += nt)
+    g_s[i / (stride - W) * stride + W + i % (stride - W)] = zero;
+  [[maybe_unused]] uint32_t a_frags[kRegSteps][4];  // mma, a_in_registers: the warp's weight fragments
+  if constexpr (Mma) {
+    if (pl.a_in_registers) {
+      __syncthreads();  // the weight rows are in place
+      weight_fragments(w_s, R, stride, int(pl.kdim), L, a_frags);
+    }
+  }
   for (int64_t q = p.q_begin; q < p.q_end; ++q) {
     const int64_t s = p.T_ - 1 - q;  // the sweep step; -1 in the last phase, which only makes dh0
     const T* dg_last = p.dg_step + ((q & 1) * D + d) * B * G;
@@ -58,7 +66,7 @@ __global__ void sweep_bwd_kernel(const SweepBwd<T> p) {
         }
         __syncthreads();
         if constexpr (Mma) {
-          mma_products(w_s, g_s, R, stride, int(pl.kdim), L, nb, part);
+          mma_products(w_s, g_s, R, stride, int(pl.kdim), L, nb, a_frags, pl.a_in_registers, part);
         } else {
           tile_products(w_s, g_s, R, W, stride, L, nb, staged / 4, part);
         }

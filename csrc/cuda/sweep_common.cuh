@@ -78,18 +78,49 @@ __device__ __forceinline__ void tile_products(const T* w, const T* tile, int R, 
 // 16; the tile's rows staged to a multiple of 8, the columns up to kdim zeros past the
 // row's end). A warp's work item: 16 weight rows (mma's A, row-major) x 8 batch rows
 // (B's columns) over one slice, accumulated in float.
+//
+// With the plan's a_in_registers, the warp's weight fragments come from `a` (weight_fragments,
+// loaded once per sweep) instead of shared memory: all its items share one tile and slice.
 template <typename T>
 __device__ __forceinline__ void mma_products(const T* w, const T* tile, int R, int stride, int kdim, int L, int nb,
-                                             float* part) {
+                                             const uint32_t (&a)[kRegSteps][4], bool a_in_registers, float* part) {
   constexpr mma::Kind K = mma::KindOf<T>::value;
+  constexpr int kK = mma::Traits<K>::kK;
   const int warp = int(threadIdx.x / 32), warps = int(blockDim.x / 32);
   const int row_tiles = R / 16, octs = (nb + 7) / 8, slice = kdim / L;
   for (int item = warp; item < row_tiles * L * octs; item += warps) {  // the same for the whole warp
     const int rt = item % row_tiles, l = item / row_tiles % L, oc = item / (row_tiles * L);
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    mma::warp_tile_product<K>(acc, w + rt * 16 * stride + l * slice, stride, tile + oc * 8 * stride + l * slice,
-                              stride, slice);
+    const T* b_cols = tile + oc * 8 * stride + l * slice;
+    if (a_in_registers) {
+#pragma unroll
+      for (int k = 0; k < kRegSteps; ++k) {
+        if (k * kK < slice) {
+          uint32_t fb[2];
+          mma::load_b_cols<K>(fb, b_cols + k * kK, stride);
+          mma::mma_sync<K>(acc, a[k], fb, acc);
+        }
+      }
+    } else {
+      mma::warp_tile_product<K>(acc, w + rt * 16 * stride + l * slice, stride, b_cols, stride, slice);
+    }
     mma::store_c(acc, part + (oc * 8 * R + rt * 16) * L + l, L, R * L, nb - 8 * oc);
+  }
+}
+
+// The weight fragments of the warp's one (tile, slice) pair (mma_products' `a`), from the
+// block's weight rows in shared memory, once per sweep. Registers: every index is fixed
+// at compile time.
+template <typename T>
+__device__ __forceinline__ void weight_fragments(const T* w, int R, int stride, int kdim, int L,
+                                                 uint32_t (&a)[kRegSteps][4]) {
+  constexpr mma::Kind K = mma::KindOf<T>::value;
+  constexpr int kK = mma::Traits<K>::kK;
+  const int pair = int(threadIdx.x / 32) % (R / 16 * L), rt = pair % (R / 16), l = pair / (R / 16);
+  const int slice = kdim / L;
+#pragma unroll
+  for (int k = 0; k < kRegSteps; ++k) {
+    if (k * kK < slice) mma::load_a<K>(a[k], w + rt * 16 * stride + l * slice + k * kK, stride);
   }
 }
 

@@ -40,7 +40,15 @@ __global__ void sweep_fwd_kernel(const SweepFwd<T> p) {
     const int r = i / stride, k = i % stride, g = r / U, u = r % U;
     w_s[i] = r < 4 * U && u < nu && k < H ? p.w_hh[d][(g * H + j0 + u) * H + k] : zero;
   }
-  for (int i = tid; i < int(pl.tile_rows) * (stride - H); i += nt) h_s[i / (stride - H) * stride + H + i % (stride - H)] = zero;
+  for (int i = tid; i < int(pl.tile_rows) * (stride - H); i += nt)
+    h_s[i / (stride - H) * stride + H + i % (stride - H)] = zero;
+  [[maybe_unused]] uint32_t a_frags[kRegSteps][4];  // mma, a_in_registers: the warp's weight fragments
+  if constexpr (Mma) {
+    if (pl.a_in_registers) {
+      __syncthreads();  // the weight rows are in place
+      weight_fragments(w_s, R, stride, int(pl.kdim), L, a_frags);
+    }
+  }
   for (int64_t s = p.s_begin; s < p.s_end; ++s) {
     const T* h_cur = s == 0 ? p.h0 + d * B * H : p.h + ((s & 1) * D + d) * B * H;
     T* h_next = s == p.T_ - 1 ? p.h_n + d * B * H : p.h + (((s + 1) & 1) * D + d) * B * H;
@@ -54,7 +62,7 @@ __global__ void sweep_fwd_kernel(const SweepFwd<T> p) {
       }
       __syncthreads();
       if constexpr (Mma) {
-        mma_products(w_s, h_s, R, stride, int(pl.kdim), L, nb, part);
+        mma_products(w_s, h_s, R, stride, int(pl.kdim), L, nb, a_frags, pl.a_in_registers, part);
       } else {
         tile_products(w_s, h_s, R, H, stride, L, nb, staged / 4, part);
       }

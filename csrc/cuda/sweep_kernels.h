@@ -29,6 +29,8 @@
 namespace birnn::cuda {
 
 constexpr int64_t kSweepThreads = 256;
+// The most mma steps of weight fragments a warp keeps in registers (4 registers each).
+constexpr int kRegSteps = 16;
 
 // How a sweep is cut: `units` hidden units per block, whose `rows` weight rows it keeps
 // in shared memory ([rows][stride]); batch rows in tiles of `batch_tile`, each tile's h
@@ -41,6 +43,9 @@ constexpr int64_t kSweepThreads = 256;
 struct SweepPlan {
   int64_t units = 0, batch_tile = 0, lanes = 0, blocks = 0;
   int64_t mma_k = 0;  // the K of one mma (8 TF32, 16 bf16 and f16), or 0: SIMT products
+  // mma: each warp keeps its weight fragments in registers for the whole sweep (its work
+  // items share one 16-row tile and slice, of at most kRegSteps mma steps)
+  bool a_in_registers = false;
   int64_t rows = 0, tile_rows = 0, kdim = 0, stride = 0;
   int64_t tile_offset = 0, part_offset = 0, shared_bytes = 0;
   int64_t own_offset = 0;  // the cluster sweeps' own h or dg, [2][B][units or 4 units], after the rest
@@ -97,8 +102,9 @@ __host__ __device__ inline int64_t sweep_rows(bool backward, int64_t units, bool
 // Their length, the dot products' length: H forward (against h), 4H backward (against dg).
 __host__ __device__ inline int64_t sweep_width(bool backward, int64_t H) { return backward ? 4 * H : H; }
 
+// `registers`: with mma products, the weight fragments in registers where they fit.
 inline SweepPlan sweep_plan(bool backward, int64_t H, int64_t B, int64_t D, int64_t units, int64_t batch_tile,
-                            int64_t elem_bytes, int64_t math_bytes, int64_t mma_k = 0) {
+                            int64_t elem_bytes, int64_t math_bytes, int64_t mma_k = 0, bool registers = true) {
   SweepPlan pl;
   pl.units = units;
   pl.mma_k = mma_k;
@@ -117,9 +123,19 @@ inline SweepPlan sweep_plan(bool backward, int64_t H, int64_t B, int64_t D, int6
     // A warp's work item: 16 weight rows x 8 batch rows over one slice of the row; slices
     // while the items do not yet fill the block's warps and each slice keeps a whole mma
     // step of the row.
-    const int64_t octs = (pl.batch_tile + 7) / 8, items = pl.rows / 16 * octs, warps = kSweepThreads / 32;
+    const int64_t octs = (pl.batch_tile + 7) / 8, row_tiles = pl.rows / 16, warps = kSweepThreads / 32;
     pl.lanes = 1;
-    while (pl.lanes < 8 && items * pl.lanes < warps && width > mma_k * pl.lanes) pl.lanes *= 2;
+    while (pl.lanes < 8 && row_tiles * octs * pl.lanes < warps && width > mma_k * pl.lanes) pl.lanes *= 2;
+    // The weights in registers, as persistent RNNs keep them: where the (tile, slice) pairs
+    // divide the warps, warp w's items all have pair w % pairs (items go pair-fastest);
+    // more slices while a slice has more than kRegSteps mma steps and the pairs still fit.
+    auto steps = [&](int64_t lanes) { return (width + mma_k * lanes - 1) / (mma_k * lanes); };
+    int64_t lanes = pl.lanes;
+    while (lanes < 8 && row_tiles * lanes * 2 <= warps && steps(lanes) > kRegSteps) lanes *= 2;
+    if (registers && warps % (row_tiles * lanes) == 0 && steps(lanes) <= kRegSteps) {
+      pl.lanes = lanes;
+      pl.a_in_registers = true;
+    }
     pl.tile_rows = 8 * octs;
     pl.kdim = (width + mma_k * pl.lanes - 1) / (mma_k * pl.lanes) * (mma_k * pl.lanes);
     // Rows kdim + 4 words apart (kdim is whole 8-word steps): the 8 x 4 lanes of a fragment
@@ -140,7 +156,7 @@ inline bool fit_batch_tile(bool backward, int64_t H, int64_t B, int64_t D, int64
                            int64_t math_bytes, int64_t mma_k, int64_t own_bytes_per_row, int64_t max_shared,
                            SweepPlan* out) {
   for (int64_t tile = B; tile >= 1; tile = tile > 64 ? tile * 3 / 4 : tile - 1) {
-    SweepPlan pl = sweep_plan(backward, H, B, D, units, tile, elem_bytes, math_bytes, mma_k);
+    SweepPlan pl = sweep_plan(backward, H, B, D, units, tile, elem_bytes, math_bytes, mma_k, /*registers=*/true);
     pl.own_offset = pl.shared_bytes;
     pl.shared_bytes += sweep_align(B * own_bytes_per_row);
     if (pl.shared_bytes <= max_shared) {

@@ -14,7 +14,9 @@
 // direction, whose step barrier is its own). "sweep-cluster CLUSTER BATCH_TILE" runs both
 // as the cluster sweeps (clusters of at most CLUSTER blocks, a direction each, every step
 // in one launch). A last argument "mma" gives any of them tensor-core step products
-// (TF32 for float32, bf16 and f16 for those; UNITS then as the plans round them, to fours).
+// (TF32 for float32, bf16 and f16 for those; UNITS then as the plans round them, to fours),
+// with the weight fragments in registers where the plan allows; "mma-smem" the same with
+// every fragment loaded from shared memory.
 // "run_kernels plan-mma ..." prints the plan choose_sweep_plan makes with them.
 //
 // IN: 14 int64 (mode 0 layer / 1 cell, dtype 0 f32 / 1 f64 / 2 f16 / 3 bf16, T, B, I, H,
@@ -89,6 +91,7 @@ struct SweepOption {
   int64_t cluster = 0;   // the cluster sweeps, clusters of this many blocks at most (units follow)
   int64_t units = 0, batch_tile = 0;
   bool mma = false;      // tensor-core step products
+  bool registers = true; // with mma: the weight fragments in registers where the plan allows
 } sweep_option;
 
 // The mma K of storage type T (SweepPlan::mma_k); float64 has none.
@@ -149,7 +152,8 @@ void run_layer(const int64_t* hd, Reader& in, Writer& out) {
   gemm(false, true, rows, D * G, I, x.data(), I, w_ih.data(), I, 0.0, xg.data(), D * G);
   const bool sweep = sweep_option.on && !proj;
   if (sweep) {
-    SweepPlan pl = sweep_plan(false, H, B, D, units, sweep_option.batch_tile, sizeof(T), sizeof(A), mma_k);
+    SweepPlan pl = sweep_plan(false, H, B, D, units, sweep_option.batch_tile, sizeof(T), sizeof(A), mma_k,
+                              sweep_option.registers);
     if (sweep_option.cluster) {
       pl.own_offset = pl.shared_bytes;
       pl.shared_bytes += sweep_align(2 * B * pl.units * int64_t(sizeof(T)));
@@ -192,7 +196,8 @@ void run_layer(const int64_t* hd, Reader& in, Writer& out) {
       dh_proj_saved(proj ? D * rows * P : 0);
   std::vector<A> dh_raw(proj ? D * B * H : 0);
   if (sweep) {
-    SweepPlan pl = sweep_plan(true, H, B, D, units, sweep_option.batch_tile, sizeof(T), sizeof(A), mma_k);
+    SweepPlan pl = sweep_plan(true, H, B, D, units, sweep_option.batch_tile, sizeof(T), sizeof(A), mma_k,
+                              sweep_option.registers);
     if (sweep_option.cluster) {
       pl.own_offset = pl.shared_bytes;
       pl.shared_bytes += sweep_align(2 * B * 4 * pl.units * int64_t(sizeof(T)));
@@ -469,20 +474,23 @@ int main(int argc, char** argv) {
     SweepPlan pl;
     if (!choose_sweep_plan(backward, a[0], a[1], a[2], a[3], a[4], mma_k, a[5], a[6], &pl))
       return std::puts("none"), 0;
-    std::printf("%lld %lld %lld %lld %lld %lld %lld %lld\n", (long long)pl.units, (long long)pl.blocks,
+    std::printf("%lld %lld %lld %lld %lld %lld %lld %lld %d\n", (long long)pl.units, (long long)pl.blocks,
                 (long long)pl.batch_tile, (long long)pl.lanes, (long long)pl.shared_bytes, (long long)pl.rows,
-                (long long)pl.kdim, (long long)pl.stride);
+                (long long)pl.kdim, (long long)pl.stride, int(pl.a_in_registers));
     return 0;
   }
-  const bool mma = argc == 7 && std::string(argv[6]) == "mma";
+  const bool mma = argc == 7 && (std::string(argv[6]) == "mma" || std::string(argv[6]) == "mma-smem");
+  const bool registers = !(mma && std::string(argv[6]) == "mma-smem");
   const int sweep_args = mma ? 7 : 6;
   if (argc == sweep_args && (std::string(argv[3]) == "sweep" || std::string(argv[3]) == "sweep-whole")) {
-    sweep_option = {true, std::string(argv[3]) == "sweep-whole", 0, std::atoll(argv[4]), std::atoll(argv[5]), mma};
+    sweep_option = {true, std::string(argv[3]) == "sweep-whole", 0, std::atoll(argv[4]), std::atoll(argv[5]), mma,
+                    registers};
   } else if (argc == sweep_args && std::string(argv[3]) == "sweep-cluster") {
-    sweep_option = {true, false, std::atoll(argv[4]), 0, std::atoll(argv[5]), mma};
+    sweep_option = {true, false, std::atoll(argv[4]), 0, std::atoll(argv[5]), mma, registers};
   } else if (argc != 3) {
     std::fprintf(stderr,
-                 "usage: %s IN OUT [sweep|sweep-whole UNITS BATCH_TILE | sweep-cluster CLUSTER BATCH_TILE] [mma]\n",
+                 "usage: %s IN OUT [sweep|sweep-whole UNITS BATCH_TILE | sweep-cluster CLUSTER BATCH_TILE] "
+                 "[mma|mma-smem]\n",
                  argv[0]);
     return 2;
   }
