@@ -42,15 +42,8 @@ __global__ void sweep_bwd_kernel(const SweepBwd<T> p) {
     const int k = i / R, u = i % R;
     w_s[u * stride + k] = u < nu && k < W ? p.w_hh[d][k * H + j0 + u] : zero;
   }
-  for (int i = tid; i < int(pl.tile_rows) * (stride - W); i += nt)
-    g_s[i / (stride - W) * stride + W + i % (stride - W)] = zero;
-  [[maybe_unused]] uint32_t a_frags[kRegSteps][4];  // mma, a_in_registers: the warp's weight fragments
-  if constexpr (Mma) {
-    if (pl.a_in_registers) {
-      __syncthreads();  // the weight rows are in place
-      weight_fragments(w_s, R, stride, int(pl.kdim), L, a_frags);
-    }
-  }
+  uint32_t a_frags[kRegSteps][4];  // mma, a_in_registers: the warp's weight fragments
+  prepare_products<Mma>(pl, w_s, W, g_s, a_frags);
   for (int64_t q = p.q_begin; q < p.q_end; ++q) {
     const int64_t s = p.T_ - 1 - q;  // the sweep step; -1 in the last phase, which only makes dh0
     const T* dg_last = p.dg_step + ((q & 1) * D + d) * B * G;
@@ -65,11 +58,7 @@ __global__ void sweep_bwd_kernel(const SweepBwd<T> p) {
           stage_tile(dg_last + b0 * G, nb, staged, W, stride, g_s);
         }
         __syncthreads();
-        if constexpr (Mma) {
-          mma_products(w_s, g_s, R, stride, int(pl.kdim), L, nb, a_frags, pl.a_in_registers, part);
-        } else {
-          tile_products(w_s, g_s, R, W, stride, L, nb, staged / 4, part);
-        }
+        step_products<Mma>(pl, w_s, g_s, W, nb, staged, a_frags, part);
 #if !defined(BIRNN_BREAK_SWEEP_BWD_BARRIER)
         __syncthreads();
 #endif

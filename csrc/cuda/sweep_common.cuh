@@ -124,6 +124,37 @@ __device__ __forceinline__ void weight_fragments(const T* w, int R, int stride, 
   }
 }
 
+// What the products need before the first step: zeros in the staged tile's columns past
+// the row's end (`width`; staging writes only the first `width` of each row, the tensor
+// cores read up to kdim), and with tensor-core products whose plan keeps the weights in
+// registers, the warp's weight fragments from the block's weight rows `w` (written
+// before the call by all the block's threads).
+template <bool Mma, typename T>
+__device__ __forceinline__ void prepare_products(const SweepPlan& pl, const T* w, int width, T* tile,
+                                                 uint32_t (&a)[kRegSteps][4]) {
+  const int stride = int(pl.stride), pad = stride - width;
+  for (int i = int(threadIdx.x); i < int(pl.tile_rows) * pad; i += int(blockDim.x))
+    tile[i / pad * stride + width + i % pad] = from_math<T>(math_t<T>(0));
+  if constexpr (Mma) {
+    if (pl.a_in_registers) {
+      __syncthreads();  // the weight rows are in place
+      weight_fragments(w, int(pl.rows), stride, int(pl.kdim), int(pl.lanes), a);
+    }
+  }
+}
+
+// One step's products of the staged tile (nb batch rows, `staged` of them staged) against
+// the block's weight rows, into part: on the tensor cores (Mma) or the CUDA cores.
+template <bool Mma, typename T>
+__device__ __forceinline__ void step_products(const SweepPlan& pl, const T* w, const T* tile, int width, int nb,
+                                              int staged, const uint32_t (&a)[kRegSteps][4], math_t<T>* part) {
+  if constexpr (Mma) {
+    mma_products(w, tile, int(pl.rows), int(pl.stride), int(pl.kdim), int(pl.lanes), nb, a, pl.a_in_registers, part);
+  } else {
+    tile_products(w, tile, int(pl.rows), width, int(pl.stride), int(pl.lanes), nb, staged / 4, part);
+  }
+}
+
 // The barrier between two steps of a sweep. Where a direction is one block (per_dir ==
 // 1), it exchanges its h (or dg) with itself alone, and the __syncthreads that ends
 // every batch tile already orders the step's global writes before the next step's reads
@@ -214,8 +245,28 @@ bool fits(void (*kernel)(P), const SweepPlan& plan, int multiprocessors) {
   }
   return int64_t(per_sm) * multiprocessors >= plan.blocks;
 }
-#endif
 
+// The launch configuration of `blocks` blocks of kSweepThreads in clusters of `per_dir`
+// along x (the configuration points at its own attribute: not copyable).
+struct ClusterLaunch {
+  cudaLaunchConfig_t cfg = {};
+  cudaLaunchAttribute attr[1] = {};
+  ClusterLaunch(int64_t blocks, int64_t per_dir, size_t shared_bytes, cudaStream_t stream) {
+    cfg.gridDim = dim3(unsigned(blocks));
+    cfg.blockDim = dim3(unsigned(kSweepThreads));
+    cfg.dynamicSmemBytes = shared_bytes;
+    cfg.stream = stream;
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = unsigned(per_dir);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+  }
+  ClusterLaunch(const ClusterLaunch&) = delete;
+  ClusterLaunch& operator=(const ClusterLaunch&) = delete;
+};
+#endif
 
 // A cluster of ceil(H / units) blocks per direction along x, a direction each.
 template <typename P>
@@ -224,19 +275,8 @@ cudaError_t launch_clusters(void (*kernel)(P), const P& p, cudaStream_t stream) 
   const int64_t per_dir = (p.H + p.plan.units - 1) / p.plan.units;
   const size_t shared_bytes = size_t(p.plan.shared_bytes);
 #if !defined(BIRNN_EMU)
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(unsigned(p.D * per_dir));
-  cfg.blockDim = dim3(unsigned(kSweepThreads));
-  cfg.dynamicSmemBytes = shared_bytes;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = unsigned(per_dir);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, kernel, p);
+  const ClusterLaunch launch(p.D * per_dir, per_dir, shared_bytes, stream);
+  return cudaLaunchKernelEx(&launch.cfg, kernel, p);
 #else
   BIRNN_LAUNCH_CLUSTER(kernel, dim3(unsigned(p.D * per_dir)), dim3(unsigned(kSweepThreads)), unsigned(per_dir),
                        shared_bytes, stream, p);
@@ -257,19 +297,9 @@ bool cluster_fits(void (*kernel)(P), const SweepPlan& plan, int64_t D) {
     (void)cudaGetLastError();
     return false;
   }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(unsigned(plan.blocks));
-  cfg.blockDim = dim3(unsigned(kSweepThreads));
-  cfg.dynamicSmemBytes = size_t(plan.shared_bytes);
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = unsigned(per_dir);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  const ClusterLaunch launch(plan.blocks, per_dir, size_t(plan.shared_bytes), nullptr);
   int clusters = 0;
-  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) {
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &launch.cfg) != cudaSuccess) {
     (void)cudaGetLastError();
     return false;
   }

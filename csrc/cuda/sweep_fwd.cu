@@ -32,23 +32,15 @@ __global__ void sweep_fwd_kernel(const SweepFwd<T> p) {
   T* h_s = reinterpret_cast<T*>(smem + pl.tile_offset);  // [tile_rows][stride]: h of the tile's rows
   A* part = reinterpret_cast<A*>(smem + pl.part_offset);  // [batch_tile * R][L] partial dot products
   T* own = reinterpret_cast<T*>(smem + pl.own_offset);   // Cluster: [2][B][U]
-  // Zeros past the rows of the block's units and past the row's end: the products read
-  // whole mma tiles (the staged tile's first H columns are written each step, the rest
-  // stays zeros).
+  // Zeros past the rows of the block's units and past the row's end: the tensor cores
+  // read whole 16-row tiles and whole mma steps of the row.
   const T zero = from_math<T>(A(0));
   for (int i = tid; i < R * stride; i += nt) {
     const int r = i / stride, k = i % stride, g = r / U, u = r % U;
     w_s[i] = r < 4 * U && u < nu && k < H ? p.w_hh[d][(g * H + j0 + u) * H + k] : zero;
   }
-  for (int i = tid; i < int(pl.tile_rows) * (stride - H); i += nt)
-    h_s[i / (stride - H) * stride + H + i % (stride - H)] = zero;
-  [[maybe_unused]] uint32_t a_frags[kRegSteps][4];  // mma, a_in_registers: the warp's weight fragments
-  if constexpr (Mma) {
-    if (pl.a_in_registers) {
-      __syncthreads();  // the weight rows are in place
-      weight_fragments(w_s, R, stride, int(pl.kdim), L, a_frags);
-    }
-  }
+  uint32_t a_frags[kRegSteps][4];  // mma, a_in_registers: the warp's weight fragments
+  prepare_products<Mma>(pl, w_s, H, h_s, a_frags);
   for (int64_t s = p.s_begin; s < p.s_end; ++s) {
     const T* h_cur = s == 0 ? p.h0 + d * B * H : p.h + ((s & 1) * D + d) * B * H;
     T* h_next = s == p.T_ - 1 ? p.h_n + d * B * H : p.h + (((s + 1) & 1) * D + d) * B * H;
@@ -61,11 +53,7 @@ __global__ void sweep_fwd_kernel(const SweepFwd<T> p) {
         stage_tile(h_cur + b0 * H, nb, staged, H, stride, h_s);
       }
       __syncthreads();
-      if constexpr (Mma) {
-        mma_products(w_s, h_s, R, stride, int(pl.kdim), L, nb, a_frags, pl.a_in_registers, part);
-      } else {
-        tile_products(w_s, h_s, R, H, stride, L, nb, staged / 4, part);
-      }
+      step_products<Mma>(pl, w_s, h_s, H, nb, staged, a_frags, part);
 #if !defined(BIRNN_BREAK_SWEEP_BARRIER)
       __syncthreads();
 #endif
