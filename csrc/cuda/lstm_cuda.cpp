@@ -363,12 +363,16 @@ lstm_layer_backward_cuda(const std::optional<at::Tensor>& grad_y, const std::opt
                                                                         dir(dh_proj), weight(w_hr), dir(dh_raw)},
                        D, x.device(), stream);
       }
-      // The weight gradients of direction d's rows for times [t0, t1), onto what the rows
-      // before them gave (beta 1) or alone (beta 0).
-      auto weight_grads_of = [&](int64_t d, int64_t t0, int64_t t1, double beta) {
+      // Direction d's weight gradients from its rows for times [t0, t1), onto what the rows
+      // before them gave (beta 1) or alone (beta 0): dW_ih[d] (input), dW_hh[d] and dW_hr[d]
+      // (recurrent).
+      auto input_weight_grads_of = [&](int64_t d, int64_t t0, int64_t t1, double beta) {
         const int64_t r0 = t0 * B, k = (t1 - t0) * B;
         gemm<S>(true, false, G, I, k, ptr<S>(dg) + (d * rows + r0) * G, G, 0, ptr<S>(x) + r0 * I, I, 0, beta,
                 ptr<S>(dw_ih) + d * G * I, Storage<S>::id, I, 0, 1);
+      };
+      auto recurrent_weight_grads_of = [&](int64_t d, int64_t t0, int64_t t1, double beta) {
+        const int64_t r0 = t0 * B, k = (t1 - t0) * B;
         gemm<S>(true, false, G, P, k, ptr<S>(dg) + (d * rows + r0) * G, G, 0, ptr<S>(h_prev) + (d * rows + r0) * P, P,
                 0, beta, ptr<S>(dw_hh) + d * G * P, Storage<S>::id, P, 0, 1);
         if (proj)
@@ -405,10 +409,11 @@ lstm_layer_backward_cuda(const std::optional<at::Tensor>& grad_y, const std::opt
                        Storage<math_t<T> >::id, P, D);
         if (chunked && (unflushed - s == chunk || s == 0)) {
           side->run([&] {
+            const double beta = unflushed == T_ ? 0.0 : 1.0;  // the first chunk starts the sum
             for (int64_t d = 0; d < chunked_dirs; ++d) {
-              const double beta = unflushed == T_ ? 0.0 : 1.0;  // the first chunk starts the sum
-              if (d == 0) weight_grads_of(0, s, unflushed, beta);
-              else weight_grads_of(1, T_ - unflushed, T_ - s, beta);
+              const int64_t t0 = d == 0 ? s : T_ - unflushed, t1 = d == 0 ? unflushed : T_ - s;
+              input_weight_grads_of(d, t0, t1, beta);
+              recurrent_weight_grads_of(d, t0, t1, beta);
             }
           });
           unflushed = s;
@@ -423,14 +428,18 @@ lstm_layer_backward_cuda(const std::optional<at::Tensor>& grad_y, const std::opt
           gemm<S>(false, false, rows, I, G, ptr<S>(dg) + d * rows * G, G, 0, ptr<S>(w_ih[d]), I, 0, d ? 1.0 : 0.0,
                   ptr<S>(dx), Storage<S>::id, I, 0, 1);
       };
+      // Chunked: only the directions the chunks did not cover are left.
       auto input_weight_grads = [&] {  // dW_ih[d] = dg[d]^T x (x shared by the directions: stride 0)
-        if (chunked) return;  // weight_grads_of, below
+        if (chunked) {
+          for (int64_t d = chunked_dirs; d < D; ++d) input_weight_grads_of(d, 0, T_, 0.0);
+          return;
+        }
         gemm<S>(true, false, G, I, rows, ptr<S>(dg), G, rows * G, ptr<S>(x), I, 0, 0.0, ptr<S>(dw_ih), Storage<S>::id,
                 I, G * I, D);
       };
       auto recurrent_weight_grads = [&] {  // dW_hh[d] = dg[d]^T h_prev[d], dW_hr[d] = dh_proj[d]^T h_raw[d]
-        if (chunked) {  // the directions the chunks did not cover
-          for (int64_t d = chunked_dirs; d < D; ++d) weight_grads_of(d, 0, T_, 0.0);
+        if (chunked) {
+          for (int64_t d = chunked_dirs; d < D; ++d) recurrent_weight_grads_of(d, 0, T_, 0.0);
           return;
         }
         gemm<S>(true, false, G, P, rows, ptr<S>(dg), G, rows * G, ptr<S>(h_prev), P, rows * P, 0.0, ptr<S>(dw_hh),
