@@ -48,12 +48,15 @@ bench: build
 # On a GPU machine, with the python3 and torch already there (no venv: such a machine may
 # have no package index): build, GPU tests, sanitizers, benchmarks and kernel profile in
 # a few minutes; gpu-variants times each launch switch awaiting its measurement against
-# the defaults. benchmarks/gpu_check.py says what each step runs.
+# the defaults. LOGS=folder for the logs, results and summary; DEADLINE=seconds for a
+# machine lent for a fixed time. benchmarks/gpu_check.py says what each step runs.
+GPU_CHECK_ARGS = $(if $(LOGS),--logs $(LOGS)) $(if $(DEADLINE),--deadline $(DEADLINE))
+
 gpu-check:
-	$(PY) benchmarks/gpu_check.py --group core $(if $(LOGS),--logs $(LOGS))
+	$(PY) benchmarks/gpu_check.py --group core $(GPU_CHECK_ARGS)
 
 gpu-variants:
-	$(PY) benchmarks/gpu_check.py --group variants $(if $(LOGS),--logs $(LOGS))
+	$(PY) benchmarks/gpu_check.py --group variants $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info birnn_ext/_C*.so

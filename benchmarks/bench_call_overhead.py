@@ -28,13 +28,17 @@ from torch import nn
 from birnn_ext import FusedBiLSTM
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="1,1,16,16", help="B,T,I,H (one layer, bidirectional)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--calls", type=int, default=0, help="calls per round (default: about 50 ms of them)")
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
     B, T, I, H = (int(v) for v in args.size.split(","))
     dev = torch.device(args.device)
     torch.manual_seed(0)

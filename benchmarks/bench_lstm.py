@@ -216,7 +216,7 @@ def plot(rows, path):
     plt.close(fig)
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS))
     p.add_argument("--case", type=parse_case, action="append", default=[], help="B,T,I,H,layers or var:B,lo-hi,I,H,layers")
@@ -225,6 +225,11 @@ def main(argv=None):
     p.add_argument("--name", help="results file name (default: the preset's, or 'custom')")
     p.add_argument("--autocast", choices=["bf16", "fp16"], help="time both implementations under torch.autocast")
     p.add_argument("--tf32", action="store_true", help="GPU: let both implementations use TF32 for float32 products")
+    return p
+
+
+def main(argv=None):
+    p = parser()
     args = p.parse_args(argv)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32
     cases = (PRESETS[args.preset] if args.preset else []) + args.case

@@ -5,12 +5,12 @@ two commands of a few minutes each (a session's GPU time is short: each fits one
 `make gpu-check` (--group core), the state of the code as it ships:
  1. build the extension for the GPU present (its compute capability);
  2. `pytest -m cuda`: every GPU test, the property tests against nn.LSTM among them;
- 3. compute-sanitizer memcheck, racecheck and synccheck over the GPU kernel tests;
- 4. the benchmark on the targets preset and the gpu-grid preset (float32, TF32 off on
+ 3. the benchmark on the targets preset and the gpu-grid preset (float32, TF32 off on
     both sides), CSV and PNG under benchmarks/results/;
- 5. the per-kernel profile of FusedBiLSTM and cuDNN (benchmarks/profile_kernels.py);
- 6. the host time of a call (benchmarks/bench_call_overhead.py --device cuda): FusedBiLSTM,
-    its layer op alone and nn.LSTM at B 1, T 1, H 16, inference and forward+backward.
+ 4. the per-kernel profile of FusedBiLSTM and cuDNN (benchmarks/profile_kernels.py);
+ 5. the host time of a call (benchmarks/bench_call_overhead.py --device cuda): FusedBiLSTM,
+    its layer op alone and nn.LSTM at B 1, T 1, H 16, inference and forward+backward;
+ 6. compute-sanitizer memcheck, racecheck and synccheck over the GPU kernel tests.
 
 `make gpu-variants` (--group variants), each switch of csrc/cuda/launch_rules.cpp that
 awaits its measurement, against the defaults timed in the same run:
@@ -30,10 +30,15 @@ awaits its measurement, against the defaults timed in the same run:
     per-kernel profile with TF32 on both sides and the tensor-core products on
     (profile-cuda-tf32-mma.csv), where the sweeps' own time shows.
 
-Each step's output goes to LOGS/<step>.log (default build/gpu-check); a compact table of
-the steps and the benchmark ratios is printed last. Exits 1 if a step failed.
+Each step's output goes to LOGS/<step>.log (default build/gpu-check), the CSV and PNG it
+writes under benchmarks/results/ are copied to LOGS/results/, and a compact table of the
+steps and the benchmark ratios is printed last and kept, step by step, in LOGS/summary.txt
+(so a run cut short still says what it did). --deadline SECONDS cuts each step's time
+limit to what is left of the run and reports the steps that no longer fit as skipped.
+Exits 1 if a step failed or was skipped.
 
     python3 benchmarks/gpu_check.py [--group core|variants|all] [--logs DIR] [--skip STEP ...]
+                                    [--deadline SECONDS]
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,14 +61,19 @@ RESULTS = ROOT / "benchmarks" / "results"
 SANITIZED = ["tests/test_lstm_parity.py", "tests/test_cell.py", "tests/test_lengths.py", "tests/test_cuda_graphs.py",
              "-k", "not reduce_overhead"]
 GROUPS = {
-    "core": ["build", "pytest", "memcheck", "racecheck", "synccheck", "bench-targets", "bench-grid", "profile",
-             "call-overhead"],
+    # The figures before the sanitizers, the longest steps: a run cut short by --deadline
+    # loses the latter.
+    "core": ["build", "pytest", "bench-targets", "bench-grid", "profile", "call-overhead", "memcheck", "racecheck",
+             "synccheck"],
     "variants": ["build", "pytest-mma", "pytest-overlap", "bench-targets", "bench-bwd-off", "bench-cluster",
                  "bench-overlap", "bench-small-h", "bench-block",
                  "bench-tf32", "bench-mma-tf32", "bench-bf16", "bench-mma-bf16", "profile-mma"],
 }
 STEPS = list(dict.fromkeys(GROUPS["core"] + GROUPS["variants"]))
 
+
+# --deadline: the seconds kept back for the report, and the least a step is started with.
+DEADLINE_RESERVE, MIN_STEP = 10, 30
 
 # gpu-grid's cases with H below 100 (bench_lstm.py's g1, g2 and g5).
 SMALL_H = ["--case", "1,400,40,64,1", "--case", "8,100,28,64,2", "--case", "64,200,300,96,1"]
@@ -93,17 +104,72 @@ def sanitizer() -> str | None:
     return str(candidate) if candidate and candidate.exists() else None
 
 
-def run_step(name: str, cmd: list[str], env: dict, logs: Path, timeout: int) -> dict:
+@dataclass
+class Step:
+    cmd: list[str]
+    timeout: int  # seconds
+    env: dict = field(default_factory=dict)  # on top of the common environment
+    results: tuple = ()  # the files it writes under benchmarks/results/, copied to LOGS/results/
+
+
+def plan(py: str, tool: str | None) -> dict[str, Step]:
+    """Every step either group can run, by name (a step not in GROUPS never runs)."""
+    bench = [py, "benchmarks/bench_lstm.py", "--device", "cuda", "--min-run-time", "0.2"]
+    # The variants' timings: half the time each, as many of them as fit one call.
+    variant = [py, "benchmarks/bench_lstm.py", "--device", "cuda", "--min-run-time", "0.1", "--preset", "targets"]
+    pytest = [py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"]
+
+    def timing(args, name, timeout=300, **env):
+        return Step(args + ["--name", name], timeout, env, (f"{name}.csv", f"{name}.png"))
+
+    steps = {
+        "build": Step([py, "-c", "import birnn_ext"], 300),
+        "pytest": Step(pytest, 300),
+        "pytest-mma": Step(pytest, 300, {"BIRNN_EXT_CUDA_MMA": "1"}),
+        # The per-step path everywhere: its weight gradients then run chunk by chunk.
+        "pytest-overlap": Step(pytest, 300, {"BIRNN_EXT_CUDA_OVERLAP": "1", "BIRNN_EXT_CUDA_SWEEP": "0"}),
+        "bench-targets": timing(bench + ["--preset", "targets"], "targets-cuda"),
+        "bench-bwd-off": timing(variant, "targets-cuda-sweep-bwd-off", BIRNN_EXT_CUDA_SWEEP_BWD="0"),
+        "bench-grid": timing(bench + ["--preset", "gpu-grid"], "gpu-grid-cuda"),
+        # gpu-grid's g1, g2 and g5: the sizes where one block holds a direction's W_hh.
+        "bench-small-h": timing(bench + SMALL_H, "gpu-grid-cuda-small-h"),
+        "bench-block": timing(bench + SMALL_H, "gpu-grid-cuda-sweep-block", BIRNN_EXT_CUDA_SWEEP_BLOCK="1"),
+        "bench-cluster": timing(variant, "targets-cuda-sweep-cluster", BIRNN_EXT_CUDA_SWEEP_CLUSTER="1"),
+        "bench-overlap": timing(variant, "targets-cuda-overlap", BIRNN_EXT_CUDA_OVERLAP="1"),
+        "bench-tf32": timing(variant + ["--tf32"], "targets-cuda-tf32"),
+        "bench-mma-tf32": timing(variant + ["--tf32"], "targets-cuda-tf32-mma", BIRNN_EXT_CUDA_MMA="1"),
+        "bench-bf16": timing(variant + ["--autocast", "bf16"], "targets-cuda-bf16"),
+        "bench-mma-bf16": timing(variant + ["--autocast", "bf16"], "targets-cuda-bf16-mma", BIRNN_EXT_CUDA_MMA="1"),
+        "profile": Step([py, "benchmarks/profile_kernels.py"], 180, results=("profile-cuda.csv",)),
+        "profile-mma": Step([py, "benchmarks/profile_kernels.py", "--tf32", "--name", "profile-cuda-tf32-mma"], 180,
+                            {"BIRNN_EXT_CUDA_MMA": "1"}, ("profile-cuda-tf32-mma.csv",)),
+        "call-overhead": Step([py, "benchmarks/bench_call_overhead.py", "--device", "cuda"], 120),
+    }
+    if tool:
+        for check in ("memcheck", "racecheck", "synccheck"):
+            steps[check] = Step([tool, "--tool", check, "--error-exitcode", "1", *pytest, *SANITIZED], 240)
+        # The caching allocator hides out-of-bounds accesses inside its blocks from memcheck.
+        steps["memcheck"].env["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"
+    return steps
+
+
+def run_step(name: str, step: Step, env: dict, logs: Path, timeout: float) -> dict:
     start = time.perf_counter()
     log = logs / f"{name}.log"
     with open(log, "w") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
+        f.write("$ " + " ".join(step.cmd) + "\n")
         f.flush()
         try:
-            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            rc = subprocess.run(step.cmd, cwd=ROOT, env={**env, **step.env}, stdout=f, stderr=subprocess.STDOUT,
+                                timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
     text = log.read_text(errors="replace")
+    if rc == 0 and step.results:  # beside the logs, so that they come back with them
+        (logs / "results").mkdir(exist_ok=True)
+        for file in step.results:
+            if (RESULTS / file).exists():
+                shutil.copy2(RESULTS / file, logs / "results" / file)
     return {"step": name, "rc": rc, "seconds": time.perf_counter() - start, "summary": summarize(name, text, rc),
             "log": str(log)}
 
@@ -144,12 +210,55 @@ def ratio_table(csv_name: str) -> list[str]:
     return lines
 
 
+def report(group: str, name: str, arch: str, logs: Path, tool: str | None, wanted: list[str],
+           results: list[dict]) -> str:
+    """The steps so far and their tables, as printed last (and kept in LOGS/summary.txt)."""
+    out = [f"gpu_check.py --group {group} on {name} (sm_{arch.replace('.', '')}); logs in {logs}"]
+    if not tool and "memcheck" in wanted:
+        out.append("compute-sanitizer: not found (not on PATH, nor in the CUDA toolkit): sanitizer steps not run")
+    out.append(f"{'step':<14} {'result':<7} {'s':>6}  summary")
+    for r in results:
+        out.append(f"{r['step']:<14} {'ok' if r['rc'] == 0 else str(r['rc']):<7} {r['seconds']:>6.0f}  {r['summary']}")
+    done = {r["step"] for r in results if r["rc"] == 0}
+    for step, title, csv_name in TABLES:
+        lines = ratio_table(csv_name) if step in done else []  # never an earlier run's file
+        if lines:
+            precision = {"bench-tf32": "float32, TF32 on both sides", "bench-mma-tf32": "float32, TF32 on both sides",
+                         "bench-bf16": "autocast bf16 on both sides",
+                         "bench-mma-bf16": "autocast bf16 on both sides"}.get(step, "float32, TF32 off on both sides")
+            out += ["", f"nn.LSTM time / fused time, {title} ({precision}):", *lines]
+    overhead = next((r for r in results if r["step"] == "call-overhead" and r["rc"] == 0), None)
+    if overhead:
+        table = Path(overhead["log"]).read_text(errors="replace").splitlines()[1:]  # past the "$ command" line
+        out += [""] + [line for line in table if line.strip() and "Warning" not in line]
+    return "\n".join(out)
+
+
+# The benchmark tables of the report: (step, title, results file name).
+TABLES = (("bench-targets", "targets preset", "targets-cuda"),
+          ("bench-bwd-off", "targets preset, backward sweep off", "targets-cuda-sweep-bwd-off"),
+          ("bench-grid", "gpu-grid preset", "gpu-grid-cuda"),
+          ("bench-small-h", "gpu-grid's g1, g2, g5", "gpu-grid-cuda-small-h"),
+          ("bench-block", "gpu-grid's g1, g2, g5 with a block per direction", "gpu-grid-cuda-sweep-block"),
+          ("bench-cluster", "targets preset, a cluster per direction", "targets-cuda-sweep-cluster"),
+          ("bench-overlap", "targets preset, backward's weight gradients side by side", "targets-cuda-overlap"),
+          ("bench-tf32", "targets preset", "targets-cuda-tf32"),
+          ("bench-mma-tf32", "targets preset, tensor-core sweeps", "targets-cuda-tf32-mma"),
+          ("bench-bf16", "targets preset", "targets-cuda-bf16"),
+          ("bench-mma-bf16", "targets preset, tensor-core sweeps", "targets-cuda-bf16-mma"))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--logs", type=Path, default=ROOT / "build" / "gpu-check")
     p.add_argument("--group", choices=[*GROUPS, "all"], default="core")
     p.add_argument("--skip", action="append", default=[], choices=STEPS)
+    p.add_argument("--deadline", type=float, default=0,
+                   help="seconds for the whole run (0: none): each step's time limit is cut to what is left, and "
+                        "the steps that no longer fit are reported as skipped, so a run on a machine lent for a "
+                        "fixed time still ends with its table")
     args = p.parse_args(argv)
+    began = time.perf_counter()
     sys.path.insert(0, str(ROOT))
     found = gpu()
     if found is None:
@@ -161,92 +270,28 @@ def main(argv=None) -> int:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "BIRNN_EXT_CUDA": "1",
            "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST", arch),
            "MAX_JOBS": os.environ.get("MAX_JOBS", str(os.cpu_count() or 4))}
-    py = sys.executable
-    bench = [py, "benchmarks/bench_lstm.py", "--device", "cuda", "--min-run-time", "0.2"]
-    # The variants' timings: half the time each, as many of them as fit one call.
-    variant = [py, "benchmarks/bench_lstm.py", "--device", "cuda", "--min-run-time", "0.1", "--preset", "targets"]
-    plan = [
-        ("build", [py, "-c", "import birnn_ext"], 300),
-        ("pytest", [py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"], 300),
-        ("pytest-mma", [py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"], 300),
-        ("pytest-overlap", [py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"], 300),
-    ]
     tool = sanitizer()
-    if tool:
-        # The caching allocator hides out-of-bounds accesses inside its blocks from memcheck.
-        for check in ("memcheck", "racecheck", "synccheck"):
-            plan.append((check, [tool, "--tool", check, "--error-exitcode", "1", py, "-m", "pytest", "-q", "-m",
-                                 "cuda", "-p", "no:cacheprovider", *SANITIZED], 240))
-    plan += [
-        ("bench-targets", bench + ["--preset", "targets", "--name", "targets-cuda"], 300),
-        ("bench-bwd-off", variant + ["--name", "targets-cuda-sweep-bwd-off"], 300),
-        ("bench-grid", bench + ["--preset", "gpu-grid", "--name", "gpu-grid-cuda"], 300),
-        # gpu-grid's g1, g2 and g5: the sizes where one block holds a direction's W_hh.
-        ("bench-small-h", bench + [*SMALL_H, "--name", "gpu-grid-cuda-small-h"], 300),
-        ("bench-block", bench + [*SMALL_H, "--name", "gpu-grid-cuda-sweep-block"], 300),
-        ("bench-cluster", variant + ["--name", "targets-cuda-sweep-cluster"], 300),
-        ("bench-overlap", variant + ["--name", "targets-cuda-overlap"], 300),
-        ("bench-tf32", variant + ["--tf32", "--name", "targets-cuda-tf32"], 300),
-        ("bench-mma-tf32", variant + ["--tf32", "--name", "targets-cuda-tf32-mma"], 300),
-        ("bench-bf16", variant + ["--autocast", "bf16", "--name", "targets-cuda-bf16"], 300),
-        ("bench-mma-bf16", variant + ["--autocast", "bf16", "--name", "targets-cuda-bf16-mma"], 300),
-        ("profile", [py, "benchmarks/profile_kernels.py"], 180),
-        ("profile-mma", [py, "benchmarks/profile_kernels.py", "--tf32", "--name", "profile-cuda-tf32-mma"], 180),
-        ("call-overhead", [py, "benchmarks/bench_call_overhead.py", "--device", "cuda"], 120),
-    ]
+    steps = plan(sys.executable, tool)
     wanted = STEPS if args.group == "all" else GROUPS[args.group]
-    plan.sort(key=lambda entry: wanted.index(entry[0]) if entry[0] in wanted else len(wanted))
     results = []
-    for step, cmd, timeout in plan:
-        if step in args.skip or step not in wanted:
+    for step in wanted:
+        if step in args.skip or step not in steps:
             continue
-        step_env = {"memcheck": dict(env, PYTORCH_NO_CUDA_MEMORY_CACHING="1"),
-                    "bench-bwd-off": dict(env, BIRNN_EXT_CUDA_SWEEP_BWD="0"),
-                    "bench-block": dict(env, BIRNN_EXT_CUDA_SWEEP_BLOCK="1"),
-                    "bench-cluster": dict(env, BIRNN_EXT_CUDA_SWEEP_CLUSTER="1"),
-                    "pytest-mma": dict(env, BIRNN_EXT_CUDA_MMA="1"),
-                    # The per-step path everywhere: its weight gradients then run chunk by chunk.
-                    "pytest-overlap": dict(env, BIRNN_EXT_CUDA_OVERLAP="1", BIRNN_EXT_CUDA_SWEEP="0"),
-                    "bench-overlap": dict(env, BIRNN_EXT_CUDA_OVERLAP="1"),
-                    "bench-mma-tf32": dict(env, BIRNN_EXT_CUDA_MMA="1"),
-                    "bench-mma-bf16": dict(env, BIRNN_EXT_CUDA_MMA="1"),
-                    "profile-mma": dict(env, BIRNN_EXT_CUDA_MMA="1")}.get(step, env)
-        print(f"[gpu-check] {step} ...", file=sys.stderr, flush=True)
-        results.append(run_step(step, cmd, step_env, args.logs, timeout))
+        timeout = steps[step].timeout
+        if args.deadline:
+            left = args.deadline - (time.perf_counter() - began) - DEADLINE_RESERVE
+            timeout = min(timeout, left)
+        if timeout < MIN_STEP:
+            results.append({"step": step, "rc": "skipped", "seconds": 0, "summary": "out of time (--deadline)",
+                            "log": ""})
+        else:
+            print(f"[gpu-check] {step} ...", file=sys.stderr, flush=True)
+            results.append(run_step(step, steps[step], env, args.logs, timeout))
+        # Kept as it grows: a run cut short still leaves the table of what it did.
+        (args.logs / "summary.txt").write_text(report(args.group, name, arch, args.logs, tool, wanted, results) + "\n")
         if step == "build" and results[-1]["rc"] != 0:
             break  # nothing else can run
-    print(f"\ngpu_check.py --group {args.group} on {name} (sm_{arch.replace('.', '')}); logs in {args.logs}")
-    if not tool and "memcheck" in wanted:
-        print("compute-sanitizer: not found (not on PATH, nor in the CUDA toolkit): sanitizer steps not run")
-    print(f"{'step':<14} {'result':<6} {'s':>6}  summary")
-    for r in results:
-        print(f"{r['step']:<14} {'ok' if r['rc'] == 0 else str(r['rc']):<6} {r['seconds']:>6.0f}  {r['summary']}")
-    done = {r["step"] for r in results if r["rc"] == 0}
-    for step, title, csv_name in (("bench-targets", "targets preset", "targets-cuda"),
-                                  ("bench-bwd-off", "targets preset, backward sweep off", "targets-cuda-sweep-bwd-off"),
-                                  ("bench-grid", "gpu-grid preset", "gpu-grid-cuda"),
-                                  ("bench-small-h", "gpu-grid's g1, g2, g5", "gpu-grid-cuda-small-h"),
-                                  ("bench-block", "gpu-grid's g1, g2, g5 with a block per direction",
-                                   "gpu-grid-cuda-sweep-block"),
-                                  ("bench-cluster", "targets preset, a cluster per direction",
-                                   "targets-cuda-sweep-cluster"),
-                                  ("bench-overlap", "targets preset, backward's weight gradients side by side",
-                                   "targets-cuda-overlap"),
-                                  ("bench-tf32", "targets preset", "targets-cuda-tf32"),
-                                  ("bench-mma-tf32", "targets preset, tensor-core sweeps", "targets-cuda-tf32-mma"),
-                                  ("bench-bf16", "targets preset", "targets-cuda-bf16"),
-                                  ("bench-mma-bf16", "targets preset, tensor-core sweeps", "targets-cuda-bf16-mma")):
-        lines = ratio_table(csv_name) if step in done else []  # never an earlier run's file
-        if lines:
-            precision = {"bench-tf32": "float32, TF32 on both sides", "bench-mma-tf32": "float32, TF32 on both sides",
-                         "bench-bf16": "autocast bf16 on both sides",
-                         "bench-mma-bf16": "autocast bf16 on both sides"}.get(step, "float32, TF32 off on both sides")
-            print(f"\nnn.LSTM time / fused time, {title} ({precision}):")
-            print("\n".join(lines))
-    overhead = next((r for r in results if r["step"] == "call-overhead" and r["rc"] == 0), None)
-    if overhead:
-        table = Path(overhead["log"]).read_text(errors="replace").splitlines()[1:]  # past the "$ command" line
-        print("\n" + "\n".join(line for line in table if line.strip() and "Warning" not in line))
+    print("\n" + report(args.group, name, arch, args.logs, tool, wanted, results))
     return 0 if all(r["rc"] == 0 for r in results) else 1
 
 

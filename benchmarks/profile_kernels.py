@@ -46,14 +46,18 @@ def kernel_times(step, iters: int) -> tuple[list[tuple[str, int, float]], float]
     return rows, sum(r[2] for r in rows)
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--case", action="append", help="B,T,I,H,layers (bidirectional); repeatable")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--top", type=int, default=8)
     p.add_argument("--tf32", action="store_true", help="TF32 on both sides (cuDNN's default)")
     p.add_argument("--name", default="profile-cuda", help="results file name (default: profile-cuda)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_kernels.py needs a CUDA GPU; none is visible", file=sys.stderr)
         return 2

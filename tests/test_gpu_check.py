@@ -1,0 +1,76 @@
+"""`make gpu-check` and `make gpu-variants` run where GPU time is short and lent by the
+call: a wrong argument in one of their commands, or a run cut off before its table, costs
+a whole call. What can be checked without a GPU is checked here: every step has a
+command, every benchmark command parses with its script's own parser, and a run past its
+--deadline still ends with its table, its results beside its logs."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gpu_check  # noqa: E402
+
+PY = sys.executable
+
+
+def test_every_step_of_every_group_has_a_command():
+    steps = gpu_check.plan(PY, "/usr/bin/compute-sanitizer")
+    for group, names in gpu_check.GROUPS.items():
+        missing = [n for n in names if n not in steps]
+        assert not missing, f"group {group}: no command for {missing}"
+    assert set(steps) == set(gpu_check.STEPS), "a step with a command that no group runs"
+
+
+def test_without_compute_sanitizer_the_sanitizer_steps_are_left_out():
+    assert {"memcheck", "racecheck", "synccheck"}.isdisjoint(gpu_check.plan(PY, None))
+
+
+@pytest.mark.parametrize("step", [s for s, st in gpu_check.plan(PY, None).items() if "benchmarks/" in st.cmd[1]])
+def test_benchmark_commands_parse(step):
+    cmd = gpu_check.plan(PY, None)[step].cmd
+    script = importlib.import_module(Path(cmd[1]).stem)
+    args = script.parser().parse_args(cmd[2:])  # argparse exits (failing the test) on a wrong argument
+    assert vars(args), step
+
+
+def test_each_table_reads_the_file_its_step_writes():
+    steps = gpu_check.plan(PY, None)
+    for step, _, csv_name in gpu_check.TABLES:
+        assert f"{csv_name}.csv" in steps[step].results, (step, csv_name)
+
+
+def test_a_run_past_its_deadline_still_ends_with_its_table(tmp_path, monkeypatch, capsys):
+    results, logs = tmp_path / "results", tmp_path / "logs"
+    results.mkdir()
+
+    def writes(name):
+        return f"open({str(results / name)!r}, 'w').write('x')"
+
+    fake = {
+        "build": gpu_check.Step([PY, "-c", writes("a.csv")], 60, results=("a.csv",)),
+        # Writes its result file, then outlives what is left of the run.
+        "pytest": gpu_check.Step([PY, "-c", f"import time; {writes('b.csv')}; time.sleep(60)"], 300,
+                                 results=("b.csv",)),
+        "memcheck": gpu_check.Step([PY, "-c", "print('never started')"], 60),
+    }
+    monkeypatch.setattr(gpu_check, "gpu", lambda: ("Fake GPU", "9.0"))
+    monkeypatch.setattr(gpu_check, "plan", lambda py, tool: fake)
+    monkeypatch.setattr(gpu_check, "RESULTS", results)
+    monkeypatch.setattr(gpu_check, "DEADLINE_RESERVE", 0)
+    monkeypatch.setattr(gpu_check, "MIN_STEP", 1)
+    rc = gpu_check.main(["--logs", str(logs), "--deadline", "4"])
+    assert rc == 1
+    rows = {line.split()[0]: line.split()[1] for line in (logs / "summary.txt").read_text().splitlines()[2:]
+            if line.split() and line.split()[0] in fake}
+    assert rows == {"build": "ok", "pytest": "timeout", "memcheck": "skipped"}
+    assert "memcheck" in capsys.readouterr().out  # the table printed last, the skipped step in it
+    assert not (logs / "memcheck.log").exists()
+    # A step's results come back beside the logs only where it ended well.
+    assert sorted(p.name for p in (logs / "results").iterdir()) == ["a.csv"]
