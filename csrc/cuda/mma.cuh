@@ -6,6 +6,8 @@
 // into each lane's registers as the PTX ISA lays them out; the host emulator computes
 // mma_sync from the same registers through its own reference of that layout
 // (csrc/emu/cuda_emu.h, mma_layout), which the emulated tests check these loaders against.
+// Both follow the PTX ISA's tables "Matrix Fragments for mma.m16n8k8" (.tf32) and "... for
+// mma.m16n8k16 with floating point type" (.f16/.bf16), row by row.
 // Torch-free.
 #pragma once
 
