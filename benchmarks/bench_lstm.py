@@ -2,7 +2,9 @@
 
 For each case: inference (no grad) and forward+backward, timed with
 torch.utils.benchmark (warm-up, blocked_autorange) using every intra-op thread
-(Timer's default of one thread would hide what threading does on both sides).
+(Timer's default of one thread would hide what threading does on both sides), the two
+implementations in alternating rounds (ROUNDS): each time is the median of its rounds,
+the ratio the median of the rounds' own ratios.
 Prints times, the ratio nn.LSTM/fused (above 1: fused is faster), achieved GFLOP/s
 and its share of this machine's large-GEMM GFLOP/s, measured in the same run. For the
 `targets` preset in float32 on the CPU, also each case's target ratio and what meeting
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import csv
 import platform
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,16 +131,30 @@ def gemm_ceiling(threads: int) -> float:
     return best
 
 
-def time_fn(fn, threads, min_run_time, autocast=None):
-    if autocast is not None:  # both implementations inside the same autocast region
-        inner = fn
+# Rounds per measurement: each implementation is timed ROUNDS times, alternating, for
+# min_run_time / ROUNDS each, so that a change in the machine's speed during a case (on a
+# shared machine, up to twofold from one second to the next) hits both sides alike.
+ROUNDS = 5
 
-        def fn():
-            with torch.autocast(autocast[0], dtype=autocast[1]):
-                inner()
 
-    fn()  # warm-up outside the timer too: first calls build caches (oneDNN primitives)
-    return tb.Timer("fn()", globals={"fn": fn}, num_threads=threads).blocked_autorange(min_run_time=min_run_time).median
+def time_pair(fn_ref, fn_fused, threads, min_run_time, autocast=None):
+    """(nn.LSTM seconds, fused seconds, ratio): each time the median of its rounds, the
+    ratio the median of the rounds' ratios, each from the two measurements side by side."""
+    timers = []
+    for fn in (fn_ref, fn_fused):
+        if autocast is not None:  # both implementations inside the same autocast region
+            def fn(inner=fn):
+                with torch.autocast(autocast[0], dtype=autocast[1]):
+                    inner()
+
+        fn()  # warm-up outside the timer too: first calls build caches (oneDNN primitives)
+        timers.append(tb.Timer("fn()", globals={"fn": fn}, num_threads=threads))
+    times = ([], [])
+    for r in range(ROUNDS):
+        for side in ((0, 1) if r % 2 == 0 else (1, 0)):  # who goes first alternates too
+            times[side].append(timers[side].blocked_autorange(min_run_time=min_run_time / ROUNDS).median)
+    ratios = [a / b for a, b in zip(*times)]
+    return statistics.median(times[0]), statistics.median(times[1]), statistics.median(ratios)
 
 
 def bench_case(case: Case, device: str, threads: int, min_run_time: float, autocast=None, with_targets=False):
@@ -176,14 +193,13 @@ def bench_case(case: Case, device: str, threads: int, min_run_time: float, autoc
 
     rows = []
     for k, (mode, train) in enumerate((("inference", False), ("forward+backward", True))):
-        t_ref = time_fn(run_ref(train), threads, min_run_time, autocast)
-        t_fused = time_fn(run_fused(train), threads, min_run_time, autocast)
+        t_ref, t_fused, ratio = time_pair(run_ref(train), run_fused(train), threads, min_run_time, autocast)
         flops = lstm_flops(case, steps) * (3 if train else 1)
         target = case.targets[k] if with_targets and case.targets else float("nan")
         rows.append(dict(case=case.name, B=case.B, T=case.T, min_len=case.min_len, I=case.I, H=case.H,
                          layers=case.layers, mode=mode, device=device, threads=threads,
                          autocast=str(autocast[1]).removeprefix("torch.") if autocast else "off",
-                         nn_lstm_ms=t_ref * 1e3, fused_ms=t_fused * 1e3, ratio=t_ref / t_fused,
+                         nn_lstm_ms=t_ref * 1e3, fused_ms=t_fused * 1e3, ratio=ratio,
                          fused_gflops=flops / t_fused / 1e9, nn_lstm_gflops=flops / t_ref / 1e9,
                          target=target, target_gflops=flops / (t_ref / target) / 1e9))
     return rows
