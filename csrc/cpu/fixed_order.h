@@ -59,18 +59,21 @@ constexpr int64_t kMaxRowsInPlace = 64;
 // at batch 1, T 28, H 128, dW_hh (512 x 28 x 128) takes 17 us there against 35 us in BLAS
 // (benchmarks/bench_step_gemm.py). Narrower ones (dW_ih at a small input size) stay on
 // matmul: with a few columns the in-place kernel's tiles hold too few accumulators.
+//
+// By pointer (blas.h's Mat): a layer's backward calls it per row block on its workers,
+// where tensor views would each cost a dispatcher round trip. a [K,M] and b [K,N] with
+// contiguous rows; c [M,N] dense.
 template <typename T>
-void weight_grad(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
+void weight_grad(Mat<const T> a, Mat<const T> b, Mat<T> c) {
   constexpr int64_t kMinColsInPlace = 64;
-  const int64_t K = a.size(0), M = a.size(1), N = b.size(1);
+  const int64_t K = a.rows, M = a.cols, N = b.cols;
   if constexpr (std::is_same_v<T, float>) {
-    if (K <= kMaxRowsInPlace && N >= kMinColsInPlace && a.stride(1) == 1 && b.stride(1) == 1 && c.is_contiguous()) {
-      small_gemm_in_place(M, N, K, a.data_ptr<float>(), 1, a.stride(0), b.data_ptr<float>(), b.stride(0), 1, 0.f,
-                          c.data_ptr<float>(), N);
+    if (K <= kMaxRowsInPlace && N >= kMinColsInPlace) {
+      small_gemm_in_place(M, N, K, a.data, 1, a.rs, b.data, b.rs, 1, 0.f, c.data, N);
       return;
     }
   }
-  matmul<T>(a.t(), b, c, T(0));
+  matmul<T>(Mat<const T>(a.data, M, K, a.cs, a.rs), b, c, T(0));  // a^T: its columns as rows
 }
 
 // small_gemm_in_place's C[M,N] = A B with the rows of A (and C) split between threads:

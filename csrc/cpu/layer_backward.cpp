@@ -314,21 +314,36 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
     at::Tensor part_hr = pooled_empty({D, proj ? max_blocks : 0, P, H}, opt);
     // The reverse direction's share of dx, dg[1] W_ih[1], where its blocks write it.
     at::Tensor dx_reverse = pooled_empty({input_grad && D == 2 ? rows : 0, I}, opt);
-    const at::Tensor x2 = x.view({rows, I}), dx2 = input_grad ? dx.view({rows, I}) : at::Tensor();
-    const at::Tensor h_prev2 = h_prev.view({D, rows, P});
-    const at::Tensor h_raw2 = proj ? h_raw.view({D, rows, H}) : at::Tensor();
-
+    const at::Tensor dx2 = input_grad ? dx.view({rows, I}) : at::Tensor();
+    // The blocks' operands by pointer: rows r0 .. r0+k of direction d's [rows, width]
+    // slab of a [D, rows, width] buffer (or of x, which the directions share), and
+    // block i's [n_rows, n_cols] output: dW itself, or the block's share of it.
+    T* const dw_ih_p = dw_ih.data_ptr<T>();
+    T* const dw_hh_p = dw_hh.data_ptr<T>();
+    T* const dw_hr_p = proj ? dw_hr.data_ptr<T>() : nullptr;
+    T* const part_ih_p = part_ih.data_ptr<T>();
+    T* const part_hh_p = part_hh.data_ptr<T>();
+    T* const part_hr_p = proj ? part_hr.data_ptr<T>() : nullptr;
+    T* const dx_p[2] = {input_grad ? dx.data_ptr<T>() : nullptr, dx_reverse.numel() ? dx_reverse.data_ptr<T>() : nullptr};
+    auto slab = [&](const T* base, int64_t d, int64_t width, int64_t r0, int64_t k) {
+      return Mat<const T>::dense(base + (d * rows + r0) * width, k, width);
+    };
+    auto out = [&](T* dw, T* parts, int64_t d, int64_t i, int64_t count, int64_t n_rows, int64_t n_cols) {
+      // A direction's only block writes its dW directly: there is nothing to sum.
+      T* at = count == 1 ? dw + d * n_rows * n_cols : parts + (d * max_blocks + i) * n_rows * n_cols;
+      return Mat<T>::dense(at, n_rows, n_cols);
+    };
     auto run_block = [&](int64_t d, int64_t i) {
       const BlockWork::Direction& w = work.dir[d];
-      const int64_t r0 = w.blocks.first(i), k = w.blocks.last(i) - r0;
-      const at::Tensor dg_rows = dg[d].narrow(0, r0, k);
-      // A direction's only block writes its dW directly: there is nothing to sum.
-      const bool only = w.blocks.count == 1;
-      weight_grad<T>(dg_rows, x2.narrow(0, r0, k), only ? dw_ih[d] : part_ih[d][i]);
-      weight_grad<T>(dg_rows, h_prev2[d].narrow(0, r0, k), only ? dw_hh[d] : part_hh[d][i]);
+      const int64_t r0 = w.blocks.first(i), k = w.blocks.last(i) - r0, count = w.blocks.count;
+      const Mat<const T> dg_rows = slab(p.dg, d, G, r0, k);
+      weight_grad<T>(dg_rows, slab(p.x, 0, I, r0, k), out(dw_ih_p, part_ih_p, d, i, count, G, I));
+      weight_grad<T>(dg_rows, slab(p.h_prev, d, P, r0, k), out(dw_hh_p, part_hh_p, d, i, count, G, P));
       if (proj)
-        weight_grad<T>(dh_proj_saved[d].narrow(0, r0, k), h_raw2[d].narrow(0, r0, k), only ? dw_hr[d] : part_hr[d][i]);
-      if (w.dx_here) matmul<T>(dg_rows, w_ih[d], (d == 0 ? dx2 : dx_reverse).narrow(0, r0, k), T(0));
+        weight_grad<T>(slab(p.dh_proj_saved, d, P, r0, k), slab(p.h_raw, d, H, r0, k),
+                       out(dw_hr_p, part_hr_p, d, i, count, P, H));
+      if (w.dx_here)
+        matmul<T>(dg_rows, Mat<const T>::dense(p.w_ih[d], G, I), Mat<T>::dense(dx_p[d] + r0 * I, k, I), T(0));
     };
     // A block is ready once the sweep has written all of its rows. The forward direction
     // writes time s at step s; the reverse one time T-1-s, or, with lengths, a time that
@@ -369,7 +384,9 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
     // blocks. A thread given several workers (a single thread, or a nested call) runs
     // all its sweeps first, so it never waits on a sweep queued behind it.
     const int64_t workers = std::max<int64_t>(D, std::min<int64_t>(at::get_num_threads(), D * (1 + max_blocks)));
-    const at::ThreadLocalState caller_state;  // views are made on the workers: give them the caller's state
+    // bfloat16 products make tensors over their operands on the workers (blas.h's matmul):
+    // give the workers the caller's state.
+    const at::ThreadLocalState caller_state;
     at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
       at::ThreadLocalStateGuard guard(caller_state);
       try {
