@@ -399,16 +399,15 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
     });
 
     // dW = the blocks' shares summed in block order (a single block wrote dW itself).
-    auto sum_blocks = [&](const at::Tensor& parts, const at::Tensor& out) {
+    auto sum_blocks = [&](const T* parts, T* out, int64_t n) {  // n: one direction's dW
       for (int64_t d = 0; d < D; ++d) {
-        const int64_t count = work.dir[d].blocks.count, n = out[d].numel();
-        if (count == 1) continue;
-        sum_parts(parts[d].template data_ptr<T>(), count, n, out[d].template data_ptr<T>());
+        const int64_t count = work.dir[d].blocks.count;
+        if (count != 1) sum_parts(parts + d * max_blocks * n, count, n, out + d * n);
       }
     };
-    sum_blocks(part_ih, dw_ih);
-    sum_blocks(part_hh, dw_hh);
-    if (proj) sum_blocks(part_hr, dw_hr);
+    sum_blocks(part_ih_p, dw_ih_p, G * I);
+    sum_blocks(part_hh_p, dw_hh_p, G * P);
+    if (proj) sum_blocks(part_hr_p, dw_hr_p, P * H);
     // dx = dg[0] W_ih[0] + dg[1] W_ih[1]. When every row of a direction was live, its
     // blocks wrote its product, the forward direction's into dx and the reverse one's
     // into dx_reverse, on the threads that took them. The rest is computed here, over
