@@ -204,6 +204,7 @@ inline LayerDims check_layer_backward(const std::optional<at::Tensor>& grad_y,
   const char* op = "lstm_layer_backward";
   const LayerDims n = layer_dims(op, x, w);
   const auto [T, B, I, H, P, D] = n;
+  TORCH_CHECK(T > 0, op, ": x must have at least one time step, got T = 0");
   TORCH_CHECK(gates.size(0) == T, op,
               ": nothing was saved for backward; the forward must run with training=True (gates has ",
               gates.size(0), " steps, x has ", T, ")");

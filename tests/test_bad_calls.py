@@ -150,6 +150,17 @@ def test_backward_without_saved_activations_is_refused():
                                                 a["w_ih_reverse"], a["w_hh_reverse"], None, gates, cp, hp, hr)
 
 
+def test_backward_op_refuses_no_time_steps():
+    """Called directly with T = 0 (autograd never does: the forward refuses it), the
+    backward says so instead of reading before its buffers."""
+    a = layer_args(x=torch.randn(0, B, I), b_ih=None, b_hh=None, b_ih_reverse=None, b_hh_reverse=None)
+    gates, cp, hp = torch.zeros(0, B, D * 4 * H), torch.zeros(0, B, D * H), torch.zeros(D, 0, B, H)
+    with pytest.raises(RuntimeError, match=r"lstm_layer_backward: x must have at least one time step, got T = 0"):
+        torch.ops.birnn_ext.lstm_layer_backward(torch.zeros(0, B, D * H), None, None, a["x"], None, a["w_ih"],
+                                                a["w_hh"], None, a["w_ih_reverse"], a["w_hh_reverse"], None, gates,
+                                                cp, hp, torch.zeros(0))
+
+
 @pytest.mark.parametrize("requires_grad", ["x", "w_hh_reverse", "b_ih"])
 def test_forward_op_without_training_refuses_a_gradient(requires_grad):
     """training=False saves nothing for backward: with a gradient required, the call
