@@ -1,9 +1,10 @@
 """Times the GEMM engines on a sweep step's products, one thread: small_gemm
 (csrc/cpu/small_gemm.cpp) over packed weights, oneDNN (the matmul libtorch exports),
 BLAS (sgemm_), and small_gemm_in_place over the weights as they lie; and the time of
-small_gemm's packing of B, which a layer call pays once before its sweep. With --dtype bf16:
-small_gemm_bf16 (csrc/cpu/small_gemm_bf16.cpp; the build the processor gets, or the
-widened one under BIRNN_EXT_BF16=widen) against oneDNN's bfloat16 matmul.
+small_gemm's packing of B, which a layer call pays once before its sweep, alone and with
+the read of whether B is finite (a sweep from zero state packs W_hh so). With --dtype
+bf16: small_gemm_bf16 (csrc/cpu/small_gemm_bf16.cpp; the build the processor gets, or
+the widened one under BIRNN_EXT_BF16=widen) against oneDNN's bfloat16 matmul.
 
     python benchmarks/bench_step_gemm.py [--overlapped] [--dtype bf16]
 
@@ -90,14 +91,23 @@ double time_engine_bf16(int64_t engine, at::Tensor a, at::Tensor b, at::Tensor c
 std::string bf16_build() { return birnn::small_gemm_bf16_build(); }
 
 // Seconds per small_gemm_pack of b into one buffer (as a layer call packs its weights for
-// the step products of its sweep), float32.
-double time_pack(at::Tensor b, int64_t iters) {
+// the step products of its sweep), float32; with `checked`, small_gemm_pack_checked (the
+// packing that also reads whether b is finite, as a sweep from zero state packs W_hh).
+double time_pack(at::Tensor b, int64_t iters, bool checked) {
   const int64_t K = b.size(0), N = b.size(1);
   at::Tensor packed = at::empty({birnn::small_gemm_packed_size(K, N)}, b.options());
+  bool finite = true;
   const auto start = std::chrono::steady_clock::now();
-  for (int64_t i = 0; i < iters; ++i)
-    birnn::small_gemm_pack(K, N, b.data_ptr<float>(), b.stride(0), b.stride(1), packed.data_ptr<float>());
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / iters;
+  for (int64_t i = 0; i < iters; ++i) {
+    if (checked)
+      finite &= birnn::small_gemm_pack_checked(K, N, b.data_ptr<float>(), b.stride(0), b.stride(1),
+                                               packed.data_ptr<float>());
+    else
+      birnn::small_gemm_pack(K, N, b.data_ptr<float>(), b.stride(0), b.stride(1), packed.data_ptr<float>());
+  }
+  const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / iters;
+  TORCH_CHECK(finite, "time_pack: small_gemm_pack_checked found finite values non-finite");
+  return t;
 }
 """
 
@@ -142,7 +152,8 @@ def main():
     dtype, time_engine = (torch.bfloat16, ext.time_engine_bf16) if bf16 else (torch.float32, ext.time_engine)
     engines = [f"bf16 {ext.bf16_build()}", "oneDNN"] if bf16 else ENGINES
     print(f"{'product':26s} {'M':>4s} {'K':>4s} {'N':>5s}  " + "".join(f"{e:>14s}" for e in engines)
-          + ("" if bf16 else f"{'pack B':>9s}") + "   (us, GFLOP/s; pack B: us, once per layer call)")
+          + ("" if bf16 else f"{'pack B':>9s}{'checked':>9s}")
+          + "   (us, GFLOP/s; pack B: us, once per layer call; checked: also reading whether B is finite)")
     for what, M, K, N in SHAPES:
         a = torch.randn(K, M).t() if "dg^T" in what else torch.randn(M, K)
         b = torch.randn(N, K).t() if "W_ih^T" in what or "W_hh^T" in what else torch.randn(K, N)
@@ -162,7 +173,8 @@ def main():
             cells.append(f"{t * 1e6:8.1f} {2 * M * N * K / t / 1e9:4.0f}")
         if not bf16:  # small_gemm's packing of B, which its column pays once per layer call
             iters = max(20, int(3e7 / (N * K)))
-            cells.append(f"{min(ext.time_pack(b, iters) for _ in range(3)) * 1e6:8.1f}")
+            for checked in (False, True):
+                cells.append(f"{min(ext.time_pack(b, iters, checked) for _ in range(3)) * 1e6:8.1f}")
         print(f"{what:26s} {M:4d} {K:4d} {N:5d}  " + " ".join(cells))
 
 

@@ -146,6 +146,49 @@ def test_nan_and_inf_propagate_as_in_nn_lstm(value):
     assert not got[0][:, [0, 2]].isnan().any()
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("proj_size", [0, 3])
+def test_non_finite_recurrent_weight_reaches_the_first_step(value, proj_size):
+    """Started from zeros (no hx), the first step's h W_hh^T is zero and the float32 sweep
+    leaves it out, but only where W_hh is finite: nn.LSTM multiplies those zeros by it,
+    and 0 * inf is NaN from the first step on. float32 and 20 x 2 rows: the sweep packs
+    W_hh, which is where it learns whether the weight is finite."""
+    ref = nn.LSTM(5, 7, proj_size=proj_size, bidirectional=True)
+    fused = FusedLSTM.from_lstm(ref)
+    with torch.no_grad():
+        for m in (ref, fused):
+            m.weight_hh_l0[3, 2] = value  # forward direction only
+    x = torch.randn(20, 2, 5)
+    with torch.no_grad():
+        want, got = ref(x), fused(x)
+    assert want[0][0, :, : proj_size or 7].isnan().any(), "nn.LSTM's first forward output holds NaN"
+    for a, b in ((got[0], want[0]), (got[1][0], want[1][0]), (got[1][1], want[1][1])):
+        assert torch.equal(a.isnan(), b.isnan())
+        torch.testing.assert_close(a, b, equal_nan=True)
+
+
+@pytest.mark.parametrize("proj_size", [0, 3])
+@pytest.mark.parametrize("B", [1, 3])
+def test_no_hx_gives_what_zero_hx_gives(B, proj_size):
+    """No hx (the first recurrent product left out) and hx of zeros (computed): the same
+    outputs, states and gradients, to the bit. float32, long enough to pack W_hh."""
+    torch.manual_seed(0)
+    m = FusedLSTM(5, 7, num_layers=2, proj_size=proj_size, bidirectional=True)
+    x = torch.randn(24, B, 5)
+    zeros = (torch.zeros(4, B, proj_size or 7), torch.zeros(4, B, 7))
+    with torch.no_grad():
+        for a, b in zip(outputs_of(m(x)), outputs_of(m(x, zeros))):
+            assert torch.equal(a, b)
+    without, with_zeros = outputs_and_grads(m, x, None), outputs_and_grads(m, x, zeros)
+    for k in without:
+        assert torch.equal(without[k], with_zeros[k]), k
+
+
+def outputs_of(result):
+    y, (h, c) = result
+    return y, h, c
+
+
 def test_float64_module_and_inputs_stay_float64():
     _, fused = _pair(torch.float64)
     y, (h, c) = fused(torch.randn(3, 2, 5, dtype=torch.float64))

@@ -51,18 +51,43 @@ def compare(T, B, I, H, proj_size, with_lengths):
         assert_close(a, b, torch.float32, f"item {k}")
 
 
+def compare_non_finite(T, B, I, H, proj_size):
+    """An Inf in W_hh, inside a transpose block and at its ragged edges: the sweep, which
+    leaves out the first step's product from zeros only where packing found W_hh finite,
+    has NaN where nn.LSTM has it (0 * inf at the first step)."""
+    P = proj_size or H
+    for row, col in ((0, 0), (4 * H - 1, P - 1), (2 * H + 1, P // 2)):
+        torch.manual_seed(0)
+        ref = nn.LSTM(I, H, 2, bidirectional=True, proj_size=proj_size)
+        with torch.no_grad():
+            ref.weight_hh_l0[row, col] = float("inf")
+        fused = FusedLSTM.from_lstm(ref)
+        x = torch.randn(T, B, I, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            want, got = ref(x), fused(x)
+        assert want[0].isnan().any()
+        for a, b in zip((got[0], *got[1]), (want[0], *want[1])):
+            assert torch.equal(a.isnan(), b.isnan()), f"NaN pattern differs with W_hh[{row}, {col}] = inf"
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}-B{}-I{}-H{}-P{}".format(*c))
 @pytest.mark.parametrize("with_lengths", [False, True])
 def test_float32_step_products_match_nn_lstm(case, with_lengths):
     compare(*case, with_lengths)
 
 
+@pytest.mark.parametrize("case", PACKED + MIXED, ids=lambda c: "T{}-B{}-I{}-H{}-P{}".format(*c))
+def test_packing_sees_non_finite_recurrent_weights(case):
+    compare_non_finite(*case)
+
+
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
 def test_the_narrower_builds_match_too(isa):
     code = (
         "import sys; sys.path.insert(0, 'tests')\n"
-        "from test_step_gemm import CASES, compare\n"
+        "from test_step_gemm import CASES, MIXED, PACKED, compare, compare_non_finite\n"
         "for case in CASES: compare(*case, False); compare(*case, True)\n"
+        "for case in PACKED + MIXED: compare_non_finite(*case)\n"
         "print('ok')\n"
     )
     run = run_python(code, BIRNN_EXT_SMALL_GEMM=isa)

@@ -225,17 +225,22 @@ struct StepWeight {
       w.packed = pooled_empty({small_gemm_packed_size(K, N)}, at::TensorOptions().dtype(at::kFloat));
     return w;
   }
-  void pack() const {
-    if (!packed.defined()) return;
+  // Packs B where make() chose to. With check_finite, true when it packed for
+  // small_gemm and found every value of B finite on the way; false otherwise, and
+  // wherever it did not look.
+  bool pack(bool check_finite = false) const {
+    if (!packed.defined()) return false;
     if (bf16 && dtype == at::kFloat) {
       small_gemm_bf16_pack(K, N, static_cast<const float*>(data), rs, cs, packed.data_ptr());
-      return;
+      return false;
     }
     if (bf16) {
       small_gemm_bf16_pack(K, N, static_cast<const uint16_t*>(data), rs, cs, packed.data_ptr());
-      return;
+      return false;
     }
+    if (check_finite) return small_gemm_pack_checked(K, N, static_cast<const float*>(data), rs, cs, packed.data_ptr<float>());
     small_gemm_pack(K, N, static_cast<const float*>(data), rs, cs, packed.data_ptr<float>());
+    return false;
   }
 };
 

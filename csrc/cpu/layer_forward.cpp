@@ -56,6 +56,7 @@ struct FwdParams {
   // Training, a short sweep (float32): each direction projects all of x on its own
   // thread, over its W_ih^T (w_ih_t), into its columns of xg.
   bool project_per_direction = false;
+  bool h0_zero = false;              // no h0 given: h starts as zeros
   T* y;                              // [T,B,D*P]
   math_t<T>* c;                      // [D,B,H] c0 on entry, c_n on exit
   math_t<T>* c_prev;                 // [T,B,D*H] saved when training
@@ -74,7 +75,7 @@ void forward_direction(const FwdParams<T>& p, int64_t d) {
   T* rec = p.rec + d * B * G;
   T* h_raw = proj ? p.h_raw + d * B * H : nullptr;
   const T* h_proj = proj ? p.h_proj + d * B * P : nullptr;
-  p.w_hh_t[d].pack();
+  const bool w_hh_finite = p.w_hh_t[d].pack(/*check_finite=*/p.h0_zero);
   p.w_hr_t[d].pack();
   p.w_ih_t[d].pack();
   if (p.project_per_direction)
@@ -93,7 +94,13 @@ void forward_direction(const FwdParams<T>& p, int64_t d) {
       step_product<T>(Mat<const T>::dense(x_chunk, steps * B, I), p.w_ih_t[d], Mat<T>::dense(xg_chunk, steps * B, G),
                       T(0));
     }
-    step_product<T>(Mat<const T>::dense(h, B, P), p.w_hh_t[d], Mat<T>::dense(rec, B, G), T(0));
+    // From zeros (no h0), the first step's h W_hh^T is zero: 1/T of the recurrent
+    // products spared. Only where the packing found W_hh finite: nn.LSTM multiplies
+    // those zeros by it, and 0 * inf is NaN.
+    if (s == 0 && p.h0_zero && w_hh_finite)
+      std::memset(rec, 0, B * G * sizeof(T));
+    else
+      step_product<T>(Mat<const T>::dense(h, B, P), p.w_hh_t[d], Mat<T>::dense(rec, B, G), T(0));
     for (int64_t b = 0; b < B; ++b) {
       const int64_t row = row_of(s, b);
       const bool active = s < (p.len ? p.len[b] : T_);
@@ -214,6 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         p.w_hh_t[d] = StepWeight::transposed(w_hh[d], T_ * B, products);
         if (proj) p.w_hr_t[d] = StepWeight::transposed(w_hr[d], T_ * B, products);
       }
+      p.h0_zero = !h0;
       p.h = h.data_ptr<T>();
       p.rec = rec.data_ptr<T>();
       p.h_raw = proj ? raw_step.data_ptr<T>() : nullptr;

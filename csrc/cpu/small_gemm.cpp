@@ -24,6 +24,7 @@ __attribute__((always_inline)) inline void put(float* c, float acc, float beta) 
 template <int V>
 struct Vec {
   typedef float type __attribute__((vector_size(V * sizeof(float))));
+  typedef uint32_t bits __attribute__((vector_size(V * sizeof(uint32_t))));  // the same lanes as integers
 };
 
 // Rows 0 .. R-1 of A against W columns of B whose rows lie ldb apart (a packed panel,
@@ -246,23 +247,39 @@ __attribute__((always_inline)) inline void transpose_block(typename Vec<V>::type
 // B(k, p*W + j) at k*W + j, zero past N). B's rows contiguous (b_col == 1): row by row.
 // B the transpose of a row-major matrix (b_row == 1, a weight as nn.LSTM stores it):
 // V x V blocks transposed in registers, the ragged edges one value at a time.
-template <int W, int V>
-__attribute__((always_inline)) inline void pack_impl(int64_t K, int64_t N, const float* b, int64_t b_row,
+// With Check, also returns whether every value of B is finite, from the values' bits
+// on the way (integer max and and, no chain of floating-point adds): about 0.8 us on
+// the 512 x 128 W_hh of the batch-1 case (bench_step_gemm.py's pack column), against
+// the 2.4-2.7 us of the step product it lets a sweep leave out (layer_forward.cpp).
+template <int W, int V, bool Check>
+__attribute__((always_inline)) inline bool pack_impl(int64_t K, int64_t N, const float* b, int64_t b_row,
                                                      int64_t b_col, float* out) {
   using vf = typename Vec<V>::type;
+  using vu = typename Vec<V>::bits;
+  constexpr uint32_t kExp = 0x7f800000u, kAbs = 0x7fffffffu;  // an exponent of all ones: Inf or NaN
+  vu top{};  // the largest magnitude's bits: Inf or NaN from kExp up
+  uint32_t bad = 0;
+  auto take = [&](float v) {
+    if constexpr (Check) {
+      uint32_t u;
+      __builtin_memcpy(&u, &v, sizeof u);
+      bad |= (u & kExp) == kExp;
+    }
+    return v;
+  };
   for (int64_t n0 = 0; n0 < N; n0 += W) {
     float* panel = out + (n0 / W) * K * W;
     const int64_t cols = std::min<int64_t>(W, N - n0);
     if (b_col == 1) {
       for (int64_t k = 0; k < K; ++k) {
-        for (int64_t j = 0; j < cols; ++j) panel[k * W + j] = b[k * b_row + n0 + j];
+        for (int64_t j = 0; j < cols; ++j) panel[k * W + j] = take(b[k * b_row + n0 + j]);
         for (int64_t j = cols; j < W; ++j) panel[k * W + j] = 0.f;
       }
       continue;
     }
     if (b_row != 1) {  // neither layout: any strides, one value at a time
       for (int64_t k = 0; k < K; ++k)
-        for (int64_t j = 0; j < W; ++j) panel[k * W + j] = j < cols ? b[k * b_row + (n0 + j) * b_col] : 0.f;
+        for (int64_t j = 0; j < W; ++j) panel[k * W + j] = j < cols ? take(b[k * b_row + (n0 + j) * b_col]) : 0.f;
       continue;
     }
     const int64_t k_blocks = K / V * V, j_blocks = cols / V * V;
@@ -270,19 +287,28 @@ __attribute__((always_inline)) inline void pack_impl(int64_t K, int64_t N, const
       const float* src = b + (n0 + j0) * b_col;  // V rows of the matrix: V columns of B
       for (int64_t k0 = 0; k0 < k_blocks; k0 += V) {
         vf r[V];
-        for (int i = 0; i < V; ++i) r[i] = load_vec<V>(src + i * b_col + k0);
+        for (int i = 0; i < V; ++i) {
+          r[i] = load_vec<V>(src + i * b_col + k0);
+          if constexpr (Check) {
+            const vu a = reinterpret_cast<const vu&>(r[i]) & kAbs;
+            top = top > a ? top : a;
+          }
+        }
         transpose_block<V>(r);
         for (int i = 0; i < V; ++i) __builtin_memcpy(panel + (k0 + i) * W + j0, &r[i], sizeof(vf));
       }
       for (int64_t k = k_blocks; k < K; ++k)
-        for (int64_t j = j0; j < j0 + V; ++j) panel[k * W + j] = b[k + (n0 + j) * b_col];
+        for (int64_t j = j0; j < j0 + V; ++j) panel[k * W + j] = take(b[k + (n0 + j) * b_col]);
     }
     for (int64_t k = 0; k < K; ++k)
-      for (int64_t j = j_blocks; j < W; ++j) panel[k * W + j] = j < cols ? b[k + (n0 + j) * b_col] : 0.f;
+      for (int64_t j = j_blocks; j < W; ++j) panel[k * W + j] = j < cols ? take(b[k + (n0 + j) * b_col]) : 0.f;
   }
+  for (int i = 0; i < V; ++i) bad |= top[i] >= kExp;
+  return !bad;
 }
 
 using PackFn = void (*)(int64_t, int64_t, const float*, int64_t, int64_t, float*);
+using PackCheckedFn = bool (*)(int64_t, int64_t, const float*, int64_t, int64_t, float*);
 using GemmFn = void (*)(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, float, float*,
                         int64_t);
 using RowsFn = void (*)(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, float,
@@ -306,7 +332,10 @@ using DotFn = void (*)(int64_t, int64_t, int64_t, const float*, int64_t, const f
     dot_impl<V>(M, N, K, a, a_row, b, b_col, beta, c, ldc);                                                        \
   }                                                                                                                \
   void pack_##suffix(int64_t K, int64_t N, const float* b, int64_t b_row, int64_t b_col, float* out) {             \
-    pack_impl<W, V>(K, N, b, b_row, b_col, out);                                                                   \
+    pack_impl<W, V, false>(K, N, b, b_row, b_col, out);                                                            \
+  }                                                                                                                \
+  bool pack_checked_##suffix(int64_t K, int64_t N, const float* b, int64_t b_row, int64_t b_col, float* out) {     \
+    return pack_impl<W, V, true>(K, N, b, b_row, b_col, out);                                                      \
   }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -326,6 +355,7 @@ struct Kernel {
   RowsFn rows;
   DotFn dot;
   PackFn pack;
+  PackCheckedFn pack_checked;
   int64_t width;
   const char* name;
 };
@@ -338,10 +368,10 @@ const Kernel& kernel() {
     const std::string cap = env ? env : "";
 #if defined(__x86_64__) && defined(__GNUC__)
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("x86-64-v4") && cap.empty()) return Kernel{gemm_avx512, rows_avx512, dot_avx512, pack_avx512, 64, "avx512"};
-    if (__builtin_cpu_supports("x86-64-v3") && cap != "baseline") return Kernel{gemm_avx2, rows_avx2, dot_avx2, pack_avx2, 24, "avx2"};
+    if (__builtin_cpu_supports("x86-64-v4") && cap.empty()) return Kernel{gemm_avx512, rows_avx512, dot_avx512, pack_avx512, pack_checked_avx512, 64, "avx512"};
+    if (__builtin_cpu_supports("x86-64-v3") && cap != "baseline") return Kernel{gemm_avx2, rows_avx2, dot_avx2, pack_avx2, pack_checked_avx2, 24, "avx2"};
 #endif
-    return Kernel{gemm_baseline, rows_baseline, dot_baseline, pack_baseline, 12, "baseline"};
+    return Kernel{gemm_baseline, rows_baseline, dot_baseline, pack_baseline, pack_checked_baseline, 12, "baseline"};
   }();
   return k;
 }
@@ -357,6 +387,10 @@ int64_t small_gemm_packed_size(int64_t K, int64_t N) {
 
 void small_gemm_pack(int64_t K, int64_t N, const float* b, int64_t b_row, int64_t b_col, float* out) {
   kernel().pack(K, N, b, b_row, b_col, out);
+}
+
+bool small_gemm_pack_checked(int64_t K, int64_t N, const float* b, int64_t b_row, int64_t b_col, float* out) {
+  return kernel().pack_checked(K, N, b, b_row, b_col, out);
 }
 
 void small_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_col, const float* packed,

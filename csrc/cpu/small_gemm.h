@@ -16,9 +16,11 @@
 namespace birnn {
 
 // B [K,N], B(k, n) = b[k * b_row + n * b_col], packed into panels of columns for
-// small_gemm: out must hold small_gemm_packed_size(K, N) floats.
+// small_gemm: out must hold small_gemm_packed_size(K, N) floats. The _checked variant
+// also returns whether every value of B is finite, read on the way.
 int64_t small_gemm_packed_size(int64_t K, int64_t N);
 void small_gemm_pack(int64_t K, int64_t N, const float* b, int64_t b_row, int64_t b_col, float* out);
+bool small_gemm_pack_checked(int64_t K, int64_t N, const float* b, int64_t b_row, int64_t b_col, float* out);
 
 // C[M,N] = A B + beta C, B packed by small_gemm_pack. A(r, k) = a[r * a_row + k * a_col];
 // C(r, n) = c[r * ldc + n].
