@@ -238,8 +238,9 @@ struct StepWeight {
       small_gemm_bf16_pack(K, N, static_cast<const uint16_t*>(data), rs, cs, packed.data_ptr());
       return false;
     }
-    if (check_finite) return small_gemm_pack_checked(K, N, static_cast<const float*>(data), rs, cs, packed.data_ptr<float>());
-    small_gemm_pack(K, N, static_cast<const float*>(data), rs, cs, packed.data_ptr<float>());
+    const float* b = static_cast<const float*>(data);
+    if (check_finite) return small_gemm_pack_checked(K, N, b, rs, cs, packed.data_ptr<float>());
+    small_gemm_pack(K, N, b, rs, cs, packed.data_ptr<float>());
     return false;
   }
 };

@@ -15,6 +15,13 @@
 #include "bf16_bits.h"
 #include "buffer_pool.h"
 
+extern "C" {
+// MKL's thread count for the calling thread (0: MKL's global one); returns the previous
+// one. The C entry point (mkl_service.h's mkl_set_num_threads_local; the lowercase symbol
+// is the Fortran one, which takes a pointer). Weak: null where libtorch's BLAS is not MKL.
+int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
+}
+
 namespace birnn {
 
 // The math type: float for float and bfloat16 storage, double for double. The gate math,
@@ -113,12 +120,35 @@ inline bool all_finite(const T* p, int64_t n) {
   return !bad;
 }
 
-// Multiply-adds of one direction's sweep from which its own thread pays for waking the
-// second: below it, both directions run on the calling thread. Measured with the layer
-// op at batch 1 in inference, one thread against two (us a call; MACs = T*B*4H*(I+H)):
-// H 16, T 8 (16k MACs) 23.6 / 27.8; H 32, T 4 (33k) 24.0 / 24.9; H 64, T 2 (66k)
-// 24.6 / 22.9; H 32, T 8 (66k) 30.1 / 27.7; H 128, T 1 (131k) 35.0 / 28.8.
+// Multiply-adds of one direction's forward sweep (T*B*4H*(I+P)) from which a second
+// thread pays for its waking: below it, the forward and the backward run on the
+// calling thread alone. Measured at batch 1, bidirectional, one thread against two (us
+// a call):
+// - the forward op in inference: H 16, T 8 (16k MACs) 23.6 / 27.8; H 32, T 4 (33k)
+//   24.0 / 24.9; H 64, T 2 (66k) 24.6 / 22.9; H 32, T 8 (66k) 30.1 / 27.7; H 128, T 1
+//   (131k) 35.0 / 28.8 (a Zen 5);
+// - the backward op: H 16, T 1 (2k) 11.6 / 13.2; H 16, T 8 (16k) 15.3 / 18.6; H 32,
+//   T 4 (25k) 17.9 / 19.8; H 32, T 8 (66k) 24.1 / 24.0; H 64, T 2 (66k) 24.3 / 19.1;
+//   H 128, T 1 (80k) 46.6 / 31.7 (a Zen 4).
 constexpr int64_t kMinMacsPerThread = int64_t(1) << 16;
+
+// BLAS kept to the calling thread for a scope. Inside a parallel region MKL keeps to
+// one thread by itself; outside one (a small layer run on the calling thread alone,
+// kernel_util.h) it split even a tiny product over every thread, waking them for it:
+// the backward op at batch 1, H 16, T 8, I 16 took 20.4 us with two threads against 13.8
+// with one, the forward in training 17.8 against 14.1.
+class BlasOnThisThread {
+ public:
+  BlasOnThisThread() : prev_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~BlasOnThisThread() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev_);
+  }
+  BlasOnThisThread(const BlasOnThisThread&) = delete;
+  BlasOnThisThread& operator=(const BlasOnThisThread&) = delete;
+
+ private:
+  int prev_;
+};
 
 // Runs fn(d) for each direction d, both at once on separate threads when the layer
 // is bidirectional, there are threads to spare and each direction has `macs`
@@ -130,6 +160,7 @@ void for_each_direction(int64_t D, int64_t macs, const F& fn) {
       for (int64_t d = d0; d < d1; ++d) fn(d);
     });
   } else {
+    const BlasOnThisThread one_thread;  // below kMinMacsPerThread, for one direction too
     for (int64_t d = 0; d < D; ++d) fn(d);
   }
 }

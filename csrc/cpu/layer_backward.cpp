@@ -386,20 +386,31 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
     // One worker per direction sweeps it, then takes blocks; further threads only take
     // blocks. A thread given several workers (a single thread, or a nested call) runs
     // all its sweeps first, so it never waits on a sweep queued behind it.
-    const int64_t workers = std::max<int64_t>(D, std::min<int64_t>(at::get_num_threads(), D * (1 + max_blocks)));
-    // bfloat16 products make tensors over their operands on the workers (blas.h's matmul):
-    // give the workers the caller's state.
-    const at::ThreadLocalState caller_state;
-    at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
-      at::ThreadLocalStateGuard guard(caller_state);
-      try {
-        for (int64_t w = w0; w < std::min(w1, D); ++w) backward_direction<T>(p, w);
-        take_blocks();
-      } catch (...) {
-        work.failed.store(true);
-        throw;  // at::parallel_for rethrows it on the caller
-      }
-    });
+    // A small layer (kMinMacsPerThread) runs on the calling thread alone.
+    const bool one_thread = T_ * B * G * (I + P + (proj ? H : 0)) < kMinMacsPerThread;
+    const int64_t workers =
+        one_thread ? D : std::max<int64_t>(D, std::min<int64_t>(at::get_num_threads(), D * (1 + max_blocks)));
+    auto run_workers = [&](int64_t w0, int64_t w1) {
+      for (int64_t w = w0; w < std::min(w1, D); ++w) backward_direction<T>(p, w);
+      take_blocks();
+    };
+    if (one_thread) {
+      const BlasOnThisThread blas_one_thread;
+      run_workers(0, workers);
+    } else {
+      // bfloat16 products make tensors over their operands on the workers (blas.h's
+      // matmul): give the workers the caller's state.
+      const at::ThreadLocalState caller_state;
+      at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+        at::ThreadLocalStateGuard guard(caller_state);
+        try {
+          run_workers(w0, w1);
+        } catch (...) {
+          work.failed.store(true);
+          throw;  // at::parallel_for rethrows it on the caller
+        }
+      });
+    }
 
     // dW = the blocks' shares summed in block order (a single block wrote dW itself).
     auto sum_blocks = [&](const T* parts, T* out, int64_t n) {  // n: one direction's dW
