@@ -7,6 +7,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/util/ParallelGuard.h>
 
 #include <array>
 #include <cstdint>
@@ -149,6 +150,15 @@ class BlasOnThisThread {
  private:
   int prev_;
 };
+
+// Runs fn() on the calling thread alone: the at::parallel_for calls inside it run
+// inline, as inside a parallel region, and MKL keeps to this thread.
+template <typename F>
+void on_this_thread(const F& fn) {
+  const c10::ParallelGuard inline_loops(true);
+  const BlasOnThisThread blas;
+  fn();
+}
 
 // Runs fn(d) for each direction d, both at once on separate threads when the layer
 // is bidirectional, there are threads to spare and each direction has `macs`
