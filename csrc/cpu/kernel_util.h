@@ -169,8 +169,10 @@ void for_each_direction(int64_t D, int64_t macs, const F& fn) {
     at::parallel_for(0, D, 1, [&](int64_t d0, int64_t d1) {
       for (int64_t d = d0; d < d1; ++d) fn(d);
     });
-  } else {
-    const BlasOnThisThread one_thread;  // below kMinMacsPerThread, for one direction too
+  } else if (macs < kMinMacsPerThread) {
+    const BlasOnThisThread one_thread;  // a small layer, of one direction or two
+    for (int64_t d = 0; d < D; ++d) fn(d);
+  } else {  // one direction (or one thread): a large float64 sweep's BLAS products may thread
     for (int64_t d = 0; d < D; ++d) fn(d);
   }
 }
