@@ -14,27 +14,30 @@ struct LayerDims {
   int64_t T, B, I, H, P, D;
 };
 
-inline void check_same(const char* op, const at::Tensor& ref, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of x (",
+// `suffix` completes `name` in a message ("_reverse"): messages are formatted only when a
+// check fails, so a call that passes builds no string.
+inline void check_same(const char* op, const at::Tensor& ref, const at::Tensor& t, const char* name,
+                       const char* suffix = "") {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, suffix, " must have the dtype of x (",
               ref.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on the device of x (", ref.device(),
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, suffix, " must be on the device of x (", ref.device(),
               "), got ", t.device());
 }
 
 // A weight's dtype and device: x's device, and `dtype`, which is x's dtype except where
 // a forward op takes float32 weights with a bfloat16 x (see check_layer_forward).
 inline void check_weight(const char* op, const at::Tensor& x, const at::Tensor& t, const char* name,
-                         at::ScalarType dtype) {
-  if (dtype == x.scalar_type()) return check_same(op, x, t, name);
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must have the dtype of x (", x.scalar_type(),
+                         at::ScalarType dtype, const char* suffix = "") {
+  if (dtype == x.scalar_type()) return check_same(op, x, t, name, suffix);
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, suffix, " must have the dtype of x (", x.scalar_type(),
               ") or, in inference, be float32 like every other weight of the layer, got ", t.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on the device of x (", x.device(), "), got ",
-              t.device());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, suffix, " must be on the device of x (", x.device(),
+              "), got ", t.device());
 }
 
 inline void check_shape(const char* op, const at::Tensor& t, const char* name, at::IntArrayRef want,
-                        const char* layout) {
-  TORCH_CHECK(t.sizes() == want, op, ": ", name, " must have shape ", layout, " = ", want, ", got ",
+                        const char* layout, const char* suffix = "") {
+  TORCH_CHECK(t.sizes() == want, op, ": ", name, suffix, " must have shape ", layout, " = ", want, ", got ",
               t.sizes());
 }
 
@@ -95,9 +98,9 @@ inline LayerWeights layer_weights(const char* op, const at::Tensor& w_ih, const 
 inline void check_weights(const char* op, const at::Tensor& x, at::TensorList list, const char* name, int64_t D,
                           at::IntArrayRef want, const char* layout, at::ScalarType dtype) {
   for (int64_t d = 0; d < D; ++d) {
-    const std::string item = d == 0 ? std::string(name) : c10::str(name, "_reverse");
-    check_shape(op, list[d], item.c_str(), want, layout);
-    check_weight(op, x, list[d], item.c_str(), dtype);
+    const char* suffix = d == 0 ? "" : "_reverse";
+    check_shape(op, list[d], name, want, layout, suffix);
+    check_weight(op, x, list[d], name, dtype, suffix);
   }
 }
 inline void check_weights(const char* op, const at::Tensor& x, at::TensorList list, const char* name, int64_t D,

@@ -282,10 +282,21 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lstm_layer_backward_cpu", [&] {
     using T = scalar_t;
     const int64_t G = 4 * H, rows = T_ * B;
-    at::Tensor dg = pooled_empty({D, rows, G}, opt);
-    at::Tensor dg_step = pooled_empty({D, B, G}, opt);
-    at::Tensor dh_proj_saved = pooled_empty({D, proj ? rows : 0, P}, opt);
-    at::Tensor dh_proj = pooled_empty({D, proj ? B : 0, P}, opt), dh_raw = pooled_empty({D, proj ? B : 0, H}, opt);
+    // Scratch: the gate gradients dg [D,rows,G] and a step's [D,B,G]; with a projection
+    // dh_proj of every step [D,rows,P] and of one [D,B,P], dh_raw [D,B,H]; per direction
+    // and block of rows, the block's share of dW_ih [D,blocks,G,I], dW_hh [D,blocks,G,P]
+    // (and dW_hr [D,blocks,P,H]); the reverse direction's share of dx, dg[1] W_ih[1]
+    // [rows,I], where its blocks write it.
+    const int64_t max_blocks = RowBlocks::max_count(rows);
+    Scratch scratch;
+    const size_t at_dg = scratch.reserve<T>(D * rows * G), at_dg_step = scratch.reserve<T>(D * B * G);
+    const size_t at_dh_proj_saved = scratch.reserve<T>(proj ? D * rows * P : 0);
+    const size_t at_dh_proj = scratch.reserve<T>(proj ? D * B * P : 0), at_dh_raw = scratch.reserve<T>(proj ? D * B * H : 0);
+    const size_t at_part_ih = scratch.reserve<T>(D * max_blocks * G * I);
+    const size_t at_part_hh = scratch.reserve<T>(D * max_blocks * G * P);
+    const size_t at_part_hr = scratch.reserve<T>(proj ? D * max_blocks * P * H : 0);
+    const size_t at_dx_reverse = scratch.reserve<T>(input_grad && D == 2 ? rows * I : 0);
+    scratch.allocate();
     BwdParams<T> p{};
     p.n = n;
     p.len = len.defined() ? len.data_ptr<int64_t>() : nullptr;
@@ -294,15 +305,15 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
       if (proj) p.w_hr[d] = StepWeight::as_is(w_hr[d], T_ * B);
     }
     p.dh = dh.data_ptr<T>();
-    p.dg_step = dg_step.data_ptr<T>();
-    p.dh_proj = proj ? dh_proj.data_ptr<T>() : nullptr;
-    p.dh_raw = proj ? dh_raw.data_ptr<T>() : nullptr;
+    p.dg_step = scratch.get<T>(at_dg_step);
+    p.dh_proj = proj ? scratch.get<T>(at_dh_proj) : nullptr;
+    p.dh_raw = proj ? scratch.get<T>(at_dh_raw) : nullptr;
     p.gates = gates.data_ptr<T>();
     p.c_prev = c_prev.data_ptr<math_t<T>>();
     p.dy = dy.defined() ? dy.data_ptr<T>() : nullptr;
     p.dc = dc.data_ptr<math_t<T>>();
-    p.dg = dg.data_ptr<T>();
-    p.dh_proj_saved = proj ? dh_proj_saved.data_ptr<T>() : nullptr;
+    p.dg = scratch.get<T>(at_dg);
+    p.dh_proj_saved = proj ? scratch.get<T>(at_dh_proj_saved) : nullptr;
     p.dbias = dbias.data_ptr<T>();
     p.x = x.data_ptr<T>();
     p.h_prev = h_prev.data_ptr<T>();
@@ -311,23 +322,17 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
     BlockWork work;
     p.work = &work;
     p.input_grad = input_grad;
-    // Per direction and block, the block's share of dW_ih, dW_hh (and dW_hr).
-    const int64_t max_blocks = RowBlocks::max_count(rows);
-    at::Tensor part_ih = pooled_empty({D, max_blocks, G, I}, opt), part_hh = pooled_empty({D, max_blocks, G, P}, opt);
-    at::Tensor part_hr = pooled_empty({D, proj ? max_blocks : 0, P, H}, opt);
-    // The reverse direction's share of dx, dg[1] W_ih[1], where its blocks write it.
-    at::Tensor dx_reverse = pooled_empty({input_grad && D == 2 ? rows : 0, I}, opt);
-    const at::Tensor dx2 = input_grad ? dx.view({rows, I}) : at::Tensor();
     // The blocks' operands by pointer: rows r0 .. r0+k of direction d's [rows, width]
     // slab of a [D, rows, width] buffer (or of x, which the directions share), and
     // block i's [n_rows, n_cols] output: dW itself, or the block's share of it.
     T* const dw_ih_p = dw_ih.data_ptr<T>();
     T* const dw_hh_p = dw_hh.data_ptr<T>();
     T* const dw_hr_p = proj ? dw_hr.data_ptr<T>() : nullptr;
-    T* const part_ih_p = part_ih.data_ptr<T>();
-    T* const part_hh_p = part_hh.data_ptr<T>();
-    T* const part_hr_p = proj ? part_hr.data_ptr<T>() : nullptr;
-    T* const dx_p[2] = {input_grad ? dx.data_ptr<T>() : nullptr, dx_reverse.numel() ? dx_reverse.data_ptr<T>() : nullptr};
+    T* const part_ih_p = scratch.get<T>(at_part_ih);
+    T* const part_hh_p = scratch.get<T>(at_part_hh);
+    T* const part_hr_p = proj ? scratch.get<T>(at_part_hr) : nullptr;
+    T* const dx_p[2] = {input_grad ? dx.data_ptr<T>() : nullptr,
+                        input_grad && D == 2 ? scratch.get<T>(at_dx_reverse) : nullptr};
     auto slab = [&](const T* base, int64_t d, int64_t width, int64_t r0, int64_t k) {
       return Mat<const T>::dense(base + (d * rows + r0) * width, k, width);
     };
@@ -431,8 +436,8 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
       if (!wrote_forward) dx.zero_();
       for (int64_t d = wrote_forward ? 1 : 0; d < D; ++d) {
         if (d == 1 && work.dir[1].dx_here) {
-          T* out = dx.data_ptr<T>();
-          const T* rev = dx_reverse.data_ptr<T>();
+          T* out = dx_p[0];
+          const T* rev = dx_p[1];
           at::parallel_for(0, rows * I, 4096, [&](int64_t e0, int64_t e1) {
             for (int64_t e = e0; e < e1; ++e) out[e] = T(math_t<T>(out[e]) + math_t<T>(rev[e]));
           });
@@ -440,7 +445,8 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
         }
         const RowBlocks& r = work.dir[d].blocks;
         const int64_t k = r.end - r.begin;
-        matmul<T>(dg[d].narrow(0, r.begin, k), w_ih[d], dx2.narrow(0, r.begin, k), T(1));
+        matmul<T>(slab(p.dg, d, G, r.begin, k), Mat<const T>::dense(p.w_ih[d], G, I),
+                  Mat<T>::dense(dx_p[0] + r.begin * I, k, I), T(1));
       }
     }
   });

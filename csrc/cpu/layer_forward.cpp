@@ -173,9 +173,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (B > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lstm_layer_forward_cpu", [&] {
       using T = scalar_t;
+      // Scratch: b_ih + b_hh [D,4H], a step's h W_hh^T [D,B,4H], with a projection a
+      // step's h_raw [D,B,H] and h_raw W_hr^T [D,B,P], in inference a chunk of x
+      // [D,chunk*B,I] and its projection [D,chunk*B,4H].
+      Scratch scratch;
+      const size_t at_bias = scratch.reserve<T>(D * 4 * H), at_rec = scratch.reserve<T>(D * B * 4 * H);
+      const size_t at_raw = scratch.reserve<T>(proj ? D * B * H : 0), at_proj = scratch.reserve<T>(proj ? D * B * P : 0);
+      const size_t at_x_chunk = scratch.reserve<T>(training ? 0 : D * chunk * B * I);
+      const size_t at_xg_chunk = scratch.reserve<T>(training ? 0 : D * chunk * B * 4 * H);
+      scratch.allocate();
       // b_ih + b_hh, summed here (zeros without a bias).
-      at::Tensor bias = pooled_empty({D, 4 * H}, opt);
-      T* bsum = bias.data_ptr<T>();
+      T* bsum = scratch.get<T>(at_bias);
       for (int64_t d = 0; d < D; ++d) {
         if (!wts.bias()) {
           std::fill(bsum + d * 4 * H, bsum + (d + 1) * 4 * H, T(0));
@@ -190,13 +198,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         const T *pi = bi.data_ptr<T>(), *ph = bh.data_ptr<T>();
         for (int64_t g = 0; g < 4 * H; ++g) bsum[d * 4 * H + g] = T(math_t<T>(pi[g]) + math_t<T>(ph[g]));
       }
-      at::Tensor rec = pooled_empty({D, B, 4 * H}, opt);
-      at::Tensor raw_step = pooled_empty({D, proj ? B : 0, H}, opt), proj_step = pooled_empty({D, proj ? B : 0, P}, opt);
       FwdParams<T> p{};
       p.n = n;
       p.len = len.defined() ? len.data_ptr<int64_t>() : nullptr;
       p.x = x.data_ptr<T>();
-      at::Tensor x_chunk, xg_chunk;
       const at::ScalarType products = x.scalar_type();
       // A projection too small for oneDNN: below that, a BLAS call over both directions
       // (their W_ih copied side by side) cost more than each direction's own product on
@@ -210,11 +215,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         for (int64_t d = 0; d < D && D > 1; ++d) w_ih_all.narrow(0, d * 4 * H, 4 * H).copy_(w_ih[d]);
         matmul<T>(x.view({T_ * B, I}), w_ih_all.t(), xg.view({T_ * B, D * 4 * H}), T(0));
       } else if (!training) {
-        x_chunk = pooled_empty({D, chunk * B, I}, opt);
-        xg_chunk = pooled_empty({D, chunk * B, 4 * H}, opt);
         p.chunk = chunk;
-        p.x_chunk = x_chunk.data_ptr<T>();
-        p.xg_chunk = xg_chunk.data_ptr<T>();
+        p.x_chunk = scratch.get<T>(at_x_chunk);
+        p.xg_chunk = scratch.get<T>(at_xg_chunk);
       }
       for (int64_t d = 0; d < D; ++d) {
         if (!training || p.project_per_direction) p.w_ih_t[d] = StepWeight::transposed(w_ih[d], T_ * B, products);
@@ -223,10 +226,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       }
       p.h0_zero = !h0;
       p.h = h.data_ptr<T>();
-      p.rec = rec.data_ptr<T>();
-      p.h_raw = proj ? raw_step.data_ptr<T>() : nullptr;
-      p.h_proj = proj ? proj_step.data_ptr<T>() : nullptr;
-      p.bias = bias.data_ptr<T>();
+      p.rec = scratch.get<T>(at_rec);
+      p.h_raw = proj ? scratch.get<T>(at_raw) : nullptr;
+      p.h_proj = proj ? scratch.get<T>(at_proj) : nullptr;
+      p.bias = bsum;
       p.xg = training ? xg.data_ptr<T>() : nullptr;
       p.y = y.data_ptr<T>();
       p.c = c.data_ptr<math_t<T>>();
@@ -238,8 +241,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       });
     });
   }
-  at::Tensor gates = training ? xg : pooled_empty({0, B, D * 4 * H}, opt);
-  return {y, h, c.to(x.scalar_type()), gates, c_prev, h_prev, h_raw};
+  // The gates saved for backward: xg, activated in place; in inference an empty xg.
+  return {y, h, c.to(x.scalar_type()), xg, c_prev, h_prev, h_raw};
 }
 
 }  // namespace
