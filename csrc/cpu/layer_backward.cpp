@@ -400,8 +400,7 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
       take_blocks();
     };
     if (one_thread) {
-      const BlasOnThisThread blas_one_thread;
-      run_workers(0, workers);
+      on_this_thread([&] { run_workers(0, workers); });
     } else {
       // bfloat16 products make tensors over their operands on the workers (blas.h's
       // matmul): give the workers the caller's state.
