@@ -59,7 +59,7 @@ double time_engine(int64_t engine, at::Tensor a, at::Tensor b, at::Tensor c, int
       birnn::gemm<float>(ta, tb, M, N, K, 1.f, a.data_ptr<float>(), ta ? M : K, b.data_ptr<float>(), tb ? K : N, 0.f,
                          c.data_ptr<float>(), N);
     } else {
-      if (!birnn::small_gemm_in_place_fits(K, a_col, b.stride(0), b.stride(1))) return -1;
+      if (!birnn::small_gemm_in_place_fits(M, K, a_col, b.stride(0), b.stride(1))) return -1;
       birnn::small_gemm_in_place(M, N, K, a.data_ptr<float>(), a_row, a_col, b.data_ptr<float>(), b.stride(0),
                                  b.stride(1), 0.f, c.data_ptr<float>(), N);
     }
@@ -117,6 +117,10 @@ SHAPES = [
     ("latency h W_hh^T", 1, 128, 512),
     ("latency dg W_hh", 1, 512, 128),
     ("latency x W_ih^T (chunk)", 28, 28, 512),
+    ("B=1 x W_ih^T (one step)", 1, 28, 512),
+    ("B=2 x W_ih^T (one step)", 2, 28, 512),
+    ("B=4 x W_ih^T (one step)", 4, 28, 512),
+    ("B=1 I=16 H=16 x W_ih^T", 1, 16, 64),
     ("B=4 h W_hh^T", 4, 128, 512),
     ("B=4 dg W_hh", 4, 512, 128),
     ("B=16 h W_hh^T", 16, 128, 512),

@@ -267,7 +267,7 @@ void step_product(Mat<const T> a, const StepWeight& w, Mat<T> c, at::opmath_type
       small_gemm(M, w.N, w.K, a.data, a.rs, a.cs, w.packed.data_ptr<float>(), beta, c.data, ldc);
       return;
     }
-    if (M * w.N * w.K < kOnednnMinWork && small_gemm_in_place_fits(w.K, a.cs, w.rs, w.cs)) {
+    if (M * w.N * w.K < kOnednnMinWork && small_gemm_in_place_fits(M, w.K, a.cs, w.rs, w.cs)) {
       small_gemm_in_place(M, w.N, w.K, a.data, a.rs, a.cs, static_cast<const float*>(w.data), w.rs, w.cs, beta, c.data,
                           ldc);
       return;

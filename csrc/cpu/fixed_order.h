@@ -104,7 +104,7 @@ void matmul_tn_fixed_order(const at::Tensor& a, const at::Tensor& b, const at::T
   constexpr int64_t kMaxRows = 1024;
   const int64_t K = a.size(0), M = a.size(1), N = b.size(1);
   if constexpr (std::is_same_v<T, float>) {
-    if (K <= kMaxRowsInPlace && small_gemm_in_place_fits(K, M, N, 1)) {  // A(r, k) = a[k*M + r]
+    if (K <= kMaxRowsInPlace && small_gemm_in_place_fits(M, K, M, N, 1)) {  // A(r, k) = a[k*M + r]
       in_place_rows_split(M, N, K, a.data_ptr<float>(), 1, M, b.data_ptr<float>(), N, 1, c.data_ptr<float>());
       return;
     }
@@ -152,7 +152,7 @@ template <typename T>
 void cell_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   if constexpr (std::is_same_v<T, float>) {
-    if (a.is_contiguous() && c.is_contiguous() && small_gemm_in_place_fits(K, 1, b.stride(0), b.stride(1))) {
+    if (a.is_contiguous() && c.is_contiguous() && small_gemm_in_place_fits(M, K, 1, b.stride(0), b.stride(1))) {
       in_place_rows_split(M, N, K, a.data_ptr<float>(), K, 1, b.data_ptr<float>(), b.stride(0), b.stride(1),
                           c.data_ptr<float>());
       return;

@@ -174,21 +174,40 @@ __attribute__((always_inline)) inline typename Vec<V / 2>::type pair_sums(typena
   return __builtin_shufflevector(v, v, (2 * L)...) + __builtin_shufflevector(v, v, (2 * L + 1)...);
 }
 
+// Lanes V - n .. V - 1 set: the last n of V, as an integer mask of whole lanes.
+template <int V, std::size_t... L>
+__attribute__((always_inline)) inline typename Vec<V>::bits last_lanes(int64_t n, std::index_sequence<L...>) {
+  const typename Vec<V>::bits lane = {uint32_t(L)...};
+  return lane >= uint32_t(V - n);  // -1 (all bits) where true
+}
+
 // In place, B's columns contiguous (B(k, n) = b[k + n * b_col], B the transpose of a
 // row-major weight matrix): each output is a dot product of a row of A with a column of
 // B. R columns at a time, each summed in V lanes over k (a row of A must be contiguous),
 // the lanes added at the end: a load of A feeds R FMAs, no horizontal sum in the loop.
+// A ragged end of K (K >= V) is one more vector, the last V values, with the products
+// of the lanes already summed masked to +0 (a product, not an operand, so that an Inf
+// or NaN there is not counted twice): the scalar loop it replaces made the products of
+// short rows (K 28) slower than BLAS's.
 template <int R, int V>
 __attribute__((always_inline)) inline void dot_tile(int64_t K, const float* __restrict a, const float* __restrict b,
                                                     int64_t b_col, float beta, float* __restrict c) {
   static_assert(R == 1 || R == V / 2, "dot_tile sums one column, or V/2 at once");
   using vf = typename Vec<V>::type;
+  using vb = typename Vec<V>::bits;
   vf acc[R];
   for (int r = 0; r < R; ++r) acc[r] = vf{};
   int64_t k = 0;
   for (; k + V <= K; k += V) {
     const vf ak = load_vec<V>(a + k);
     for (int r = 0; r < R; ++r) acc[r] += ak * load_vec<V>(b + r * b_col + k);
+  }
+  if (k < K && K >= V) {
+    const vb keep = last_lanes<V>(K - k, std::make_index_sequence<V>());
+    const vf ak = load_vec<V>(a + K - V);
+    for (int r = 0; r < R; ++r)
+      acc[r] += reinterpret_cast<vf>(reinterpret_cast<vb>(ak * load_vec<V>(b + r * b_col + K - V)) & keep);
+    k = K;
   }
   float sum[R];
   if constexpr (R == 1) {
@@ -398,16 +417,21 @@ void small_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, 
   kernel().fn(M, N, K, a, a_row, a_col, packed, beta, c, ldc);
 }
 
-bool small_gemm_in_place_fits(int64_t K, int64_t a_col, int64_t b_row, int64_t b_col) {
-  // Shorter dot products spend more on their scalar tails and lane sums than on the
-  // vector loop: at 28 x 28 x 512 (an input projection) BLAS is several times faster.
-  constexpr int64_t kDotMinK = 64;
-  return b_col == 1 || (b_row == 1 && a_col == 1 && K >= kDotMinK);
+bool small_gemm_in_place_fits(int64_t M, int64_t K, int64_t a_col, int64_t b_row, int64_t b_col) {
+  // The dot products need K of at least a vector (16 lanes in the widest build) for the
+  // overlapping last vector of a ragged K. Over short rows their lane sums weigh more
+  // than the products: below K 64 they beat BLAS on up to 3 rows of A only
+  // (benchmarks/bench_step_gemm.py, one thread, Zen 4, us, in place / BLAS: 1 x 28 x
+  // 512 1.4 / 1.7, 2 x 28 x 512 2.6 / 2.8, 4 x 28 x 512 5.0 / 2.4, 28 x 28 x 512 several
+  // times slower; 1 x 12 x 256, a scalar tail alone, 1.2 / 0.6).
+  constexpr int64_t kDotMinK = 64, kShortDotMinK = 16, kShortDotMaxRows = 3;
+  return b_col == 1 ||
+         (b_row == 1 && a_col == 1 && (K >= kDotMinK || (K >= kShortDotMinK && M <= kShortDotMaxRows)));
 }
 
 void small_gemm_in_place(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_col,
                          const float* b, int64_t b_row, int64_t b_col, float beta, float* c, int64_t ldc) {
-  TORCH_INTERNAL_ASSERT(small_gemm_in_place_fits(K, a_col, b_row, b_col), "small_gemm_in_place: unsupported layout");
+  TORCH_INTERNAL_ASSERT(small_gemm_in_place_fits(M, K, a_col, b_row, b_col), "small_gemm_in_place: unsupported layout");
   if (M == 0 || N == 0) return;
   if (b_col == 1) {
     kernel().rows(M, N, K, a, a_row, a_col, b, b_row, beta, c, ldc);

@@ -33,8 +33,8 @@ void small_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, 
 //  - b_col == 1, B's rows contiguous: each row of A scales them into vector accumulators;
 //  - b_row == 1, B the transpose of a row-major matrix (a weight as nn.LSTM stores it):
 //    each output is a dot product, summed in vector lanes; A's rows must be contiguous
-//    (a_col == 1) and K at least 64.
-bool small_gemm_in_place_fits(int64_t K, int64_t a_col, int64_t b_row, int64_t b_col);
+//    (a_col == 1) and K at least 64, or at least 16 over up to 3 rows.
+bool small_gemm_in_place_fits(int64_t M, int64_t K, int64_t a_col, int64_t b_row, int64_t b_col);
 void small_gemm_in_place(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_col,
                          const float* b, int64_t b_row, int64_t b_col, float beta, float* c, int64_t ldc);
 
