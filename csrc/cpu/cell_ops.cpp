@@ -44,26 +44,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_cpu(const at::T
   at::Tensor pre = pooled_empty({B, 4 * H}, x.options());
   at::Tensor h_new = pooled_empty({B, H}, x.options());
   at::Tensor c_new = c.to(x.options().dtype(math_dtype(x.scalar_type())), false, true).contiguous();
-  auto step = [&] {
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lstm_cell_cpu", [&] {
-    using T = scalar_t;
-    at::Tensor rec = pooled_empty({B, 4 * H}, x.options());
-    cell_product<T>(x, w_ih.t(), pre);
-    cell_product<T>(h, w_hh.t(), rec);
-    for (int64_t b = 0; b < B; ++b) {
-      T* g = pre.data_ptr<T>() + b * 4 * H;
-      const T* r = rec.data_ptr<T>() + b * 4 * H;
-      math_t<T>* cb = c_new.data_ptr<math_t<T>>() + b * H;
-      T* hb = h_new.data_ptr<T>() + b * H;
-      training ? cell_forward_row<T, true>(H, g, r, bias.data_ptr<T>(), cb, hb)
-               : cell_forward_row<T, false>(H, g, r, bias.data_ptr<T>(), cb, hb);
-    }
+  on_this_thread_if(B * 4 * H * (I + H) < kCellMinMacsForThreads, [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lstm_cell_cpu", [&] {
+      using T = scalar_t;
+      at::Tensor rec = pooled_empty({B, 4 * H}, x.options());
+      cell_product<T>(x, w_ih.t(), pre);
+      cell_product<T>(h, w_hh.t(), rec);
+      for (int64_t b = 0; b < B; ++b) {
+        T* g = pre.data_ptr<T>() + b * 4 * H;
+        const T* r = rec.data_ptr<T>() + b * 4 * H;
+        math_t<T>* cb = c_new.data_ptr<math_t<T>>() + b * H;
+        T* hb = h_new.data_ptr<T>() + b * H;
+        training ? cell_forward_row<T, true>(H, g, r, bias.data_ptr<T>(), cb, hb)
+                 : cell_forward_row<T, false>(H, g, r, bias.data_ptr<T>(), cb, hb);
+      }
+    });
   });
-  };
-  if (B * 4 * H * (I + H) < kCellMinMacsForThreads)
-    on_this_thread(step);
-  else
-    step();
   return {h_new, c_new.to(c.scalar_type()), training ? pre : pooled_empty({0, 4 * H}, x.options())};
 }
 
@@ -83,25 +79,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dg = pooled_empty({B, 4 * H}, opt);
   at::Tensor dx = pooled_empty({B, I}, opt), dw_ih = pooled_empty({4 * H, I}, opt), dw_hh = pooled_empty({4 * H, H}, opt);
   at::Tensor dbias = pooled_empty({4 * H}, opt);
-  auto step = [&] {
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lstm_cell_cpu", [&] {
-    using T = scalar_t;
-    at::Tensor scratch = pooled_empty({4 * H}, opt);  // the row kernel's per-step copy of dg, unused here
-    for (int64_t b = 0; b < B; ++b)
-      cell_backward_row<T>(H, gates.data_ptr<T>() + b * 4 * H, c.data_ptr<math_t<T>>() + b * H, nullptr,
-                           dh.data_ptr<T>() + b * H, dc.data_ptr<math_t<T>>() + b * H, dg.data_ptr<T>() + b * 4 * H,
-                           scratch.data_ptr<T>());
-    cell_product<T>(dg, w_ih, dx);
-    cell_product<T>(dg, w_hh, dh);
-    matmul_tn_fixed_order<T>(dg, x, dw_ih);
-    matmul_tn_fixed_order<T>(dg, h, dw_hh);
-    column_sums(dg.data_ptr<T>(), B, 4 * H, dbias.data_ptr<T>());
+  on_this_thread_if(B * 4 * H * (I + H) < kCellMinMacsForThreads, [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lstm_cell_cpu", [&] {
+      using T = scalar_t;
+      at::Tensor scratch = pooled_empty({4 * H}, opt);  // the row kernel's per-step copy of dg, unused here
+      for (int64_t b = 0; b < B; ++b)
+        cell_backward_row<T>(H, gates.data_ptr<T>() + b * 4 * H, c.data_ptr<math_t<T>>() + b * H, nullptr,
+                             dh.data_ptr<T>() + b * H, dc.data_ptr<math_t<T>>() + b * H, dg.data_ptr<T>() + b * 4 * H,
+                             scratch.data_ptr<T>());
+      cell_product<T>(dg, w_ih, dx);
+      cell_product<T>(dg, w_hh, dh);
+      matmul_tn_fixed_order<T>(dg, x, dw_ih);
+      matmul_tn_fixed_order<T>(dg, h, dw_hh);
+      column_sums(dg.data_ptr<T>(), B, 4 * H, dbias.data_ptr<T>());
+    });
   });
-  };
-  if (B * 4 * H * (I + H) < kCellMinMacsForThreads)
-    on_this_thread(step);
-  else
-    step();
   if (B == 0) dw_ih.zero_(), dw_hh.zero_(), dbias.zero_();
   return {dx, dh, dc.to(x.scalar_type()), dw_ih, dw_hh, dbias};
 }

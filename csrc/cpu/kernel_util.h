@@ -159,6 +159,15 @@ void on_this_thread(const F& fn) {
   const BlasOnThisThread blas;
   fn();
 }
+// fn() on the calling thread alone when `small` (work below what a second thread repays),
+// else as it comes.
+template <typename F>
+void on_this_thread_if(bool small, const F& fn) {
+  if (small)
+    on_this_thread(fn);
+  else
+    fn();
+}
 
 // Runs fn(d) for each direction d, both at once on separate threads when the layer
 // is bidirectional, there are threads to spare and each direction has `macs`
@@ -169,12 +178,12 @@ void for_each_direction(int64_t D, int64_t macs, const F& fn) {
     at::parallel_for(0, D, 1, [&](int64_t d0, int64_t d1) {
       for (int64_t d = d0; d < d1; ++d) fn(d);
     });
-  } else if (macs < kMinMacsPerThread) {  // a small layer, of one direction or two
-    on_this_thread([&] {
+  } else {
+    // A small layer, of one direction or two, on the calling thread alone; a large one
+    // on one direction (or one thread) as it comes: a float64 sweep's BLAS products may thread.
+    on_this_thread_if(macs < kMinMacsPerThread, [&] {
       for (int64_t d = 0; d < D; ++d) fn(d);
     });
-  } else {  // one direction (or one thread): a large float64 sweep's BLAS products may thread
-    for (int64_t d = 0; d < D; ++d) fn(d);
   }
 }
 
