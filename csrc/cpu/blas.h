@@ -178,6 +178,15 @@ void matmul(Mat<const T> a, Mat<const T> b, Mat<T> c, at::opmath_type<T> beta) {
 // read in place otherwise; always packed for small_gemm_bf16 (bfloat16), whose
 // alternative, oneDNN, costs more per call than a step product at these sizes
 // (benchmarks/bench_step_gemm.py --dtype bf16). Made once per call, used every step.
+//
+// The panels live in the call's Scratch (reserve(), then place() once it is allocated),
+// beside the other scratch of the call: the same pooled block every call, each
+// direction's panels at the same offset in it, so a direction's thread writes them into
+// lines its own core already holds. With a pooled block of its own per direction, the
+// pool handed each direction the block the other had used in the call before, and
+// each packing fetched its 256 KB (batch 1, H 128) out of the other core's cache:
+// FusedBiLSTM at B 1, T 28, I 28, H 128 took 121-127 us a call in inference, 116-118
+// with the panels in the scratch (one process per figure, alternated, Zen 4).
 struct StepWeight {
   // Rows (steps x batch) from which packing repays its copy. B the transpose of a
   // weight as nn.LSTM stores it (h W_hh^T, x W_ih^T): in place, every output is a dot
@@ -191,8 +200,9 @@ struct StepWeight {
   const void* data = nullptr;  // B in place: element (k, n) at data[k * rs + n * cs], of `dtype`
   int64_t K = 0, N = 0, rs = 0, cs = 1;
   at::ScalarType dtype = at::kFloat;
-  at::Tensor packed;  // small_gemm's panels, or undefined
-  bool bf16 = false;  // products in bfloat16: packed for small_gemm_bf16
+  int64_t packed_bytes = 0;  // the panels' size where make() chose to pack; 0: products in place
+  void* packed = nullptr;    // the panels (small_gemm's, or small_gemm_bf16's), once placed
+  bool bf16 = false;         // products in bfloat16: packed for small_gemm_bf16
 
   bool defined() const { return data != nullptr; }
   template <typename T>
@@ -218,31 +228,37 @@ struct StepWeight {
     w.data = data, w.K = K, w.N = N, w.rs = rs, w.cs = cs, w.dtype = dtype;
     w.bf16 = products == at::kBFloat16;
     const bool transposed = rs == 1 && cs != 1;
-    const auto bytes = at::TensorOptions().dtype(at::kByte);
     if (w.bf16)
-      w.packed = pooled_empty({small_gemm_bf16_packed_bytes(K, N)}, bytes);
+      w.packed_bytes = small_gemm_bf16_packed_bytes(K, N);
     else if (dtype == at::kFloat && rows >= (transposed ? kMinRowsToPackTransposed : kMinRowsToPack))
-      w.packed = pooled_empty({small_gemm_packed_size(K, N)}, at::TensorOptions().dtype(at::kFloat));
+      w.packed_bytes = small_gemm_packed_size(K, N) * int64_t(sizeof(float));
     return w;
   }
+  // Room for the panels in the call's scratch, and their place once it is allocated.
+  void reserve(Scratch& scratch) { at_ = scratch.reserve<char>(packed_bytes); }
+  void place(const Scratch& scratch) { packed = packed_bytes ? scratch.get<char>(at_) : nullptr; }
+
   // Packs B where make() chose to. With check_finite, true when it packed for
   // small_gemm and found every value of B finite on the way; false otherwise, and
   // wherever it did not look.
   bool pack(bool check_finite = false) const {
-    if (!packed.defined()) return false;
+    if (!packed) return false;
     if (bf16 && dtype == at::kFloat) {
-      small_gemm_bf16_pack(K, N, static_cast<const float*>(data), rs, cs, packed.data_ptr());
+      small_gemm_bf16_pack(K, N, static_cast<const float*>(data), rs, cs, packed);
       return false;
     }
     if (bf16) {
-      small_gemm_bf16_pack(K, N, static_cast<const uint16_t*>(data), rs, cs, packed.data_ptr());
+      small_gemm_bf16_pack(K, N, static_cast<const uint16_t*>(data), rs, cs, packed);
       return false;
     }
     const float* b = static_cast<const float*>(data);
-    if (check_finite) return small_gemm_pack_checked(K, N, b, rs, cs, packed.data_ptr<float>());
-    small_gemm_pack(K, N, b, rs, cs, packed.data_ptr<float>());
+    if (check_finite) return small_gemm_pack_checked(K, N, b, rs, cs, static_cast<float*>(packed));
+    small_gemm_pack(K, N, b, rs, cs, static_cast<float*>(packed));
     return false;
   }
+
+ private:
+  size_t at_ = 0;  // the panels' offset in the scratch
 };
 
 // c[M,N] = a[M,K] B + beta c: one step's product (c's rows contiguous).
@@ -256,15 +272,15 @@ void step_product(Mat<const T> a, const StepWeight& w, Mat<T> c, at::opmath_type
   TORCH_INTERNAL_ASSERT(c.cs == 1 || w.N == 1, "birnn_ext: step product rows must be contiguous");
   const int64_t M = a.rows, ldc = std::max<int64_t>(c.rs, w.N);
   if constexpr (std::is_same_v<T, at::BFloat16>) {
-    if (w.packed.defined()) {
-      small_gemm_bf16(M, w.N, w.K, reinterpret_cast<const uint16_t*>(a.data), a.rs, a.cs, w.packed.data_ptr(), beta,
+    if (w.packed) {
+      small_gemm_bf16(M, w.N, w.K, reinterpret_cast<const uint16_t*>(a.data), a.rs, a.cs, w.packed, beta,
                       reinterpret_cast<uint16_t*>(c.data), ldc);
       return;
     }
   }
   if constexpr (std::is_same_v<T, float>) {
-    if (w.packed.defined()) {
-      small_gemm(M, w.N, w.K, a.data, a.rs, a.cs, w.packed.data_ptr<float>(), beta, c.data, ldc);
+    if (w.packed) {
+      small_gemm(M, w.N, w.K, a.data, a.rs, a.cs, static_cast<const float*>(w.packed), beta, c.data, ldc);
       return;
     }
     if (M * w.N * w.K < kOnednnMinWork && small_gemm_in_place_fits(M, w.K, a.cs, w.rs, w.cs)) {

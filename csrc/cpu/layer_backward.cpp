@@ -286,7 +286,7 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
     // dh_proj of every step [D,rows,P] and of one [D,B,P], dh_raw [D,B,H]; per direction
     // and block of rows, the block's share of dW_ih [D,blocks,G,I], dW_hh [D,blocks,G,P]
     // (and dW_hr [D,blocks,P,H]); the reverse direction's share of dx, dg[1] W_ih[1]
-    // [rows,I], where its blocks write it.
+    // [rows,I], where its blocks write it; the packed weights.
     const int64_t max_blocks = RowBlocks::max_count(rows);
     Scratch scratch;
     const size_t at_dg = scratch.reserve<T>(D * rows * G), at_dg_step = scratch.reserve<T>(D * B * G);
@@ -296,14 +296,20 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
     const size_t at_part_hh = scratch.reserve<T>(D * max_blocks * G * P);
     const size_t at_part_hr = scratch.reserve<T>(proj ? D * max_blocks * P * H : 0);
     const size_t at_dx_reverse = scratch.reserve<T>(input_grad && D == 2 ? rows * I : 0);
-    scratch.allocate();
     BwdParams<T> p{};
-    p.n = n;
-    p.len = len.defined() ? len.data_ptr<int64_t>() : nullptr;
     for (int64_t d = 0; d < D; ++d) {
       p.w_hh[d] = StepWeight::as_is(w_hh[d], T_ * B);
       if (proj) p.w_hr[d] = StepWeight::as_is(w_hr[d], T_ * B);
+      p.w_hh[d].reserve(scratch);
+      p.w_hr[d].reserve(scratch);
     }
+    scratch.allocate();
+    for (int64_t d = 0; d < D; ++d) {
+      p.w_hh[d].place(scratch);
+      p.w_hr[d].place(scratch);
+    }
+    p.n = n;
+    p.len = len.defined() ? len.data_ptr<int64_t>() : nullptr;
     p.dh = dh.data_ptr<T>();
     p.dg_step = scratch.get<T>(at_dg_step);
     p.dh_proj = proj ? scratch.get<T>(at_dh_proj) : nullptr;

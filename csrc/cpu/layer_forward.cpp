@@ -173,15 +173,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (B > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lstm_layer_forward_cpu", [&] {
       using T = scalar_t;
+      FwdParams<T> p{};
+      p.n = n;
+      p.len = len.defined() ? len.data_ptr<int64_t>() : nullptr;
+      p.x = x.data_ptr<T>();
+      const at::ScalarType products = x.scalar_type();
+      // A projection too small for oneDNN: below that, a BLAS call over both directions
+      // (their W_ih copied side by side) cost more than each direction's own product on
+      // its thread (the layer op at batch 1, T 28, H 128: 91 us before, 77 after).
+      p.project_per_direction = training && (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>) &&
+                                T_ * B * D * 4 * H * I < kOnednnMinWork;
+      for (int64_t d = 0; d < D; ++d) {
+        if (!training || p.project_per_direction) p.w_ih_t[d] = StepWeight::transposed(w_ih[d], T_ * B, products);
+        p.w_hh_t[d] = StepWeight::transposed(w_hh[d], T_ * B, products);
+        if (proj) p.w_hr_t[d] = StepWeight::transposed(w_hr[d], T_ * B, products);
+      }
       // Scratch: b_ih + b_hh [D,4H], a step's h W_hh^T [D,B,4H], with a projection a
       // step's h_raw [D,B,H] and h_raw W_hr^T [D,B,P], in inference a chunk of x
-      // [D,chunk*B,I] and its projection [D,chunk*B,4H].
+      // [D,chunk*B,I] and its projection [D,chunk*B,4H]; the packed weights.
       Scratch scratch;
       const size_t at_bias = scratch.reserve<T>(D * 4 * H), at_rec = scratch.reserve<T>(D * B * 4 * H);
       const size_t at_raw = scratch.reserve<T>(proj ? D * B * H : 0), at_proj = scratch.reserve<T>(proj ? D * B * P : 0);
       const size_t at_x_chunk = scratch.reserve<T>(training ? 0 : D * chunk * B * I);
       const size_t at_xg_chunk = scratch.reserve<T>(training ? 0 : D * chunk * B * 4 * H);
+      for (int64_t d = 0; d < D; ++d)
+        for (StepWeight* w : {&p.w_ih_t[d], &p.w_hh_t[d], &p.w_hr_t[d]}) w->reserve(scratch);
       scratch.allocate();
+      for (int64_t d = 0; d < D; ++d)
+        for (StepWeight* w : {&p.w_ih_t[d], &p.w_hh_t[d], &p.w_hr_t[d]}) w->place(scratch);
       // b_ih + b_hh, summed here (zeros without a bias).
       T* bsum = scratch.get<T>(at_bias);
       for (int64_t d = 0; d < D; ++d) {
@@ -198,16 +217,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         const T *pi = bi.data_ptr<T>(), *ph = bh.data_ptr<T>();
         for (int64_t g = 0; g < 4 * H; ++g) bsum[d * 4 * H + g] = T(math_t<T>(pi[g]) + math_t<T>(ph[g]));
       }
-      FwdParams<T> p{};
-      p.n = n;
-      p.len = len.defined() ? len.data_ptr<int64_t>() : nullptr;
-      p.x = x.data_ptr<T>();
-      const at::ScalarType products = x.scalar_type();
-      // A projection too small for oneDNN: below that, a BLAS call over both directions
-      // (their W_ih copied side by side) cost more than each direction's own product on
-      // its thread (the layer op at batch 1, T 28, H 128: 91 us before, 77 after).
-      p.project_per_direction = training && (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>) &&
-                                T_ * B * D * 4 * H * I < kOnednnMinWork;
       if (training && !p.project_per_direction) {
         // Input projection of every step and direction: [T*B, I] x [D*4H, I]^T, with the
         // directions' W_ih side by side (a copy, small beside the training work).
@@ -218,11 +227,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         p.chunk = chunk;
         p.x_chunk = scratch.get<T>(at_x_chunk);
         p.xg_chunk = scratch.get<T>(at_xg_chunk);
-      }
-      for (int64_t d = 0; d < D; ++d) {
-        if (!training || p.project_per_direction) p.w_ih_t[d] = StepWeight::transposed(w_ih[d], T_ * B, products);
-        p.w_hh_t[d] = StepWeight::transposed(w_hh[d], T_ * B, products);
-        if (proj) p.w_hr_t[d] = StepWeight::transposed(w_hr[d], T_ * B, products);
       }
       p.h0_zero = !h0;
       p.h = h.data_ptr<T>();
