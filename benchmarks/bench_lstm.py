@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.utils.benchmark as tb
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from birnn_ext import FusedBiLSTM  # noqa: E402
@@ -157,7 +157,28 @@ def time_pair(fn_ref, fn_fused, threads, min_run_time, autocast=None):
     return statistics.median(times[0]), statistics.median(times[1]), statistics.median(ratios)
 
 
-def bench_case(case: Case, device: str, threads: int, min_run_time: float, autocast=None, with_targets=False):
+def one_call(model, x, lengths, train):
+    """One timed call of either side: the model over x, with lengths (nn.LSTM gets the
+    batch packed, the fused module the padded batch and lengths=); in training, the
+    backward of the same loss on both sides, the sum of every output and of h_n. Returns
+    the input, whose .grad the backward filled."""
+    xi = x.detach().requires_grad_(train)
+    with torch.set_grad_enabled(train):
+        if lengths is None:
+            out, (h, c) = model(xi)
+        elif isinstance(model, nn.LSTM):
+            out, (h, c) = model(pack_padded_sequence(xi, lengths, enforce_sorted=False))
+        else:
+            out, (h, c) = model(xi, lengths=lengths)
+        if train:
+            y = out.data if isinstance(out, PackedSequence) else out
+            (y.float().sum() + h.float().sum()).backward()
+    return xi
+
+
+def case_inputs(case: Case, device: str):
+    """nn.LSTM and FusedBiLSTM with the same weights, the input, the lengths (None at
+    fixed length) and the number of (sequence, step) pairs computed."""
     torch.manual_seed(0)
     ref = nn.LSTM(case.I, case.H, case.layers, bidirectional=True, device=device)
     fused = FusedBiLSTM.from_lstm(ref)
@@ -168,32 +189,22 @@ def bench_case(case: Case, device: str, threads: int, min_run_time: float, autoc
         steps = float(lengths.sum())
     else:
         lengths, steps = None, float(case.T * case.B)
+    return ref, fused, x, lengths, steps
+
+
+def bench_case(case: Case, device: str, threads: int, min_run_time: float, autocast=None, with_targets=False):
+    ref, fused, x, lengths, steps = case_inputs(case, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
-    def run_ref(train):
+    def timed(model, train):
         def f():
-            xi = x.detach().requires_grad_(train)
-            with torch.set_grad_enabled(train):
-                inp = pack_padded_sequence(xi, lengths, enforce_sorted=False) if lengths is not None else xi
-                out, (h, c) = ref(inp)
-                if train:
-                    (out.data.float().sum() + h.float().sum()).backward()
-            sync()
-        return f
-
-    def run_fused(train):
-        def f():
-            xi = x.detach().requires_grad_(train)
-            with torch.set_grad_enabled(train):
-                out, (h, c) = fused(xi, lengths=lengths) if lengths is not None else fused(xi)
-                if train:
-                    (out.float().sum() + h.float().sum()).backward()
+            one_call(model, x, lengths, train)
             sync()
         return f
 
     rows = []
     for k, (mode, train) in enumerate((("inference", False), ("forward+backward", True))):
-        t_ref, t_fused, ratio = time_pair(run_ref(train), run_fused(train), threads, min_run_time, autocast)
+        t_ref, t_fused, ratio = time_pair(timed(ref, train), timed(fused, train), threads, min_run_time, autocast)
         flops = lstm_flops(case, steps) * (3 if train else 1)
         target = case.targets[k] if with_targets and case.targets else float("nan")
         rows.append(dict(case=case.name, B=case.B, T=case.T, min_len=case.min_len, I=case.I, H=case.H,
