@@ -21,7 +21,9 @@ def test_both_sides_backpropagate_the_same_loss(case):
     grads = []
     for model in (ref, fused):
         xi = bench_lstm.one_call(model, x.double(), lengths, train=True)
-        grads.append([xi.grad] + [p.grad for p in model.parameters()])
+        grads.append({"input": xi.grad, **{n: p.grad for n, p in model.named_parameters()}})
+    assert grads[0].keys() == grads[1].keys()
     # float64 on both sides: the two implementations agree to rounding.
-    for name, a, b in zip(["input"] + [n for n, _ in ref.named_parameters()], *grads):
-        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9, msg=lambda m, name=name: f"gradient of {name}: {m}")
+    for name, want in grads[0].items():
+        torch.testing.assert_close(grads[1][name], want, rtol=1e-9, atol=1e-9,
+                                   msg=lambda m, name=name: f"gradient of {name}: {m}")
