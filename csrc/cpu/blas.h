@@ -19,6 +19,7 @@
 #include <type_traits>
 
 #include "buffer_pool.h"
+#include "dispatch_rules.h"
 #include "small_gemm.h"
 
 extern "C" {
@@ -120,8 +121,7 @@ void blas_matmul(Mat<const T> a, Mat<const T> b, Mat<T> c, T beta) {
   gemm<T>(ta, tb, a.rows, N, a.cols, T(1), a.data, lda, b.data, ldb, beta, c.data, std::max<int64_t>(c.rs, N));
 }
 
-// M*N*K where oneDNN's per-call cost and BLAS's slower kernels break even.
-constexpr int64_t kOnednnMinWork = 1 << 21;
+using cpu_rules::kOnednnMinWork;  // from this much work a float32 product goes to oneDNN
 
 // c[M,N] = a[M,K] b[K,N] + beta c, on 2-D views with a unit stride in one dimension;
 // c's rows are contiguous (c may be a block of columns of a wider matrix). Products
@@ -188,15 +188,6 @@ void matmul(Mat<const T> a, Mat<const T> b, Mat<T> c, at::opmath_type<T> beta) {
 // FusedBiLSTM at B 1, T 28, I 28, H 128 took 121-127 us a call in inference, 116-118
 // with the panels in the scratch (one process per figure, alternated, Zen 4).
 struct StepWeight {
-  // Rows (steps x batch) from which packing repays its copy. B the transpose of a
-  // weight as nn.LSTM stores it (h W_hh^T, x W_ih^T): in place, every output is a dot
-  // product with its lanes summed at the end, 2.0 us at batch 1 (128 x 512) against
-  // the packed kernel's 1.4, 4.7 against 2.1 at batch 4; the transposing copy (V x V
-  // blocks in registers) costs about as much as 16 rows save. B's rows contiguous
-  // (dg W_hh): in place, W's rows scale into accumulators as the packed kernel's do,
-  // within a few percent of it; a copy pays only over long sweeps.
-  static constexpr int64_t kMinRowsToPackTransposed = 16;
-  static constexpr int64_t kMinRowsToPack = 256;
   const void* data = nullptr;  // B in place: element (k, n) at data[k * rs + n * cs], of `dtype`
   int64_t K = 0, N = 0, rs = 0, cs = 1;
   at::ScalarType dtype = at::kFloat;
@@ -230,7 +221,8 @@ struct StepWeight {
     const bool transposed = rs == 1 && cs != 1;
     if (w.bf16)
       w.packed_bytes = small_gemm_bf16_packed_bytes(K, N);
-    else if (dtype == at::kFloat && rows >= (transposed ? kMinRowsToPackTransposed : kMinRowsToPack))
+    else if (dtype == at::kFloat &&
+             rows >= (transposed ? cpu_rules::kMinRowsToPackTransposed : cpu_rules::kMinRowsToPack))
       w.packed_bytes = small_gemm_packed_size(K, N) * int64_t(sizeof(float));
     return w;
   }

@@ -16,6 +16,7 @@
 #include "blas.h"
 #include "buffer_pool.h"
 #include "cell_rows.h"
+#include "dispatch_rules.h"
 #include "fixed_order.h"
 #include "kernel_util.h"
 #include "cell_avx512.h"
@@ -24,13 +25,9 @@
 namespace birnn {
 namespace {
 
-// Multiply-adds of a cell step (B*4H*(I+H)) below which the step runs on the calling
-// thread alone (kernel_util.h's on_this_thread), its products' threads not woken.
-// Measured with FusedLSTMCell, one thread against two (us a call, inference and
-// forward+backward): B 1, I 16, H 16 (2k) 19.4/21.7 and 134.5/141.1; B 1, I 28, H 128
-// (80k) 25.3/28.2 and 195.8/201.2; B 8, I 64, H 64 (262k) 30.1/38.8 and 174.7/171.5;
-// B 8, I 128, H 128 (1M) 56.4/47.6 and 276.2/228.6.
-constexpr int64_t kCellMinMacsForThreads = int64_t(1) << 19;
+// A cell step below this many multiply-adds (B*4H*(I+H)) runs on the calling thread
+// alone (kernel_util.h's on_this_thread), its products' threads not woken.
+using cpu_rules::kCellMinMacsForThreads;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_cpu(const at::Tensor& x_, const at::Tensor& h_,
                                                                      const at::Tensor& c, const at::Tensor& w_ih_,

@@ -14,6 +14,7 @@
 
 #include "blas.h"
 #include "buffer_pool.h"
+#include "dispatch_rules.h"
 #include "kernel_util.h"
 #include "small_gemm.h"
 
@@ -49,26 +50,21 @@ void sum_parts(const T* parts, int64_t count, int64_t n, T* out) {
   });
 }
 
-// The longest sum (rows of a and b in a^T b) that a weight gradient takes to
-// small_gemm_in_place rather than to a GEMM engine: a small batch over a few steps.
-constexpr int64_t kMaxRowsInPlace = 64;
+using cpu_rules::kMaxRowsInPlace;  // the longest a^T b that small_gemm_in_place takes
 
 // One block's share of a weight gradient: c[M,N] = a[K,M]^T b[K,N], a and b rows of dg
 // and of the layer's input or h (contiguous rows). A short block (a small batch over few
-// steps) of a wide weight goes to small_gemm_in_place, which reads both where they lie:
-// at batch 1, T 28, H 128, dW_hh (512 x 28 x 128) takes 17 us there against 35 us in BLAS
-// (benchmarks/bench_step_gemm.py). Narrower ones (dW_ih at a small input size) stay on
-// matmul: with a few columns the in-place kernel's tiles hold too few accumulators.
+// steps) of a wide weight goes to small_gemm_in_place, which reads both where they lie;
+// the others to matmul (dispatch_rules.h: kMaxRowsInPlace, kMinColsInPlace).
 //
 // By pointer (blas.h's Mat): a layer's backward calls it per row block on its workers,
 // where tensor views would each cost a dispatcher round trip. a [K,M] and b [K,N] with
 // contiguous rows; c [M,N] dense.
 template <typename T>
 void weight_grad(Mat<const T> a, Mat<const T> b, Mat<T> c) {
-  constexpr int64_t kMinColsInPlace = 64;
   const int64_t K = a.rows, M = a.cols, N = b.cols;
   if constexpr (std::is_same_v<T, float>) {
-    if (K <= kMaxRowsInPlace && N >= kMinColsInPlace) {
+    if (K <= kMaxRowsInPlace && N >= cpu_rules::kMinColsInPlace) {
       small_gemm_in_place(M, N, K, a.data, 1, a.rs, b.data, b.rs, 1, 0.f, c.data, N);
       return;
     }

@@ -15,6 +15,7 @@
 
 #include "bf16_bits.h"
 #include "buffer_pool.h"
+#include "dispatch_rules.h"
 
 extern "C" {
 // MKL's thread count for the calling thread (0: MKL's global one); returns the previous
@@ -121,17 +122,8 @@ inline bool all_finite(const T* p, int64_t n) {
   return !bad;
 }
 
-// Multiply-adds of one direction's forward sweep (T*B*4H*(I+P)) from which a second
-// thread pays for its waking: below it, the forward and the backward run on the
-// calling thread alone. Measured at batch 1, bidirectional, one thread against two (us
-// a call):
-// - the forward op in inference: H 16, T 8 (16k MACs) 23.6 / 27.8; H 32, T 4 (33k)
-//   24.0 / 24.9; H 64, T 2 (66k) 24.6 / 22.9; H 32, T 8 (66k) 30.1 / 27.7; H 128, T 1
-//   (131k) 35.0 / 28.8 (a Zen 5);
-// - the backward op: H 16, T 1 (2k) 11.6 / 13.2; H 16, T 8 (16k) 15.3 / 18.6; H 32,
-//   T 4 (25k) 17.9 / 19.8; H 32, T 8 (66k) 24.1 / 24.0; H 64, T 2 (66k) 24.3 / 19.1;
-//   H 128, T 1 (80k) 46.6 / 31.7 (a Zen 4).
-constexpr int64_t kMinMacsPerThread = int64_t(1) << 16;
+// Multiply-adds of one direction's sweep from which a second thread pays for its waking.
+using cpu_rules::kMinMacsPerThread;
 
 // BLAS kept to the calling thread for a scope (on_this_thread's). Inside a parallel
 // region MKL keeps to one thread by itself; outside one (a small layer run on the

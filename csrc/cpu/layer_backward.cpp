@@ -20,6 +20,7 @@
 #include "blas.h"
 #include "buffer_pool.h"
 #include "cell_rows.h"
+#include "dispatch_rules.h"
 #include "fixed_order.h"
 #include "kernel_util.h"
 
@@ -29,12 +30,9 @@ namespace {
 // The rows of one direction's dg, cut into blocks for the weight-gradient GEMMs. The cut
 // depends on the row range alone, so each block's product, and the order in which the
 // blocks are summed, are the same for any thread count: the same bits come out.
-// Blocks of at least 1024 rows: each block's share of dW is a partial sum written out
-// and added back, and smaller blocks cost more in that traffic than they win by
-// starting earlier (the demo's training step, 2800 rows, ran about 5% faster than with
-// 512-row blocks; with 2048 rows or a single block it ran slower).
+// The block sizes: dispatch_rules.h (kGradBlockMinRows, kGradMaxBlocks).
 struct RowBlocks {
-  static constexpr int64_t kMinRows = 1024, kMaxBlocks = 16;
+  static constexpr int64_t kMinRows = cpu_rules::kGradBlockMinRows, kMaxBlocks = cpu_rules::kGradMaxBlocks;
   int64_t begin = 0, end = 0, size = 1, count = 0;
   static RowBlocks over(int64_t begin, int64_t end) {
     RowBlocks r;

@@ -4,6 +4,8 @@
 // is picked once, at load time. The packing follows the width picked.
 #include "small_gemm.h"
 
+#include "dispatch_rules.h"
+
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -418,13 +420,8 @@ void small_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, 
 }
 
 bool small_gemm_in_place_fits(int64_t M, int64_t K, int64_t a_col, int64_t b_row, int64_t b_col) {
-  // The dot products need K of at least a vector (16 lanes in the widest build) for the
-  // overlapping last vector of a ragged K. Over short rows their lane sums weigh more
-  // than the products: below K 64 they beat BLAS on up to 3 rows of A only
-  // (benchmarks/bench_step_gemm.py, one thread, Zen 4, us, in place / BLAS: 1 x 28 x
-  // 512 1.4 / 1.7, 2 x 28 x 512 2.6 / 2.8, 4 x 28 x 512 5.0 / 2.4, 28 x 28 x 512 several
-  // times slower; 1 x 12 x 256, a scalar tail alone, 1.2 / 0.6).
-  constexpr int64_t kDotMinK = 64, kShortDotMinK = 16, kShortDotMaxRows = 3;
+  // B's rows contiguous: always. Its transpose (dot products): dispatch_rules.h.
+  using cpu_rules::kDotMinK, cpu_rules::kShortDotMinK, cpu_rules::kShortDotMaxRows;
   return b_col == 1 ||
          (b_row == 1 && a_col == 1 && (K >= kDotMinK || (K >= kShortDotMinK && M <= kShortDotMaxRows)));
 }

@@ -1,0 +1,96 @@
+// The dispatch rules of the CPU ops, in one place, each with the measurement that chose
+// it: which GEMM engine takes a product, when a weight is packed for the step products,
+// when a second thread is woken, how the work is cut into blocks. The kernels ask with
+// these constants; the mechanisms stay where they are (blas.h, small_gemm.cpp,
+// fixed_order.h, kernel_util.h, the layer and cell ops). Torch-free, so that
+// small_gemm.cpp reads it too. Figures: one thread unless said, us a call.
+#pragma once
+
+#include <cstdint>
+
+namespace birnn::cpu_rules {
+
+// ---------------------------------------------------------------- GEMM engines (blas.h)
+
+// M*N*K from which a float32 product goes to oneDNN's matmul rather than BLAS: where
+// oneDNN's per-call cost (about 10 us, against BLAS's 3) and BLAS's slower kernels break
+// even. MKL runs generic kernels on AMD processors; oneDNN's are over twice as fast there.
+constexpr int64_t kOnednnMinWork = int64_t(1) << 21;
+
+// The products of a sweep's steps, c = a B for a weight B: packed for small_gemm when the
+// sweep multiplies at least this many rows (steps x batch) by B, read in place otherwise.
+// B the transpose of a weight as nn.LSTM stores it (h W_hh^T, x W_ih^T): in place, every
+// output is a dot product with its lanes summed at the end, 2.0 us at batch 1
+// (128 x 512) against the packed kernel's 1.4, 4.7 against 2.1 at batch 4; the
+// transposing copy (V x V blocks in registers) costs about as much as 16 rows save.
+constexpr int64_t kMinRowsToPackTransposed = 16;
+// B's rows contiguous (dg W_hh): in place, W's rows scale into accumulators as the packed
+// kernel's do, within a few percent of it; a copy pays only over long sweeps.
+constexpr int64_t kMinRowsToPack = 256;
+
+// small_gemm_in_place over B's transpose (dot products) needs K of at least a vector (16
+// lanes in the widest build) for the overlapping last vector of a ragged K. Over short
+// rows the lane sums weigh more than the products: below K 64 the dot products beat BLAS
+// on up to 3 rows of A only (benchmarks/bench_step_gemm.py, Zen 4, in place / BLAS:
+// 1 x 28 x 512 1.4 / 1.7, 2 x 28 x 512 2.6 / 2.8, 4 x 28 x 512 5.0 / 2.4, 28 x 28 x 512
+// several times slower; 1 x 12 x 256, a scalar tail alone, 1.2 / 0.6).
+constexpr int64_t kDotMinK = 64, kShortDotMinK = 16, kShortDotMaxRows = 3;
+
+// ---------------------------------------------------------------- weight gradients (fixed_order.h)
+
+// The longest sum (rows of a and b in a^T b) that a weight gradient takes to
+// small_gemm_in_place rather than to a GEMM engine, and the fewest columns it must have
+// there: a short block (a small batch over a few steps) of a wide weight. At batch 1,
+// T 28, H 128, dW_hh (512 x 28 x 128) takes 17 us in place against 35 us in BLAS
+// (benchmarks/bench_step_gemm.py). Narrower ones (dW_ih at a small input size) stay on
+// matmul: with a few columns the in-place kernel's tiles hold too few accumulators.
+constexpr int64_t kMaxRowsInPlace = 64;
+constexpr int64_t kMinColsInPlace = 64;
+
+// The rows of one direction's dg are cut into blocks of at least kGradBlockMinRows rows,
+// at most kGradMaxBlocks of them, for the weight-gradient GEMMs (layer_backward.cpp's
+// RowBlocks): each block's share of dW is a partial sum written out and added back, and
+// smaller blocks cost more in that traffic than they win by starting earlier (the demo's
+// training step, 2800 rows, ran about 5% faster than with 512-row blocks; with 2048
+// rows or a single block it ran slower).
+constexpr int64_t kGradBlockMinRows = 1024, kGradMaxBlocks = 16;
+
+// ---------------------------------------------------------------- threads (kernel_util.h)
+
+// Multiply-adds of one direction's forward sweep (T*B*4H*(I+P)) from which a second
+// thread pays for its waking: below it, the forward and the backward run on the
+// calling thread alone. Measured at batch 1, bidirectional, one thread against two:
+// - the forward op in inference: H 16, T 8 (16k MACs) 23.6 / 27.8; H 32, T 4 (33k)
+//   24.0 / 24.9; H 64, T 2 (66k) 24.6 / 22.9; H 32, T 8 (66k) 30.1 / 27.7; H 128, T 1
+//   (131k) 35.0 / 28.8 (a Zen 5);
+// - the backward op: H 16, T 1 (2k) 11.6 / 13.2; H 16, T 8 (16k) 15.3 / 18.6; H 32,
+//   T 4 (25k) 17.9 / 19.8; H 32, T 8 (66k) 24.1 / 24.0; H 64, T 2 (66k) 24.3 / 19.1;
+//   H 128, T 1 (80k) 46.6 / 31.7 (a Zen 4).
+constexpr int64_t kMinMacsPerThread = int64_t(1) << 16;
+
+// Multiply-adds of a cell step (B*4H*(I+H)) below which the step runs on the calling
+// thread alone, its products' threads not woken. Measured with FusedLSTMCell, one thread
+// against two (inference and forward+backward): B 1, I 16, H 16 (2k) 19.4/21.7 and
+// 134.5/141.1; B 1, I 28, H 128 (80k) 25.3/28.2 and 195.8/201.2; B 8, I 64, H 64 (262k)
+// 30.1/38.8 and 174.7/171.5; B 8, I 128, H 128 (1M) 56.4/47.6 and 276.2/228.6.
+constexpr int64_t kCellMinMacsForThreads = int64_t(1) << 19;
+
+// ---------------------------------------------------------------- the layer forward (layer_forward.cpp)
+
+// In inference, each direction's sweep projects its input a chunk of steps at a time:
+// chunks of about this many rows (steps x batch), enough for the product to run at the
+// speed of a large one (benchmarks/bench_step_gemm.py, the 'medium x W_ih^T (chunk)' row,
+// 256 x 128 x 1024 on small_gemm: 163 GFLOP/s on an Intel Xeon, as the classic size's
+// step products, 100 x 128 x 512, run there).
+constexpr int64_t kInferenceChunkRows = 256;
+
+// In training, whether each direction projects its own input on its thread, rather than
+// one product over both directions (their W_ih copied side by side) before the sweeps:
+// below oneDNN's threshold, where that product would be a BLAS call. The layer op at
+// batch 1, T 28, H 128 took 91 us a call with the one product, 77 with a product per
+// direction.
+constexpr bool project_per_direction(int64_t T, int64_t B, int64_t D, int64_t H, int64_t I) {
+  return T * B * D * 4 * H * I < kOnednnMinWork;
+}
+
+}  // namespace birnn::cpu_rules
