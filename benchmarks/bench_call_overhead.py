@@ -5,7 +5,9 @@ module's Python, the dispatcher, argument checks, allocations and the kernels' s
 Prints, per implementation, microseconds per call in inference (no_grad, entered once
 per round of calls, so not counted) and per
 forward+backward (loss = y.sum()), and for the fused side the layer op called alone
-(no module) in inference. Each figure is the fastest of --rounds rounds, the rounds of
+(no module) in inference. For scale, nn.Linear(I, 8H) over the same input: a graph of
+one node and two parameters, about the least a module's forward+backward costs in
+PyTorch (the fused layer's node has eight parameters, each accumulated on its own). Each figure is the fastest of --rounds rounds, the rounds of
 all variants interleaved so that a slow spell of the machine hits them alike.
 
 On a GPU (--device cuda) the same loops run without synchronising inside them: while
@@ -44,6 +46,7 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     fused = FusedBiLSTM(I, H).to(dev)
     ref = nn.LSTM(I, H, bidirectional=True).to(dev)
+    linear = nn.Linear(I, 8 * H).to(dev)  # as wide as both directions' gates
     x = torch.randn(T, B, I, device=dev)
     op = torch.ops.birnn_ext.lstm_layer_forward
     weights = [getattr(fused, f"{kind}_l0{sfx}") if kind else None
@@ -56,8 +59,8 @@ def main(argv=None) -> None:
 
     def training(m):
         def run():
-            y, _ = m(x)
-            y.sum().backward()
+            y = m(x)
+            (y[0] if isinstance(y, tuple) else y).sum().backward()
         return run
 
     def op_alone():
@@ -69,6 +72,8 @@ def main(argv=None) -> None:
         ("layer op alone", "inference"): op_alone,
         ("nn.LSTM", "forward+backward"): training(ref),
         ("FusedBiLSTM", "forward+backward"): training(fused),
+        ("nn.Linear", "inference"): inference(linear),
+        ("nn.Linear", "forward+backward"): training(linear),
     }
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     calls = {}
@@ -98,7 +103,7 @@ def main(argv=None) -> None:
     print(f"B {B}, T {T}, I {I}, H {H}, bidirectional, {dev.type}, {torch.get_num_threads()} threads; "
           f"fastest of {args.rounds} interleaved rounds; {what}")
     print(f"{'':<16}{'inference':>12}{'fwd+bwd':>12}")
-    for name in ("nn.LSTM", "FusedBiLSTM", "layer op alone"):
+    for name in ("nn.LSTM", "FusedBiLSTM", "layer op alone", "nn.Linear"):
         cells = [best.get((name, mode)) for mode in ("inference", "forward+backward")]
         print(f"{name:<16}" + "".join(f"{c * 1e6:>12.1f}" if c is not None else f"{'':>12}" for c in cells))
     for mode in ("inference", "forward+backward"):
