@@ -29,14 +29,7 @@ BUILD = _build.ROOT / "build" / "emu"
 
 
 def build(name: str, defines: tuple[str, ...] = ()) -> Path:
-    BUILD.mkdir(parents=True, exist_ok=True)
-    exe = BUILD / name
-    cuda = _build.CSRC / "cuda"
-    sources = [_build.CSRC / s for s in _build.EMU_SOURCES] + list((_build.CSRC / "emu").glob("*.h")) + [
-        *cuda.glob("*.h"), *cuda.glob("*.cuh"), _build.CSRC / "lstm_cell.h"]
-    if not exe.exists() or exe.stat().st_mtime < max(s.stat().st_mtime for s in sources):
-        subprocess.run(_build.emulator_command(exe, defines), check=True)
-    return exe
+    return _build.build_emulator(BUILD / name, defines)
 
 
 @pytest.fixture(scope="module")
