@@ -7,8 +7,9 @@ per round of calls, so not counted) and per
 forward+backward (loss = y.sum()), and for the fused side the layer op called alone
 (no module) in inference. For scale, nn.Linear(I, 8H) over the same input: a graph of
 one node and two parameters, about the least a module's forward+backward costs in
-PyTorch (the fused layer's node has eight parameters, each accumulated on its own). Each figure is the fastest of --rounds rounds, the rounds of
-all variants interleaved so that a slow spell of the machine hits them alike.
+PyTorch (the fused layer's node has eight parameters, each accumulated on its own).
+Each figure is the fastest of --rounds rounds, the rounds of all variants interleaved
+so that a slow spell of the machine hits them alike.
 
 On a GPU (--device cuda) the same loops run without synchronising inside them: while
 the GPU keeps up, the time per call is the host's, which is what bounds small models
