@@ -121,8 +121,6 @@ void blas_matmul(Mat<const T> a, Mat<const T> b, Mat<T> c, T beta) {
   gemm<T>(ta, tb, a.rows, N, a.cols, T(1), a.data, lda, b.data, ldb, beta, c.data, std::max<int64_t>(c.rs, N));
 }
 
-using cpu_rules::kOnednnMinWork;  // from this much work a float32 product goes to oneDNN
-
 // c[M,N] = a[M,K] b[K,N] + beta c, on 2-D views with a unit stride in one dimension;
 // c's rows are contiguous (c may be a block of columns of a wider matrix). Products
 // large enough to amortise oneDNN's per-call cost go there.
@@ -143,7 +141,7 @@ void matmul(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, at::o
     c.copy_(r);
   } else {
     if constexpr (std::is_same_v<T, float>) {
-      if (K > 0 && M * N * K >= kOnednnMinWork && c.is_contiguous()) {
+      if (K > 0 && M * N * K >= cpu_rules::kOnednnMinWork && c.is_contiguous()) {
         if (OnednnMatmul fn = onednn_matmul()) {
           fn(a, b, c, beta, 1.0f);
           return;
@@ -164,7 +162,7 @@ void matmul(Mat<const T> a, Mat<const T> b, Mat<T> c, at::opmath_type<T> beta) {
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     matmul<T>(a.tensor(at::kBFloat16), b.tensor(at::kBFloat16), c.tensor(at::kBFloat16), beta);
   } else {
-    if (std::is_same_v<T, float> && K > 0 && M * N * K >= kOnednnMinWork && dense_c && onednn_matmul()) {
+    if (std::is_same_v<T, float> && K > 0 && M * N * K >= cpu_rules::kOnednnMinWork && dense_c && onednn_matmul()) {
       const at::ScalarType dtype = c10::CppTypeToScalarType<T>::value;
       matmul<T>(a.tensor(dtype), b.tensor(dtype), c.tensor(dtype), beta);
       return;
@@ -275,7 +273,7 @@ void step_product(Mat<const T> a, const StepWeight& w, Mat<T> c, at::opmath_type
       small_gemm(M, w.N, w.K, a.data, a.rs, a.cs, static_cast<const float*>(w.packed), beta, c.data, ldc);
       return;
     }
-    if (M * w.N * w.K < kOnednnMinWork && small_gemm_in_place_fits(M, w.K, a.cs, w.rs, w.cs)) {
+    if (M * w.N * w.K < cpu_rules::kOnednnMinWork && small_gemm_in_place_fits(M, w.K, a.cs, w.rs, w.cs)) {
       small_gemm_in_place(M, w.N, w.K, a.data, a.rs, a.cs, static_cast<const float*>(w.data), w.rs, w.cs, beta, c.data,
                           ldc);
       return;

@@ -25,10 +25,6 @@
 namespace birnn {
 namespace {
 
-// A cell step below this many multiply-adds (B*4H*(I+H)) runs on the calling thread
-// alone (kernel_util.h's on_this_thread), its products' threads not woken.
-using cpu_rules::kCellMinMacsForThreads;
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_cpu(const at::Tensor& x_, const at::Tensor& h_,
                                                                      const at::Tensor& c, const at::Tensor& w_ih_,
                                                                      const at::Tensor& w_hh_,
@@ -41,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_cpu(const at::T
   at::Tensor pre = pooled_empty({B, 4 * H}, x.options());
   at::Tensor h_new = pooled_empty({B, H}, x.options());
   at::Tensor c_new = c.to(x.options().dtype(math_dtype(x.scalar_type())), false, true).contiguous();
-  on_this_thread_if(B * 4 * H * (I + H) < kCellMinMacsForThreads, [&] {
+  on_this_thread_if(B * 4 * H * (I + H) < cpu_rules::kCellMinMacsForThreads, [&] {
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lstm_cell_cpu", [&] {
       using T = scalar_t;
       at::Tensor rec = pooled_empty({B, 4 * H}, x.options());
@@ -76,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dg = pooled_empty({B, 4 * H}, opt);
   at::Tensor dx = pooled_empty({B, I}, opt), dw_ih = pooled_empty({4 * H, I}, opt), dw_hh = pooled_empty({4 * H, H}, opt);
   at::Tensor dbias = pooled_empty({4 * H}, opt);
-  on_this_thread_if(B * 4 * H * (I + H) < kCellMinMacsForThreads, [&] {
+  on_this_thread_if(B * 4 * H * (I + H) < cpu_rules::kCellMinMacsForThreads, [&] {
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lstm_cell_cpu", [&] {
       using T = scalar_t;
       at::Tensor scratch = pooled_empty({4 * H}, opt);  // the row kernel's per-step copy of dg, unused here

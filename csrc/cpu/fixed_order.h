@@ -50,8 +50,6 @@ void sum_parts(const T* parts, int64_t count, int64_t n, T* out) {
   });
 }
 
-using cpu_rules::kMaxRowsInPlace;  // the longest a^T b that small_gemm_in_place takes
-
 // One block's share of a weight gradient: c[M,N] = a[K,M]^T b[K,N], a and b rows of dg
 // and of the layer's input or h (contiguous rows). A short block (a small batch over few
 // steps) of a wide weight goes to small_gemm_in_place, which reads both where they lie;
@@ -64,7 +62,7 @@ template <typename T>
 void weight_grad(Mat<const T> a, Mat<const T> b, Mat<T> c) {
   const int64_t K = a.rows, M = a.cols, N = b.cols;
   if constexpr (std::is_same_v<T, float>) {
-    if (K <= kMaxRowsInPlace && N >= cpu_rules::kMinColsInPlace) {
+    if (K <= cpu_rules::kMaxRowsInPlace && N >= cpu_rules::kMinColsInPlace) {
       small_gemm_in_place(M, N, K, a.data, 1, a.rs, b.data, b.rs, 1, 0.f, c.data, N);
       return;
     }
@@ -100,7 +98,7 @@ void matmul_tn_fixed_order(const at::Tensor& a, const at::Tensor& b, const at::T
   constexpr int64_t kMaxRows = 1024;
   const int64_t K = a.size(0), M = a.size(1), N = b.size(1);
   if constexpr (std::is_same_v<T, float>) {
-    if (K <= kMaxRowsInPlace && small_gemm_in_place_fits(M, K, M, N, 1)) {  // A(r, k) = a[k*M + r]
+    if (K <= cpu_rules::kMaxRowsInPlace && small_gemm_in_place_fits(M, K, M, N, 1)) {  // A(r, k) = a[k*M + r]
       in_place_rows_split(M, N, K, a.data_ptr<float>(), 1, M, b.data_ptr<float>(), N, 1, c.data_ptr<float>());
       return;
     }

@@ -122,9 +122,6 @@ inline bool all_finite(const T* p, int64_t n) {
   return !bad;
 }
 
-// Multiply-adds of one direction's sweep from which a second thread pays for its waking.
-using cpu_rules::kMinMacsPerThread;
-
 // BLAS kept to the calling thread for a scope (on_this_thread's). Inside a parallel
 // region MKL keeps to one thread by itself; outside one (a small layer run on the
 // calling thread alone) it split even a tiny product over every thread, waking them for it:
@@ -166,14 +163,14 @@ void on_this_thread_if(bool small, const F& fn) {
 // multiply-adds or more. Inside, the GEMM engines run single-threaded.
 template <typename F>
 void for_each_direction(int64_t D, int64_t macs, const F& fn) {
-  if (D > 1 && macs >= kMinMacsPerThread && at::get_num_threads() > 1) {
+  if (D > 1 && macs >= cpu_rules::kMinMacsPerThread && at::get_num_threads() > 1) {
     at::parallel_for(0, D, 1, [&](int64_t d0, int64_t d1) {
       for (int64_t d = d0; d < d1; ++d) fn(d);
     });
   } else {
     // A small layer, of one direction or two, on the calling thread alone; a large one
     // on one direction (or one thread) as it comes: a float64 sweep's BLAS products may thread.
-    on_this_thread_if(macs < kMinMacsPerThread, [&] {
+    on_this_thread_if(macs < cpu_rules::kMinMacsPerThread, [&] {
       for (int64_t d = 0; d < D; ++d) fn(d);
     });
   }

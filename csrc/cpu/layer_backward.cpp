@@ -32,7 +32,6 @@ namespace {
 // blocks are summed, are the same for any thread count: the same bits come out.
 // The block sizes: dispatch_rules.h (kGradBlockMinRows, kGradMaxBlocks).
 struct RowBlocks {
-  static constexpr int64_t kMinRows = cpu_rules::kGradBlockMinRows, kMaxBlocks = cpu_rules::kGradMaxBlocks;
   int64_t begin = 0, end = 0, size = 1, count = 0;
   static RowBlocks over(int64_t begin, int64_t end) {
     RowBlocks r;
@@ -40,11 +39,14 @@ struct RowBlocks {
     r.end = std::max(begin, end);
     const int64_t K = r.end - r.begin;
     if (K == 0) return r;
-    r.size = std::max(kMinRows, (K + kMaxBlocks - 1) / kMaxBlocks);
+    r.size = std::max(cpu_rules::kGradBlockMinRows, (K + cpu_rules::kGradMaxBlocks - 1) / cpu_rules::kGradMaxBlocks);
     r.count = (K + r.size - 1) / r.size;
     return r;
   }
-  static int64_t max_count(int64_t rows) { return std::min(kMaxBlocks, (rows + kMinRows - 1) / kMinRows); }
+  static int64_t max_count(int64_t rows) {
+    return std::min(cpu_rules::kGradMaxBlocks,
+                    (rows + cpu_rules::kGradBlockMinRows - 1) / cpu_rules::kGradBlockMinRows);
+  }
   int64_t first(int64_t i) const { return begin + i * size; }
   int64_t last(int64_t i) const { return std::min(end, first(i) + size); }  // one past
 };
@@ -61,7 +63,7 @@ struct BlockWork {
     std::atomic<int64_t> progress{0};  // every sweep step >= progress is done
     RowBlocks blocks;
     bool dx_here = false;  // every row is live: the blocks also write their rows of dg W_ih (see below)
-    std::array<std::atomic<bool>, RowBlocks::kMaxBlocks> taken;
+    std::array<std::atomic<bool>, cpu_rules::kGradMaxBlocks> taken;
   };
   std::array<Direction, 2> dir;
   std::atomic<bool> failed{false};  // a worker threw: the others stop waiting for it
@@ -395,8 +397,8 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
     // One worker per direction sweeps it, then takes blocks; further threads only take
     // blocks. A thread given several workers (a single thread, or a nested call) runs
     // all its sweeps first, so it never waits on a sweep queued behind it.
-    // A small layer (kMinMacsPerThread) runs on the calling thread alone.
-    const bool one_thread = T_ * B * G * (I + P + (proj ? H : 0)) < kMinMacsPerThread;
+    // A small layer (cpu_rules::kMinMacsPerThread) runs on the calling thread alone.
+    const bool one_thread = T_ * B * G * (I + P + (proj ? H : 0)) < cpu_rules::kMinMacsPerThread;
     const int64_t workers =
         one_thread ? D : std::max<int64_t>(D, std::min<int64_t>(at::get_num_threads(), D * (1 + max_blocks)));
     auto run_workers = [&](int64_t w0, int64_t w1) {

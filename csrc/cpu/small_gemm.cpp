@@ -421,9 +421,9 @@ void small_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, 
 
 bool small_gemm_in_place_fits(int64_t M, int64_t K, int64_t a_col, int64_t b_row, int64_t b_col) {
   // B's rows contiguous: always. Its transpose (dot products): dispatch_rules.h.
-  using cpu_rules::kDotMinK, cpu_rules::kShortDotMinK, cpu_rules::kShortDotMaxRows;
-  return b_col == 1 ||
-         (b_row == 1 && a_col == 1 && (K >= kDotMinK || (K >= kShortDotMinK && M <= kShortDotMaxRows)));
+  return b_col == 1 || (b_row == 1 && a_col == 1 &&
+                        (K >= cpu_rules::kDotMinK ||
+                         (K >= cpu_rules::kShortDotMinK && M <= cpu_rules::kShortDotMaxRows)));
 }
 
 void small_gemm_in_place(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_col,
