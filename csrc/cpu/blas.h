@@ -124,21 +124,32 @@ void blas_matmul(Mat<const T> a, Mat<const T> b, Mat<T> c, T beta) {
 // c[M,N] = a[M,K] b[K,N] + beta c, on 2-D views with a unit stride in one dimension;
 // c's rows are contiguous (c may be a block of columns of a wider matrix). Products
 // large enough to amortise oneDNN's per-call cost go there.
-// bfloat16 always goes to oneDNN (bfloat16 storage, float32 accumulation; AVX-512 BF16
-// where the CPU has it), or, without oneDNN, through float32 copies.
+// bfloat16 goes to oneDNN (bfloat16 storage, float32 accumulation; AVX-512 BF16 where
+// the CPU has it) or, where those dot products run at half the float32 rate
+// (bf16_large_products_in_float32, cpu_rules::bf16_dot_products_at_fma_rate) or there
+// is no oneDNN, to the float32 GEMM over widened copies, rounded once into c.
 template <typename T>
 void matmul(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, at::opmath_type<T> beta) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   if (M == 0 || N == 0) return;
   if constexpr (std::is_same_v<T, at::BFloat16>) {
-    if (OnednnMatmul fn = onednn_matmul(); fn && K > 0) {
+    if (OnednnMatmul fn = onednn_matmul(); fn && K > 0 && !bf16_large_products_in_float32()) {
       fn(a, b, c, beta, 1.0f);
       return;
     }
     at::NoGradGuard no_grad;  // may run on an OpenMP worker, which carries no autograd state
-    at::Tensor r = at::mm(a.to(at::kFloat), b.to(at::kFloat));
-    if (beta != 0) r.add_(c.to(at::kFloat), beta);
-    c.copy_(r);
+    // A float32 copy in pooled memory, in the operand's layout where it is a transpose
+    // (a weight's, or the gate gradients' in dW = dg^T h), so that the copy reads rows.
+    auto widened = [](const at::Tensor& t) {
+      const bool transposed = t.stride(0) == 1 && t.stride(1) != 1;
+      const at::Tensor rows = transposed ? t.t() : t;
+      at::Tensor w = pooled_empty(rows.sizes(), rows.options().dtype(at::kFloat));
+      w.copy_(rows);
+      return transposed ? w.t() : w;
+    };
+    const at::Tensor c32 = beta != 0 ? widened(c) : pooled_empty({M, N}, c.options().dtype(at::kFloat));
+    matmul<float>(widened(a), widened(b), c32, beta);
+    c.copy_(c32);
   } else {
     if constexpr (std::is_same_v<T, float>) {
       if (K > 0 && M * N * K >= cpu_rules::kOnednnMinWork && c.is_contiguous()) {

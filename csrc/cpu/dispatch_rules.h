@@ -36,6 +36,38 @@ constexpr int64_t kMinRowsToPack = 256;
 // several times slower; 1 x 12 x 256, a scalar tail alone, 1.2 / 0.6).
 constexpr int64_t kDotMinK = 64, kShortDotMinK = 16, kShortDotMaxRows = 3;
 
+// bfloat16 products run on the processor's bfloat16 dot products (vdpbf16ps, AVX512_BF16:
+// two products a float32 lane per instruction; small_gemm_bf16's dot-product build, and
+// oneDNN's bfloat16 GEMMs) where that instruction issues about as often as an FMA, and
+// as float32 products of the widened values where it does not. Single-core loops of 16
+// independent instructions, and benchmarks/bench_step_gemm.py --dtype bf16:
+//  - Intel Xeon, family 6 model 207: vdpbf16ps one per 0.74 ns, vfmadd231ps one per
+//    0.18 ns: half the float32 rate. Step products 87 GFLOP/s on the dot products
+//    against 154-164 widened from batch 4 up (classic h W_hh^T, 100 x 128 x 512: 150 us
+//    against 85; at batch 1, 1.7 us against 2.1). oneDNN's bfloat16 GEMMs 146-167
+//    GFLOP/s on two cores at the classic and medium layers' projections and gradients,
+//    its float32 ones 268-322.
+//  - AMD Zen 4, family 25 model 17: the dot-product build at 213-231 GFLOP/s a core
+//    against a float32 FMA peak of 115: twice the float32 rate.
+// AMX (Intel processors from Sapphire Rapids where the OS enables it) runs oneDNN's
+// bfloat16 GEMMs on its tiles, so there the large products stay in bfloat16.
+inline bool bf16_dot_products_at_fma_rate() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  return !__builtin_cpu_is("intel");
+#else
+  return true;
+#endif
+}
+inline bool has_amx_bf16() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("amx-bf16");
+#else
+  return false;
+#endif
+}
+
 // ---------------------------------------------------------------- weight gradients (fixed_order.h)
 
 // The longest sum (rows of a and b in a^T b) that a weight gradient takes to

@@ -4,6 +4,7 @@
 // is picked once, at load time. The packing follows the width picked.
 #include "small_gemm.h"
 
+#include "bf16_bits.h"
 #include "dispatch_rules.h"
 
 #include <c10/util/Exception.h>
@@ -11,14 +12,19 @@
 #include <algorithm>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 namespace birnn {
 namespace {
 
-// Stores one accumulated output: C = acc, or acc + beta C.
+// Stores one accumulated output: C = acc, or acc + beta C; a bfloat16 C (its bits) is
+// read widened and written rounded to nearest even, once.
 __attribute__((always_inline)) inline void put(float* c, float acc, float beta) {
   *c = beta == 0.f ? acc : acc + beta * *c;
+}
+__attribute__((always_inline)) inline void put(uint16_t* c, float acc, float beta) {
+  *c = float_to_bf16(beta == 0.f ? acc : acc + beta * bf16_to_float(*c));
 }
 
 // V floats in one vector register (GCC vector extensions: the same code for every
@@ -31,11 +37,11 @@ struct Vec {
 
 // Rows 0 .. R-1 of A against W columns of B whose rows lie ldb apart (a packed panel,
 // ldb = W, or B in place): C columns 0 .. cols-1 (a last packed panel is padded with
-// zero columns).
-template <int R, int W>
+// zero columns). C is float32, or bfloat16 bits (TC = uint16_t).
+template <int R, int W, typename TC = float>
 __attribute__((always_inline)) inline void tile(int64_t K, const float* __restrict a, int64_t a_row, int64_t a_col,
                                                 const float* __restrict b, int64_t ldb, float beta,
-                                                float* __restrict c, int64_t ldc, int64_t cols) {
+                                                TC* __restrict c, int64_t ldc, int64_t cols) {
   if constexpr (W == 4 || W == 8 || W == 16) {
     // A narrow panel (in place, the columns past the widest panels) as one vector per
     // row: GCC leaves the loops below scalar at these widths (11 GFLOP/s at N = 28).
@@ -48,18 +54,20 @@ __attribute__((always_inline)) inline void tile(int64_t K, const float* __restri
       for (int r = 0; r < R; ++r) acc[r] += a[r * a_row + k * a_col] * bk;
     }
     for (int r = 0; r < R; ++r) {
-      if (cols == W) {
-        if (beta != 0.f) {
-          vf cr;
-          __builtin_memcpy(&cr, c + r * ldc, sizeof cr);
-          acc[r] += beta * cr;
+      if constexpr (std::is_same_v<TC, float>) {
+        if (cols == W) {
+          if (beta != 0.f) {
+            vf cr;
+            __builtin_memcpy(&cr, c + r * ldc, sizeof cr);
+            acc[r] += beta * cr;
+          }
+          __builtin_memcpy(c + r * ldc, &acc[r], sizeof acc[r]);
+          continue;
         }
-        __builtin_memcpy(c + r * ldc, &acc[r], sizeof acc[r]);
-      } else {
-        float lanes[W];
-        __builtin_memcpy(lanes, &acc[r], sizeof lanes);
-        for (int64_t j = 0; j < cols; ++j) put(c + r * ldc + j, lanes[j], beta);
       }
+      float lanes[W];
+      __builtin_memcpy(lanes, &acc[r], sizeof lanes);
+      for (int64_t j = 0; j < cols; ++j) put(c + r * ldc + j, lanes[j], beta);
     }
     return;
   }
@@ -73,7 +81,10 @@ __attribute__((always_inline)) inline void tile(int64_t K, const float* __restri
       for (int j = 0; j < W; ++j) acc[r][j] += ark * bk[j];
     }
   }
-  if (cols == W) {
+  if (cols == W && beta == 0.f) {  // the step products' case, as loops the compiler vectorizes
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < W; ++j) put(c + r * ldc + j, acc[r][j], 0.f);
+  } else if (cols == W) {
     for (int r = 0; r < R; ++r)
       for (int j = 0; j < W; ++j) put(c + r * ldc + j, acc[r][j], beta);
   } else {
@@ -84,19 +95,19 @@ __attribute__((always_inline)) inline void tile(int64_t K, const float* __restri
 
 // Panels outside, row blocks inside: a panel is read from memory once, then from cache
 // for every block of four rows.
-template <int W>
+template <int W, typename TC>
 __attribute__((always_inline)) inline void gemm_impl(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row,
-                                                     int64_t a_col, const float* packed, float beta, float* c,
+                                                     int64_t a_col, const float* packed, float beta, TC* c,
                                                      int64_t ldc) {
   for (int64_t n0 = 0; n0 < N; n0 += W) {
     const float* panel = packed + (n0 / W) * K * W;
     const int64_t cols = std::min<int64_t>(W, N - n0);
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4) tile<4, W>(K, a + m * a_row, a_row, a_col, panel, W, beta, c + m * ldc + n0, ldc, cols);
+    for (; m + 4 <= M; m += 4) tile<4, W, TC>(K, a + m * a_row, a_row, a_col, panel, W, beta, c + m * ldc + n0, ldc, cols);
     switch (M - m) {
-      case 3: tile<3, W>(K, a + m * a_row, a_row, a_col, panel, W, beta, c + m * ldc + n0, ldc, cols); break;
-      case 2: tile<2, W>(K, a + m * a_row, a_row, a_col, panel, W, beta, c + m * ldc + n0, ldc, cols); break;
-      case 1: tile<1, W>(K, a + m * a_row, a_row, a_col, panel, W, beta, c + m * ldc + n0, ldc, cols); break;
+      case 3: tile<3, W, TC>(K, a + m * a_row, a_row, a_col, panel, W, beta, c + m * ldc + n0, ldc, cols); break;
+      case 2: tile<2, W, TC>(K, a + m * a_row, a_row, a_col, panel, W, beta, c + m * ldc + n0, ldc, cols); break;
+      case 1: tile<1, W, TC>(K, a + m * a_row, a_row, a_col, panel, W, beta, c + m * ldc + n0, ldc, cols); break;
       default: break;
     }
   }
@@ -264,6 +275,38 @@ __attribute__((always_inline)) inline void transpose_block(typename Vec<V>::type
   }
 }
 
+// B's values as the panels hold them: float32 as it is; bfloat16 (its bits) widened,
+// exactly; with Round, a float32 rounded to bfloat16 first, as float_to_bf16 rounds (the
+// panels of packing B.to(torch.bfloat16), without that copy).
+template <typename S, bool Round>
+__attribute__((always_inline)) inline float widened(S v) {
+  if constexpr (std::is_same_v<S, uint16_t>) {
+    return bf16_to_float(v);
+  } else if constexpr (Round) {
+    return bf16_to_float(float_to_bf16(v));
+  } else {
+    return v;
+  }
+}
+template <int V, typename S, bool Round>
+__attribute__((always_inline)) inline typename Vec<V>::type load_widened(const S* p) {
+  using vf = typename Vec<V>::type;
+  using vu = typename Vec<V>::bits;
+  if constexpr (std::is_same_v<S, uint16_t>) {
+    typedef uint16_t half __attribute__((vector_size(V * sizeof(uint16_t))));
+    half h;
+    __builtin_memcpy(&h, p, sizeof h);
+    return reinterpret_cast<vf>(__builtin_convertvector(h, vu) << 16);
+  } else {
+    const vf v = load_vec<V>(p);
+    if constexpr (!Round) return v;
+    const vu u = reinterpret_cast<const vu&>(v);
+    const vu rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    const vu nan = reinterpret_cast<vu>(v != v);  // every bit set in a NaN's lane
+    return reinterpret_cast<vf>((rounded & ~nan) | (0x7FC00000u & nan));
+  }
+}
+
 // Packs B [K,N] into panels of W columns (small_gemm's layout: panel p holds
 // B(k, p*W + j) at k*W + j, zero past N). B's rows contiguous (b_col == 1): row by row.
 // B the transpose of a row-major matrix (b_row == 1, a weight as nn.LSTM stores it):
@@ -272,15 +315,18 @@ __attribute__((always_inline)) inline void transpose_block(typename Vec<V>::type
 // on the way (integer max and and, no chain of floating-point adds): about 0.8 us on
 // the 512 x 128 W_hh of the batch-1 case (bench_step_gemm.py's pack column), against
 // the 2.4-2.7 us of the step product it lets a sweep leave out (layer_forward.cpp).
-template <int W, int V, bool Check>
-__attribute__((always_inline)) inline bool pack_impl(int64_t K, int64_t N, const float* b, int64_t b_row,
+// S and Round: B's element type and how it is widened (widened() above).
+template <int W, int V, bool Check, typename S = float, bool Round = false>
+__attribute__((always_inline)) inline bool pack_impl(int64_t K, int64_t N, const S* b, int64_t b_row,
                                                      int64_t b_col, float* out) {
+  static_assert(!Check || std::is_same_v<S, float>, "the finite check reads float32 weights");
   using vf = typename Vec<V>::type;
   using vu = typename Vec<V>::bits;
   constexpr uint32_t kExp = 0x7f800000u, kAbs = 0x7fffffffu;  // an exponent of all ones: Inf or NaN
   vu top{};  // the largest magnitude's bits: Inf or NaN from kExp up
   uint32_t bad = 0;
-  auto take = [&](float v) {
+  auto take = [&](S value) {
+    const float v = widened<S, Round>(value);
     if constexpr (Check) {
       uint32_t u;
       __builtin_memcpy(&u, &v, sizeof u);
@@ -305,11 +351,11 @@ __attribute__((always_inline)) inline bool pack_impl(int64_t K, int64_t N, const
     }
     const int64_t k_blocks = K / V * V, j_blocks = cols / V * V;
     for (int64_t j0 = 0; j0 < j_blocks; j0 += V) {
-      const float* src = b + (n0 + j0) * b_col;  // V rows of the matrix: V columns of B
+      const S* src = b + (n0 + j0) * b_col;  // V rows of the matrix: V columns of B
       for (int64_t k0 = 0; k0 < k_blocks; k0 += V) {
         vf r[V];
         for (int i = 0; i < V; ++i) {
-          r[i] = load_vec<V>(src + i * b_col + k0);
+          r[i] = load_widened<V, S, Round>(src + i * b_col + k0);
           if constexpr (Check) {
             const vu a = reinterpret_cast<const vu&>(r[i]) & kAbs;
             top = top > a ? top : a;
@@ -330,8 +376,11 @@ __attribute__((always_inline)) inline bool pack_impl(int64_t K, int64_t N, const
 
 using PackFn = void (*)(int64_t, int64_t, const float*, int64_t, int64_t, float*);
 using PackCheckedFn = bool (*)(int64_t, int64_t, const float*, int64_t, int64_t, float*);
+using PackBf16Fn = void (*)(int64_t, int64_t, const uint16_t*, int64_t, int64_t, float*);
 using GemmFn = void (*)(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, float, float*,
                         int64_t);
+using GemmBf16Fn = void (*)(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, float,
+                            uint16_t*, int64_t);
 using RowsFn = void (*)(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, float,
                         float*, int64_t);
 using DotFn = void (*)(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float, float*,
@@ -342,6 +391,10 @@ using DotFn = void (*)(int64_t, int64_t, int64_t, const float*, int64_t, const f
 #define BIRNN_SMALL_GEMM_KERNELS(suffix, W, V)                                                                       \
   void gemm_##suffix(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_col,                \
                      const float* packed, float beta, float* c, int64_t ldc) {                                     \
+    gemm_impl<W>(M, N, K, a, a_row, a_col, packed, beta, c, ldc);                                                  \
+  }                                                                                                                \
+  void gemm_bf16_##suffix(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_col,           \
+                          const float* packed, float beta, uint16_t* c, int64_t ldc) {                             \
     gemm_impl<W>(M, N, K, a, a_row, a_col, packed, beta, c, ldc);                                                  \
   }                                                                                                                \
   void rows_##suffix(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_col, const float* b, \
@@ -357,6 +410,12 @@ using DotFn = void (*)(int64_t, int64_t, int64_t, const float*, int64_t, const f
   }                                                                                                                \
   bool pack_checked_##suffix(int64_t K, int64_t N, const float* b, int64_t b_row, int64_t b_col, float* out) {     \
     return pack_impl<W, V, true>(K, N, b, b_row, b_col, out);                                                      \
+  }                                                                                                                \
+  void pack_bf16_##suffix(int64_t K, int64_t N, const uint16_t* b, int64_t b_row, int64_t b_col, float* out) {     \
+    pack_impl<W, V, false, uint16_t>(K, N, b, b_row, b_col, out);                                                  \
+  }                                                                                                                \
+  void pack_rounded_##suffix(int64_t K, int64_t N, const float* b, int64_t b_row, int64_t b_col, float* out) {     \
+    pack_impl<W, V, false, float, true>(K, N, b, b_row, b_col, out);                                               \
   }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -373,13 +432,23 @@ BIRNN_SMALL_GEMM_KERNELS(baseline, 12, 4)
 
 struct Kernel {
   GemmFn fn;
+  GemmBf16Fn fn_bf16;
   RowsFn rows;
   DotFn dot;
   PackFn pack;
   PackCheckedFn pack_checked;
+  PackBf16Fn pack_bf16;
+  PackFn pack_rounded;
   int64_t width;
   const char* name;
 };
+
+// One build's set, under its name and panel width.
+#define BIRNN_SMALL_GEMM_SET(suffix, W)                                                                       \
+  Kernel {                                                                                                    \
+    gemm_##suffix, gemm_bf16_##suffix, rows_##suffix, dot_##suffix, pack_##suffix, pack_checked_##suffix,     \
+        pack_bf16_##suffix, pack_rounded_##suffix, W, #suffix                                                 \
+  }
 
 // BIRNN_EXT_SMALL_GEMM=avx2 or baseline picks a narrower build than the CPU could run
 // (the tests check all three on one machine); a build the CPU cannot run is not taken.
@@ -389,10 +458,10 @@ const Kernel& kernel() {
     const std::string cap = env ? env : "";
 #if defined(__x86_64__) && defined(__GNUC__)
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("x86-64-v4") && cap.empty()) return Kernel{gemm_avx512, rows_avx512, dot_avx512, pack_avx512, pack_checked_avx512, 64, "avx512"};
-    if (__builtin_cpu_supports("x86-64-v3") && cap != "baseline") return Kernel{gemm_avx2, rows_avx2, dot_avx2, pack_avx2, pack_checked_avx2, 24, "avx2"};
+    if (__builtin_cpu_supports("x86-64-v4") && cap.empty()) return BIRNN_SMALL_GEMM_SET(avx512, 64);
+    if (__builtin_cpu_supports("x86-64-v3") && cap != "baseline") return BIRNN_SMALL_GEMM_SET(avx2, 24);
 #endif
-    return Kernel{gemm_baseline, rows_baseline, dot_baseline, pack_baseline, pack_checked_baseline, 12, "baseline"};
+    return BIRNN_SMALL_GEMM_SET(baseline, 12);
   }();
   return k;
 }
@@ -410,6 +479,15 @@ void small_gemm_pack(int64_t K, int64_t N, const float* b, int64_t b_row, int64_
   kernel().pack(K, N, b, b_row, b_col, out);
 }
 
+void small_gemm_pack(int64_t K, int64_t N, const uint16_t* b, int64_t b_row, int64_t b_col, float* out) {
+  kernel().pack_bf16(K, N, b, b_row, b_col, out);
+}
+
+void small_gemm_pack_rounded_to_bf16(int64_t K, int64_t N, const float* b, int64_t b_row, int64_t b_col,
+                                     float* out) {
+  kernel().pack_rounded(K, N, b, b_row, b_col, out);
+}
+
 bool small_gemm_pack_checked(int64_t K, int64_t N, const float* b, int64_t b_row, int64_t b_col, float* out) {
   return kernel().pack_checked(K, N, b, b_row, b_col, out);
 }
@@ -417,6 +495,11 @@ bool small_gemm_pack_checked(int64_t K, int64_t N, const float* b, int64_t b_row
 void small_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_col, const float* packed,
                 float beta, float* c, int64_t ldc) {
   kernel().fn(M, N, K, a, a_row, a_col, packed, beta, c, ldc);
+}
+
+void small_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_col, const float* packed,
+                float beta, uint16_t* c, int64_t ldc) {
+  kernel().fn_bf16(M, N, K, a, a_row, a_col, packed, beta, c, ldc);
 }
 
 bool small_gemm_in_place_fits(int64_t M, int64_t K, int64_t a_col, int64_t b_row, int64_t b_col) {

@@ -21,11 +21,20 @@ namespace birnn {
 int64_t small_gemm_packed_size(int64_t K, int64_t N);
 void small_gemm_pack(int64_t K, int64_t N, const float* b, int64_t b_row, int64_t b_col, float* out);
 bool small_gemm_pack_checked(int64_t K, int64_t N, const float* b, int64_t b_row, int64_t b_col, float* out);
+// The same panels from a bfloat16 B (its bits), widened exactly; and from a float32 B
+// rounded to bfloat16 on the way in (the panels of packing B.to(torch.bfloat16)).
+void small_gemm_pack(int64_t K, int64_t N, const uint16_t* b, int64_t b_row, int64_t b_col, float* out);
+void small_gemm_pack_rounded_to_bf16(int64_t K, int64_t N, const float* b, int64_t b_row, int64_t b_col,
+                                     float* out);
 
 // C[M,N] = A B + beta C, B packed by small_gemm_pack. A(r, k) = a[r * a_row + k * a_col];
 // C(r, n) = c[r * ldc + n].
 void small_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_col, const float* packed,
                 float beta, float* c, int64_t ldc);
+// The same with C in bfloat16 (its bits as uint16_t): each output accumulated in float32
+// and rounded to nearest even once (beta C read widened), in the tile's store.
+void small_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_col, const float* packed,
+                float beta, uint16_t* c, int64_t ldc);
 
 // C[M,N] = A B + beta C with B read where it lies, for products of a few rows, where
 // packing B would cost more than the product saves. B(k, n) = b[k * b_row + n * b_col].
@@ -54,7 +63,11 @@ void small_gemm_bf16_pack(int64_t K, int64_t N, const uint16_t* b, int64_t b_row
 void small_gemm_bf16_pack(int64_t K, int64_t N, const float* b, int64_t b_row, int64_t b_col, void* out);
 void small_gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t a_row, int64_t a_col,
                      const void* packed, float beta, uint16_t* c, int64_t ldc);
-// "avx512bf16" or "widen": the build picked (BIRNN_EXT_BF16=widen forces the second).
+// "avx512bf16" or "widen": the build picked (BIRNN_EXT_BF16=widen or avx512bf16 forces one).
 const char* small_gemm_bf16_build();
+// Whether the large bfloat16 products (projections, gradients; blas.h) go to a float32
+// GEMM on widened copies rather than to oneDNN's bfloat16 one: with the widened build,
+// on a processor with slow bfloat16 dot products and no AMX, or where forced.
+bool bf16_large_products_in_float32();
 
 }  // namespace birnn

@@ -1,17 +1,21 @@
-// See small_gemm.h: the bfloat16 step products. Two builds, one picked at load time:
+// See small_gemm.h: the bfloat16 step products. Two builds, one picked at load time
+// (cpu_rules::bf16_dot_products_at_fma_rate says which):
 //  - AVX512_BF16: vdpbf16ps multiplies 16 pairs of bfloat16 and adds both products of
 //    a pair to a float32 lane. B is packed in panels of 64 columns with the k values in
 //    pairs (panel[kp][j] = B(2kp, j), B(2kp+1, j)), so that one 32-bit broadcast of A's
 //    pair (A(r, 2kp), A(r, 2kp+1)) feeds four instructions; 4 rows x 64 columns are 16
 //    accumulators, as in the float32 kernel, with twice its products per instruction.
-//  - widened: B packed as float32 panels for small_gemm, A's rows widened into a float32
-//    scratch row by row, the float32 kernel (whichever of its builds the CPU runs), and
-//    the result rounded to bfloat16. For processors without AVX512_BF16.
-// BIRNN_EXT_BF16=widen forces the second (the tests run both on one machine).
+//    For processors whose vdpbf16ps issues as often as an FMA.
+//  - widened: B packed as float32 panels for small_gemm (widened as packed), A's rows
+//    widened into a float32 scratch, the float32 kernel (whichever of its builds the CPU
+//    runs) rounding each output to bfloat16 as it stores it. For processors without
+//    AVX512_BF16, and those where it runs at half the float32 rate.
+// BIRNN_EXT_BF16=widen or avx512bf16 forces one (the tests run both on one machine).
 // Each output accumulates in float32 and is rounded to bfloat16 once, to nearest even.
 #include "small_gemm.h"
 
 #include "bf16_bits.h"
+#include "dispatch_rules.h"
 
 #include <c10/util/Exception.h>
 
@@ -38,28 +42,28 @@ inline uint16_t bf16_bits_of(float v) { return float_to_bf16(v); }
 
 int64_t widened_packed_size(int64_t K, int64_t N) { return small_gemm_packed_size(K, N) * int64_t(sizeof(float)); }
 
-template <typename S>
-void widened_pack(int64_t K, int64_t N, const S* b, int64_t b_row, int64_t b_col, void* out) {
-  std::vector<float> wide(size_t(K * N));
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t n = 0; n < N; ++n) wide[k * N + n] = bf16_to_float(bf16_bits_of(b[k * b_row + n * b_col]));
-  small_gemm_pack(K, N, wide.data(), N, 1, static_cast<float*>(out));
+void widened_pack(int64_t K, int64_t N, const uint16_t* b, int64_t b_row, int64_t b_col, void* out) {
+  small_gemm_pack(K, N, b, b_row, b_col, static_cast<float*>(out));
+}
+void widened_pack(int64_t K, int64_t N, const float* b, int64_t b_row, int64_t b_col, void* out) {
+  small_gemm_pack_rounded_to_bf16(K, N, b, b_row, b_col, static_cast<float*>(out));
 }
 
 void widened_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t a_row, int64_t a_col,
                   const void* packed, float beta, uint16_t* c, int64_t ldc) {
-  // Scratch that lives with the thread: a sweep calls this every step.
-  thread_local std::vector<float> a_wide, c_wide;
+  // A widened into scratch that lives with the thread (a sweep calls this every step),
+  // C rounded in small_gemm's store: M x K conversions against M x N x K products.
+  thread_local std::vector<float> a_wide;
   a_wide.resize(size_t(M * K));
-  c_wide.resize(size_t(M * N));
-  for (int64_t r = 0; r < M; ++r)
-    for (int64_t k = 0; k < K; ++k) a_wide[r * K + k] = bf16_to_float(a[r * a_row + k * a_col]);
-  if (beta != 0.f)
-    for (int64_t r = 0; r < M; ++r)
-      for (int64_t n = 0; n < N; ++n) c_wide[r * N + n] = bf16_to_float(c[r * ldc + n]);
-  small_gemm(M, N, K, a_wide.data(), K, 1, static_cast<const float*>(packed), beta, c_wide.data(), N);
-  for (int64_t r = 0; r < M; ++r)
-    for (int64_t n = 0; n < N; ++n) c[r * ldc + n] = float_to_bf16(c_wide[r * N + n]);
+  float* aw = a_wide.data();
+  for (int64_t r = 0; r < M; ++r) {
+    const uint16_t* ar = a + r * a_row;
+    if (a_col == 1)
+      for (int64_t k = 0; k < K; ++k) aw[r * K + k] = bf16_to_float(ar[k]);
+    else
+      for (int64_t k = 0; k < K; ++k) aw[r * K + k] = bf16_to_float(ar[k * a_col]);
+  }
+  small_gemm(M, N, K, aw, K, 1, static_cast<const float*>(packed), beta, c, ldc);
 }
 
 // ---------------------------------------------------------------- AVX512_BF16
@@ -255,21 +259,30 @@ struct Bf16Kernel {
   void (*pack_f32)(int64_t, int64_t, const float*, int64_t, int64_t, void*);
   void (*gemm)(int64_t, int64_t, int64_t, const uint16_t*, int64_t, int64_t, const void*, float, uint16_t*, int64_t);
   const char* name;
+  bool large_in_float32;  // the large products too: float32 copies for a float32 GEMM
 };
 
+// The dot products where the processor has them and runs them at least at its float32
+// rate, widened otherwise (cpu_rules::bf16_dot_products_at_fma_rate); the large products
+// widened with the step products where the processor has the dot products but they are
+// slow and there is no AMX. Without AVX512_BF16 at all the large products stay with
+// oneDNN, as measured nowhere else.
 const Bf16Kernel& bf16_kernel() {
   static const Bf16Kernel k = [] {
     const char* env = std::getenv("BIRNN_EXT_BF16");
     const std::string choice = env ? env : "";
     TORCH_CHECK(choice.empty() || choice == "widen" || choice == "avx512bf16",
                 "BIRNN_EXT_BF16 must be 'widen' or 'avx512bf16', got '", choice, "'");
+    bool has_dp = false;
 #ifdef BIRNN_HAVE_BF16_BUILD
     __builtin_cpu_init();
-    if (choice != "widen" && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl"))
-      return Bf16Kernel{dp_packed_size, dp_pack<uint16_t>, dp_pack<float>, dp_gemm, "avx512bf16"};
+    has_dp = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl");
+    if (has_dp && (choice == "avx512bf16" || (choice.empty() && cpu_rules::bf16_dot_products_at_fma_rate())))
+      return Bf16Kernel{dp_packed_size, dp_pack<uint16_t>, dp_pack<float>, dp_gemm, "avx512bf16", false};
 #endif
-    return Bf16Kernel{widened_packed_size, widened_pack<uint16_t>, widened_pack<float>, widened_gemm, "widen"};
+    const bool large = choice == "widen" || (choice.empty() && has_dp && !cpu_rules::has_amx_bf16());
+    return Bf16Kernel{widened_packed_size, widened_pack, widened_pack, widened_gemm, "widen", large};
   }();
   return k;
 }
@@ -293,5 +306,7 @@ void small_gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t
 }
 
 const char* small_gemm_bf16_build() { return bf16_kernel().name; }
+
+bool bf16_large_products_in_float32() { return bf16_kernel().large_in_float32; }
 
 }  // namespace birnn
