@@ -103,7 +103,8 @@ __attribute__((always_inline)) inline void gemm_impl(int64_t M, int64_t N, int64
     const float* panel = packed + (n0 / W) * K * W;
     const int64_t cols = std::min<int64_t>(W, N - n0);
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4) tile<4, W, TC>(K, a + m * a_row, a_row, a_col, panel, W, beta, c + m * ldc + n0, ldc, cols);
+    for (; m + 4 <= M; m += 4)
+      tile<4, W, TC>(K, a + m * a_row, a_row, a_col, panel, W, beta, c + m * ldc + n0, ldc, cols);
     switch (M - m) {
       case 3: tile<3, W, TC>(K, a + m * a_row, a_row, a_col, panel, W, beta, c + m * ldc + n0, ldc, cols); break;
       case 2: tile<2, W, TC>(K, a + m * a_row, a_row, a_col, panel, W, beta, c + m * ldc + n0, ldc, cols); break;
