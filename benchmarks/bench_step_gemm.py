@@ -3,8 +3,9 @@
 BLAS (sgemm_), and small_gemm_in_place over the weights as they lie; and the time of
 small_gemm's packing of B, which a layer call pays once before its sweep, alone and with
 the read of whether B is finite (a sweep from zero state packs W_hh so). With --dtype
-bf16: small_gemm_bf16 (csrc/cpu/small_gemm_bf16.cpp; the build the processor gets, or
-the widened one under BIRNN_EXT_BF16=widen) against oneDNN's bfloat16 matmul.
+bf16: small_gemm_bf16 (csrc/cpu/small_gemm_bf16.cpp) over its dot-product panels (where
+the processor has AVX512_BF16) and over its widened ones, against oneDNN's bfloat16
+matmul; the layer ops pick one of the two per call (small_gemm_bf16_panels).
 
     python benchmarks/bench_step_gemm.py [--overlapped] [--dtype bf16]
 
@@ -67,20 +68,22 @@ double time_engine(int64_t engine, at::Tensor a, at::Tensor b, at::Tensor c, int
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / iters;
 }
 
-// The same for bfloat16: engine 0 small_gemm_bf16 (b packed beforehand), 1 oneDNN.
+// The same for bfloat16: engine 0 small_gemm_bf16 over dot-product panels, 1 over
+// widened ones (b packed beforehand), 2 oneDNN.
 double time_engine_bf16(int64_t engine, at::Tensor a, at::Tensor b, at::Tensor c, int64_t iters, bool chain) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
-  if (engine > 1) return -1;
+  if (engine > 2 || (engine == 0 && !birnn::small_gemm_bf16_has_dot())) return -1;
   auto bits = [](const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); };
-  at::Tensor packed = at::empty({birnn::small_gemm_bf16_packed_bytes(K, N)}, b.options().dtype(at::kByte));
-  birnn::small_gemm_bf16_pack(K, N, bits(b), b.stride(0), b.stride(1), packed.data_ptr());
+  const auto panels = engine == 0 ? birnn::Bf16Panels::dot : birnn::Bf16Panels::widened;
+  at::Tensor packed = at::empty({birnn::small_gemm_bf16_packed_bytes(panels, K, N)}, b.options().dtype(at::kByte));
+  birnn::small_gemm_bf16_pack(panels, K, N, bits(b), b.stride(0), b.stride(1), packed.data_ptr());
   uint16_t* a0 = bits(a);
   const uint16_t* c0 = bits(c);
   const auto start = std::chrono::steady_clock::now();
   for (int64_t i = 0; i < iters; ++i) {
     if (chain) *a0 = uint16_t(*a0 ^ (*c0 & 0));  // a read of the last output that changes nothing
-    if (engine == 0) {
-      birnn::small_gemm_bf16(M, N, K, bits(a), a.stride(0), a.stride(1), packed.data_ptr(), 0.f, bits(c), N);
+    if (engine < 2) {
+      birnn::small_gemm_bf16(panels, M, N, K, bits(a), a.stride(0), a.stride(1), packed.data_ptr(), 0.f, bits(c), N);
     } else {
       birnn::onednn_matmul()(a, b, c, 0.f, 1.f);
     }
@@ -121,6 +124,8 @@ SHAPES = [
     ("B=2 x W_ih^T (one step)", 2, 28, 512),
     ("B=4 x W_ih^T (one step)", 4, 28, 512),
     ("B=1 I=16 H=16 x W_ih^T", 1, 16, 64),
+    ("B=2 h W_hh^T", 2, 128, 512),
+    ("B=2 dg W_hh", 2, 512, 128),
     ("B=4 h W_hh^T", 4, 128, 512),
     ("B=4 dg W_hh", 4, 512, 128),
     ("B=16 h W_hh^T", 16, 128, 512),
@@ -154,10 +159,11 @@ def main():
     torch.set_num_threads(1)
     bf16 = args.dtype == "bf16"
     dtype, time_engine = (torch.bfloat16, ext.time_engine_bf16) if bf16 else (torch.float32, ext.time_engine)
-    engines = [f"bf16 {ext.bf16_build()}", "oneDNN"] if bf16 else ENGINES
+    engines = ["bf16 dot", "bf16 widened", "oneDNN"] if bf16 else ENGINES
     print(f"{'product':26s} {'M':>4s} {'K':>4s} {'N':>5s}  " + "".join(f"{e:>14s}" for e in engines)
           + ("" if bf16 else f"{'pack B':>9s}{'checked':>9s}")
-          + "   (us, GFLOP/s; pack B: us, once per layer call; checked: also reading whether B is finite)")
+          + "   (us, GFLOP/s; pack B: us, once per layer call; checked: also reading whether B is finite)"
+          + (f"; the layer ops' rule here: {ext.bf16_build()}" if bf16 else ""))
     for what, M, K, N in SHAPES:
         a = torch.randn(K, M).t() if "dg^T" in what else torch.randn(M, K)
         b = torch.randn(N, K).t() if "W_ih^T" in what or "W_hh^T" in what else torch.randn(K, N)

@@ -159,10 +159,11 @@ def cpu_cache_stats() -> dict[str, int]:
 def cpu_kernel_builds() -> dict[str, str]:
     """Which builds of the CPU kernels the processor got: the float32 step products
     ("avx512", "avx2" or "baseline"), the bfloat16 ones ("avx512bf16": vdpbf16ps, where
-    the processor runs it at least at its float32 rate; or "widen": bfloat16 widened for
-    the float32 kernel, and on processors with slow vdpbf16ps and no AMX the large
-    bfloat16 products widened for float32 GEMMs too), and the forward cell row ("avx512"
-    or "generic"). BIRNN_EXT_SMALL_GEMM=avx2|baseline, BIRNN_EXT_BF16=widen|avx512bf16 and
+    the processor runs it at least at its float32 rate; "widen": bfloat16 widened for the
+    float32 kernel; "widen+avx512bf16", where vdpbf16ps runs at half the float32 rate:
+    vdpbf16ps at batch 1 and 2, widened above, and without AMX the large bfloat16
+    products widened for float32 GEMMs too), and the forward cell row ("avx512" or
+    "generic"). BIRNN_EXT_SMALL_GEMM=avx2|baseline, BIRNN_EXT_BF16=widen|avx512bf16 and
     BIRNN_EXT_CELL=generic, read at load time, pick others."""
     float32, bfloat16, cell = _ops.cpu_kernel_builds()
     return {"float32": float32, "bfloat16": bfloat16, "cell": cell}

@@ -184,9 +184,10 @@ void matmul(Mat<const T> a, Mat<const T> b, Mat<T> c, at::opmath_type<T> beta) {
 
 // A weight matrix B [K,N] made ready for a sweep's step products c = a B: packed for
 // small_gemm (float32) when the sweep multiplies enough rows by it to repay the packing,
-// read in place otherwise; always packed for small_gemm_bf16 (bfloat16), whose
-// alternative, oneDNN, costs more per call than a step product at these sizes
-// (benchmarks/bench_step_gemm.py --dtype bf16). Made once per call, used every step.
+// read in place otherwise; always packed for small_gemm_bf16 (bfloat16), into the panels
+// the batch calls for (small_gemm_bf16_panels), whose alternative, oneDNN, costs more per
+// call than a step product at these sizes (benchmarks/bench_step_gemm.py --dtype bf16).
+// Made once per call, used every step.
 //
 // The panels live in the call's Scratch (reserve(), then place() once it is allocated),
 // beside the other scratch of the call: the same pooled block every call, each
@@ -202,7 +203,8 @@ struct StepWeight {
   at::ScalarType dtype = at::kFloat;
   int64_t packed_bytes = 0;  // the panels' size where make() chose to pack; 0: products in place
   void* packed = nullptr;    // the panels (small_gemm's, or small_gemm_bf16's), once placed
-  bool bf16 = false;         // products in bfloat16: packed for small_gemm_bf16
+  bool bf16 = false;         // products in bfloat16: packed for small_gemm_bf16, into
+  Bf16Panels bf16_panels = Bf16Panels::widened;  // these panels
 
   bool defined() const { return data != nullptr; }
   template <typename T>
@@ -211,28 +213,32 @@ struct StepWeight {
   }
 
   // B = w^T for a contiguous weight w [N,K] as nn.LSTM stores it (x W_ih^T, h W_hh^T).
-  static StepWeight transposed(const at::Tensor& w, int64_t rows, at::ScalarType products) {
-    return make(w.data_ptr(), w.size(1), w.size(0), 1, w.size(1), w.scalar_type(), rows, products);
+  static StepWeight transposed(const at::Tensor& w, int64_t steps, int64_t batch, at::ScalarType products) {
+    return make(w.data_ptr(), w.size(1), w.size(0), 1, w.size(1), w.scalar_type(), steps, batch, products);
   }
   // B = w for a contiguous weight w [K,N] (dg W_hh, dh W_hr).
-  static StepWeight as_is(const at::Tensor& w, int64_t rows) {
-    return make(w.data_ptr(), w.size(0), w.size(1), w.size(1), 1, w.scalar_type(), rows, w.scalar_type());
+  static StepWeight as_is(const at::Tensor& w, int64_t steps, int64_t batch) {
+    return make(w.data_ptr(), w.size(0), w.size(1), w.size(1), 1, w.scalar_type(), steps, batch, w.scalar_type());
   }
   // Made on the calling thread; the packing itself (pack()) runs on the thread of the
   // direction that uses it, so the directions pack at the same time. `products`: the
   // dtype of the products, b's own, or bfloat16 for a float32 b (rounded as packed).
+  // The sweep multiplies steps x batch rows by B.
   static StepWeight make(const void* data, int64_t K, int64_t N, int64_t rs, int64_t cs, at::ScalarType dtype,
-                         int64_t rows, at::ScalarType products) {
+                         int64_t steps, int64_t batch, at::ScalarType products) {
     TORCH_INTERNAL_ASSERT(products == dtype || (products == at::kBFloat16 && dtype == at::kFloat));
     StepWeight w;
     w.data = data, w.K = K, w.N = N, w.rs = rs, w.cs = cs, w.dtype = dtype;
     w.bf16 = products == at::kBFloat16;
     const bool transposed = rs == 1 && cs != 1;
-    if (w.bf16)
-      w.packed_bytes = small_gemm_bf16_packed_bytes(K, N);
-    else if (dtype == at::kFloat &&
-             rows >= (transposed ? cpu_rules::kMinRowsToPackTransposed : cpu_rules::kMinRowsToPack))
+    const int64_t rows = steps * batch;
+    if (w.bf16) {
+      w.bf16_panels = small_gemm_bf16_panels(batch);
+      w.packed_bytes = small_gemm_bf16_packed_bytes(w.bf16_panels, K, N);
+    } else if (dtype == at::kFloat &&
+             rows >= (transposed ? cpu_rules::kMinRowsToPackTransposed : cpu_rules::kMinRowsToPack)) {
       w.packed_bytes = small_gemm_packed_size(K, N) * int64_t(sizeof(float));
+    }
     return w;
   }
   // Room for the panels in the call's scratch, and their place once it is allocated.
@@ -245,11 +251,11 @@ struct StepWeight {
   bool pack(bool check_finite = false) const {
     if (!packed) return false;
     if (bf16 && dtype == at::kFloat) {
-      small_gemm_bf16_pack(K, N, static_cast<const float*>(data), rs, cs, packed);
+      small_gemm_bf16_pack(bf16_panels, K, N, static_cast<const float*>(data), rs, cs, packed);
       return false;
     }
     if (bf16) {
-      small_gemm_bf16_pack(K, N, static_cast<const uint16_t*>(data), rs, cs, packed);
+      small_gemm_bf16_pack(bf16_panels, K, N, static_cast<const uint16_t*>(data), rs, cs, packed);
       return false;
     }
     const float* b = static_cast<const float*>(data);
@@ -274,8 +280,8 @@ void step_product(Mat<const T> a, const StepWeight& w, Mat<T> c, at::opmath_type
   const int64_t M = a.rows, ldc = std::max<int64_t>(c.rs, w.N);
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     if (w.packed) {
-      small_gemm_bf16(M, w.N, w.K, reinterpret_cast<const uint16_t*>(a.data), a.rs, a.cs, w.packed, beta,
-                      reinterpret_cast<uint16_t*>(c.data), ldc);
+      small_gemm_bf16(w.bf16_panels, M, w.N, w.K, reinterpret_cast<const uint16_t*>(a.data), a.rs, a.cs, w.packed,
+                      beta, reinterpret_cast<uint16_t*>(c.data), ldc);
       return;
     }
   }

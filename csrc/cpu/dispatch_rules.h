@@ -51,6 +51,13 @@ constexpr int64_t kDotMinK = 64, kShortDotMinK = 16, kShortDotMaxRows = 3;
 //    against a float32 FMA peak of 115: twice the float32 rate.
 // AMX (Intel processors from Sapphire Rapids where the OS enables it) runs oneDNN's
 // bfloat16 GEMMs on its tiles, so there the large products stay in bfloat16.
+// Where the dot products are slow, a layer call at a batch of one or two still packs for
+// them: a step's product of a row or two is bound by the latency of its few accumulator
+// chains, where a dot product advances two k, over panels of half the bytes. On the
+// Intel Xeon above (bench_step_gemm.py --dtype bf16), dot / widened: 1 x 128 x 512
+// 1.7 / 2.1 us, 2 x 128 x 512 3.2 / 3.7, 4 x 128 x 512 6.1 / 3.4; the batch-1 inference
+// input chunk, 28 x 28 x 512, 9.9 / 6.6, once a call where the step products are 28.
+constexpr int64_t kBf16DotMaxBatch = 2;
 inline bool bf16_dot_products_at_fma_rate() {
 #if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();

@@ -298,8 +298,8 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
     const size_t at_dx_reverse = scratch.reserve<T>(input_grad && D == 2 ? rows * I : 0);
     BwdParams<T> p{};
     for (int64_t d = 0; d < D; ++d) {
-      p.w_hh[d] = StepWeight::as_is(w_hh[d], T_ * B);
-      if (proj) p.w_hr[d] = StepWeight::as_is(w_hr[d], T_ * B);
+      p.w_hh[d] = StepWeight::as_is(w_hh[d], T_, B);
+      if (proj) p.w_hr[d] = StepWeight::as_is(w_hr[d], T_, B);
       p.w_hh[d].reserve(scratch);
       p.w_hr[d].reserve(scratch);
     }

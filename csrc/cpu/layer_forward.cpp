@@ -185,9 +185,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       p.project_per_direction = training && (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>) &&
                                 cpu_rules::project_per_direction(T_, B, D, H, I);
       for (int64_t d = 0; d < D; ++d) {
-        if (!training || p.project_per_direction) p.w_ih_t[d] = StepWeight::transposed(w_ih[d], T_ * B, products);
-        p.w_hh_t[d] = StepWeight::transposed(w_hh[d], T_ * B, products);
-        if (proj) p.w_hr_t[d] = StepWeight::transposed(w_hr[d], T_ * B, products);
+        if (!training || p.project_per_direction) p.w_ih_t[d] = StepWeight::transposed(w_ih[d], T_, B, products);
+        p.w_hh_t[d] = StepWeight::transposed(w_hh[d], T_, B, products);
+        if (proj) p.w_hr_t[d] = StepWeight::transposed(w_hr[d], T_, B, products);
       }
       // Scratch: b_ih + b_hh [D,4H], a step's h W_hh^T [D,B,4H], with a projection a
       // step's h_raw [D,B,H] and h_raw W_hr^T [D,B,P], in inference a chunk of x

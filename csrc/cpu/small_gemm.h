@@ -54,20 +54,33 @@ const char* small_gemm_build();
 // The bfloat16 step products (small_gemm_bf16.cpp): C[M,N] = A B + beta C with A, B and
 // C in bfloat16 (their bits as uint16_t), float32 accumulation, each output rounded
 // once. B packed once per call by small_gemm_bf16_pack into small_gemm_bf16_packed_bytes
-// bytes, in the layout of the build picked at load time: AVX512_BF16 dot products
-// (vdpbf16ps), or bfloat16 widened to float32 and small_gemm. Strides as above.
-int64_t small_gemm_bf16_packed_bytes(int64_t K, int64_t N);
-void small_gemm_bf16_pack(int64_t K, int64_t N, const uint16_t* b, int64_t b_row, int64_t b_col, void* out);
+// bytes, into one of two kinds of panels:
+//  - dot: k in pairs for the processor's AVX512_BF16 dot products (vdpbf16ps); only
+//    where small_gemm_bf16_has_dot();
+//  - widened: float32 panels for small_gemm, A widened and C rounded around it.
+// Strides as above.
+enum class Bf16Panels : uint8_t { dot, widened };
+bool small_gemm_bf16_has_dot();
+// The panels for the step products of a layer call at this batch: the rule of
+// dispatch_rules.h (bf16_dot_products_at_fma_rate, kBf16DotMaxBatch) on this processor,
+// or what BIRNN_EXT_BF16=avx512bf16|widen forces.
+Bf16Panels small_gemm_bf16_panels(int64_t batch);
+int64_t small_gemm_bf16_packed_bytes(Bf16Panels panels, int64_t K, int64_t N);
+void small_gemm_bf16_pack(Bf16Panels panels, int64_t K, int64_t N, const uint16_t* b, int64_t b_row, int64_t b_col,
+                          void* out);
 // The same from a float32 B, each element rounded to bfloat16 (to nearest even) on the
 // way in: the panels of packing B.to(torch.bfloat16), without that copy.
-void small_gemm_bf16_pack(int64_t K, int64_t N, const float* b, int64_t b_row, int64_t b_col, void* out);
-void small_gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t a_row, int64_t a_col,
-                     const void* packed, float beta, uint16_t* c, int64_t ldc);
-// "avx512bf16" or "widen": the build picked (BIRNN_EXT_BF16=widen or avx512bf16 forces one).
+void small_gemm_bf16_pack(Bf16Panels panels, int64_t K, int64_t N, const float* b, int64_t b_row, int64_t b_col,
+                          void* out);
+void small_gemm_bf16(Bf16Panels panels, int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t a_row,
+                     int64_t a_col, const void* packed, float beta, uint16_t* c, int64_t ldc);
+// What small_gemm_bf16_panels gives: "avx512bf16" (the dot products at every batch),
+// "widen" (widened at every batch), or "widen+avx512bf16" (the dot products up to
+// kBf16DotMaxBatch, widened above).
 const char* small_gemm_bf16_build();
 // Whether the large bfloat16 products (projections, gradients; blas.h) go to a float32
-// GEMM on widened copies rather than to oneDNN's bfloat16 one: with the widened build,
-// on a processor with slow bfloat16 dot products and no AMX, or where forced.
+// GEMM on widened copies rather than to oneDNN's bfloat16 one: on a processor with slow
+// bfloat16 dot products and no AMX, or under BIRNN_EXT_BF16=widen.
 bool bf16_large_products_in_float32();
 
 }  // namespace birnn

@@ -1,16 +1,17 @@
-// See small_gemm.h: the bfloat16 step products. Two builds, one picked at load time
-// (cpu_rules::bf16_dot_products_at_fma_rate says which):
+// See small_gemm.h: the bfloat16 step products. Two kinds of panels, each with its kernel,
+// picked per layer call (bf16_rule() below, from dispatch_rules.h):
 //  - AVX512_BF16: vdpbf16ps multiplies 16 pairs of bfloat16 and adds both products of
 //    a pair to a float32 lane. B is packed in panels of 64 columns with the k values in
 //    pairs (panel[kp][j] = B(2kp, j), B(2kp+1, j)), so that one 32-bit broadcast of A's
 //    pair (A(r, 2kp), A(r, 2kp+1)) feeds four instructions; 4 rows x 64 columns are 16
 //    accumulators, as in the float32 kernel, with twice its products per instruction.
-//    For processors whose vdpbf16ps issues as often as an FMA.
+//    For processors whose vdpbf16ps issues as often as an FMA, and batches of a row or
+//    two on the others.
 //  - widened: B packed as float32 panels for small_gemm (widened as packed), A's rows
 //    widened into a float32 scratch, the float32 kernel (whichever of its builds the CPU
 //    runs) rounding each output to bfloat16 as it stores it. For processors without
-//    AVX512_BF16, and those where it runs at half the float32 rate.
-// BIRNN_EXT_BF16=widen or avx512bf16 forces one (the tests run both on one machine).
+//    AVX512_BF16, and larger batches on those where it runs at half the float32 rate.
+// BIRNN_EXT_BF16=widen or avx512bf16 forces one at every batch (the tests run both).
 // Each output accumulates in float32 and is rounded to bfloat16 once, to nearest even.
 #include "small_gemm.h"
 
@@ -22,6 +23,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -249,64 +251,85 @@ void dp_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t a_row, 
 }
 
 #pragma GCC pop_options
+#else  // no AVX512_BF16 build here: bf16_rule() never picks the dot panels, dot() asserts so
+int64_t dp_packed_size(int64_t, int64_t) { return 0; }
+template <typename S>
+void dp_pack(int64_t, int64_t, const S*, int64_t, int64_t, void*) {}
+void dp_gemm(int64_t, int64_t, int64_t, const uint16_t*, int64_t, int64_t, const void*, float, uint16_t*, int64_t) {}
 #endif
 
-// ---------------------------------------------------------------- the build picked
+// ---------------------------------------------------------------- the panels picked
 
-struct Bf16Kernel {
-  int64_t (*packed_size)(int64_t, int64_t);
-  void (*pack)(int64_t, int64_t, const uint16_t*, int64_t, int64_t, void*);
-  void (*pack_f32)(int64_t, int64_t, const float*, int64_t, int64_t, void*);
-  void (*gemm)(int64_t, int64_t, int64_t, const uint16_t*, int64_t, int64_t, const void*, float, uint16_t*, int64_t);
+struct Bf16Rule {
+  bool has_dot;            // the processor runs the dot-product kernels
+  int64_t dot_max_batch;   // dot panels up to this batch, widened above (-1: never dot)
+  bool large_in_float32;   // the large products: float32 copies for a float32 GEMM
   const char* name;
-  bool large_in_float32;  // the large products too: float32 copies for a float32 GEMM
 };
 
-// The dot products where the processor has them and runs them at least at its float32
-// rate, widened otherwise (cpu_rules::bf16_dot_products_at_fma_rate); the large products
-// widened with the step products where the processor has the dot products but they are
-// slow and there is no AMX. Without AVX512_BF16 at all the large products stay with
-// oneDNN, as measured nowhere else.
-const Bf16Kernel& bf16_kernel() {
-  static const Bf16Kernel k = [] {
+// Where the processor runs vdpbf16ps at least at its float32 rate, the dot products at
+// every batch; where it runs them at half that rate, up to kBf16DotMaxBatch, and above it
+// widened, with the large products as float32 GEMMs unless there is AMX (both rules:
+// dispatch_rules.h). Without AVX512_BF16 everything is widened, the large products left to
+// oneDNN as before, measured nowhere else.
+const Bf16Rule& bf16_rule() {
+  static const Bf16Rule r = [] {
     const char* env = std::getenv("BIRNN_EXT_BF16");
     const std::string choice = env ? env : "";
     TORCH_CHECK(choice.empty() || choice == "widen" || choice == "avx512bf16",
                 "BIRNN_EXT_BF16 must be 'widen' or 'avx512bf16', got '", choice, "'");
-    bool has_dp = false;
+    bool has_dot = false;
 #ifdef BIRNN_HAVE_BF16_BUILD
     __builtin_cpu_init();
-    has_dp = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512vl");
-    if (has_dp && (choice == "avx512bf16" || (choice.empty() && cpu_rules::bf16_dot_products_at_fma_rate())))
-      return Bf16Kernel{dp_packed_size, dp_pack<uint16_t>, dp_pack<float>, dp_gemm, "avx512bf16", false};
+    has_dot = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+              __builtin_cpu_supports("avx512vl");
 #endif
-    const bool large = choice == "widen" || (choice.empty() && has_dp && !cpu_rules::has_amx_bf16());
-    return Bf16Kernel{widened_packed_size, widened_pack, widened_pack, widened_gemm, "widen", large};
+    constexpr int64_t kAll = std::numeric_limits<int64_t>::max();
+    if (choice == "widen" || !has_dot) return Bf16Rule{has_dot, -1, choice == "widen", "widen"};
+    if (choice == "avx512bf16" || cpu_rules::bf16_dot_products_at_fma_rate())
+      return Bf16Rule{true, kAll, false, "avx512bf16"};
+    return Bf16Rule{true, cpu_rules::kBf16DotMaxBatch, !cpu_rules::has_amx_bf16(), "widen+avx512bf16"};
   }();
-  return k;
+  return r;
+}
+
+bool dot(Bf16Panels panels) {
+  TORCH_INTERNAL_ASSERT(panels == Bf16Panels::widened || bf16_rule().has_dot,
+                        "small_gemm_bf16: dot-product panels on a processor without AVX512_BF16");
+  return panels == Bf16Panels::dot;
 }
 
 }  // namespace
 
-int64_t small_gemm_bf16_packed_bytes(int64_t K, int64_t N) { return bf16_kernel().packed_size(K, N); }
+bool small_gemm_bf16_has_dot() { return bf16_rule().has_dot; }
 
-void small_gemm_bf16_pack(int64_t K, int64_t N, const uint16_t* b, int64_t b_row, int64_t b_col, void* out) {
-  bf16_kernel().pack(K, N, b, b_row, b_col, out);
+Bf16Panels small_gemm_bf16_panels(int64_t batch) {
+  return batch <= bf16_rule().dot_max_batch ? Bf16Panels::dot : Bf16Panels::widened;
 }
 
-void small_gemm_bf16_pack(int64_t K, int64_t N, const float* b, int64_t b_row, int64_t b_col, void* out) {
-  bf16_kernel().pack_f32(K, N, b, b_row, b_col, out);
+const char* small_gemm_bf16_build() { return bf16_rule().name; }
+
+bool bf16_large_products_in_float32() { return bf16_rule().large_in_float32; }
+
+int64_t small_gemm_bf16_packed_bytes(Bf16Panels panels, int64_t K, int64_t N) {
+  return dot(panels) ? dp_packed_size(K, N) : widened_packed_size(K, N);
 }
 
-void small_gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t a_row, int64_t a_col,
-                     const void* packed, float beta, uint16_t* c, int64_t ldc) {
+void small_gemm_bf16_pack(Bf16Panels panels, int64_t K, int64_t N, const uint16_t* b, int64_t b_row, int64_t b_col,
+                          void* out) {
+  dot(panels) ? dp_pack(K, N, b, b_row, b_col, out) : widened_pack(K, N, b, b_row, b_col, out);
+}
+
+void small_gemm_bf16_pack(Bf16Panels panels, int64_t K, int64_t N, const float* b, int64_t b_row, int64_t b_col,
+                          void* out) {
+  dot(panels) ? dp_pack(K, N, b, b_row, b_col, out) : widened_pack(K, N, b, b_row, b_col, out);
+}
+
+void small_gemm_bf16(Bf16Panels panels, int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t a_row,
+                     int64_t a_col, const void* packed, float beta, uint16_t* c, int64_t ldc) {
   if (M == 0 || N == 0) return;
-  bf16_kernel().gemm(M, N, K, a, a_row, a_col, packed, beta, c, ldc);
+  dot(panels) ? dp_gemm(M, N, K, a, a_row, a_col, packed, beta, c, ldc)
+              : widened_gemm(M, N, K, a, a_row, a_col, packed, beta, c, ldc);
 }
-
-const char* small_gemm_bf16_build() { return bf16_kernel().name; }
-
-bool bf16_large_products_in_float32() { return bf16_kernel().large_in_float32; }
 
 }  // namespace birnn
