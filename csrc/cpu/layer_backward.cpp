@@ -17,6 +17,7 @@
 
 #include "../layer_checks.h"
 #include "../lstm_cell.h"
+#include "bf16_bits.h"
 #include "blas.h"
 #include "buffer_pool.h"
 #include "cell_rows.h"
@@ -347,7 +348,53 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
       T* at = count == 1 ? dw + d * n_rows * n_cols : parts + (d * max_blocks + i) * n_rows * n_cols;
       return Mat<T>::dense(at, n_rows, n_cols);
     };
+    // bfloat16 whose large products run as float32 GEMMs (blas.h, on processors with slow
+    // bfloat16 dot products): a block's operands widened once, not once per product (its
+    // dg enters two or three), each result rounded once into its bfloat16 output.
+    auto run_block_float32 = [&](int64_t d, int64_t i) {
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        const BlockWork::Direction& w = work.dir[d];
+        const int64_t r0 = w.blocks.first(i), k = w.blocks.last(i) - r0, count = w.blocks.count;
+        const int64_t dx_floats = w.dx_here ? G * I + k * I : 0;
+        const at::Tensor buf =
+            pooled_empty({k * (G + I + P) + G * std::max(I, P) + dx_floats}, at::TensorOptions().dtype(at::kFloat));
+        float* const dg32 = buf.data_ptr<float>();
+        float* const x32 = dg32 + k * G;
+        float* const h32 = x32 + k * I;
+        float* const out32 = h32 + k * P;
+        float* const w32 = out32 + G * std::max(I, P);
+        float* const dx32 = w32 + G * I;
+        auto widen = [](const T* src, int64_t n, float* dst) {
+          const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+          for (int64_t e = 0; e < n; ++e) dst[e] = bf16_to_float(bits[e]);
+        };
+        auto round_into = [](const float* src, int64_t n, T* dst) {
+          uint16_t* bits = reinterpret_cast<uint16_t*>(dst);
+          for (int64_t e = 0; e < n; ++e) bits[e] = float_to_bf16(src[e]);
+        };
+        widen(slab(p.dg, d, G, r0, k).data, k * G, dg32);
+        widen(slab(p.x, 0, I, r0, k).data, k * I, x32);
+        widen(slab(p.h_prev, d, P, r0, k).data, k * P, h32);
+        const Mat<const float> dg_rows = Mat<const float>::dense(dg32, k, G);
+        weight_grad<float>(dg_rows, Mat<const float>::dense(x32, k, I), Mat<float>::dense(out32, G, I));
+        round_into(out32, G * I, out(dw_ih_p, part_ih_p, d, i, count, G, I).data);
+        weight_grad<float>(dg_rows, Mat<const float>::dense(h32, k, P), Mat<float>::dense(out32, G, P));
+        round_into(out32, G * P, out(dw_hh_p, part_hh_p, d, i, count, G, P).data);
+        if (proj)
+          weight_grad<T>(slab(p.dh_proj_saved, d, P, r0, k), slab(p.h_raw, d, H, r0, k),
+                         out(dw_hr_p, part_hr_p, d, i, count, P, H));
+        if (w.dx_here) {
+          widen(p.w_ih[d], G * I, w32);
+          matmul<float>(dg_rows, Mat<const float>::dense(w32, G, I), Mat<float>::dense(dx32, k, I), 0.f);
+          round_into(dx32, k * I, dx_p[d] + r0 * I);
+        }
+      }
+    };
+    const bool blocks_in_float32 = std::is_same_v<T, at::BFloat16> && bf16_large_products_in_float32();
     auto run_block = [&](int64_t d, int64_t i) {
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        if (blocks_in_float32) return run_block_float32(d, i);
+      }
       const BlockWork::Direction& w = work.dir[d];
       const int64_t r0 = w.blocks.first(i), k = w.blocks.last(i) - r0, count = w.blocks.count;
       const Mat<const T> dg_rows = slab(p.dg, d, G, r0, k);
