@@ -203,8 +203,8 @@ struct StepWeight {
   at::ScalarType dtype = at::kFloat;
   int64_t packed_bytes = 0;  // the panels' size where make() chose to pack; 0: products in place
   void* packed = nullptr;    // the panels (small_gemm's, or small_gemm_bf16's), once placed
-  bool bf16 = false;         // products in bfloat16: packed for small_gemm_bf16, into
-  Bf16Panels bf16_panels = Bf16Panels::widened;  // these panels
+  bool bf16 = false;         // products in bfloat16, by small_gemm_bf16 over
+  Bf16Panels bf16_panels = Bf16Panels::widened;  // panels of this kind
 
   bool defined() const { return data != nullptr; }
   template <typename T>
