@@ -23,4 +23,12 @@ inline uint16_t float_to_bf16(float f) {
   return uint16_t(f != f ? 0x7FC0u : rounded);
 }
 
+// n contiguous values at once, in loops the compiler vectorizes.
+inline void bf16_to_float(const uint16_t* src, int64_t n, float* dst) {
+  for (int64_t e = 0; e < n; ++e) dst[e] = bf16_to_float(src[e]);
+}
+inline void float_to_bf16(const float* src, int64_t n, uint16_t* dst) {
+  for (int64_t e = 0; e < n; ++e) dst[e] = float_to_bf16(src[e]);
+}
+
 }  // namespace birnn

@@ -297,6 +297,11 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
     const size_t at_part_hh = scratch.reserve<T>(D * max_blocks * G * P);
     const size_t at_part_hr = scratch.reserve<T>(proj ? D * max_blocks * P * H : 0);
     const size_t at_dx_reverse = scratch.reserve<T>(input_grad && D == 2 ? rows * I : 0);
+    // bfloat16 whose large products run as float32 GEMMs (blas.h, on processors with slow
+    // bfloat16 dot products): the blocks' products in float32 (run_block_float32), with
+    // W_ih [D,G,I] widened once for them.
+    const bool blocks_in_float32 = std::is_same_v<T, at::BFloat16> && bf16_large_products_in_float32();
+    const size_t at_w_ih32 = scratch.reserve<float>(blocks_in_float32 && input_grad ? D * G * I : 0);
     BwdParams<T> p{};
     for (int64_t d = 0; d < D; ++d) {
       p.w_hh[d] = StepWeight::as_is(w_hh[d], T_, B);
@@ -326,6 +331,10 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
     p.h_prev = h_prev.data_ptr<T>();
     p.h_raw = proj ? h_raw.data_ptr<T>() : nullptr;
     for (int64_t d = 0; d < D; ++d) p.w_ih[d] = w_ih[d].data_ptr<T>();
+    float* const w_ih32 = blocks_in_float32 && input_grad ? scratch.get<float>(at_w_ih32) : nullptr;
+    if (w_ih32)
+      for (int64_t d = 0; d < D; ++d)
+        bf16_to_float(reinterpret_cast<const uint16_t*>(p.w_ih[d]), G * I, w_ih32 + d * G * I);
     BlockWork work;
     p.work = &work;
     p.input_grad = input_grad;
@@ -348,29 +357,24 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
       T* at = count == 1 ? dw + d * n_rows * n_cols : parts + (d * max_blocks + i) * n_rows * n_cols;
       return Mat<T>::dense(at, n_rows, n_cols);
     };
-    // bfloat16 whose large products run as float32 GEMMs (blas.h, on processors with slow
-    // bfloat16 dot products): a block's operands widened once, not once per product (its
-    // dg enters two or three), each result rounded once into its bfloat16 output.
+    // A block's operands widened once, not once per product (its dg enters two or three),
+    // each result rounded once into its bfloat16 output.
     auto run_block_float32 = [&](int64_t d, int64_t i) {
       if constexpr (std::is_same_v<T, at::BFloat16>) {
         const BlockWork::Direction& w = work.dir[d];
         const int64_t r0 = w.blocks.first(i), k = w.blocks.last(i) - r0, count = w.blocks.count;
-        const int64_t dx_floats = w.dx_here ? G * I + k * I : 0;
-        const at::Tensor buf =
-            pooled_empty({k * (G + I + P) + G * std::max(I, P) + dx_floats}, at::TensorOptions().dtype(at::kFloat));
+        const at::Tensor buf = pooled_empty({k * (G + I + P) + G * std::max(I, P) + (w.dx_here ? k * I : 0)},
+                                            at::TensorOptions().dtype(at::kFloat));
         float* const dg32 = buf.data_ptr<float>();
         float* const x32 = dg32 + k * G;
         float* const h32 = x32 + k * I;
         float* const out32 = h32 + k * P;
-        float* const w32 = out32 + G * std::max(I, P);
-        float* const dx32 = w32 + G * I;
+        float* const dx32 = out32 + G * std::max(I, P);
         auto widen = [](const T* src, int64_t n, float* dst) {
-          const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
-          for (int64_t e = 0; e < n; ++e) dst[e] = bf16_to_float(bits[e]);
+          bf16_to_float(reinterpret_cast<const uint16_t*>(src), n, dst);
         };
         auto round_into = [](const float* src, int64_t n, T* dst) {
-          uint16_t* bits = reinterpret_cast<uint16_t*>(dst);
-          for (int64_t e = 0; e < n; ++e) bits[e] = float_to_bf16(src[e]);
+          float_to_bf16(src, n, reinterpret_cast<uint16_t*>(dst));
         };
         widen(slab(p.dg, d, G, r0, k).data, k * G, dg32);
         widen(slab(p.x, 0, I, r0, k).data, k * I, x32);
@@ -384,13 +388,12 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
           weight_grad<T>(slab(p.dh_proj_saved, d, P, r0, k), slab(p.h_raw, d, H, r0, k),
                          out(dw_hr_p, part_hr_p, d, i, count, P, H));
         if (w.dx_here) {
-          widen(p.w_ih[d], G * I, w32);
-          matmul<float>(dg_rows, Mat<const float>::dense(w32, G, I), Mat<float>::dense(dx32, k, I), 0.f);
+          matmul<float>(dg_rows, Mat<const float>::dense(w_ih32 + d * G * I, G, I), Mat<float>::dense(dx32, k, I),
+                        0.f);
           round_into(dx32, k * I, dx_p[d] + r0 * I);
         }
       }
     };
-    const bool blocks_in_float32 = std::is_same_v<T, at::BFloat16> && bf16_large_products_in_float32();
     auto run_block = [&](int64_t d, int64_t i) {
       if constexpr (std::is_same_v<T, at::BFloat16>) {
         if (blocks_in_float32) return run_block_float32(d, i);

@@ -61,7 +61,7 @@ void widened_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t a_
   for (int64_t r = 0; r < M; ++r) {
     const uint16_t* ar = a + r * a_row;
     if (a_col == 1)
-      for (int64_t k = 0; k < K; ++k) aw[r * K + k] = bf16_to_float(ar[k]);
+      bf16_to_float(ar, K, aw + r * K);
     else
       for (int64_t k = 0; k < K; ++k) aw[r * K + k] = bf16_to_float(ar[k * a_col]);
   }
@@ -325,11 +325,12 @@ void small_gemm_bf16_pack(Bf16Panels panels, int64_t K, int64_t N, const float* 
   dot(panels) ? dp_pack(K, N, b, b_row, b_col, out) : widened_pack(K, N, b, b_row, b_col, out);
 }
 
+// Every step calls this: the panels were checked against the processor when packed.
 void small_gemm_bf16(Bf16Panels panels, int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t a_row,
                      int64_t a_col, const void* packed, float beta, uint16_t* c, int64_t ldc) {
   if (M == 0 || N == 0) return;
-  dot(panels) ? dp_gemm(M, N, K, a, a_row, a_col, packed, beta, c, ldc)
-              : widened_gemm(M, N, K, a, a_row, a_col, packed, beta, c, ldc);
+  panels == Bf16Panels::dot ? dp_gemm(M, N, K, a, a_row, a_col, packed, beta, c, ldc)
+                            : widened_gemm(M, N, K, a, a_row, a_col, packed, beta, c, ldc);
 }
 
 }  // namespace birnn
