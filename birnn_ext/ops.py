@@ -50,15 +50,15 @@ def _(x, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ih_reverse, w_hh_rever
     D = 2 if w_hh_reverse is not None else 1
     G, P = w_hh.shape
     H = G // 4
-    saved = T if training else 0
+    outputs = x.new_empty((T, B, D * P)), x.new_empty((D, B, P)), x.new_empty((D, B, H))
+    if not training:  # nothing saved for backward: None, as the kernels leave them undefined
+        return *outputs, None, None, None, None
     return (
-        x.new_empty((T, B, D * P)),
-        x.new_empty((D, B, P)),
-        x.new_empty((D, B, H)),
-        x.new_empty((saved, B, D * G)),
-        x.new_empty((saved, B, D * H), dtype=_math_dtype(x.dtype)),  # the cell state is kept in the math type
-        x.new_empty((D, saved, B, P)),
-        x.new_empty((D, saved if w_hr is not None else 0, B, H)),
+        *outputs,
+        x.new_empty((T, B, D * G)),
+        x.new_empty((T, B, D * H), dtype=_math_dtype(x.dtype)),  # the cell state is kept in the math type
+        x.new_empty((D, T, B, P)),
+        x.new_empty((D, T if w_hr is not None else 0, B, H)),
     )
 
 
@@ -84,7 +84,7 @@ def _(grad_y, grad_h_n, grad_c_n, x, lengths, w_ih, w_hh, w_hr, w_ih_reverse, w_
 def _(x, h, c, w_ih, w_hh, bias, training):
     _check_devices("lstm_cell_forward", x, h=h, c=c, w_ih=w_ih, w_hh=w_hh, bias=bias)
     B, H = h.shape
-    return h.new_empty((B, H)), c.new_empty((B, H)), x.new_empty((B if training else 0, 4 * H))
+    return h.new_empty((B, H)), c.new_empty((B, H)), x.new_empty((B, 4 * H)) if training else None
 
 
 @torch.library.register_fake("birnn_ext::lstm_cell_backward")

@@ -37,6 +37,7 @@ inline void check_weight(const char* op, const at::Tensor& x, const at::Tensor& 
 
 inline void check_shape(const char* op, const at::Tensor& t, const char* name, at::IntArrayRef want,
                         const char* layout, const char* suffix = "") {
+  TORCH_CHECK(t.defined(), op, ": ", name, suffix, " must have shape ", layout, " = ", want, ", got None");
   TORCH_CHECK(t.sizes() == want, op, ": ", name, suffix, " must have shape ", layout, " = ", want, ", got ",
               t.sizes());
 }
@@ -189,6 +190,9 @@ inline CellDims check_cell_backward(const std::optional<at::Tensor>& grad_h_new,
                                     const at::Tensor& w_hh, const at::Tensor& gates) {
   const char* op = "lstm_cell_backward";
   const CellDims d = check_cell(op, x, h, c, w_ih, w_hh);
+  // A forward without training leaves gates undefined (None).
+  TORCH_CHECK(gates.defined(), op,
+              ": nothing was saved for backward; the forward must run with training=True (gates is None)");
   TORCH_CHECK(gates.size(0) == d.B, op,
               ": nothing was saved for backward; the forward must run with training=True (gates has ",
               gates.size(0), " rows, x has ", d.B, ")");
@@ -208,6 +212,10 @@ inline LayerDims check_layer_backward(const std::optional<at::Tensor>& grad_y,
   const LayerDims n = layer_dims(op, x, w);
   const auto [T, B, I, H, P, D] = n;
   TORCH_CHECK(T > 0, op, ": x must have at least one time step, got T = 0");
+  // A forward without training leaves what backward needs undefined (None).
+  TORCH_CHECK(gates.defined() && c_prev.defined() && h_prev.defined() && h_raw.defined(), op,
+              ": nothing was saved for backward; the forward must run with training=True (gates, c_prev, h_prev "
+              "or h_raw is None)");
   TORCH_CHECK(gates.size(0) == T, op,
               ": nothing was saved for backward; the forward must run with training=True (gates has ",
               gates.size(0), " steps, x has ", T, ")");

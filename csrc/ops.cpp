@@ -17,7 +17,8 @@ TORCH_LIBRARY(birnn_ext, m) {
   //   Separate tensors rather than lists: a Tensor[] argument sends every autograd call
   //   through pytree flattening in Python, tens of microseconds per call.
   // Returns y [T,B,D*P] (zero where t >= len), h_n [D,B,P] and c_n [D,B,H] taken at
-  // each sequence's own end, and what backward needs when `training` (else empty):
+  // each sequence's own end, and what backward needs when `training` (else undefined,
+  // None in Python, as torch's own ops leave an output nobody asked for):
   //   gates [T,B,D*4H] activated i,f,g,o; c_prev [T,B,D*H] and h_prev [D,T,B,P], the
   //   state each step started from; h_raw [D,T,B,H], o * tanh(c) (with w_hr only).
   //   The cell state is kept in the math type: c_prev is float32 for float16 and
@@ -42,7 +43,8 @@ TORCH_LIBRARY(birnn_ext, m) {
 
   // One LSTM step, for FusedLSTMCell and hand-written loops over time.
   //   x [B,I]; h, c [B,H]; w_ih [4H,I]; w_hh [4H,H]; bias [4H] (b_ih + b_hh) or None.
-  // Returns h', c' [B,H], and the activated gates [B,4H] when `training` (else empty).
+  // Returns h', c' [B,H], and the activated gates [B,4H] when `training` (else undefined:
+  // None in Python).
   m.def(
       "lstm_cell_forward(Tensor x, Tensor h, Tensor c, Tensor w_ih, Tensor w_hh, Tensor? bias, "
       "bool training) -> (Tensor h_new, Tensor c_new, Tensor gates)");

@@ -143,11 +143,25 @@ def test_op_checks_name_argument_expected_and_got(case, override, msg):
 
 
 def test_backward_without_saved_activations_is_refused():
+    """A forward with training=False saves nothing (None where the activations would be);
+    the backward op given those says what to do, and so it does given empty tensors."""
     a = layer_args(b_ih=None, b_hh=None, b_ih_reverse=None, b_hh_reverse=None)
-    _, _, _, gates, cp, hp, hr = torch.ops.birnn_ext.lstm_layer_forward(*a.values(), False)
-    with pytest.raises(RuntimeError, match="nothing was saved for backward"):
-        torch.ops.birnn_ext.lstm_layer_backward(None, a["h0"], None, a["x"], None, a["w_ih"], a["w_hh"], None,
-                                                a["w_ih_reverse"], a["w_hh_reverse"], None, gates, cp, hp, hr)
+    _, _, _, *saved = torch.ops.birnn_ext.lstm_layer_forward(*a.values(), False)
+    assert saved == [None] * 4
+    empty = [torch.zeros(0, B, D * 4 * H), torch.zeros(0, B, D * H), torch.zeros(D, 0, B, H), torch.zeros(D, 0, B, H)]
+    for activations, says in [(saved, r"\(gates, c_prev, h_prev or h_raw is None\)"),
+                              (empty, r"\(gates has 0 steps, x has 4\)")]:
+        with pytest.raises(RuntimeError, match="nothing was saved for backward; the forward must run with "
+                                               f"training=True {says}"):
+            torch.ops.birnn_ext.lstm_layer_backward(None, a["h0"], None, a["x"], None, a["w_ih"], a["w_hh"], None,
+                                                    a["w_ih_reverse"], a["w_hh_reverse"], None, *activations)
+    cell = [torch.randn(B, I), torch.zeros(B, H), torch.zeros(B, H), torch.randn(4 * H, I), torch.randn(4 * H, H)]
+    _, _, gates = torch.ops.birnn_ext.lstm_cell_forward(*cell, None, False)
+    assert gates is None
+    for gates, says in [(gates, r"\(gates is None\)"), (torch.zeros(0, 4 * H), r"\(gates has 0 rows, x has 3\)")]:
+        with pytest.raises(RuntimeError, match=f"nothing was saved for backward; the forward must run with "
+                                               f"training=True {says}"):
+            torch.ops.birnn_ext.lstm_cell_backward(torch.ones(B, H), None, *cell, gates)
 
 
 def test_backward_op_refuses_no_time_steps():

@@ -212,7 +212,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor len = checked_lengths_on("lstm_layer_forward", lengths, n.T, n.B, x_.device());
   const auto [T_, B, I, H, P, D] = n;
-  const int64_t G = 4 * H, rows = T_ * B, saved = training ? T_ : 0;
+  const int64_t G = 4 * H, rows = T_ * B;
   const bool proj = wts.proj();
   const at::Tensor x = x_.contiguous();
   auto opt = x.options();
@@ -221,15 +221,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor y = at::empty({T_, B, D * P}, opt);
   at::Tensor h;
   at::Tensor xg = at::empty({T_, B, D * G}, opt);
-  at::Tensor h_prev = at::empty({D, saved, B, P}, opt);
-  at::Tensor h_raw_saved = at::empty({D, proj ? saved : 0, B, H}, opt);
+  // What backward needs, made only when training (else undefined, None in Python).
+  at::Tensor h_prev = training ? at::empty({D, T_, B, P}, opt) : at::Tensor();
+  at::Tensor h_raw_saved = training ? at::empty({D, proj ? T_ : 0, B, H}, opt) : at::Tensor();
   at::Tensor c, c_prev;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lstm_layer_forward_cuda", [&] {
     using S = scalar_t;
     using T = typename Storage<S>::type;
     auto mopt = opt.dtype(math_scalar<S>());
     c = c0 ? c0->to(mopt, /*non_blocking=*/false, /*copy=*/true).contiguous() : at::zeros({D, B, H}, mopt);
-    c_prev = at::empty({saved, B, D * H}, mopt);
+    if (training) c_prev = at::empty({T_, B, D * H}, mopt);
     if (B == 0) {
       h = h_init();
       return;
@@ -294,8 +295,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       }
     }
   });
-  at::Tensor gates = training ? xg : at::empty({0, B, D * G}, opt);
-  return {y, h, c.to(x.scalar_type()), gates, c_prev, h_prev, h_raw_saved};
+  return {y, h, c.to(x.scalar_type()), training ? xg : at::Tensor(), c_prev, h_prev, h_raw_saved};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -493,7 +493,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_cuda(const at::
     }
     c_new = c.to(x.scalar_type());
   });
-  return {h_new, c_new, training ? xg : at::empty({0, G}, opt)};
+  return {h_new, c_new, training ? xg : at::Tensor()};  // no gates in inference
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cell_backward_cuda(
