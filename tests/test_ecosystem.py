@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from birnn_ext import FusedBiLSTM, FusedLSTM, FusedLSTMCell
+from helpers import run_python
 
 
 class Classifier(nn.Module):
@@ -183,6 +184,30 @@ def test_cell_bitwise_determinism_whatever_the_thread_count(batch):
     for run in runs[1:]:
         for a, b in zip(runs[0], run):
             assert torch.equal(a, b)
+
+
+# A process's first calls, each small enough to run on the calling thread alone (MKL held
+# to that thread meanwhile), before anything else has asked torch for its thread count.
+FIRST_CALLS = {
+    "cell inference": "with torch.no_grad():\n    FusedLSTMCell(16, 16)(torch.randn(1, 16))",
+    "cell forward+backward": "h, c = FusedLSTMCell(16, 16)(torch.randn(1, 16))\n(h.sum() + c.sum()).backward()",
+    "layer inference": "with torch.no_grad():\n    FusedBiLSTM(16, 16)(torch.randn(3, 1, 16))",
+    "layer forward+backward": "FusedBiLSTM(16, 16)(torch.randn(3, 1, 16))[0].sum().backward()",
+}
+
+
+@pytest.mark.parametrize("first_call", FIRST_CALLS)
+def test_a_small_first_call_leaves_torch_threads_alone(first_call):
+    """ATen sizes a thread's OpenMP pool from MKL's thread count the first time that thread
+    asks; asked inside a call that holds MKL to one thread, it left all of torch on one
+    thread for the rest of the process (nn.LSTMCell and torch.mm ran at half speed after
+    one FusedLSTMCell step at batch 1)."""
+    code = "import torch\nfrom birnn_ext import FusedBiLSTM, FusedLSTMCell\n{}\nprint(torch.get_num_threads())"
+    untouched = run_python(code.format("pass"), OMP_NUM_THREADS="2")
+    after = run_python(code.format(FIRST_CALLS[first_call]), OMP_NUM_THREADS="2")
+    assert untouched.returncode == 0 and after.returncode == 0, untouched.stderr + after.stderr
+    assert untouched.stdout.split()[-1] == "2"
+    assert after.stdout.split()[-1] == "2", f"{first_call} left torch with {after.stdout.split()[-1]} thread(s)"
 
 
 class Mixed(nn.Module):

@@ -142,8 +142,16 @@ class BlasOnThisThread {
 
 // Runs fn() on the calling thread alone: the at::parallel_for calls inside it run
 // inline, as inside a parallel region, and MKL keeps to this thread.
+//
+// ATen sizes a thread's OpenMP pool from MKL's thread count the first time the thread
+// asks (at::internal::lazy_init_num_threads, whose once-per-thread flag libtorch and this
+// library each keep a copy of). Asked first in here, where MKL keeps to one thread, it
+// left all of torch on one thread for the rest of the process: after a FusedLSTMCell step
+// at batch 1 as a program's first call, torch.mm ran at half speed. Both copies ask first.
 template <typename F>
 void on_this_thread(const F& fn) {
+  at::internal::lazy_init_num_threads();
+  (void)at::get_num_threads();
   const c10::ParallelGuard inline_loops(true);
   const BlasOnThisThread blas;
   fn();
