@@ -82,8 +82,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                              scratch.data_ptr<T>());
       cell_product<T>(dg, w_ih, dx);
       cell_product<T>(dg, w_hh, dh);
-      matmul_tn_fixed_order<T>(dg, x, dw_ih);
-      matmul_tn_fixed_order<T>(dg, h, dw_hh);
+      cell_weight_grad<T>(dg, x, dw_ih);
+      cell_weight_grad<T>(dg, h, dw_hh);
       column_sums(dg.data_ptr<T>(), B, 4 * H, dbias.data_ptr<T>());
     });
   });

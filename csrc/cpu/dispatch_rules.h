@@ -6,6 +6,8 @@
 // small_gemm.cpp reads it too. Figures: one thread unless said, us a call.
 #pragma once
 
+#include <unistd.h>
+
 #include <cstdint>
 
 namespace birnn::cpu_rules {
@@ -93,6 +95,33 @@ constexpr int64_t kMinColsInPlace = 64;
 // training step, 2800 rows, ran about 5% faster than with 512-row blocks; with 2048
 // rows or a single block it ran slower).
 constexpr int64_t kGradBlockMinRows = 1024, kGradMaxBlocks = 16;
+
+// ---------------------------------------------------------------- cell step (fixed_order.h)
+
+// A cell step's products with a weight (FusedLSTMCell) run in place (small_gemm_in_place,
+// the batch's rows split in quads between threads) up to 16 rows, and up to 64 where the
+// weight fits half a core's L2; in row tiles of kCellTileMaxRows on oneDNN above
+// (fixed_order.h). The in-place kernel reads the whole weight once per quad of rows: from
+// L2 while it fits there, from beyond otherwise (at B 128, I 512, H 512 in place, a
+// forward+backward step took 22 ms, 4x nn.LSTMCell's). FusedLSTMCell, inference /
+// forward+backward us a step, Intel Xeon (2 MB L2 a core), in place up to 8, 16, 32 rows:
+//   B 16, I 128, H 256 (W_hh 1 MB)  286 / 1053, 142 / 552, 141 / 581;
+//   B 32, I 128, H 256              270 / 883,  278 / 898, 232 / 767;
+//   B 16, I 512, H 512 (4 MB)      1073 / 3282, 648 / 2621, 673 / 2618;
+//   B 32, I 512, H 512             1043 / 3433, 1053 / 3390, 998 / 4120;
+//   B 64, I 128, H 256: in tiles 380 / 1189, in place 418 / 1126; B 64, I 28, H 128
+//   (benchmarks/bench_cell.py, 16 steps): 2.21 / 6.24 ms in tiles, 2.00 / 5.44 in place.
+// Tiles of 64, 128, 256 rows: within noise of each other from B 100 to 256, but for
+// B 256, I 64, H 64 (157 / 516 against 193 / 812).
+constexpr int64_t kCellInPlaceMaxRows = 16, kCellInPlaceMaxRowsL2 = 64, kCellTileMaxRows = 64;
+// Whether a cell step's product of M rows with a K x N float32 weight runs in place.
+inline bool cell_product_in_place(int64_t M, int64_t K, int64_t N) {
+  static const int64_t half_l2 = [] {
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);  // a core's; 0 or -1 where unknown
+    return int64_t(l2 > 0 ? l2 : (1 << 20)) / 2;
+  }();
+  return M <= kCellInPlaceMaxRows || (M <= kCellInPlaceMaxRowsL2 && K * N * int64_t(sizeof(float)) <= half_l2);
+}
 
 // ---------------------------------------------------------------- threads (kernel_util.h)
 

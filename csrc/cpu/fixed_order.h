@@ -84,54 +84,21 @@ inline void in_place_rows_split(int64_t M, int64_t N, int64_t K, const float* a,
   });
 }
 
-// c[M,N] = a[K,M]^T b[K,N] (a, b contiguous), summed over the K rows in blocks fixed by K
-// alone: each block is one product computed on one thread, and the blocks' partial
-// sums are added in block order. A multi-threaded GEMM may split a long K differently
-// for different thread counts; this gives the same bits for any thread count. There are
-// always at least two blocks, so that the products run inside a parallel region, where
-// the GEMM engines stay single-threaded, and an even number, so two threads share them.
-//
-// A float32 product over a few rows (a cell's batch) goes to in_place_rows_split
-// instead: no partial sums (at batch 1, a [2, 4H, H] buffer zeroed and summed per call).
+// c[M,N] = a[M,K] b[K,N] in tiles of rows fixed by M alone, each one product over the
+// whole K on one thread (matmul: oneDNN but for tiny tiles): the same bits for any thread
+// count, and no partial sums to write and add back. At least two tiles, so that the
+// products run inside a parallel region, where the GEMM engines stay single-threaded,
+// and two threads share them; at most max_rows rows each, in multiples of 16. a and b
+// each with a unit stride in one dimension, c contiguous.
 template <typename T>
-void matmul_tn_fixed_order(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
-  constexpr int64_t kMaxRows = 1024;
-  const int64_t K = a.size(0), M = a.size(1), N = b.size(1);
-  if constexpr (std::is_same_v<T, float>) {
-    if (K <= cpu_rules::kMaxRowsInPlace && small_gemm_in_place_fits(M, K, M, N, 1)) {  // A(r, k) = a[k*M + r]
-      in_place_rows_split(M, N, K, a.data_ptr<float>(), 1, M, b.data_ptr<float>(), N, 1, c.data_ptr<float>());
-      return;
-    }
-  }
-  int64_t blocks = std::max<int64_t>(2, (K + kMaxRows - 1) / kMaxRows);
-  blocks += blocks % 2;
-  const int64_t rows = (K + blocks - 1) / blocks;
-  at::Tensor partial = pooled_zeros({blocks, M, N}, c.options());
-  std::vector<std::array<at::Tensor, 3>> operands;  // views made here, not on the workers
-  for (int64_t i = 0; i < blocks; ++i) {
-    const int64_t k0 = i * rows, k = std::min(rows, K - k0);
-    if (k > 0) operands.push_back({a.narrow(0, k0, k).t(), b.narrow(0, k0, k), partial[i]});
-  }
-  at::parallel_for(0, int64_t(operands.size()), 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) matmul<T>(operands[i][0], operands[i][1], operands[i][2], T(0));
-  });
-  sum_parts(partial.data_ptr<T>(), blocks, M * N, c.data_ptr<T>());
-}
-
-// c[M,N] = a[M,K] b[K,N] (a contiguous), a's rows in blocks fixed by M alone, each
-// block's product on one thread inside a parallel region, where the GEMM engines stay
-// single-threaded: the same bits for any thread count (a BLAS call of its own threads
-// may compute the same product differently for different thread counts). At least two
-// tasks, so that even one block runs inside the region.
-template <typename T>
-void matmul_rows_fixed_order(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
-  constexpr int64_t kRows = 64;
+void matmul_row_tiles(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, int64_t max_rows) {
   const int64_t M = a.size(0);
-  const int64_t blocks = std::max<int64_t>(1, (M + kRows - 1) / kRows), rows = (M + blocks - 1) / blocks;
+  const int64_t tiles = std::max<int64_t>(2, (M + max_rows - 1) / max_rows);
+  const int64_t rows = std::max<int64_t>(1, ((M + tiles - 1) / tiles + 15) / 16 * 16);
   std::vector<std::array<at::Tensor, 3>> operands;  // views made here, not on the workers
-  for (int64_t i = 0; i < blocks; ++i) {
-    const int64_t m0 = i * rows, k = std::min(rows, M - m0);
-    if (k > 0) operands.push_back({a.narrow(0, m0, k), b, c.narrow(0, m0, k)});
+  for (int64_t m0 = 0; m0 < M; m0 += rows) {
+    const int64_t k = std::min(rows, M - m0);
+    operands.push_back({a.narrow(0, m0, k), b, c.narrow(0, m0, k)});
   }
   const int64_t n = int64_t(operands.size());
   at::parallel_for(0, std::max<int64_t>(2, n), 1, [&](int64_t i0, int64_t i1) {
@@ -139,20 +106,38 @@ void matmul_rows_fixed_order(const at::Tensor& a, const at::Tensor& b, const at:
   });
 }
 
-// c[M,N] = a[M,K] b[K,N] for a cell step, the same bits for any thread count: float32
-// products that small_gemm_in_place takes through in_place_rows_split, the rest through
-// matmul_rows_fixed_order.
+// A cell step's product with a weight, c[M,N] = a[M,K] b[K,N] over the batch's M rows
+// (x W_ih^T, h W_hh^T; dg W_ih, dg W_hh), the same bits for any thread count: float32
+// over a few rows in place (in_place_rows_split; cpu_rules::cell_product_in_place), the
+// rest in row tiles.
 template <typename T>
 void cell_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   if constexpr (std::is_same_v<T, float>) {
-    if (a.is_contiguous() && c.is_contiguous() && small_gemm_in_place_fits(M, K, 1, b.stride(0), b.stride(1))) {
+    if (cpu_rules::cell_product_in_place(M, K, N) && a.is_contiguous() && c.is_contiguous() &&
+        small_gemm_in_place_fits(M, K, 1, b.stride(0), b.stride(1))) {
       in_place_rows_split(M, N, K, a.data_ptr<float>(), K, 1, b.data_ptr<float>(), b.stride(0), b.stride(1),
                           c.data_ptr<float>());
       return;
     }
   }
-  matmul_rows_fixed_order<T>(a, b, c);
+  matmul_row_tiles<T>(a, b, c, cpu_rules::kCellTileMaxRows);
+}
+
+// A cell step's weight gradient, c[M,N] = a[K,M]^T b[K,N] summed over the batch's K rows
+// (dW_ih = dg^T x, dW_hh = dg^T h; a, b contiguous), the same bits for any thread count:
+// float32 over a short batch in place (in_place_rows_split; at batch 1 a GEMM engine's
+// call costs more than the product), the rest in row tiles of dW, each over the whole batch.
+template <typename T>
+void cell_weight_grad(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
+  const int64_t K = a.size(0), M = a.size(1), N = b.size(1);
+  if constexpr (std::is_same_v<T, float>) {
+    if (K <= cpu_rules::kMaxRowsInPlace && small_gemm_in_place_fits(M, K, M, N, 1)) {  // A(r, k) = a[k*M + r]
+      in_place_rows_split(M, N, K, a.data_ptr<float>(), 1, M, b.data_ptr<float>(), N, 1, c.data_ptr<float>());
+      return;
+    }
+  }
+  matmul_row_tiles<T>(a.t(), b, c, cpu_rules::kCellTileMaxRows);
 }
 
 // Column sums of a [rows, cols] matrix in row order: the same bits for any thread count.

@@ -1,0 +1,103 @@
+"""FusedLSTMCell against nn.LSTMCell, side by side in one run: a hand-written loop over
+--steps time steps, as a decoder or a custom recurrence runs a cell, in inference
+(no_grad) and forward+backward (the loss on the last step's h and c, backward through
+every step).
+
+Both modules are made with the same weights, and the two implementations are timed in
+alternating rounds: each time is the median of its rounds, the ratio nn.LSTMCell /
+FusedLSTMCell (above 1: fused is faster) the median of the rounds' own ratios. Writes
+benchmarks/results/<name>.csv.
+
+    python benchmarks/bench_cell.py
+    python benchmarks/bench_cell.py --case 32,128,256 --case 128,512,512 --steps 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from birnn_ext import FusedLSTMCell  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# (B, I, H): batch 1 to 256, small and large weights.
+CASES = [(1, 28, 128), (1, 128, 256), (8, 28, 128), (8, 128, 256), (16, 128, 256), (32, 64, 64), (32, 128, 256),
+         (32, 512, 512), (64, 28, 128), (128, 128, 256), (128, 512, 512), (256, 64, 64)]
+ROUNDS = 7
+
+
+def parse_case(text: str) -> tuple[int, int, int]:
+    B, I, H = (int(v) for v in text.split(","))
+    return B, I, H
+
+
+def seconds(fn, min_time: float) -> float:
+    """Seconds per call of fn: calls repeated for at least min_time, after a warm-up."""
+    fn()
+    n, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < min_time:
+        fn()
+        n += 1
+    return elapsed / n
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--case", type=parse_case, action="append", default=[], help="B,I,H")
+    p.add_argument("--steps", type=int, default=16, help="time steps per loop")
+    p.add_argument("--min-run-time", type=float, default=0.05, help="seconds per implementation per round")
+    p.add_argument("--name", default="cell", help="results file name")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    rows = []
+    print(f"FusedLSTMCell against nn.LSTMCell, {args.steps} steps a loop, {torch.get_num_threads()} threads; "
+          "ms per loop (median of rounds), ratio nn / fused")
+    print(f"{'B':>4} {'I':>4} {'H':>4} | {'inference':^24} | {'forward+backward':^24}")
+    for B, I, H in args.case or CASES:
+        ref = nn.LSTMCell(I, H)
+        fused = FusedLSTMCell.from_cell(ref)
+        xs = torch.randn(args.steps, B, I)
+
+        def loop(cell, train):
+            def run():
+                with torch.set_grad_enabled(train):
+                    h = c = torch.zeros(B, H)
+                    for x in xs:
+                        h, c = cell(x, (h, c))
+                    if train:
+                        (h.sum() + c.sum()).backward()
+            return run
+
+        row = {"B": B, "I": I, "H": H, "steps": args.steps}
+        cells = []
+        for mode, train in (("inference", False), ("forward+backward", True)):
+            times = {"nn": [], "fused": []}
+            for _ in range(ROUNDS):
+                for name, cell in (("nn", ref), ("fused", fused)):
+                    times[name].append(seconds(loop(cell, train), args.min_run_time))
+            ratio = statistics.median(a / b for a, b in zip(times["nn"], times["fused"]))
+            nn_ms, fused_ms = (statistics.median(times[k]) * 1e3 for k in ("nn", "fused"))
+            row |= {f"{mode} nn ms": round(nn_ms, 4), f"{mode} fused ms": round(fused_ms, 4),
+                    f"{mode} ratio": round(ratio, 3)}
+            cells.append(f"{nn_ms:8.3f} {fused_ms:8.3f} {ratio:6.2f}")
+        rows.append(row)
+        print(f"{B:4d} {I:4d} {H:4d} | " + " | ".join(cells), flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"{args.name}.csv"
+    with out.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
