@@ -70,13 +70,31 @@ void weight_grad(Mat<const T> a, Mat<const T> b, Mat<T> c) {
   matmul<T>(Mat<const T>(a.data, M, K, a.cs, a.rs), b, c, T(0));  // a^T: its columns as rows
 }
 
-// small_gemm_in_place's C[M,N] = A B with the rows of A (and C) split between threads:
-// each output is one pass in k order, the same bits for any thread count. In quads of
-// rows: the kernel takes rows four at a time, then one at a time, and those two paths
-// may round differently, so a split must not move a row between them. A split takes at
-// least 64K multiply-adds, so a tiny product stays on the calling thread.
+// small_gemm_in_place's C[M,N] = A B split between threads, in pieces fixed by the shape
+// alone: each output is one pass in k order, the same bits for any thread count.
+//  - Up to 4 rows, in spans of 128 columns of B (and C): a batch of a few rows then runs
+//    on both cores, each reading part of B, in spans short enough to stay in cache.
+//    benchmarks/bench_cell.py (16 steps, Intel Xeon), inference / forward+backward ms:
+//    B 1, I 128, H 256 0.80-0.83 / 4.21-4.26 without spans, 0.53-0.54 / 3.46 with them.
+//  - More rows, in quads of rows, a thread's quads in one call: the kernel reuses each
+//    part of B it loads over all of the call's rows (a call per quad made B 32, I 128,
+//    H 256 slower: 4.06-4.13 ms in inference against 3.68-3.72). Quads, as the kernel
+//    takes rows four at a time, then one at a time, and those two paths may round
+//    differently: a split must not move a row between them.
+// A split takes at least 64K multiply-adds, so a tiny product stays on the calling thread.
 inline void in_place_rows_split(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_col,
-                         const float* b, int64_t b_row, int64_t b_col, float* c) {
+                                const float* b, int64_t b_row, int64_t b_col, float* c) {
+  if (M <= 4) {
+    constexpr int64_t kSpan = 128;
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, M * kSpan * K));
+    at::parallel_for(0, (N + kSpan - 1) / kSpan, grain, [&](int64_t s0, int64_t s1) {
+      const int64_t n0 = kSpan * s0, n1 = std::min(N, kSpan * s1);
+      for (int64_t n = n0; n < n1; n += kSpan)
+        small_gemm_in_place(M, std::min(kSpan, n1 - n), K, a, a_row, a_col, b + n * b_col, b_row, b_col, 0.f, c + n,
+                            N);
+    });
+    return;
+  }
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, N * K));
   at::parallel_for(0, (M + 3) / 4, grain, [&](int64_t q0, int64_t q1) {
     const int64_t m0 = 4 * q0, m1 = std::min(M, 4 * q1);
