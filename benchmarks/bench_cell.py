@@ -49,6 +49,22 @@ def seconds(fn, min_time: float) -> float:
     return elapsed / n
 
 
+def loop(cell: nn.Module, xs: torch.Tensor, train: bool):
+    """The timed call: cell over the steps of xs [T,B,I] from zero state; with train, the
+    loss on the last h and c backpropagated through every step."""
+    B, H = xs.size(1), cell.hidden_size
+
+    def run():
+        with torch.set_grad_enabled(train):
+            h = c = torch.zeros(B, H, dtype=xs.dtype)
+            for x in xs:
+                h, c = cell(x, (h, c))
+            if train:
+                (h.sum() + c.sum()).backward()
+            return h, c
+    return run
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--case", type=parse_case, action="append", default=[], help="B,I,H")
@@ -66,23 +82,13 @@ def main(argv=None) -> None:
         fused = FusedLSTMCell.from_cell(ref)
         xs = torch.randn(args.steps, B, I)
 
-        def loop(cell, train):
-            def run():
-                with torch.set_grad_enabled(train):
-                    h = c = torch.zeros(B, H)
-                    for x in xs:
-                        h, c = cell(x, (h, c))
-                    if train:
-                        (h.sum() + c.sum()).backward()
-            return run
-
         row = {"B": B, "I": I, "H": H, "steps": args.steps}
         cells = []
         for mode, train in (("inference", False), ("forward+backward", True)):
             times = {"nn": [], "fused": []}
             for _ in range(ROUNDS):
                 for name, cell in (("nn", ref), ("fused", fused)):
-                    times[name].append(seconds(loop(cell, train), args.min_run_time))
+                    times[name].append(seconds(loop(cell, xs, train), args.min_run_time))
             ratio = statistics.median(a / b for a, b in zip(times["nn"], times["fused"]))
             nn_ms, fused_ms = (statistics.median(times[k]) * 1e3 for k in ("nn", "fused"))
             row |= {f"{mode} nn ms": round(nn_ms, 4), f"{mode} fused ms": round(fused_ms, 4),

@@ -1,5 +1,5 @@
-"""The benchmark compares like with like: in forward+backward both sides backpropagate
-the same loss, so the two gradients it makes each side compute are the same ones."""
+"""The benchmarks compare like with like: in forward+backward both sides backpropagate
+the same loss, so the two gradients they make each side compute are the same ones."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
+import bench_cell  # noqa: E402
 import bench_lstm  # noqa: E402
 
 
@@ -27,3 +28,15 @@ def test_both_sides_backpropagate_the_same_loss(case):
     for name, want in grads[0].items():
         torch.testing.assert_close(grads[1][name], want, rtol=1e-9, atol=1e-9,
                                    msg=lambda m, name=name: f"gradient of {name}: {m}")
+
+
+def test_cell_loops_compute_the_same_on_both_sides():
+    ref = torch.nn.LSTMCell(6, 5, dtype=torch.float64)
+    fused = bench_cell.FusedLSTMCell.from_cell(ref)
+    xs = torch.randn(4, 3, 6, dtype=torch.float64)
+    outs = [bench_cell.loop(cell, xs, train=True)() for cell in (ref, fused)]
+    for got, want in zip(outs[1], outs[0]):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    for (name, want), got in zip(ref.named_parameters(), fused.parameters()):
+        assert want.grad is not None and got.grad is not None, name
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-9, atol=1e-9, msg=lambda m, name=name: f"{name}: {m}")
