@@ -164,21 +164,23 @@ def test_bitwise_determinism_whatever_the_thread_count(loss_on_last_step, T, B):
             assert torch.equal(a, b)
 
 
-def _cell_grads(threads, batch):
+def _cell_grads(threads, batch, hidden):
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    cell = FusedLSTMCell(24, 40)
+    cell = FusedLSTMCell(24, hidden)
     x = torch.randn(batch, 24, requires_grad=True)
     h, c = cell(x)
     (h.square().sum() + c.sum()).backward()
     return [h, c, x.grad, *[p.grad for p in cell.parameters()]]
 
 
-@pytest.mark.parametrize("batch", [1, 48, 200])  # weight gradients in one pass over the batch; in blocks
-def test_cell_bitwise_determinism_whatever_the_thread_count(batch):
+# Batch 1 and 48: the products in place (batch 3, H 288: in spans of columns split between
+# threads); 200: in row tiles, the weight gradients too.
+@pytest.mark.parametrize("batch,hidden", [(1, 40), (3, 288), (48, 40), (200, 40)])
+def test_cell_bitwise_determinism_whatever_the_thread_count(batch, hidden):
     threads = torch.get_num_threads()
     try:
-        runs = [_cell_grads(t, batch) for t in (1, 2, max(2, threads), 3)]
+        runs = [_cell_grads(t, batch, hidden) for t in (1, 2, max(2, threads), 3)]
     finally:
         torch.set_num_threads(threads)
     for run in runs[1:]:
