@@ -37,7 +37,6 @@ inline void check_weight(const char* op, const at::Tensor& x, const at::Tensor& 
 
 inline void check_shape(const char* op, const at::Tensor& t, const char* name, at::IntArrayRef want,
                         const char* layout, const char* suffix = "") {
-  TORCH_CHECK(t.defined(), op, ": ", name, suffix, " must have shape ", layout, " = ", want, ", got None");
   TORCH_CHECK(t.sizes() == want, op, ": ", name, suffix, " must have shape ", layout, " = ", want, ", got ",
               t.sizes());
 }

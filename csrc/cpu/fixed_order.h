@@ -106,11 +106,11 @@ inline void in_place_rows_split(int64_t M, int64_t N, int64_t K, const float* a,
 // whole K on one thread (matmul: oneDNN but for tiny tiles): the same bits for any thread
 // count, and no partial sums to write and add back. At least two tiles, so that the
 // products run inside a parallel region, where the GEMM engines stay single-threaded,
-// and two threads share them; at most max_rows rows each, in multiples of 16. a and b
-// each with a unit stride in one dimension, c contiguous.
+// and two threads share them; at most cpu_rules::kCellTileMaxRows rows each, in
+// multiples of 16. a and b each with a unit stride in one dimension, c contiguous.
 template <typename T>
-void matmul_row_tiles(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, int64_t max_rows) {
-  const int64_t M = a.size(0);
+void matmul_row_tiles(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
+  const int64_t M = a.size(0), max_rows = cpu_rules::kCellTileMaxRows;
   const int64_t tiles = std::max<int64_t>(2, (M + max_rows - 1) / max_rows);
   const int64_t rows = std::max<int64_t>(1, ((M + tiles - 1) / tiles + 15) / 16 * 16);
   std::vector<std::array<at::Tensor, 3>> operands;  // views made here, not on the workers
@@ -139,7 +139,7 @@ void cell_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c)
       return;
     }
   }
-  matmul_row_tiles<T>(a, b, c, cpu_rules::kCellTileMaxRows);
+  matmul_row_tiles<T>(a, b, c);
 }
 
 // A cell step's weight gradient, c[M,N] = a[K,M]^T b[K,N] summed over the batch's K rows
@@ -155,7 +155,7 @@ void cell_weight_grad(const at::Tensor& a, const at::Tensor& b, const at::Tensor
       return;
     }
   }
-  matmul_row_tiles<T>(a.t(), b, c, cpu_rules::kCellTileMaxRows);
+  matmul_row_tiles<T>(a.t(), b, c);
 }
 
 // Column sums of a [rows, cols] matrix in row order: the same bits for any thread count.
