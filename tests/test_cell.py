@@ -45,15 +45,16 @@ def test_matches_nn_lstm_cell(device, dtype, bias, with_state, batched):
         assert_close(got, want, dtype)
 
 
-# Each engine of the CPU step products (cpu_rules::cell_product_in_place): batch 3 in place
-# in spans of columns (fixed_order.h's in_place_rows_split), split between threads; 5 in place;
-# 40 in place with a weight in L2, in tiles with one beyond it (H 288: W_hh 1.3 MB in
-# float32, over half of a 2 MB L2); 96 in row tiles, the weight gradients too (96 > 64 rows).
-# float64 goes to BLAS in tiles at every batch. bfloat16 (matmul_row_tiles over oneDNN or
+# Each engine of the CPU step products (fixed_order.h's cell_product): batch 3 in place in
+# spans of columns split between threads (in_place_rows_split), 16 in place at the limit
+# (cpu_rules::kCellInPlaceMaxRows), 17 in column tiles of uneven widths (4H 400: 208 and 192;
+# dx's 72 columns: 48 and 24), 40 in column tiles with the weight gradients in place, 96 in
+# three column tiles (4H 1200) and the weight gradients in column tiles too (96 > 64 rows).
+# float64 goes to BLAS in tiles at every batch. bfloat16 (column tiles over oneDNN or
 # widened float32 GEMMs): h and c against the float32 cell on the same bfloat16-rounded
 # values, as test_lstm_parity's bfloat16 cell test (its gradients are sums over the batch
 # of products of bfloat16-rounded gate gradients, whose error grows with the batch).
-@pytest.mark.parametrize("B,I,H", [(3, 72, 288), (5, 72, 64), (40, 72, 64), (40, 72, 288), (96, 72, 64)])
+@pytest.mark.parametrize("B,I,H", [(3, 72, 288), (16, 72, 64), (17, 72, 100), (40, 72, 64), (96, 72, 300)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_matches_nn_lstm_cell_at_every_batch(B, I, H, dtype):
     ref, fused = pair(I, H, dtype=torch.float32 if dtype == torch.bfloat16 else dtype)

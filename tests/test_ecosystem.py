@@ -174,9 +174,10 @@ def _cell_grads(threads, batch, hidden):
     return [h, c, x.grad, *[p.grad for p in cell.parameters()]]
 
 
-# Batch 1 and 48: the products in place (batch 3, H 288: in spans of columns split between
-# threads); 200: in row tiles, the weight gradients too.
-@pytest.mark.parametrize("batch,hidden", [(1, 40), (3, 288), (48, 40), (200, 40)])
+# Batch 1 and 3: the products in place (H 288: in spans of columns split between threads);
+# 48: in column tiles, the weight gradients in place; 200: in column tiles, the weight
+# gradients too; 64 with H 300: three column tiles (4H 1200), more than two threads share.
+@pytest.mark.parametrize("batch,hidden", [(1, 40), (3, 288), (48, 40), (200, 40), (64, 300)])
 def test_cell_bitwise_determinism_whatever_the_thread_count(batch, hidden):
     threads = torch.get_num_threads()
     try:

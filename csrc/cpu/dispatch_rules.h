@@ -6,8 +6,6 @@
 // small_gemm.cpp reads it too. Figures: one thread unless said, us a call.
 #pragma once
 
-#include <unistd.h>
-
 #include <cstdint>
 
 namespace birnn::cpu_rules {
@@ -98,30 +96,30 @@ constexpr int64_t kGradBlockMinRows = 1024, kGradMaxBlocks = 16;
 
 // ---------------------------------------------------------------- cell step (fixed_order.h)
 
-// A cell step's products with a weight (FusedLSTMCell) run in place (small_gemm_in_place,
-// the batch's rows split in quads between threads) up to 16 rows, and up to 64 where the
-// weight fits half a core's L2; in row tiles of kCellTileMaxRows on oneDNN above
-// (fixed_order.h). The in-place kernel reads the whole weight once per quad of rows: from
-// L2 while it fits there, from beyond otherwise (at B 128, I 512, H 512 in place, a
-// forward+backward step took 22 ms, 4x nn.LSTMCell's). FusedLSTMCell, inference /
-// forward+backward us a step, Intel Xeon (2 MB L2 a core), in place up to 8, 16, 32 rows:
-//   B 16, I 128, H 256 (W_hh 1 MB)  286 / 1053, 142 / 552, 141 / 581;
-//   B 32, I 128, H 256              270 / 883,  278 / 898, 232 / 767;
-//   B 16, I 512, H 512 (4 MB)      1073 / 3282, 648 / 2621, 673 / 2618;
-//   B 32, I 512, H 512             1043 / 3433, 1053 / 3390, 998 / 4120;
-//   B 64, I 128, H 256: in tiles 380 / 1189, in place 418 / 1126; B 64, I 28, H 128
-//   (benchmarks/bench_cell.py, 16 steps): 2.21 / 6.24 ms in tiles, 2.00 / 5.44 in place.
-// Tiles of 64, 128, 256 rows: within noise of each other from B 100 to 256, but for
-// B 256, I 64, H 64 (157 / 516 against 193 / 812).
-constexpr int64_t kCellInPlaceMaxRows = 16, kCellInPlaceMaxRowsL2 = 64, kCellTileMaxRows = 64;
-// Whether a cell step's product of M rows with a K x N float32 weight runs in place.
-inline bool cell_product_in_place(int64_t M, int64_t K, int64_t N) {
-  static const int64_t half_l2 = [] {
-    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);  // a core's; 0 or -1 where unknown
-    return int64_t(l2 > 0 ? l2 : (1 << 20)) / 2;
-  }();
-  return M <= kCellInPlaceMaxRows || (M <= kCellInPlaceMaxRowsL2 && K * N * int64_t(sizeof(float)) <= half_l2);
-}
+// A cell step's products with a weight (FusedLSTMCell; fixed_order.h): float32 up to
+// kCellInPlaceMaxRows rows in place (small_gemm_in_place, spans of the weight's columns
+// split between threads), everything else in column tiles of at most kCellTileMaxCols
+// through matmul, one tile a thread at a time; the weight gradients over a batch above
+// kMaxRowsInPlace in column tiles of dW too. FusedLSTMCell, benchmarks/bench_cell.py (16
+// steps), inference / forward+backward ms, Intel Xeon (2 MB L2 a core), two runs each:
+//  - In place up to 8, 16, 32 rows, against row tiles above, us a step: B 16, I 128,
+//    H 256 286 / 1053, 142 / 552, 141 / 581; B 16, I 512, H 512 1073 / 3282, 648 / 2621,
+//    673 / 2618. Column tiles from 5 rows against from 17: B 8, I 128, H 256 1.23-1.28 /
+//    4.92-4.95 and 1.26-1.43 / 4.93-5.01; B 16, I 512, H 512 9.98-10.20 / 32.0-32.9 and
+//    8.87-9.12 / 36.7-37.2; B 12, I 64, H 64 0.61-0.65 / 1.89-2.51 and 0.59-0.60 /
+//    1.68-1.72.
+//  - Row tiles of 64 (each thread reading the whole weight; in place up to 64 rows where
+//    the weight fit half of L2) against column tiles of 512: B 48, I 100, H 200
+//    4.33-4.35 / 10.8-10.9 and 2.51-2.58 / 8.66-8.70; B 128, I 128, H 256 9.77-10.05 /
+//    32.5-33.9 and 8.49-8.63 / 25.7-26.0; B 128, I 512, H 512 39.1-41.6 / 143.0-143.8
+//    and 36.9-37.1 / 111.0-111.2; B 256, I 256, H 256 24.6-25.0 / 77.1-77.3 and
+//    20.5-20.8 / 57.8-57.9. The tiles go to BLAS (a tile of columns is not contiguous,
+//    matmul's rule for oneDNN): row tiles on BLAS (BIRNN_EXT_ONEDNN=0) took 110.9-112.1
+//    at B 128, I 512, H 512 forward+backward too, so there MKL's single-threaded GEMMs
+//    beat oneDNN's on this processor; the inference gains are the tiling's.
+//  - Column tiles of 128, 256, 512: B 64, I 128, H 256 4.99-5.24, 4.77-4.84, 4.68-4.76
+//    in inference; B 32, I 128, H 256 3.22-3.24, 2.83-2.86, 2.76-2.77.
+constexpr int64_t kCellInPlaceMaxRows = 16, kCellTileMaxCols = 512;
 
 // ---------------------------------------------------------------- threads (kernel_util.h)
 

@@ -72,19 +72,21 @@ void weight_grad(Mat<const T> a, Mat<const T> b, Mat<T> c) {
 
 // small_gemm_in_place's C[M,N] = A B split between threads, in pieces fixed by the shape
 // alone: each output is one pass in k order, the same bits for any thread count.
-//  - Up to 4 rows, in spans of 128 columns of B (and C): a batch of a few rows then runs
-//    on both cores, each reading part of B, in spans short enough to stay in cache.
-//    benchmarks/bench_cell.py (16 steps, Intel Xeon), inference / forward+backward ms:
-//    B 1, I 128, H 256 0.80-0.83 / 4.21-4.26 without spans, 0.53-0.54 / 3.46 with them.
-//  - More rows, in quads of rows, a thread's quads in one call: the kernel reuses each
-//    part of B it loads over all of the call's rows (a call per quad made B 32, I 128,
-//    H 256 slower: 4.06-4.13 ms in inference against 3.68-3.72). Quads, as the kernel
-//    takes rows four at a time, then one at a time, and those two paths may round
+//  - Up to cpu_rules::kCellInPlaceMaxRows rows (a cell step's products), in spans of 128
+//    columns of B (and C), all rows in each: both cores share the batch, each reading its
+//    part of B, in spans short enough to stay in cache. benchmarks/bench_cell.py (16
+//    steps, Intel Xeon), inference / forward+backward ms: B 1, I 128, H 256 0.80-0.83 /
+//    4.21-4.26 without spans, 0.53-0.54 / 3.46 with them; B 8, I 128, H 256 1.45-1.47 /
+//    5.15-5.21 in quads of rows (below), 1.22 / 4.68-4.91 in spans; B 16 2.25-2.29 /
+//    6.57-6.78 against 1.89-1.92 / 6.21-6.35.
+//  - More rows (a weight gradient's 4H), in quads of rows, a thread's quads in one call:
+//    the kernel reuses each part of B it loads over all of the call's rows. Quads, as the
+//    kernel takes rows four at a time, then one at a time, and those two paths may round
 //    differently: a split must not move a row between them.
 // A split takes at least 64K multiply-adds, so a tiny product stays on the calling thread.
 inline void in_place_rows_split(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_col,
                                 const float* b, int64_t b_row, int64_t b_col, float* c) {
-  if (M <= 4) {
+  if (M <= cpu_rules::kCellInPlaceMaxRows) {
     constexpr int64_t kSpan = 128;
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, M * kSpan * K));
     at::parallel_for(0, (N + kSpan - 1) / kSpan, grain, [&](int64_t s0, int64_t s1) {
@@ -102,50 +104,53 @@ inline void in_place_rows_split(int64_t M, int64_t N, int64_t K, const float* a,
   });
 }
 
-// c[M,N] = a[M,K] b[K,N] in tiles of rows fixed by M alone, each one product over the
-// whole K on one thread (matmul: oneDNN but for tiny tiles): the same bits for any thread
-// count, and no partial sums to write and add back. At least two tiles, so that the
-// products run inside a parallel region, where the GEMM engines stay single-threaded,
-// and two threads share them; at most cpu_rules::kCellTileMaxRows rows each, in
-// multiples of 16. a and b each with a unit stride in one dimension, c contiguous.
+// c[M,N] = a[M,K] b[K,N] in tiles of columns fixed by N alone, each one product over the
+// whole K on one thread (matmul): the same bits for any thread count, and no partial
+// sums to write and add back. Each thread reads only its tiles' columns of b, the weight
+// (cpu_rules::kCellTileMaxCols). At least two tiles, so that two threads share them,
+// each product held to its thread (BlasOnThisThread: a threaded product sums in another
+// order); widths in multiples of 16. a and b each with a unit stride in one dimension, c
+// contiguous (a tile of it has contiguous rows, so matmul hands it to BLAS).
 template <typename T>
-void matmul_row_tiles(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
-  const int64_t M = a.size(0), max_rows = cpu_rules::kCellTileMaxRows;
-  const int64_t tiles = std::max<int64_t>(2, (M + max_rows - 1) / max_rows);
-  const int64_t rows = std::max<int64_t>(1, ((M + tiles - 1) / tiles + 15) / 16 * 16);
+void matmul_column_tiles(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
+  const int64_t N = b.size(1), max_cols = cpu_rules::kCellTileMaxCols;
+  const int64_t tiles = std::max<int64_t>(2, (N + max_cols - 1) / max_cols);
+  const int64_t cols = std::max<int64_t>(1, ((N + tiles - 1) / tiles + 15) / 16 * 16);
   std::vector<std::array<at::Tensor, 3>> operands;  // views made here, not on the workers
-  for (int64_t m0 = 0; m0 < M; m0 += rows) {
-    const int64_t k = std::min(rows, M - m0);
-    operands.push_back({a.narrow(0, m0, k), b, c.narrow(0, m0, k)});
+  for (int64_t n0 = 0; n0 < N; n0 += cols) {
+    const int64_t k = std::min(cols, N - n0);
+    operands.push_back({a, b.narrow(1, n0, k), c.narrow(1, n0, k)});
   }
   const int64_t n = int64_t(operands.size());
   at::parallel_for(0, std::max<int64_t>(2, n), 1, [&](int64_t i0, int64_t i1) {
+    const BlasOnThisThread blas;
     for (int64_t i = i0; i < std::min(i1, n); ++i) matmul<T>(operands[i][0], operands[i][1], operands[i][2], T(0));
   });
 }
 
 // A cell step's product with a weight, c[M,N] = a[M,K] b[K,N] over the batch's M rows
 // (x W_ih^T, h W_hh^T; dg W_ih, dg W_hh), the same bits for any thread count: float32
-// over a few rows in place (in_place_rows_split; cpu_rules::cell_product_in_place), the
-// rest in row tiles.
+// over a few rows in place (in_place_rows_split, up to cpu_rules::kCellInPlaceMaxRows),
+// the rest in column tiles.
 template <typename T>
 void cell_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
-  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  const int64_t M = a.size(0), K = a.size(1);
   if constexpr (std::is_same_v<T, float>) {
-    if (cpu_rules::cell_product_in_place(M, K, N) && a.is_contiguous() && c.is_contiguous() &&
+    if (M <= cpu_rules::kCellInPlaceMaxRows && a.is_contiguous() && c.is_contiguous() &&
         small_gemm_in_place_fits(M, K, 1, b.stride(0), b.stride(1))) {
-      in_place_rows_split(M, N, K, a.data_ptr<float>(), K, 1, b.data_ptr<float>(), b.stride(0), b.stride(1),
+      in_place_rows_split(M, b.size(1), K, a.data_ptr<float>(), K, 1, b.data_ptr<float>(), b.stride(0), b.stride(1),
                           c.data_ptr<float>());
       return;
     }
   }
-  matmul_row_tiles<T>(a, b, c);
+  matmul_column_tiles<T>(a, b, c);
 }
 
 // A cell step's weight gradient, c[M,N] = a[K,M]^T b[K,N] summed over the batch's K rows
 // (dW_ih = dg^T x, dW_hh = dg^T h; a, b contiguous), the same bits for any thread count:
 // float32 over a short batch in place (in_place_rows_split; at batch 1 a GEMM engine's
-// call costs more than the product), the rest in row tiles of dW, each over the whole batch.
+// call costs more than the product), the rest in column tiles of dW, each over the whole
+// batch.
 template <typename T>
 void cell_weight_grad(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
   const int64_t K = a.size(0), M = a.size(1), N = b.size(1);
@@ -155,7 +160,7 @@ void cell_weight_grad(const at::Tensor& a, const at::Tensor& b, const at::Tensor
       return;
     }
   }
-  matmul_row_tiles<T>(a.t(), b, c);
+  matmul_column_tiles<T>(a.t(), b, c);
 }
 
 // Column sums of a [rows, cols] matrix in row order: the same bits for any thread count.

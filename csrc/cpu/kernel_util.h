@@ -122,11 +122,15 @@ inline bool all_finite(const T* p, int64_t n) {
   return !bad;
 }
 
-// BLAS kept to the calling thread for a scope (on_this_thread's). Inside a parallel
-// region MKL keeps to one thread by itself; outside one (a small layer run on the
-// calling thread alone) it split even a tiny product over every thread, waking them for it:
-// the backward op at batch 1, H 16, T 8, I 16 took 20.4 us with two threads against 13.8
-// with one, the forward in training 17.8 against 14.1.
+// BLAS kept to the calling thread for a scope: on_this_thread's, and every parallel body
+// that calls BLAS. Outside a parallel region (a small layer run on the calling thread
+// alone) MKL split even a tiny product over every thread, waking them for it: the
+// backward op at batch 1, H 16, T 8, I 16 took 20.4 us with two threads against 13.8
+// with one, the forward in training 17.8 against 14.1. Inside one it keeps to one thread
+// by itself only while its dynamic adjustment is on, and torch.set_num_threads turns that
+// off: after torch.set_num_threads(2), MKL threaded the products a worker called, and
+// FusedLSTMCell's dx at B 64, H 300 (two column tiles of 64 x 1200 x 16 and x 8) came out
+// in other bits than with one thread.
 class BlasOnThisThread {
  public:
   BlasOnThisThread() : prev_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
@@ -173,6 +177,7 @@ template <typename F>
 void for_each_direction(int64_t D, int64_t macs, const F& fn) {
   if (D > 1 && macs >= cpu_rules::kMinMacsPerThread && at::get_num_threads() > 1) {
     at::parallel_for(0, D, 1, [&](int64_t d0, int64_t d1) {
+      const BlasOnThisThread blas;
       for (int64_t d = d0; d < d1; ++d) fn(d);
     });
   } else {

@@ -463,6 +463,7 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
       const at::ThreadLocalState caller_state;
       at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
         at::ThreadLocalStateGuard guard(caller_state);
+        const BlasOnThisThread blas;
         try {
           run_workers(w0, w1);
         } catch (...) {
