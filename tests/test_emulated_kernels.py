@@ -188,6 +188,29 @@ def test_cluster_sweep_matches_cpu(emulator, tmp_path, dtype, cluster, name):
     compare(unpack(flat, want), want, dtype)
 
 
+# Batch groups (SweepPlan::groups): B = 7 rows in groups of 3, 3 and 1, each with blocks
+# (a cluster) of its own that exchange h and dg among themselves only; batch tiles of 2
+# rows, so that a group of 3 has a whole tile and a partial one. The cluster sweeps and the
+# one-block sweeps (whole, in one launch), and the grid sweep one step per launch.
+GROUP_RUNS = {
+    "cluster3": (torch.float32, ("sweep-cluster", 3, 2), 2),
+    "cluster4-uni": (torch.float32, ("sweep-cluster", 4, 2), 1),
+    "cluster3-bf16-mma": (torch.bfloat16, ("sweep-cluster", 3, 2, "mma"), 2),
+    "whole": (torch.float32, ("sweep-whole", 8, 2), 2), "grid-units3": (torch.float64, ("sweep", 3, 2), 2),
+}
+
+
+@pytest.mark.parametrize("run", list(GROUP_RUNS))
+def test_sweeps_in_batch_groups_match_cpu(emulator, tmp_path, run):
+    dtype, args, D = GROUP_RUNS[run]
+    lengths = [5, 2, 1, 4, 3, 5, 2] if D == 2 else None
+    header, case = make_case(dtype, 0, T=5, B=7, I=6, H=8, P=8, D=D, lengths=lengths, bias=True, proj=False)
+    proc, flat = run_emulated(emulator, header, case, tmp_path, (*args, "groups=3"))
+    assert proc.returncode == 0, proc.stderr
+    want = reference_layer(case, dtype)
+    compare(unpack(flat, want), want, dtype)
+
+
 def test_a_sweep_over_several_blocks_needs_the_grid_barrier(emulator, tmp_path):
     # Fewer units than H: the steps of one launch would need the grid barrier, which only a
     # cooperative launch on a GPU gives; the launcher refuses rather than run without it.
@@ -282,14 +305,15 @@ def test_cell_kernels_match_cpu(emulator, tmp_path, dtype, bias):
 @pytest.mark.parametrize("defect", ["BIRNN_BREAK_OFF_BY_ONE", "BIRNN_BREAK_MISSING_BARRIER", "BIRNN_BREAK_LEAK",
                                     "BIRNN_BREAK_SWEEP_BARRIER", "BIRNN_BREAK_SWEEP_BWD_BARRIER",
                                     "BIRNN_BREAK_CLUSTER_BARRIER", "BIRNN_BREAK_CLUSTER_BWD_BARRIER",
-                                    "BIRNN_BREAK_DSMEM_RANK"])
+                                    "BIRNN_BREAK_DSMEM_RANK", "BIRNN_BREAK_GROUP_ROWS"])
 def test_a_broken_kernel_is_caught(tmp_path, defect):
     """The harness can fail: a build with a deliberate defect (the reverse direction's
     time index off by one; the barrier before the shared-memory reduction removed; a
     leaked allocation; the forward or the backward sweep's barrier between its dot
     products and its cell update removed; the forward or the backward cluster sweep's
     barrier between steps removed; the cluster sweeps reading each entry of the row from
-    the wrong block's shared memory) must be caught, by a sanitizer or by a wrong answer."""
+    the wrong block's shared memory; every group of batch rows working on the first
+    group's) must be caught, by a sanitizer or by a wrong answer."""
     exe = build(f"run_kernels_{defect.lower()}", (defect,))
     # The shared-memory reduction (column_sums_kernel) sums the cell's bias gradient; a
     # layer's goes to an ATen reduction on the GPU, a host sum in the emulated run.
@@ -300,7 +324,8 @@ def test_a_broken_kernel_is_caught(tmp_path, defect):
         header, case = make_case(torch.float32, 0, T=5, B=4, I=6, H=8, P=8, D=2, lengths=[5, 2, 1, 4], bias=True,
                                  proj=False)
     args = (("sweep", 3, 4) if "SWEEP" in defect
-            else ("sweep-cluster", 4, 4) if "CLUSTER" in defect or "DSMEM" in defect else ())
+            else ("sweep-cluster", 4, 4) if "CLUSTER" in defect or "DSMEM" in defect
+            else ("sweep-cluster", 4, 2, "groups=2") if "GROUP" in defect else ())
     proc, flat = run_emulated(exe, header, case, tmp_path, args)
     if proc.returncode != 0:
         assert "Sanitizer" in proc.stderr or "runtime error" in proc.stderr, proc.stderr[-2000:]

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 #include <type_traits>
@@ -60,13 +61,27 @@ int64_t sweep_mma_k() {
   }
 }
 
+// The batch groups of a sweep whose blocks (one a direction, or a cluster a direction)
+// would leave most of the GPU idle: as many groups as `slots` (what the device runs at
+// once: blocks or clusters) hold for D directions, each of at least kMinGroupRows rows (an
+// mma's N; fewer rows would keep a block's products mostly idle). The groups split the
+// batch rows, which never meet: the same work over more multiprocessors, each staging a
+// step's h (dg) of its own rows only. Chosen by that reasoning, not yet timed; it rides
+// with the one-block and cluster sweeps, which make gpu-variants times against the grid's.
+constexpr int64_t kMinGroupRows = 8;
+
+int64_t batch_groups(int64_t B, int64_t D, int64_t slots) {
+  const int64_t by_rows = (B + kMinGroupRows - 1) / kMinGroupRows, by_slots = slots / D;
+  return std::max<int64_t>(1, std::min(by_rows, by_slots));
+}
+
 // The plan of a sweep on the current device, if it fits there: the units spread over as
 // many blocks as the device holds at once, with the grid barrier between steps. With
-// BIRNN_EXT_CUDA_SWEEP_BLOCK=1, one block per direction instead wherever its share of
-// W_hh fits one block's shared memory (H up to about 100 in float32): no grid barrier
-// (about 1.1 us a step on an H200) and a plain launch, against a fraction of the SMs'
-// arithmetic. Off by default until a GPU has timed it (make gpu-variants times gpu-grid's
-// cases with H below 100 both ways).
+// BIRNN_EXT_CUDA_SWEEP_BLOCK=1, one block per direction and group of batch rows
+// (batch_groups) instead wherever a direction's W_hh fits one block's shared memory (H
+// up to about 100 in float32): no grid barrier (about 1.1 us a step on an H200) and a
+// plain launch, against the SMs the groups fill. Off by default until a GPU has timed it
+// (make gpu-variants times gpu-grid's cases with H below 100 both ways).
 template <typename T>
 bool device_sweep_plan(bool backward, bool training, int64_t H, int64_t B, int64_t D, cuda::SweepPlan* plan) {
   static const bool block = env_is("BIRNN_EXT_CUDA_SWEEP_BLOCK", "1");
@@ -77,28 +92,42 @@ bool device_sweep_plan(bool backward, bool training, int64_t H, int64_t B, int64
   auto fits = [&] {
     return backward ? cuda::sweep_bwd_fits<T>(*plan, sms) : cuda::sweep_fwd_fits<T>(*plan, training, sms);
   };
-  if (block && cuda::choose_block_sweep_plan(backward, H, B, D, sizeof(T), sizeof(math_t<T>), mma_k, shared, plan) &&
+  if (block && cuda::choose_block_sweep_plan(backward, H, B, D, sizeof(T), sizeof(math_t<T>), mma_k, shared, plan,
+                                             batch_groups(B, D, sms)) &&
       fits())
     return true;
   return cuda::choose_sweep_plan(backward, H, B, D, sizeof(T), sizeof(math_t<T>), mma_k, sms, shared, plan) && fits();
 }
 
-// The sweeps with a thread-block cluster per direction (sm_90 and later), with
-// BIRNN_EXT_CUDA_SWEEP_CLUSTER=1: the blocks of a direction exchange h (dg backward)
-// through their shared memories and meet at the cluster barrier (0.31-0.40 us a step with
-// a read of another block's shared memory, against the grid barrier's 1.1-1.2, on an
-// H200), in clusters of 16 blocks where the device allows that size, else 8. Off by
-// default until a GPU has timed them against the grid sweeps.
+// The sweeps with a thread-block cluster per direction and group of batch rows (sm_90
+// and later), with BIRNN_EXT_CUDA_SWEEP_CLUSTER=1: the blocks of a direction exchange h
+// (dg backward) through their shared memories and meet at the cluster barrier (0.31-0.40
+// us a step with a read of another block's shared memory, against the grid barrier's
+// 1.1-1.2, on an H200), in clusters of 16 blocks where the device allows that size, else
+// 8; in as many groups as the device runs clusters at once (batch_groups), so that a large
+// batch fills every cluster the device holds rather than one a direction. Off by default
+// until a GPU has timed them against the grid sweeps.
 template <typename T>
 bool device_cluster_plan(bool backward, bool training, int64_t H, int64_t B, int64_t D, cuda::SweepPlan* plan) {
   static const bool on = env_is("BIRNN_EXT_CUDA_SWEEP_CLUSTER", "1");
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   if (!on || prop->major < 9) return false;
-  for (int64_t cluster : {16, 8})
-    if (cuda::choose_cluster_sweep_plan(backward, H, B, D, sizeof(T), sizeof(math_t<T>), sweep_mma_k<T>(), cluster,
-                                        int64_t(prop->sharedMemPerBlockOptin), plan) &&
-        (backward ? cuda::sweep_bwd_cluster_fits<T>(*plan, D) : cuda::sweep_fwd_cluster_fits<T>(*plan, training, D)))
-      return true;
+  const int64_t shared = int64_t(prop->sharedMemPerBlockOptin), mma_k = sweep_mma_k<T>();
+  auto plan_of = [&](int64_t cluster, int64_t groups) {
+    return cuda::choose_cluster_sweep_plan(backward, H, B, D, sizeof(T), sizeof(math_t<T>), mma_k, cluster, shared,
+                                           plan, groups);
+  };
+  auto clusters = [&] {
+    return backward ? cuda::sweep_bwd_clusters<T>(*plan, D) : cuda::sweep_fwd_clusters<T>(*plan, training, D);
+  };
+  for (int64_t cluster : {16, 8}) {
+    if (!plan_of(cluster, 1)) continue;
+    const int64_t at_once = clusters();
+    if (at_once == 0) continue;
+    const int64_t groups = batch_groups(B, D, at_once);
+    if (groups > 1 && plan_of(cluster, groups) && clusters() > 0) return true;
+    return plan_of(cluster, 1) && clusters() > 0;
+  }
   return false;
 }
 
@@ -114,7 +143,7 @@ Recurrence recurrence(bool backward, bool training, int64_t B, int64_t H, int64_
     r.sweep = r.cluster = true;
   } else if (device_sweep_plan<T>(backward, training, H, B, D, &r.plan)) {
     r.sweep = true;
-    r.cooperative = r.plan.blocks > D;
+    r.cooperative = r.plan.blocks > D * r.plan.groups;  // several blocks share a direction's units
   }
   return r;
 }

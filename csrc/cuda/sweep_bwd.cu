@@ -12,8 +12,8 @@ using namespace sweep;
 // from the whole dg row of the step before; the cell backward of its units then needs
 // nothing from other blocks (dh and dc of its units are its own), and its dg goes out for
 // the others' next phase: through global memory (dg_step) with the grid barrier, or with
-// Cluster (sm_90) through its shared memory (own, [2][B][4 U]: its units' dg, gate by
-// gate) with the cluster barrier, as in the forward sweep. Steps no gradient has reached
+// Cluster (sm_90) through its shared memory (own, [2][group_rows][4 U]: its units' dg of
+// its group's rows, gate by gate) with the cluster barrier, as in the forward sweep. Steps no gradient has reached
 // are not skipped, as the CPU sweep skips them: both directions share the step barrier,
 // so a direction whose dg is still zero (the reverse one under a loss on the last output
 // only) would wait for the other direction anyway, and the zero products and cells cost
@@ -25,16 +25,15 @@ __global__ void sweep_bwd_kernel(const SweepBwd<T> p) {
   const int H = int(p.H), U = int(pl.units), R = int(pl.rows), W = 4 * H, L = int(pl.lanes);
   const int stride = int(pl.stride);
   const int64_t G = 4 * p.H, B = p.B, D = p.D;
-  const int per_dir = (H + U - 1) / U;
-  const int64_t d = blockIdx.x / per_dir;
-  const int j0 = (blockIdx.x % per_dir) * U;
-  const int nu = H - j0 < U ? H - j0 : U;
+  const BlockPlace place = block_place(pl, p.H, B);
+  const int64_t d = place.d;
+  const int j0 = place.j0, nu = place.nu;
   const int tid = threadIdx.x, nt = blockDim.x;
   BIRNN_DYNAMIC_SHARED(unsigned char, smem);
   T* w_s = reinterpret_cast<T*>(smem);                    // [R][stride]: row u is W_hh column j0 + u (zeros past nu)
   T* g_s = reinterpret_cast<T*>(smem + pl.tile_offset);  // [tile_rows][stride]: dg of the tile's rows, last phase
   A* part = reinterpret_cast<A*>(smem + pl.part_offset);  // [batch_tile * R][L] partial dot products
-  T* own = reinterpret_cast<T*>(smem + pl.own_offset);   // Cluster: [2][B][4 U]
+  T* own = reinterpret_cast<T*>(smem + pl.own_offset);   // Cluster: [2][group_rows][4 U]
   // k-major, so that neighbouring threads read neighbouring columns of a W_hh row; zeros
   // past the block's units and past the row's end, as in the forward sweep.
   const T zero = from_math<T>(A(0));
@@ -48,12 +47,14 @@ __global__ void sweep_bwd_kernel(const SweepBwd<T> p) {
     const int64_t s = p.T_ - 1 - q;  // the sweep step; -1 in the last phase, which only makes dh0
     const T* dg_last = p.dg_step + ((q & 1) * D + d) * B * G;
     T* dg_next = p.dg_step + (((q + 1) & 1) * D + d) * B * G;
-    T* own_next = own + ((q + 1) & 1) * B * 4 * U;
-    for (int64_t b0 = 0; b0 < B; b0 += pl.batch_tile) {
-      const int nb = int(B - b0 < pl.batch_tile ? B - b0 : pl.batch_tile), staged = staged_rows<Mma>(nb);
+    T* own_next = own + ((q + 1) & 1) * place.rows * 4 * U;
+    for (int64_t b0 = place.b_begin; b0 < place.b_end; b0 += pl.batch_tile) {
+      const int nb = int(place.b_end - b0 < pl.batch_tile ? place.b_end - b0 : pl.batch_tile);
+      const int staged = staged_rows<Mma>(nb);
       if (q > 0) {  // the first phase has no dg before it
         if (Cluster) {
-          stage_from_cluster(own + (q & 1) * B * 4 * U, b0, nb, staged, W, stride, H, U, 4 * U, g_s);
+          stage_from_cluster(own + (q & 1) * place.rows * 4 * U, b0 - place.b_begin, nb, staged, W, stride, H, U,
+                             4 * U, g_s);
         } else {
           stage_tile(dg_last + b0 * G, nb, staged, W, stride, g_s);
         }
@@ -92,7 +93,7 @@ __global__ void sweep_bwd_kernel(const SweepBwd<T> p) {
           const T v = from_math<T>(grads[g]);
           dg[g * H + j] = v;
           if (Cluster) {
-            own_next[b * 4 * U + g * U + u] = v;
+            own_next[(b - place.b_begin) * 4 * U + g * U + u] = v;
           } else {
             dg_next[b * G + g * H + j] = v;
           }
@@ -105,7 +106,7 @@ __global__ void sweep_bwd_kernel(const SweepBwd<T> p) {
       BIRNN_CLUSTER_SYNC();
 #endif
     } else if (q + 1 < p.q_end) {
-      step_barrier(per_dir);
+      step_barrier(place.per_dir);
     }
   }
 }
@@ -142,12 +143,12 @@ bool sweep_bwd_fits(const SweepPlan& plan, int multiprocessors) {
 }
 
 template <typename T>
-bool sweep_bwd_cluster_fits(const SweepPlan& plan, int64_t D) {
-  return cluster_fits(bwd_kernel<T, true>(plan), plan, D);
+int64_t sweep_bwd_clusters(const SweepPlan& plan, int64_t D) {
+  return max_clusters(bwd_kernel<T, true>(plan), plan, D);
 }
 #define BIRNN_INSTANTIATE_FITS(T)                           \
   template bool sweep_bwd_fits<T>(const SweepPlan&, int); \
-  template bool sweep_bwd_cluster_fits<T>(const SweepPlan&, int64_t);
+  template int64_t sweep_bwd_clusters<T>(const SweepPlan&, int64_t);
 #else
 #define BIRNN_INSTANTIATE_FITS(T)
 #endif

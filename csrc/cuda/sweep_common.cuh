@@ -13,6 +13,32 @@
 
 namespace birnn::cuda::sweep {
 
+// Where a block of a sweep works (sweep_kernels.h): direction d, the hidden units [j0, j0 +
+// nu), its rank in the blocks of its direction and group (its cluster) j0 / units, and its
+// group's batch rows [b_begin, b_end).
+struct BlockPlace {
+  int64_t d, b_begin, b_end, rows;  // rows: the plan's group_rows, what the own rows are sized by
+  int per_dir, j0, nu;
+};
+
+__device__ __forceinline__ BlockPlace block_place(const SweepPlan& pl, int64_t H, int64_t B) {
+  BlockPlace w;
+  const int U = int(pl.units);
+  w.per_dir = int((H + U - 1) / U);
+  const int64_t pair = blockIdx.x / w.per_dir;  // (direction, group), group fastest
+  w.d = pair / pl.groups;
+  w.rows = pl.group_rows;
+#if defined(BIRNN_BREAK_GROUP_ROWS)
+  w.b_begin = 0;  // Deliberately wrong: every group works on the first group's rows.
+#else
+  w.b_begin = pair % pl.groups * w.rows;
+#endif
+  w.b_end = B - w.b_begin < w.rows ? B : w.b_begin + w.rows;
+  w.j0 = int(blockIdx.x % w.per_dir) * U;
+  w.nu = int(H) - w.j0 < U ? int(H) - w.j0 : U;  // fewer in a direction's last block
+  return w;
+}
+
 // Copies rows [b0, b0 + nb) of a [B][W] matrix that other blocks wrote before the last
 // barrier into the first W columns of dst ([rows][stride] in shared memory), rows past nb
 // as zeros, so that the products can take batch rows four (eight) at a time. Eight loads
@@ -180,10 +206,11 @@ __device__ __forceinline__ A lane_sum(const A* lanes, int L) {
   return s;
 }
 
-// Rows [b0, b0 + nb) of the whole row of the step before into the first W columns of dst
-// ([rows][stride], rows past nb zeros), read from the cluster's blocks (distributed shared memory): each
-// block keeps, for every batch row, its `per_block` entries of the row (gates x U units
-// backward, U units forward) in own ([B][per_block], at the same address in each block).
+// Rows [b0, b0 + nb) of the group's part of the row of the step before into the first W
+// columns of dst ([rows][stride], rows past nb zeros; b0 counted from the group's first
+// row), read from the cluster's blocks (distributed shared memory): each block keeps, for
+// every row of its group, its `per_block` entries of the row (gates x U units backward, U
+// units forward) in own ([group_rows][per_block], at the same address in each block).
 // Entry k of the row is gate k / H, unit k % H, which is block (k % H) / U's.
 template <typename T>
 __device__ __forceinline__ void stage_from_cluster(const T* own, int64_t b0, int nb, int rows, int W, int stride,
@@ -209,11 +236,11 @@ constexpr bool kHasMma = !std::is_same_v<T, double>;
 
 // Launches the plan's blocks of kSweepThreads: all at once with a grid barrier available
 // (cooperative, GPU only), or as a plain launch: of one step, or of any number where
-// each direction is one block (its step barrier is the block's own).
+// each direction is one block per group (its step barrier is the block's own).
 template <typename P>
 cudaError_t launch_sweep(void (*kernel)(P), const P& p, int64_t steps, bool cooperative, cudaStream_t stream) {
   if (!kernel) return cudaErrorNotSupported;
-  const int64_t blocks = p.D * ((p.H + p.plan.units - 1) / p.plan.units);
+  const int64_t per_dir = (p.H + p.plan.units - 1) / p.plan.units, blocks = p.D * p.plan.groups * per_dir;
   const size_t shared_bytes = size_t(p.plan.shared_bytes);
 #if !defined(BIRNN_EMU)
   if (cooperative) {
@@ -224,7 +251,7 @@ cudaError_t launch_sweep(void (*kernel)(P), const P& p, int64_t steps, bool coop
 #else
   if (cooperative) return cudaErrorNotSupported;
 #endif
-  if (steps != 1 && blocks != p.D) return cudaErrorNotSupported;  // the steps need the grid barrier
+  if (steps != 1 && per_dir != 1) return cudaErrorNotSupported;  // the steps need the grid barrier
   BIRNN_LAUNCH(kernel, dim3(unsigned(blocks)), dim3(unsigned(kSweepThreads)), shared_bytes, stream, p);
   return BIRNN_LAUNCH_ERROR();
 }
@@ -268,42 +295,43 @@ struct ClusterLaunch {
 };
 #endif
 
-// A cluster of ceil(H / units) blocks per direction along x, a direction each.
+// A cluster of ceil(H / units) blocks along x per direction and group of batch rows.
 template <typename P>
 cudaError_t launch_clusters(void (*kernel)(P), const P& p, cudaStream_t stream) {
   if (!kernel) return cudaErrorNotSupported;
-  const int64_t per_dir = (p.H + p.plan.units - 1) / p.plan.units;
+  const int64_t per_dir = (p.H + p.plan.units - 1) / p.plan.units, blocks = p.D * p.plan.groups * per_dir;
   const size_t shared_bytes = size_t(p.plan.shared_bytes);
 #if !defined(BIRNN_EMU)
-  const ClusterLaunch launch(p.D * per_dir, per_dir, shared_bytes, stream);
+  const ClusterLaunch launch(blocks, per_dir, shared_bytes, stream);
   return cudaLaunchKernelEx(&launch.cfg, kernel, p);
 #else
-  BIRNN_LAUNCH_CLUSTER(kernel, dim3(unsigned(p.D * per_dir)), dim3(unsigned(kSweepThreads)), unsigned(per_dir),
+  BIRNN_LAUNCH_CLUSTER(kernel, dim3(unsigned(blocks)), dim3(unsigned(kSweepThreads)), unsigned(per_dir),
                        shared_bytes, stream, p);
   return BIRNN_LAUNCH_ERROR();
 #endif
 }
 
 #if !defined(BIRNN_EMU)
-// Whether the device runs a cluster of the plan (its size allowed; the directions'
-// clusters do not wait for each other, so one at a time will do).
+// How many of the plan's clusters the device runs at once: 0 where not one (a size it does
+// not allow, too much shared memory). The clusters of the directions and groups do not
+// wait for each other, so one at a time will do; all at once is what is fastest.
 template <typename P>
-bool cluster_fits(void (*kernel)(P), const SweepPlan& plan, int64_t D) {
-  if (!kernel) return false;
-  const int64_t per_dir = plan.blocks / D;
+int64_t max_clusters(void (*kernel)(P), const SweepPlan& plan, int64_t D) {
+  if (!kernel) return 0;
+  const int64_t per_dir = plan.blocks / (D * plan.groups);
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.shared_bytes)) !=
           cudaSuccess ||
       (per_dir > 8 && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)) {
     (void)cudaGetLastError();
-    return false;
+    return 0;
   }
   const ClusterLaunch launch(plan.blocks, per_dir, size_t(plan.shared_bytes), nullptr);
   int clusters = 0;
   if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &launch.cfg) != cudaSuccess) {
     (void)cudaGetLastError();
-    return false;
+    return 0;
   }
-  return clusters >= 1;
+  return clusters;
 }
 #endif
 

@@ -10,8 +10,9 @@ using namespace sweep;
 
 // The forward sweep. Cluster = false: the grid sweep, h passed between the steps through
 // global memory (hs), the grid barrier between them (or none where a block holds a
-// direction). Cluster = true (sm_90): a thread-block cluster per direction; each block
-// keeps its units' h of the last two steps in its shared memory (own, [2][B][U]), where
+// direction for its group's rows). Cluster = true (sm_90): a thread-block cluster per
+// direction and group; each block keeps its units' h of the last two steps for its
+// group's rows in its shared memory (own, [2][group_rows][U]), where
 // the others read it, and the cluster barrier ends each step, the last one included: no
 // block may leave while another still reads its shared memory. Mma: the step's products
 // on the tensor cores (mma_products), else on the CUDA cores (tile_products).
@@ -22,16 +23,15 @@ __global__ void sweep_fwd_kernel(const SweepFwd<T> p) {
   // Shared-memory indices fit in int; global offsets stay int64_t.
   const int H = int(p.H), U = int(pl.units), R = int(pl.rows), L = int(pl.lanes), stride = int(pl.stride);
   const int64_t G = 4 * p.H, B = p.B, D = p.D;
-  const int per_dir = (H + U - 1) / U;
-  const int64_t d = blockIdx.x / per_dir;
-  const int j0 = (blockIdx.x % per_dir) * U;  // the block's rank in its cluster, times U
-  const int nu = H - j0 < U ? H - j0 : U;     // this block's units: fewer in a direction's last block
+  const BlockPlace place = block_place(pl, p.H, B);
+  const int64_t d = place.d;
+  const int j0 = place.j0, nu = place.nu;  // the block's units [j0, j0 + nu): j0 / U its rank in its cluster
   const int tid = threadIdx.x, nt = blockDim.x;
   BIRNN_DYNAMIC_SHARED(unsigned char, smem);
   T* w_s = reinterpret_cast<T*>(smem);                    // [R][stride]: row g*U + u is W_hh row g*H + j0 + u
   T* h_s = reinterpret_cast<T*>(smem + pl.tile_offset);  // [tile_rows][stride]: h of the tile's rows
   A* part = reinterpret_cast<A*>(smem + pl.part_offset);  // [batch_tile * R][L] partial dot products
-  T* own = reinterpret_cast<T*>(smem + pl.own_offset);   // Cluster: [2][B][U]
+  T* own = reinterpret_cast<T*>(smem + pl.own_offset);   // Cluster: [2][group_rows][U]
   // Zeros past the rows of the block's units and past the row's end: the tensor cores
   // read whole 16-row tiles and whole mma steps of the row.
   const T zero = from_math<T>(A(0));
@@ -44,11 +44,12 @@ __global__ void sweep_fwd_kernel(const SweepFwd<T> p) {
   for (int64_t s = p.s_begin; s < p.s_end; ++s) {
     const T* h_cur = s == 0 ? p.h0 + d * B * H : p.h + ((s & 1) * D + d) * B * H;
     T* h_next = s == p.T_ - 1 ? p.h_n + d * B * H : p.h + (((s + 1) & 1) * D + d) * B * H;
-    T* own_next = own + ((s + 1) & 1) * B * U;
-    for (int64_t b0 = 0; b0 < B; b0 += pl.batch_tile) {
-      const int nb = int(B - b0 < pl.batch_tile ? B - b0 : pl.batch_tile), staged = staged_rows<Mma>(nb);
+    T* own_next = own + ((s + 1) & 1) * place.rows * U;
+    for (int64_t b0 = place.b_begin; b0 < place.b_end; b0 += pl.batch_tile) {
+      const int nb = int(place.b_end - b0 < pl.batch_tile ? place.b_end - b0 : pl.batch_tile);
+      const int staged = staged_rows<Mma>(nb);
       if (Cluster && s > 0) {
-        stage_from_cluster(own + (s & 1) * B * U, b0, nb, staged, H, stride, H, U, U, h_s);
+        stage_from_cluster(own + (s & 1) * place.rows * U, b0 - place.b_begin, nb, staged, H, stride, H, U, U, h_s);
       } else {
         stage_tile(h_cur + b0 * H, nb, staged, H, stride, h_s);
       }
@@ -82,7 +83,7 @@ __global__ void sweep_fwd_kernel(const SweepFwd<T> p) {
           y[j] = h_new;
         }
         if (Cluster) {
-          own_next[b * U + u] = h_new;
+          own_next[(b - place.b_begin) * U + u] = h_new;
           if (s == p.T_ - 1) h_next[b * H + j] = h_new;
         } else {
           h_next[b * H + j] = h_new;
@@ -95,7 +96,7 @@ __global__ void sweep_fwd_kernel(const SweepFwd<T> p) {
       BIRNN_CLUSTER_SYNC();
 #endif
     } else if (s + 1 < p.s_end) {
-      step_barrier(per_dir);
+      step_barrier(place.per_dir);
     }
   }
 }
@@ -133,12 +134,12 @@ bool sweep_fwd_fits(const SweepPlan& plan, bool training, int multiprocessors) {
 }
 
 template <typename T>
-bool sweep_fwd_cluster_fits(const SweepPlan& plan, bool training, int64_t D) {
-  return cluster_fits(fwd_kernel<T, true>(plan, training), plan, D);
+int64_t sweep_fwd_clusters(const SweepPlan& plan, bool training, int64_t D) {
+  return max_clusters(fwd_kernel<T, true>(plan, training), plan, D);
 }
 #define BIRNN_INSTANTIATE_FITS(T)                                 \
   template bool sweep_fwd_fits<T>(const SweepPlan&, bool, int); \
-  template bool sweep_fwd_cluster_fits<T>(const SweepPlan&, bool, int64_t);
+  template int64_t sweep_fwd_clusters<T>(const SweepPlan&, bool, int64_t);
 #else
 #define BIRNN_INSTANTIATE_FITS(T)
 #endif

@@ -16,6 +16,14 @@
 // launch runs every step. The host emulator runs the grid-barrier sweeps one step per
 // launch, where the launch boundary is the barrier, and the one-block ones whole.
 //
+// The batch rows of a sequence never meet another's, so a plan may also cut the batch
+// into `groups` of group_rows rows: the blocks of (d, k) are then repeated per group, each
+// copy working on its group's rows alone, and the units' blocks of one group exchange h
+// (dg) among themselves only. That puts more of the GPU's multiprocessors to work where
+// one direction's blocks are few (a block per direction, a cluster per direction) and
+// shrinks what each block stages per step to its group's rows. Block index: ((d * groups
+// + group) * per_dir + k), so that a cluster of per_dir blocks is one (direction, group).
+//
 // A step's products (weight rows x staged batch rows, summed over the row of the step
 // before) run on the CUDA cores (SIMT: each thread 4 batch rows x 2 weight rows) or, where
 // the plan says so (mma_k > 0, sm_80 and later), on the tensor cores: one warp per 16
@@ -42,13 +50,14 @@ constexpr int kRegSteps = 16;
 // row's length, padded with zeros to whole mma steps on the tensor cores).
 struct SweepPlan {
   int64_t units = 0, batch_tile = 0, lanes = 0, blocks = 0;
+  int64_t groups = 1, group_rows = 0;  // the batch cut into groups of group_rows rows (the last may have fewer)
   int64_t mma_k = 0;  // the K of one mma (8 TF32, 16 bf16 and f16), or 0: SIMT products
   // mma: each warp keeps its weight fragments in registers for the whole sweep (its work
   // items share one 16-row tile and slice, of at most kRegSteps mma steps)
   bool a_in_registers = false;
   int64_t rows = 0, tile_rows = 0, kdim = 0, stride = 0;
   int64_t tile_offset = 0, part_offset = 0, shared_bytes = 0;
-  int64_t own_offset = 0;  // the cluster sweeps' own h or dg, [2][B][units or 4 units], after the rest
+  int64_t own_offset = 0;  // the cluster sweeps' own h or dg, [2][group_rows][units or 4 units], after the rest
 };
 
 // The forward sweep of a layer without a projection.
@@ -102,13 +111,23 @@ __host__ __device__ inline int64_t sweep_rows(bool backward, int64_t units, bool
 // Their length, the dot products' length: H forward (against h), 4H backward (against dg).
 __host__ __device__ inline int64_t sweep_width(bool backward, int64_t H) { return backward ? 4 * H : H; }
 
+// The rows of a group where B rows are cut into at most `groups` groups.
+inline int64_t sweep_group_rows(int64_t B, int64_t groups) {
+  groups = groups < 1 ? 1 : groups < B ? groups : B;
+  return groups > 1 ? (B + groups - 1) / groups : B;
+}
+
 // `registers`: with mma products, the weight fragments in registers where they fit.
+// `groups`: the batch cut into at most that many groups of rows, none empty.
 inline SweepPlan sweep_plan(bool backward, int64_t H, int64_t B, int64_t D, int64_t units, int64_t batch_tile,
-                            int64_t elem_bytes, int64_t math_bytes, int64_t mma_k = 0, bool registers = true) {
+                            int64_t elem_bytes, int64_t math_bytes, int64_t mma_k = 0, bool registers = true,
+                            int64_t groups = 1) {
   SweepPlan pl;
   pl.units = units;
   pl.mma_k = mma_k;
-  pl.batch_tile = batch_tile < B ? batch_tile : B;
+  pl.group_rows = sweep_group_rows(B, groups);
+  pl.groups = B > 0 ? (B + pl.group_rows - 1) / pl.group_rows : 1;
+  pl.batch_tile = batch_tile < pl.group_rows ? batch_tile : pl.group_rows;
   pl.rows = sweep_rows(backward, units, mma_k > 0);
   const int64_t width = sweep_width(backward, H);
   if (mma_k == 0) {
@@ -142,23 +161,24 @@ inline SweepPlan sweep_plan(bool backward, int64_t H, int64_t B, int64_t D, int6
     // load (row lane / 4, word lane % 4) then reach 32 different banks.
     pl.stride = pl.kdim + 4 * 4 / elem_bytes;
   }
-  pl.blocks = D * ((H + units - 1) / units);
+  pl.blocks = D * pl.groups * ((H + units - 1) / units);
   pl.tile_offset = sweep_align(pl.rows * pl.stride * elem_bytes);
   pl.part_offset = pl.tile_offset + sweep_align(pl.tile_rows * pl.stride * elem_bytes);
   pl.shared_bytes = pl.part_offset + sweep_align(pl.batch_tile * pl.rows * pl.lanes * math_bytes);
   return pl;
 }
 
-// The plan with `units` units per block and the largest batch tile that fits `max_shared`
-// bytes, with `own_bytes_per_row` more per batch row (the cluster sweeps' own rows, two
-// steps deep); false where not even one row fits.
+// The plan with `units` units per block, the batch in `groups`, and the largest batch
+// tile that fits `max_shared` bytes, with `own_bytes_per_row` more per row of a group (the
+// cluster sweeps' own rows, two steps deep); false where not even one row fits.
 inline bool fit_batch_tile(bool backward, int64_t H, int64_t B, int64_t D, int64_t units, int64_t elem_bytes,
                            int64_t math_bytes, int64_t mma_k, int64_t own_bytes_per_row, int64_t max_shared,
-                           SweepPlan* out) {
-  for (int64_t tile = B; tile >= 1; tile = tile > 64 ? tile * 3 / 4 : tile - 1) {
-    SweepPlan pl = sweep_plan(backward, H, B, D, units, tile, elem_bytes, math_bytes, mma_k, /*registers=*/true);
+                           SweepPlan* out, int64_t groups = 1) {
+  for (int64_t tile = sweep_group_rows(B, groups); tile >= 1; tile = tile > 64 ? tile * 3 / 4 : tile - 1) {
+    SweepPlan pl =
+        sweep_plan(backward, H, B, D, units, tile, elem_bytes, math_bytes, mma_k, /*registers=*/true, groups);
     pl.own_offset = pl.shared_bytes;
-    pl.shared_bytes += sweep_align(B * own_bytes_per_row);
+    pl.shared_bytes += sweep_align(pl.group_rows * own_bytes_per_row);
     if (pl.shared_bytes <= max_shared) {
       *out = pl;
       return true;
@@ -189,26 +209,29 @@ inline bool choose_sweep_plan(bool backward, int64_t H, int64_t B, int64_t D, in
   return fit_batch_tile(backward, H, B, D, units, elem_bytes, math_bytes, mma_k, 0, max_shared, out);
 }
 
-// The plan that gives each direction one block (units = H, the largest batch tile that
-// fits), or false where W_hh's share does not fit one block's shared memory.
+// The plan that gives each direction one block per group of batch rows (units = H, the
+// largest batch tile that fits), or false where W_hh's share does not fit one block's
+// shared memory.
 inline bool choose_block_sweep_plan(bool backward, int64_t H, int64_t B, int64_t D, int64_t elem_bytes,
-                                    int64_t math_bytes, int64_t mma_k, int64_t max_shared, SweepPlan* out) {
+                                    int64_t math_bytes, int64_t mma_k, int64_t max_shared, SweepPlan* out,
+                                    int64_t groups = 1) {
   if (H <= 0 || B <= 0 || D <= 0) return false;
-  return fit_batch_tile(backward, H, B, D, H, elem_bytes, math_bytes, mma_k, 0, max_shared, out);
+  return fit_batch_tile(backward, H, B, D, H, elem_bytes, math_bytes, mma_k, 0, max_shared, out, groups);
 }
 
-// A sweep with a thread-block cluster per direction (sm_90): at most `cluster` blocks
-// share a direction's units, and each keeps its units' part of the row the others need
-// next (h forward; dg backward, 4 gates per unit) for the last two steps, all B rows, in
-// its shared memory, where the others read it (distributed shared memory) instead of
-// through global memory; the cluster barrier replaces the grid's. False where nothing fits.
+// A sweep with a thread-block cluster per direction and group of batch rows (sm_90): at
+// most `cluster` blocks share a direction's units, and each keeps its units' part of the
+// row the others need next (h forward; dg backward, 4 gates per unit) for the last two
+// steps, all of its group's rows, in its shared memory, where the others read it
+// (distributed shared memory) instead of through global memory; the cluster barrier
+// replaces the grid's. False where nothing fits.
 inline bool choose_cluster_sweep_plan(bool backward, int64_t H, int64_t B, int64_t D, int64_t elem_bytes,
                                       int64_t math_bytes, int64_t mma_k, int64_t cluster, int64_t max_shared,
-                                      SweepPlan* out) {
+                                      SweepPlan* out, int64_t groups = 1) {
   if (H <= 0 || B <= 0 || D <= 0 || cluster < 1) return false;
   const int64_t units = mma_units((H + cluster - 1) / cluster, H, mma_k);
   return fit_batch_tile(backward, H, B, D, units, elem_bytes, math_bytes, mma_k,
-                        2 * (backward ? 4 : 1) * units * elem_bytes, max_shared, out);
+                        2 * (backward ? 4 : 1) * units * elem_bytes, max_shared, out, groups);
 }
 
 // Each returns the launch's error (cudaSuccess where it went): cudaErrorNotSupported for
@@ -232,11 +255,12 @@ template <typename T>
 bool sweep_fwd_fits(const SweepPlan& plan, bool training, int multiprocessors);
 template <typename T>
 bool sweep_bwd_fits(const SweepPlan& plan, int multiprocessors);
-// Whether the device can run one of the plan's clusters (and allows its size).
+// How many of the plan's clusters the device runs at once (0: none; sets the kernel's
+// shared-memory limit and cluster size on the way).
 template <typename T>
-bool sweep_fwd_cluster_fits(const SweepPlan& plan, bool training, int64_t D);
+int64_t sweep_fwd_clusters(const SweepPlan& plan, bool training, int64_t D);
 template <typename T>
-bool sweep_bwd_cluster_fits(const SweepPlan& plan, int64_t D);
+int64_t sweep_bwd_clusters(const SweepPlan& plan, int64_t D);
 #endif
 
 }  // namespace birnn::cuda

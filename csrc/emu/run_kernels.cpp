@@ -13,10 +13,11 @@
 // every step in one launch, which the kernels allow where UNITS >= H (a block per
 // direction, whose step barrier is its own). "sweep-cluster CLUSTER BATCH_TILE" runs both
 // as the cluster sweeps (clusters of at most CLUSTER blocks, a direction each, every step
-// in one launch). A last argument "mma" gives any of them tensor-core step products
+// in one launch). After those, "mma" gives any of them tensor-core step products
 // (TF32 for float32, bf16 and f16 for those; UNITS then as the plans round them, to fours),
 // with the weight fragments in registers where the plan allows; "mma-smem" the same with
-// every fragment loaded from shared memory.
+// every fragment loaded from shared memory; "groups=N" cuts the batch into N groups of
+// rows (SweepPlan::groups), each with blocks (clusters) of its own.
 // "run_kernels plan-mma ..." prints the plan choose_sweep_plan makes with them.
 //
 // IN: 14 int64 (mode 0 layer / 1 cell, dtype 0 f32 / 1 f64 / 2 f16 / 3 bf16, T, B, I, H,
@@ -92,6 +93,7 @@ struct SweepOption {
   int64_t units = 0, batch_tile = 0;
   bool mma = false;      // tensor-core step products
   bool registers = true; // with mma: the weight fragments in registers where the plan allows
+  int64_t groups = 1;    // the batch in this many groups of rows
 } sweep_option;
 
 // The mma K of storage type T (SweepPlan::mma_k); float64 has none.
@@ -153,10 +155,10 @@ void run_layer(const int64_t* hd, Reader& in, Writer& out) {
   const bool sweep = sweep_option.on && !proj;
   if (sweep) {
     SweepPlan pl = sweep_plan(false, H, B, D, units, sweep_option.batch_tile, sizeof(T), sizeof(A), mma_k,
-                              sweep_option.registers);
+                              sweep_option.registers, sweep_option.groups);
     if (sweep_option.cluster) {
       pl.own_offset = pl.shared_bytes;
-      pl.shared_bytes += sweep_align(2 * B * pl.units * int64_t(sizeof(T)));
+      pl.shared_bytes += sweep_align(2 * pl.group_rows * pl.units * int64_t(sizeof(T)));
     }
     std::vector<T> hs(2 * D * B * H), h_n(D * B * H);
     // The sweep takes each direction's weights where they lie, and b_ih and b_hh apart: the
@@ -197,10 +199,10 @@ void run_layer(const int64_t* hd, Reader& in, Writer& out) {
   std::vector<A> dh_raw(proj ? D * B * H : 0);
   if (sweep) {
     SweepPlan pl = sweep_plan(true, H, B, D, units, sweep_option.batch_tile, sizeof(T), sizeof(A), mma_k,
-                              sweep_option.registers);
+                              sweep_option.registers, sweep_option.groups);
     if (sweep_option.cluster) {
       pl.own_offset = pl.shared_bytes;
-      pl.shared_bytes += sweep_align(2 * B * 4 * pl.units * int64_t(sizeof(T)));
+      pl.shared_bytes += sweep_align(2 * pl.group_rows * 4 * pl.units * int64_t(sizeof(T)));
     }
     std::vector<T> dgs(2 * D * B * G);
     const int64_t phases = sweep_option.whole || sweep_option.cluster ? T_ + 1 : 1;
@@ -479,18 +481,29 @@ int main(int argc, char** argv) {
                 (long long)pl.kdim, (long long)pl.stride, int(pl.a_in_registers));
     return 0;
   }
-  const bool mma = argc == 7 && (std::string(argv[6]) == "mma" || std::string(argv[6]) == "mma-smem");
-  const bool registers = !(mma && std::string(argv[6]) == "mma-smem");
-  const int sweep_args = mma ? 7 : 6;
-  if (argc == sweep_args && (std::string(argv[3]) == "sweep" || std::string(argv[3]) == "sweep-whole")) {
-    sweep_option = {true, std::string(argv[3]) == "sweep-whole", 0, std::atoll(argv[4]), std::atoll(argv[5]), mma,
-                    registers};
-  } else if (argc == sweep_args && std::string(argv[3]) == "sweep-cluster") {
-    sweep_option = {true, false, std::atoll(argv[4]), 0, std::atoll(argv[5]), mma, registers};
-  } else if (argc != 3) {
+  const std::string mode = argc >= 6 ? argv[3] : "";
+  bool options_ok = argc == 3 || mode == "sweep" || mode == "sweep-whole" || mode == "sweep-cluster";
+  if (argc > 3 && options_ok) {
+    sweep_option.on = true;
+    sweep_option.whole = mode == "sweep-whole";
+    (mode == "sweep-cluster" ? sweep_option.cluster : sweep_option.units) = std::atoll(argv[4]);
+    sweep_option.batch_tile = std::atoll(argv[5]);
+    for (int i = 6; i < argc; ++i) {
+      const std::string opt = argv[i];
+      if (opt == "mma" || opt == "mma-smem") {
+        sweep_option.mma = true;
+        sweep_option.registers = opt == "mma";
+      } else if (opt.rfind("groups=", 0) == 0) {
+        sweep_option.groups = std::atoll(opt.c_str() + 7);
+      } else {
+        options_ok = false;
+      }
+    }
+  }
+  if (!options_ok) {
     std::fprintf(stderr,
                  "usage: %s IN OUT [sweep|sweep-whole UNITS BATCH_TILE | sweep-cluster CLUSTER BATCH_TILE] "
-                 "[mma|mma-smem]\n",
+                 "[mma|mma-smem] [groups=N]\n",
                  argv[0]);
     return 2;
   }
