@@ -14,20 +14,24 @@ two commands of a few minutes each (a session's GPU time is short: each fits one
 
 `make gpu-variants` (--group variants), each switch of csrc/cuda/launch_rules.cpp that
 awaits its measurement, against the defaults timed in the same run:
- 1. build; `pytest -m cuda` with the sweeps' tensor-core products on (BIRNN_EXT_CUDA_MMA=1),
-    and with the backward's weight gradients on streams of their own
+ 1. build; `pytest -m cuda` with the sweeps' tensor-core products on (BIRNN_EXT_CUDA_MMA=1);
+    with them and a cluster per direction and group of batch rows
+    (BIRNN_EXT_CUDA_SWEEP_CLUSTER=1), and with them and a block per direction and group
+    (BIRNN_EXT_CUDA_SWEEP_BLOCK=1), so that each sweep has run on the GPU before it is
+    timed; and with the backward's weight gradients on streams of their own
     (BIRNN_EXT_CUDA_OVERLAP=1, with the sweeps off so that every test takes the per-step
     path, whose weight gradients then run chunk by chunk beside the recurrence);
  2. the targets preset at the defaults; again with the backward sweep off
     (BIRNN_EXT_CUDA_SWEEP_BWD=0: per-step GEMMs and launches), for use_sweep's rule in
-    backward; with a cluster per direction in both sweeps (BIRNN_EXT_CUDA_SWEEP_CLUSTER=1,
-    sm_90), for device_cluster_plan's; with the backward's weight gradients beside the
+    backward; with a cluster per direction and group of batch rows in both sweeps
+    (BIRNN_EXT_CUDA_SWEEP_CLUSTER=1, sm_90), for device_cluster_plan's; with the backward's weight gradients beside the
     recurrence and each other (BIRNN_EXT_CUDA_OVERLAP=1), for overlap_weight_grads';
- 3. gpu-grid's cases with H below 100 at the defaults and with a block per direction
-    (BIRNN_EXT_CUDA_SWEEP_BLOCK=1), for device_sweep_plan's;
+ 3. gpu-grid's cases with H below 100 at the defaults and with a block per direction and
+    group (BIRNN_EXT_CUDA_SWEEP_BLOCK=1), for device_sweep_plan's;
  4. the targets preset with TF32 on for both sides (--tf32) and under --autocast bf16,
-    each at the defaults and with the tensor-core products on, for sweep_mma_k's; the
-    per-kernel profile with TF32 on both sides and the tensor-core products on
+    each at the defaults, with the tensor-core products on, for sweep_mma_k's, and with
+    them in the cluster sweeps, the pair the two switches were made for; the per-kernel
+    profile with TF32 on both sides and the tensor-core products on
     (profile-cuda-tf32-mma.csv), where the sweeps' own time shows.
 
 Each step's output goes to LOGS/<step>.log (default build/gpu-check), the CSV and PNG it
@@ -45,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import os
 import re
 import shutil
@@ -65,9 +70,13 @@ GROUPS = {
     # loses the latter.
     "core": ["build", "pytest", "bench-targets", "bench-grid", "profile", "call-overhead", "memcheck", "racecheck",
              "synccheck"],
-    "variants": ["build", "pytest-mma", "pytest-overlap", "bench-targets", "bench-bwd-off", "bench-cluster",
-                 "bench-overlap", "bench-small-h", "bench-block",
-                 "bench-tf32", "bench-mma-tf32", "bench-bf16", "bench-mma-bf16", "profile-mma"],
+    # The pairs most likely to move a default first (each variant beside its defaults):
+    # the cluster sweeps, alone in IEEE float32 and with the tensor cores under TF32 and
+    # bfloat16; a run cut short by --deadline loses the rest.
+    "variants": ["build", "pytest-mma", "pytest-cluster", "pytest-block", "pytest-overlap", "bench-targets",
+                 "bench-cluster", "bench-tf32", "bench-cluster-mma-tf32", "bench-bf16", "bench-cluster-mma-bf16",
+                 "bench-mma-tf32", "bench-mma-bf16", "bench-bwd-off", "bench-overlap", "bench-small-h", "bench-block",
+                 "profile-mma"],
 }
 STEPS = list(dict.fromkeys(GROUPS["core"] + GROUPS["variants"]))
 
@@ -93,13 +102,21 @@ def gpu() -> tuple[str, str] | None:
     return torch.cuda.get_device_name(0), f"{major}.{minor}"
 
 
+def build_rules():
+    """birnn_ext/_build.py alone (where the toolkit and the build folders are). Imported
+    through the package it would import birnn_ext, whose first import builds the library:
+    here, before the build step, without its time limit, log or environment."""
+    spec = importlib.util.spec_from_file_location("birnn_ext_build_rules", ROOT / "birnn_ext" / "_build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def sanitizer() -> str | None:
     found = shutil.which("compute-sanitizer")
     if found:
         return found
-    from birnn_ext._build import find_cuda_home
-
-    home = find_cuda_home()
+    home = build_rules().find_cuda_home()
     candidate = Path(home, "bin", "compute-sanitizer") if home else None
     return str(candidate) if candidate and candidate.exists() else None
 
@@ -126,6 +143,8 @@ def plan(py: str, tool: str | None) -> dict[str, Step]:
         "build": Step([py, "-c", "import birnn_ext"], 300),
         "pytest": Step(pytest, 300),
         "pytest-mma": Step(pytest, 300, {"BIRNN_EXT_CUDA_MMA": "1"}),
+        "pytest-cluster": Step(pytest, 300, {"BIRNN_EXT_CUDA_MMA": "1", "BIRNN_EXT_CUDA_SWEEP_CLUSTER": "1"}),
+        "pytest-block": Step(pytest, 300, {"BIRNN_EXT_CUDA_MMA": "1", "BIRNN_EXT_CUDA_SWEEP_BLOCK": "1"}),
         # The per-step path everywhere: its weight gradients then run chunk by chunk.
         "pytest-overlap": Step(pytest, 300, {"BIRNN_EXT_CUDA_OVERLAP": "1", "BIRNN_EXT_CUDA_SWEEP": "0"}),
         "bench-targets": timing(bench + ["--preset", "targets"], "targets-cuda"),
@@ -138,8 +157,12 @@ def plan(py: str, tool: str | None) -> dict[str, Step]:
         "bench-overlap": timing(variant, "targets-cuda-overlap", BIRNN_EXT_CUDA_OVERLAP="1"),
         "bench-tf32": timing(variant + ["--tf32"], "targets-cuda-tf32"),
         "bench-mma-tf32": timing(variant + ["--tf32"], "targets-cuda-tf32-mma", BIRNN_EXT_CUDA_MMA="1"),
+        "bench-cluster-mma-tf32": timing(variant + ["--tf32"], "targets-cuda-tf32-cluster-mma", BIRNN_EXT_CUDA_MMA="1",
+                                         BIRNN_EXT_CUDA_SWEEP_CLUSTER="1"),
         "bench-bf16": timing(variant + ["--autocast", "bf16"], "targets-cuda-bf16"),
         "bench-mma-bf16": timing(variant + ["--autocast", "bf16"], "targets-cuda-bf16-mma", BIRNN_EXT_CUDA_MMA="1"),
+        "bench-cluster-mma-bf16": timing(variant + ["--autocast", "bf16"], "targets-cuda-bf16-cluster-mma",
+                                         BIRNN_EXT_CUDA_MMA="1", BIRNN_EXT_CUDA_SWEEP_CLUSTER="1"),
         "profile": Step([py, "benchmarks/profile_kernels.py"], 180, results=("profile-cuda.csv",)),
         "profile-mma": Step([py, "benchmarks/profile_kernels.py", "--tf32", "--name", "profile-cuda-tf32-mma"], 180,
                             {"BIRNN_EXT_CUDA_MMA": "1"}, ("profile-cuda-tf32-mma.csv",)),
@@ -153,10 +176,22 @@ def plan(py: str, tool: str | None) -> dict[str, Step]:
     return steps
 
 
+def stale_build_locks() -> list[Path]:
+    """The JIT build's lock files. torch before 2.14 takes the build folder by creating a
+    file there, which a build killed mid-way (a step over its time limit) leaves behind,
+    and every later import then waits on it for good. The steps run one at a time, so at a
+    step's start any such file is stale."""
+    build_dir = build_rules().build_dir
+    return [lock for lock in (build_dir(True) / "lock", build_dir(False) / "lock") if lock.exists()]
+
+
 def run_step(name: str, step: Step, env: dict, logs: Path, timeout: float) -> dict:
     start = time.perf_counter()
     log = logs / f"{name}.log"
     with open(log, "w") as f:
+        for lock in stale_build_locks():
+            lock.unlink()
+            f.write(f"removed {lock}, left by a build that did not finish\n")
         f.write("$ " + " ".join(step.cmd) + "\n")
         f.flush()
         try:
@@ -175,7 +210,7 @@ def run_step(name: str, step: Step, env: dict, logs: Path, timeout: float) -> di
 
 
 def summarize(name: str, text: str, rc) -> str:
-    if name in ("pytest", "pytest-mma", "pytest-overlap", "memcheck", "racecheck", "synccheck"):
+    if name.startswith("pytest") or name in ("memcheck", "racecheck", "synccheck"):
         tail = re.findall(r"=+ (.*(?:passed|failed|error).*?) =+", text)
         summary = tail[-1] if tail else ""
         errors = re.findall(r"ERROR SUMMARY: (\d+) error", text)
@@ -239,13 +274,15 @@ TABLES = (("bench-targets", "targets preset", "targets-cuda"),
           ("bench-bwd-off", "targets preset, backward sweep off", "targets-cuda-sweep-bwd-off"),
           ("bench-grid", "gpu-grid preset", "gpu-grid-cuda"),
           ("bench-small-h", "gpu-grid's g1, g2, g5", "gpu-grid-cuda-small-h"),
-          ("bench-block", "gpu-grid's g1, g2, g5 with a block per direction", "gpu-grid-cuda-sweep-block"),
-          ("bench-cluster", "targets preset, a cluster per direction", "targets-cuda-sweep-cluster"),
+          ("bench-block", "gpu-grid's g1, g2, g5 with a block per direction and group", "gpu-grid-cuda-sweep-block"),
+          ("bench-cluster", "targets preset, a cluster per direction and group", "targets-cuda-sweep-cluster"),
           ("bench-overlap", "targets preset, backward's weight gradients side by side", "targets-cuda-overlap"),
           ("bench-tf32", "targets preset", "targets-cuda-tf32"),
           ("bench-mma-tf32", "targets preset, tensor-core sweeps", "targets-cuda-tf32-mma"),
+          ("bench-cluster-mma-tf32", "targets preset, tensor-core cluster sweeps", "targets-cuda-tf32-cluster-mma"),
           ("bench-bf16", "targets preset", "targets-cuda-bf16"),
-          ("bench-mma-bf16", "targets preset, tensor-core sweeps", "targets-cuda-bf16-mma"))
+          ("bench-mma-bf16", "targets preset, tensor-core sweeps", "targets-cuda-bf16-mma"),
+          ("bench-cluster-mma-bf16", "targets preset, tensor-core cluster sweeps", "targets-cuda-bf16-cluster-mma"))
 
 
 def main(argv=None) -> int:

@@ -7,6 +7,8 @@ command, every benchmark command parses with its script's own parser, and a run 
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -74,3 +76,29 @@ def test_a_run_past_its_deadline_still_ends_with_its_table(tmp_path, monkeypatch
     assert not (logs / "memcheck.log").exists()
     # A step's results come back beside the logs only where it ended well.
     assert sorted(p.name for p in (logs / "results").iterdir()) == ["a.csv"]
+
+
+def test_a_step_first_removes_the_lock_a_killed_build_left(tmp_path, monkeypatch):
+    # torch before 2.14 (the GPU machines' 2.11) locks a JIT build with a file that a build
+    # killed at its step's time limit leaves behind; every later step would wait on it.
+    monkeypatch.setenv("BIRNN_EXT_BUILD_DIR", str(tmp_path / "build"))
+    from birnn_ext._build import build_dir
+
+    lock = build_dir(True) / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    result = gpu_check.run_step("build", gpu_check.Step([PY, "-c", "pass"], 60), dict(os.environ), logs, 60)
+    assert result["rc"] == 0 and not lock.exists()
+    assert f"removed {lock}" in (logs / "build.log").read_text()
+
+
+def test_the_checks_own_lookups_do_not_build_the_library():
+    # Finding the toolkit and the build folders must not import birnn_ext: its first import
+    # builds the library, which belongs in the build step (its time limit, log, arch list).
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import gpu_check; gpu_check.sanitizer(); "
+            "gpu_check.stale_build_locks(); assert 'birnn_ext' not in sys.modules, sorted(sys.modules)")
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}  # no compute-sanitizer on it: the toolkit lookup runs
+    proc = subprocess.run([PY, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
