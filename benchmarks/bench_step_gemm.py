@@ -149,7 +149,8 @@ def main():
                              "dependent ones as in a sweep")
     parser.add_argument("--dtype", choices=["float32", "bf16"], default="float32")
     args = parser.parse_args()
-    build = Path(tempfile.gettempdir()) / "birnn_ext_bench_step_gemm"
+    # One folder per torch version: a library built against another torch would crash.
+    build = Path(tempfile.gettempdir()) / f"birnn_ext_bench_step_gemm-torch{torch.__version__}"
     build.mkdir(exist_ok=True)
     sources = [DRIVER] + [(CSRC / f).read_text() for f in ("small_gemm.cpp", "small_gemm_bf16.cpp")]
     ext = load_inline(

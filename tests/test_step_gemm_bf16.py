@@ -192,7 +192,9 @@ def _harness(defines: tuple[str, ...]):
     from birnn_ext._build import CSRC, build_dir
 
     name = "bf16_harness" + "".join(f"_{d.lower()}" for d in defines)
-    out = build_dir(False).parent / name
+    # Beside the library's own build, one folder per torch version: load_inline reuses what
+    # it finds for the same sources, and a library built against another torch crashes.
+    out = build_dir(False).parent / f"{name}-{build_dir(False).name}"
     out.mkdir(parents=True, exist_ok=True)
     sources = [HARNESS] + [(CSRC / "cpu" / f).read_text() for f in ("small_gemm.cpp", "small_gemm_bf16.cpp")]
     return load_inline(name, cpp_sources=sources, functions=["product"], extra_include_paths=[str(CSRC / "cpu")],
