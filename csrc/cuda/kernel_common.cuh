@@ -74,26 +74,37 @@ __host__ __device__ __forceinline__ int64_t step_time(int64_t d, int64_t s, int6
   return time_index(int(d), s, len);
 }
 
-// One element's forward step: the gates from its x W_ih^T (xg: this row and direction),
-// recurrent sums and bias (b_ih + b_hh of its unit, per gate; zeros without a bias); the
-// cell state c updated in place; the activated gates written back over xg when
+// One element's forward step from its x W_ih^T (x, per gate), recurrent sums and bias
+// (b_ih + b_hh of its unit, per gate; zeros without a bias): the cell state c updated in
+// place; the activated gates written to `gates` (the row and direction's part of xg) when
 // training. Returns the new h.
+template <typename T, bool Training>
+__host__ __device__ __forceinline__ math_t<T> cell_forward(const math_t<T> (&x)[4], const math_t<T> (&rec)[4],
+                                                           const math_t<T> (&bias)[4], math_t<T>& c, T* gates,
+                                                           int64_t H, int64_t j) {
+  using A = math_t<T>;
+  A pre[4];
+  for (int k = 0; k < 4; ++k) pre[k] = x[k] + rec[k] + bias[k];
+  const Gates<A> a = activate(pre[0], pre[1], pre[2], pre[3]);
+  c = cell_state(a, c);
+  if (Training) {
+    gates[j] = from_math<T>(a.i);
+    gates[H + j] = from_math<T>(a.f);
+    gates[2 * H + j] = from_math<T>(a.g);
+    gates[3 * H + j] = from_math<T>(a.o);
+  }
+  return hidden_state(a, c);
+}
+
+// The same, reading x W_ih^T from xg (this row and direction), which the activated gates
+// then overwrite when training.
 template <typename T, bool Training>
 __host__ __device__ __forceinline__ math_t<T> cell_forward(T* xg, const math_t<T> (&rec)[4],
                                                            const math_t<T> (&bias)[4], math_t<T>& c, int64_t H,
                                                            int64_t j) {
-  using A = math_t<T>;
-  A pre[4];
-  for (int k = 0; k < 4; ++k) pre[k] = to_math(xg[k * H + j]) + rec[k] + bias[k];
-  const Gates<A> a = activate(pre[0], pre[1], pre[2], pre[3]);
-  c = cell_state(a, c);
-  if (Training) {
-    xg[j] = from_math<T>(a.i);
-    xg[H + j] = from_math<T>(a.f);
-    xg[2 * H + j] = from_math<T>(a.g);
-    xg[3 * H + j] = from_math<T>(a.o);
-  }
-  return hidden_state(a, c);
+  math_t<T> x[4];
+  for (int k = 0; k < 4; ++k) x[k] = to_math(xg[k * H + j]);
+  return cell_forward<T, Training>(x, rec, bias, c, xg, H, j);
 }
 
 // A load of what other blocks wrote before the last grid barrier: through L2, never

@@ -8,6 +8,36 @@ namespace {
 
 using namespace sweep;
 
+// What a unit's cell backward at a phase needs besides the phase's products (as
+// FwdInputs in the forward sweep): the carries of its own state and the forward's saved
+// values, none of which depends on the products, so each thread loads its first item's
+// before them.
+template <typename T>
+struct BwdInputs {
+  int64_t len, row;     // the sequence's length; the row the step's gates and outputs are at
+  math_t<T> dh, dc;     // the carries to h_t and c_t so far (dh without this phase's dg W_hh)
+  math_t<T> dy;         // the output's gradient, zero without one
+  math_t<T> c_prev;     // the forward's cell state before the step
+  math_t<T> gates[4];   // the forward's activated gates
+};
+
+template <typename T>
+__device__ __forceinline__ BwdInputs<T> bwd_inputs(const SweepBwd<T>& p, int64_t d, int64_t s, int64_t b, int j) {
+  using A = math_t<T>;
+  const int64_t H = p.H, G = 4 * H, state = d * p.B + b;
+  BwdInputs<T> in;
+  in.dh = p.dh[state * H + j];
+  in.dc = p.dc[state * H + j];
+  in.len = p.len ? p.len[b] : p.T_;
+  in.row = s < 0 ? 0 : step_time(d, s, in.len) * p.B + b;
+  const bool active = s >= 0 && s < in.len;  // the last phase (s -1) and padding read none of the rest
+  const int64_t at = in.row * p.D * H + d * H + j;
+  in.dy = active && p.dy ? to_math(p.dy[at]) : A(0);
+  in.c_prev = active ? p.c_prev[at] : A(0);
+  for (int g = 0; g < 4; ++g) in.gates[g] = active ? to_math(p.gates[in.row * p.D * G + d * G + g * H + j]) : A(0);
+  return in;
+}
+
 // The backward sweep. The block's shared W_hh columns make dh = dg_{t+1} W_hh at its units
 // from the whole dg row of the step before; the cell backward of its units then needs
 // nothing from other blocks (dh and dc of its units are its own), and its dg goes out for
@@ -51,6 +81,8 @@ __global__ void sweep_bwd_kernel(const SweepBwd<T> p) {
     for (int64_t b0 = place.b_begin; b0 < place.b_end; b0 += pl.batch_tile) {
       const int nb = int(place.b_end - b0 < pl.batch_tile ? place.b_end - b0 : pl.batch_tile);
       const int staged = staged_rows<Mma>(nb);
+      BwdInputs<T> first;
+      if (tid < nb * nu) first = bwd_inputs(p, d, s, b0 + tid / nu, j0 + tid % nu);
       if (q > 0) {  // the first phase has no dg before it
         if (Cluster) {
           stage_from_cluster(own + (q & 1) * place.rows * 4 * U, b0 - place.b_begin, nb, staged, W, stride, H, U,
@@ -67,24 +99,21 @@ __global__ void sweep_bwd_kernel(const SweepBwd<T> p) {
       for (int t = tid; t < nb * nu; t += nt) {
         const int bb = t / nu, u = t % nu, j = j0 + u;
         const int64_t b = b0 + bb, state = d * B + b;
+        const BwdInputs<T> in = t == tid ? first : bwd_inputs(p, d, s, b, j);
         // The gradient carried to h_t: from h_n or the steps after, through padding unchanged.
-        A carry = p.dh[state * H + j];
+        A carry = in.dh;
         if (q > 0) carry += lane_sum(part + (bb * R + u) * L, L);
         if (s < 0) {
           p.dh[state * H + j] = carry;
           continue;
         }
-        const int64_t len = p.len ? p.len[b] : p.T_;
-        const int64_t row = step_time(d, s, len) * B + b;
-        T* dg = p.dg + (d * p.T_ * B + row) * G;
+        T* dg = p.dg + (d * p.T_ * B + in.row) * G;
         A grads[4] = {};
-        if (s >= len) {  // padding: no gradient through it, the carries pass unchanged
+        if (s >= in.len) {  // padding: no gradient through it, the carries pass unchanged
           p.dh[state * H + j] = carry;
         } else {
-          const T* gt = p.gates + row * D * G + d * G;
-          const Gates<A> a{to_math(gt[j]), to_math(gt[H + j]), to_math(gt[2 * H + j]), to_math(gt[3 * H + j])};
-          const A dh = carry + (p.dy ? to_math(p.dy[row * D * H + d * H + j]) : A(0));
-          const GateGrads<A> r = backward(a, p.c_prev[row * D * H + d * H + j], dh, p.dc[state * H + j]);
+          const Gates<A> a{in.gates[0], in.gates[1], in.gates[2], in.gates[3]};
+          const GateGrads<A> r = backward(a, in.c_prev, carry + in.dy, in.dc);
           grads[0] = r.di, grads[1] = r.df, grads[2] = r.dg, grads[3] = r.do_;
           p.dc[state * H + j] = r.dc_prev;
           p.dh[state * H + j] = A(0);  // the next phase adds dg W_hh to it

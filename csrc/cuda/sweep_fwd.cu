@@ -8,6 +8,35 @@ namespace {
 
 using namespace sweep;
 
+// What a unit's cell update at a step needs besides the step's products. None of it
+// depends on them, so each thread loads its first item's before the products
+// (sweep_fwd_kernel): the trip to memory then overlaps the staging and the products
+// instead of following them, once a step. Most plans give a thread one item a tile.
+template <typename T>
+struct FwdInputs {
+  int64_t len, row;       // the sequence's length; the row of x and y the step reads and writes
+  math_t<T> c;            // the cell state before the step
+  math_t<T> x[4];         // x W_ih^T of the unit's gates (not loaded past the sequence's end)
+  math_t<T> bias[4];      // b_ih + b_hh, zeros without a bias
+};
+
+template <typename T>
+__device__ __forceinline__ FwdInputs<T> fwd_inputs(const SweepFwd<T>& p, int64_t d, int64_t s, int64_t b, int j) {
+  using A = math_t<T>;
+  const int64_t H = p.H, G = 4 * H;
+  FwdInputs<T> in;
+  in.len = p.len ? p.len[b] : p.T_;
+  in.row = step_time(d, s, in.len) * p.B + b;
+  in.c = p.c[(d * p.B + b) * H + j];
+  for (int g = 0; g < 4; ++g) {
+    in.x[g] = s < in.len ? to_math(p.xg[in.row * p.D * G + d * G + g * H + j]) : A(0);
+    // b_ih + b_hh rounded to the storage type, as a sum of the two tensors would be.
+    in.bias[g] = p.b_ih[d] ? to_math(from_math<T>(to_math(p.b_ih[d][g * H + j]) + to_math(p.b_hh[d][g * H + j])))
+                           : A(0);
+  }
+  return in;
+}
+
 // The forward sweep. Cluster = false: the grid sweep, h passed between the steps through
 // global memory (hs), the grid barrier between them (or none where a block holds a
 // direction for its group's rows). Cluster = true (sm_90): a thread-block cluster per
@@ -48,6 +77,8 @@ __global__ void sweep_fwd_kernel(const SweepFwd<T> p) {
     for (int64_t b0 = place.b_begin; b0 < place.b_end; b0 += pl.batch_tile) {
       const int nb = int(place.b_end - b0 < pl.batch_tile ? place.b_end - b0 : pl.batch_tile);
       const int staged = staged_rows<Mma>(nb);
+      FwdInputs<T> first;
+      if (tid < nb * nu) first = fwd_inputs(p, d, s, b0 + tid / nu, j0 + tid % nu);
       if (Cluster && s > 0) {
         stage_from_cluster(own + (s & 1) * place.rows * U, b0 - place.b_begin, nb, staged, H, stride, H, U, U, h_s);
       } else {
@@ -61,25 +92,20 @@ __global__ void sweep_fwd_kernel(const SweepFwd<T> p) {
       for (int t = tid; t < nb * nu; t += nt) {
         const int bb = t / nu, u = t % nu, j = j0 + u;
         const int64_t b = b0 + bb;
-        const int64_t len = p.len ? p.len[b] : p.T_;
-        const int64_t row = step_time(d, s, len) * B + b;
-        const int64_t state = d * B + b;
+        const FwdInputs<T> in = t == tid ? first : fwd_inputs(p, d, s, b, j);
+        const int64_t row = in.row, state = d * B + b;
         const T h_old = h_s[bb * stride + j];
-        if (p.c_prev) p.c_prev[row * D * H + d * H + j] = p.c[state * H + j];
+        if (p.c_prev) p.c_prev[row * D * H + d * H + j] = in.c;
         if (p.h_prev) p.h_prev[(d * p.T_ * B + row) * H + j] = h_old;
         T* y = p.y + row * D * H + d * H;
         T h_new = h_old;  // padding: zero output, state carried unchanged
-        if (s >= len) {
+        if (s >= in.len) {
           y[j] = from_math<T>(A(0));
         } else {
-          A sums[4], bias[4] = {};
+          A sums[4], c = in.c;
           for (int g = 0; g < 4; ++g) sums[g] = lane_sum(part + (bb * R + g * U + u) * L, L);
-          // b_ih + b_hh rounded to the storage type, as a sum of the two tensors would be.
-          if (p.b_ih[d])
-            for (int g = 0; g < 4; ++g)
-              bias[g] = to_math(from_math<T>(to_math(p.b_ih[d][g * H + j]) + to_math(p.b_hh[d][g * H + j])));
-          h_new = from_math<T>(
-              cell_forward<T, Training>(p.xg + row * D * G + d * G, sums, bias, p.c[state * H + j], H, j));
+          h_new = from_math<T>(cell_forward<T, Training>(in.x, sums, in.bias, c, p.xg + row * D * G + d * G, H, j));
+          p.c[state * H + j] = c;
           y[j] = h_new;
         }
         if (Cluster) {
