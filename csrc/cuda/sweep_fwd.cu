@@ -41,10 +41,10 @@ __device__ __forceinline__ FwdInputs<T> fwd_inputs(const SweepFwd<T>& p, int64_t
 // global memory (hs), the grid barrier between them (or none where a block holds a
 // direction for its group's rows). Cluster = true (sm_90): a thread-block cluster per
 // direction and group; each block keeps its units' h of the last two steps for its
-// group's rows in its shared memory (own, [2][group_rows][U]), where
-// the others read it, and the cluster barrier ends each step, the last one included: no
-// block may leave while another still reads its shared memory. Mma: the step's products
-// on the tensor cores (mma_products), else on the CUDA cores (tile_products).
+// group's rows in its shared memory (own, [2][group_rows][U]), where the others read it,
+// and the cluster barrier ends each step, the last one included: no block may leave while
+// another still reads its shared memory. Mma: the step's products on the tensor cores
+// (mma_products), else on the CUDA cores (tile_products).
 template <typename T, bool Training, bool Cluster, bool Mma>
 __global__ void sweep_fwd_kernel(const SweepFwd<T> p) {
   using A = math_t<T>;
