@@ -211,6 +211,33 @@ def test_sweeps_in_batch_groups_match_cpu(emulator, tmp_path, run):
     compare(unpack(flat, want), want, dtype)
 
 
+def _cluster_plan(direction, H, B, cluster, groups, max_shared=227 * 1024):
+    out = subprocess.run([str(build("run_kernels")), "plan-cluster", direction,
+                          *map(str, (H, B, 2, 4, 4, cluster, max_shared, groups))],
+                         capture_output=True, text=True, check=True).stdout.split()
+    if out == ["none"]:
+        return None
+    units, blocks, batch_tile, groups, group_rows, own_offset, shared = map(int, out)
+    return SimpleNamespace(units=units, blocks=blocks, batch_tile=batch_tile, groups=groups, group_rows=group_rows,
+                           own=shared - own_offset, shared=shared)
+
+
+@pytest.mark.parametrize("direction,per_unit", [("fwd", 1), ("bwd", 4)])
+def test_cluster_plans_in_batch_groups(direction, per_unit):
+    # The classic size in 4 groups of 25 rows: 2 directions x 4 groups x clusters of 16,
+    # and each block's own rows (two steps of its 8 units' h, or their 4 gates' dg) for its
+    # group's 25 rows only, in float32.
+    pl = _cluster_plan(direction, H=128, B=100, cluster=16, groups=4)
+    assert (pl.units, pl.blocks, pl.groups, pl.group_rows) == (8, 2 * 4 * 16, 4, 25)
+    assert pl.batch_tile <= 25 and pl.own == 2 * 25 * 8 * per_unit * 4
+    assert pl.shared < _cluster_plan(direction, H=128, B=100, cluster=16, groups=1).shared
+    # No group is empty: 6 rows asked for in 4 groups come as 3 groups of 2; 8 rows in 3
+    # groups as 3, 3 and 2; more groups than rows, a row each.
+    for B, asked, want in [(6, 4, (3, 2)), (8, 3, (3, 3)), (2, 5, (2, 1))]:
+        pl = _cluster_plan(direction, H=64, B=B, cluster=8, groups=asked)
+        assert (pl.groups, pl.group_rows, pl.blocks) == (*want, 2 * want[0] * 8), (B, asked)
+
+
 def test_a_sweep_over_several_blocks_needs_the_grid_barrier(emulator, tmp_path):
     # Fewer units than H: the steps of one launch would need the grid barrier, which only a
     # cooperative launch on a GPU gives; the launcher refuses rather than run without it.

@@ -18,7 +18,8 @@
 // with the weight fragments in registers where the plan allows; "mma-smem" the same with
 // every fragment loaded from shared memory; "groups=N" cuts the batch into N groups of
 // rows (SweepPlan::groups), each with blocks (clusters) of its own.
-// "run_kernels plan-mma ..." prints the plan choose_sweep_plan makes with them.
+// "run_kernels plan-mma ..." prints the plan choose_sweep_plan makes with them;
+// "run_kernels plan-cluster ..." the cluster sweeps' plan, with batch groups.
 //
 // IN: 14 int64 (mode 0 layer / 1 cell, dtype 0 f32 / 1 f64 / 2 f16 / 3 bf16, T, B, I, H,
 // P, D, has_lengths, has_bias, has_proj, has_grad_y, has_grad_h, has_grad_c), then lengths as int64 [B] if any, then float64 arrays:
@@ -479,6 +480,21 @@ int main(int argc, char** argv) {
     std::printf("%lld %lld %lld %lld %lld %lld %lld %lld %d\n", (long long)pl.units, (long long)pl.blocks,
                 (long long)pl.batch_tile, (long long)pl.lanes, (long long)pl.shared_bytes, (long long)pl.rows,
                 (long long)pl.kdim, (long long)pl.stride, int(pl.a_in_registers));
+    return 0;
+  }
+  // plan-cluster fwd|bwd H B D ELEM MATH CLUSTER MAX_SHARED GROUPS: the plan
+  // choose_cluster_sweep_plan makes (SIMT products), with its batch groups and the place of
+  // its own rows: "units blocks batch_tile groups group_rows own_offset shared_bytes".
+  if (argc == 11 && std::string(argv[1]) == "plan-cluster") {
+    int64_t a[8];
+    for (int i = 0; i < 8; ++i) a[i] = std::atoll(argv[3 + i]);
+    SweepPlan pl;
+    if (!choose_cluster_sweep_plan(std::string(argv[2]) == "bwd", a[0], a[1], a[2], a[3], a[4], 0, a[5], a[6], &pl,
+                                   a[7]))
+      return std::puts("none"), 0;
+    std::printf("%lld %lld %lld %lld %lld %lld %lld\n", (long long)pl.units, (long long)pl.blocks,
+                (long long)pl.batch_tile, (long long)pl.groups, (long long)pl.group_rows, (long long)pl.own_offset,
+                (long long)pl.shared_bytes);
     return 0;
   }
   const std::string mode = argc >= 6 ? argv[3] : "";
