@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import importlib.util
 import os
 import re
@@ -102,6 +103,7 @@ def gpu() -> tuple[str, str] | None:
     return torch.cuda.get_device_name(0), f"{major}.{minor}"
 
 
+@functools.cache
 def build_rules():
     """birnn_ext/_build.py alone (where the toolkit and the build folders are). Imported
     through the package it would import birnn_ext, whose first import builds the library:

@@ -125,8 +125,8 @@ bool device_cluster_plan(bool backward, bool training, int64_t H, int64_t B, int
     const int64_t at_once = clusters();
     if (at_once == 0) continue;
     const int64_t groups = batch_groups(B, D, at_once);
-    if (groups > 1 && plan_of(cluster, groups) && clusters() > 0) return true;
-    return plan_of(cluster, 1) && clusters() > 0;
+    if (groups == 1 || (plan_of(cluster, groups) && clusters() > 0)) return true;
+    return plan_of(cluster, 1);  // the one group's plan, which fitted above
   }
   return false;
 }

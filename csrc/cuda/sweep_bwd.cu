@@ -77,7 +77,7 @@ __global__ void sweep_bwd_kernel(const SweepBwd<T> p) {
     const int64_t s = p.T_ - 1 - q;  // the sweep step; -1 in the last phase, which only makes dh0
     const T* dg_last = p.dg_step + ((q & 1) * D + d) * B * G;
     T* dg_next = p.dg_step + (((q + 1) & 1) * D + d) * B * G;
-    T* own_next = own + ((q + 1) & 1) * place.rows * 4 * U;
+    T* own_next = own + ((q + 1) & 1) * pl.group_rows * 4 * U;
     for (int64_t b0 = place.b_begin; b0 < place.b_end; b0 += pl.batch_tile) {
       const int nb = int(place.b_end - b0 < pl.batch_tile ? place.b_end - b0 : pl.batch_tile);
       const int staged = staged_rows<Mma>(nb);
@@ -85,7 +85,7 @@ __global__ void sweep_bwd_kernel(const SweepBwd<T> p) {
       if (tid < nb * nu) first = bwd_inputs(p, d, s, b0 + tid / nu, j0 + tid % nu);
       if (q > 0) {  // the first phase has no dg before it
         if (Cluster) {
-          stage_from_cluster(own + (q & 1) * place.rows * 4 * U, b0 - place.b_begin, nb, staged, W, stride, H, U,
+          stage_from_cluster(own + (q & 1) * pl.group_rows * 4 * U, b0 - place.b_begin, nb, staged, W, stride, H, U,
                              4 * U, g_s);
         } else {
           stage_tile(dg_last + b0 * G, nb, staged, W, stride, g_s);

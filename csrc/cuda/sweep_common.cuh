@@ -17,7 +17,7 @@ namespace birnn::cuda::sweep {
 // nu), its rank in the blocks of its direction and group (its cluster) j0 / units, and its
 // group's batch rows [b_begin, b_end).
 struct BlockPlace {
-  int64_t d, b_begin, b_end, rows;  // rows: the plan's group_rows, what the own rows are sized by
+  int64_t d, b_begin, b_end;
   int per_dir, j0, nu;
 };
 
@@ -27,13 +27,12 @@ __device__ __forceinline__ BlockPlace block_place(const SweepPlan& pl, int64_t H
   w.per_dir = int((H + U - 1) / U);
   const int64_t pair = blockIdx.x / w.per_dir;  // (direction, group), group fastest
   w.d = pair / pl.groups;
-  w.rows = pl.group_rows;
 #if defined(BIRNN_BREAK_GROUP_ROWS)
   w.b_begin = 0;  // Deliberately wrong: every group works on the first group's rows.
 #else
-  w.b_begin = pair % pl.groups * w.rows;
+  w.b_begin = pair % pl.groups * pl.group_rows;
 #endif
-  w.b_end = B - w.b_begin < w.rows ? B : w.b_begin + w.rows;
+  w.b_end = B - w.b_begin < pl.group_rows ? B : w.b_begin + pl.group_rows;
   w.j0 = int(blockIdx.x % w.per_dir) * U;
   w.nu = int(H) - w.j0 < U ? int(H) - w.j0 : U;  // fewer in a direction's last block
   return w;
@@ -240,7 +239,7 @@ constexpr bool kHasMma = !std::is_same_v<T, double>;
 template <typename P>
 cudaError_t launch_sweep(void (*kernel)(P), const P& p, int64_t steps, bool cooperative, cudaStream_t stream) {
   if (!kernel) return cudaErrorNotSupported;
-  const int64_t per_dir = (p.H + p.plan.units - 1) / p.plan.units, blocks = p.D * p.plan.groups * per_dir;
+  const int64_t blocks = p.plan.blocks, per_dir = sweep_blocks_per_direction(p.plan, p.D);
   const size_t shared_bytes = size_t(p.plan.shared_bytes);
 #if !defined(BIRNN_EMU)
   if (cooperative) {
@@ -299,7 +298,7 @@ struct ClusterLaunch {
 template <typename P>
 cudaError_t launch_clusters(void (*kernel)(P), const P& p, cudaStream_t stream) {
   if (!kernel) return cudaErrorNotSupported;
-  const int64_t per_dir = (p.H + p.plan.units - 1) / p.plan.units, blocks = p.D * p.plan.groups * per_dir;
+  const int64_t blocks = p.plan.blocks, per_dir = sweep_blocks_per_direction(p.plan, p.D);
   const size_t shared_bytes = size_t(p.plan.shared_bytes);
 #if !defined(BIRNN_EMU)
   const ClusterLaunch launch(blocks, per_dir, shared_bytes, stream);
@@ -318,7 +317,7 @@ cudaError_t launch_clusters(void (*kernel)(P), const P& p, cudaStream_t stream) 
 template <typename P>
 int64_t max_clusters(void (*kernel)(P), const SweepPlan& plan, int64_t D) {
   if (!kernel) return 0;
-  const int64_t per_dir = plan.blocks / (D * plan.groups);
+  const int64_t per_dir = sweep_blocks_per_direction(plan, D);
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.shared_bytes)) !=
           cudaSuccess ||
       (per_dir > 8 && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)) {

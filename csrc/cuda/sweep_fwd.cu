@@ -73,14 +73,14 @@ __global__ void sweep_fwd_kernel(const SweepFwd<T> p) {
   for (int64_t s = p.s_begin; s < p.s_end; ++s) {
     const T* h_cur = s == 0 ? p.h0 + d * B * H : p.h + ((s & 1) * D + d) * B * H;
     T* h_next = s == p.T_ - 1 ? p.h_n + d * B * H : p.h + (((s + 1) & 1) * D + d) * B * H;
-    T* own_next = own + ((s + 1) & 1) * place.rows * U;
+    T* own_next = own + ((s + 1) & 1) * pl.group_rows * U;
     for (int64_t b0 = place.b_begin; b0 < place.b_end; b0 += pl.batch_tile) {
       const int nb = int(place.b_end - b0 < pl.batch_tile ? place.b_end - b0 : pl.batch_tile);
       const int staged = staged_rows<Mma>(nb);
       FwdInputs<T> first;
       if (tid < nb * nu) first = fwd_inputs(p, d, s, b0 + tid / nu, j0 + tid % nu);
       if (Cluster && s > 0) {
-        stage_from_cluster(own + (s & 1) * place.rows * U, b0 - place.b_begin, nb, staged, H, stride, H, U, U, h_s);
+        stage_from_cluster(own + (s & 1) * pl.group_rows * U, b0 - place.b_begin, nb, staged, H, stride, H, U, U, h_s);
       } else {
         stage_tile(h_cur + b0 * H, nb, staged, H, stride, h_s);
       }

@@ -168,6 +168,9 @@ inline SweepPlan sweep_plan(bool backward, int64_t H, int64_t B, int64_t D, int6
   return pl;
 }
 
+// The blocks that share one direction's units for one group of rows (a cluster's size).
+inline int64_t sweep_blocks_per_direction(const SweepPlan& pl, int64_t D) { return pl.blocks / (D * pl.groups); }
+
 // The plan with `units` units per block, the batch in `groups`, and the largest batch
 // tile that fits `max_shared` bytes, with `own_bytes_per_row` more per row of a group (the
 // cluster sweeps' own rows, two steps deep); false where not even one row fits.
