@@ -72,12 +72,13 @@ GROUPS = {
     "core": ["build", "pytest", "bench-targets", "bench-grid", "profile", "call-overhead", "memcheck", "racecheck",
              "synccheck"],
     # The pairs most likely to move a default first (each variant beside its defaults):
-    # the cluster sweeps, alone in IEEE float32 and with the tensor cores under TF32 and
-    # bfloat16; a run cut short by --deadline loses the rest.
-    "variants": ["build", "pytest-mma", "pytest-cluster", "pytest-block", "pytest-overlap", "bench-targets",
-                 "bench-cluster", "bench-tf32", "bench-cluster-mma-tf32", "bench-bf16", "bench-cluster-mma-bf16",
-                 "bench-mma-tf32", "bench-mma-bf16", "bench-bwd-off", "bench-overlap", "bench-small-h", "bench-block",
-                 "profile-mma"],
+    # the cluster sweeps and the SIMT weights in registers, alone and together in IEEE
+    # float32, the cluster sweeps with the tensor cores under TF32 and bfloat16; a run cut
+    # short by --deadline loses the rest.
+    "variants": ["build", "pytest-mma", "pytest-cluster", "pytest-regs", "pytest-cluster-regs", "pytest-block",
+                 "pytest-overlap", "bench-targets", "bench-cluster", "bench-regs", "bench-cluster-regs", "bench-tf32",
+                 "bench-cluster-mma-tf32", "bench-bf16", "bench-cluster-mma-bf16", "bench-mma-tf32", "bench-mma-bf16",
+                 "bench-bwd-off", "bench-overlap", "bench-small-h", "bench-block", "profile-mma"],
 }
 STEPS = list(dict.fromkeys(GROUPS["core"] + GROUPS["variants"]))
 
@@ -147,6 +148,11 @@ def plan(py: str, tool: str | None) -> dict[str, Step]:
         "pytest-mma": Step(pytest, 300, {"BIRNN_EXT_CUDA_MMA": "1"}),
         "pytest-cluster": Step(pytest, 300, {"BIRNN_EXT_CUDA_MMA": "1", "BIRNN_EXT_CUDA_SWEEP_CLUSTER": "1"}),
         "pytest-block": Step(pytest, 300, {"BIRNN_EXT_CUDA_MMA": "1", "BIRNN_EXT_CUDA_SWEEP_BLOCK": "1"}),
+        # The SIMT products with the weights in registers (float32 under the tests' TF32
+        # off, float64, and 16-bit storage without mma), in the grid and the cluster sweeps.
+        "pytest-regs": Step(pytest, 300, {"BIRNN_EXT_CUDA_SWEEP_REGS": "1"}),
+        "pytest-cluster-regs": Step(pytest, 300, {"BIRNN_EXT_CUDA_SWEEP_REGS": "1",
+                                                  "BIRNN_EXT_CUDA_SWEEP_CLUSTER": "1"}),
         # The per-step path everywhere: its weight gradients then run chunk by chunk.
         "pytest-overlap": Step(pytest, 300, {"BIRNN_EXT_CUDA_OVERLAP": "1", "BIRNN_EXT_CUDA_SWEEP": "0"}),
         "bench-targets": timing(bench + ["--preset", "targets"], "targets-cuda"),
@@ -156,6 +162,9 @@ def plan(py: str, tool: str | None) -> dict[str, Step]:
         "bench-small-h": timing(bench + SMALL_H, "gpu-grid-cuda-small-h"),
         "bench-block": timing(bench + SMALL_H, "gpu-grid-cuda-sweep-block", BIRNN_EXT_CUDA_SWEEP_BLOCK="1"),
         "bench-cluster": timing(variant, "targets-cuda-sweep-cluster", BIRNN_EXT_CUDA_SWEEP_CLUSTER="1"),
+        "bench-regs": timing(variant, "targets-cuda-sweep-regs", BIRNN_EXT_CUDA_SWEEP_REGS="1"),
+        "bench-cluster-regs": timing(variant, "targets-cuda-sweep-cluster-regs", BIRNN_EXT_CUDA_SWEEP_REGS="1",
+                                     BIRNN_EXT_CUDA_SWEEP_CLUSTER="1"),
         "bench-overlap": timing(variant, "targets-cuda-overlap", BIRNN_EXT_CUDA_OVERLAP="1"),
         "bench-tf32": timing(variant + ["--tf32"], "targets-cuda-tf32"),
         "bench-mma-tf32": timing(variant + ["--tf32"], "targets-cuda-tf32-mma", BIRNN_EXT_CUDA_MMA="1"),
@@ -278,6 +287,9 @@ TABLES = (("bench-targets", "targets preset", "targets-cuda"),
           ("bench-small-h", "gpu-grid's g1, g2, g5", "gpu-grid-cuda-small-h"),
           ("bench-block", "gpu-grid's g1, g2, g5 with a block per direction and group", "gpu-grid-cuda-sweep-block"),
           ("bench-cluster", "targets preset, a cluster per direction and group", "targets-cuda-sweep-cluster"),
+          ("bench-regs", "targets preset, SIMT weights in registers", "targets-cuda-sweep-regs"),
+          ("bench-cluster-regs", "targets preset, cluster sweeps with SIMT weights in registers",
+           "targets-cuda-sweep-cluster-regs"),
           ("bench-overlap", "targets preset, backward's weight gradients side by side", "targets-cuda-overlap"),
           ("bench-tf32", "targets preset", "targets-cuda-tf32"),
           ("bench-mma-tf32", "targets preset, tensor-core sweeps", "targets-cuda-tf32-mma"),

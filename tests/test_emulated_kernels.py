@@ -196,6 +196,7 @@ GROUP_RUNS = {
     "cluster3": (torch.float32, ("sweep-cluster", 3, 2), 2),
     "cluster4-uni": (torch.float32, ("sweep-cluster", 4, 2), 1),
     "cluster3-bf16-mma": (torch.bfloat16, ("sweep-cluster", 3, 2, "mma"), 2),
+    "cluster3-regs": (torch.float32, ("sweep-cluster", 3, 2, "regs"), 2),
     "whole": (torch.float32, ("sweep-whole", 8, 2), 2), "grid-units3": (torch.float64, ("sweep", 3, 2), 2),
 }
 
@@ -257,16 +258,19 @@ def test_sweep_kernel_of_one_step(emulator, tmp_path, D):
     compare(unpack(flat, want), want, torch.float32)
 
 
-def _plan(H, B, D, max_blocks, max_shared, elem=4, math=4, direction="fwd", mma=False):
-    out = subprocess.run([str(build("run_kernels")), "plan-mma" if mma else "plan", direction,
+def _plan(H, B, D, max_blocks, max_shared, elem=4, math=4, direction="fwd", mma=False, regs=False):
+    command = "plan-mma" if mma else "plan-regs" if regs else "plan"
+    out = subprocess.run([str(build("run_kernels")), command, direction,
                           *map(str, (H, B, D, elem, math, max_blocks, max_shared))],
                          capture_output=True, text=True, check=True).stdout.split()
     if out == ["none"]:
         return None
-    units, blocks, batch_tile, lanes, shared, rows, kdim, stride, registers = map(int, out)
-    assert shared <= max_shared and blocks <= max_blocks and 1 <= lanes <= 32
+    units, blocks, batch_tile, lanes, shared, rows, kdim, stride, registers, slice_, batch_lanes = map(int, out)
+    # Lanes (partial sums a dot product): threads of one, slices of the row, at most 32;
+    # SIMT register slices as many as the registers need (each at most 32 floats).
+    assert shared <= max_shared and blocks <= max_blocks and 1 <= lanes <= (256 if slice_ else 32)
     return SimpleNamespace(units=units, blocks=blocks, batch_tile=batch_tile, lanes=lanes, rows=rows, kdim=kdim,
-                           stride=stride, registers=bool(registers))
+                           stride=stride, registers=bool(registers), slice=slice_, batch_lanes=batch_lanes)
 
 
 def test_sweep_plans():
@@ -319,6 +323,100 @@ def test_tensor_core_plans_keep_the_weights_in_registers_where_they_fit():
     assert (big.rows, big.lanes, big.registers) == (64, 2, False)
 
 
+@pytest.mark.parametrize("elem,math", [(4, 4), (8, 8), (2, 4)], ids=["float32", "float64", "16bit"])
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+@pytest.mark.parametrize("H,B", [(128, 100), (128, 1), (8, 4), (200, 17), (256, 64), (512, 16), (768, 4)])
+def test_simt_register_plans(elem, math, direction, H, B):
+    """The SIMT plans with the weights in registers, where they fit: 2 rows a thread over
+    a slice of whole 16-byte loads, no more than 256 bytes of weights a thread, no more
+    threads than the block's 256 (row pairs x batch lanes x slices), no more batch lanes
+    than quads of rows in a tile, the row padded to whole slices, and rows an odd number
+    of 16-byte words apart."""
+    pl = _plan(H=H, B=B, D=2, max_blocks=132, max_shared=227 * 1024, elem=elem, math=math, direction=direction,
+               regs=True)
+    if pl is None or not pl.registers:  # then exactly the plan with the weights in shared memory, or none
+        assert pl == _plan(H=H, B=B, D=2, max_blocks=132, max_shared=227 * 1024, elem=elem, math=math,
+                           direction=direction)
+        return
+    width = H if direction == "fwd" else 4 * H
+    vec = 16 // elem
+    assert pl.slice % vec == 0 and 2 * pl.slice * math <= 256
+    assert pl.kdim == pl.lanes * pl.slice and 0 <= pl.kdim - width < pl.slice
+    assert pl.stride >= pl.kdim and pl.stride % vec == 0 and pl.stride // vec % 2 == 1
+    assert pl.rows // 2 * pl.batch_lanes * pl.lanes <= 256 and 1 <= pl.batch_lanes <= -(-pl.batch_tile // 4)
+
+
+def test_simt_plans_keep_the_weights_in_registers_where_they_fit():
+    big = 227 * 1024
+    # The classic size (B 100, H 128, both directions on 132 SMs): forward 8 rows a block,
+    # 4 pairs, in the fewest slices of at most 32 floats (4), and 16 batch lanes (of 25
+    # quads): 256 threads, 4 partial sums a dot product. Backward 2 rows (the block's 2
+    # columns of W_hh) of 4H = 512 in 16 slices of 32, 16 batch lanes.
+    fwd = _plan(H=128, B=100, D=2, max_blocks=132, max_shared=big, regs=True)
+    assert (fwd.rows, fwd.registers, fwd.slice, fwd.lanes, fwd.batch_lanes) == (8, True, 32, 4, 16)
+    assert (fwd.kdim, fwd.stride) == (128, 132)
+    bwd = _plan(H=128, B=100, D=2, max_blocks=132, max_shared=big, direction="bwd", regs=True)
+    assert (bwd.rows, bwd.registers, bwd.slice, bwd.lanes, bwd.batch_lanes) == (2, True, 32, 16, 16)
+    # One batch row: no batch lanes to fill the threads, so more slices, up to 32 of 4.
+    one = _plan(H=128, B=1, D=2, max_blocks=132, max_shared=big, regs=True)
+    assert (one.slice, one.lanes, one.batch_lanes) == (4, 32, 1)
+    # H 512, B 16: forward 32 rows a block, 16 pairs x 16 slices of 32 floats (64 registers
+    # a thread) fill the block: one batch lane.
+    h512 = _plan(H=512, B=16, D=2, max_blocks=132, max_shared=big, regs=True)
+    assert (h512.rows, h512.registers, h512.slice, h512.lanes, h512.batch_lanes) == (32, True, 32, 16, 1)
+    # The same 256 bytes hold half as many float64 weights: 32 slices of 16 x 16 pairs
+    # outnumber the threads. H 768's 24 pairs would need 24 slices of 32 floats. Both keep
+    # their weights in shared memory.
+    assert not _plan(H=512, B=16, D=2, max_blocks=132, max_shared=big, elem=8, math=8, regs=True).registers
+    assert not _plan(H=768, B=4, D=2, max_blocks=132, max_shared=big, regs=True).registers
+    # bfloat16: a 16-byte load is 8 entries, rows 17 of them apart.
+    bf = _plan(H=128, B=100, D=2, max_blocks=132, max_shared=big, elem=2, math=4, regs=True)
+    assert (bf.slice, bf.lanes, bf.batch_lanes, bf.kdim, bf.stride) == (32, 4, 16, 128, 136)
+
+
+# The sweeps with SIMT products and the weights in registers (register_products), against
+# the CPU path: (sweep, units or cluster, batch tile, H, B, layer case). H = 8 in blocks of
+# 1 unit, batch tiles of 4 rows: one batch lane, the slices of one 16-byte load, most of
+# the block's threads idle; 3 units and tiles of 1 row: the staged quad's rows past the
+# tile zeros; 2 units and tiles of 10 rows: 3 batch lanes, each taking rows f, f + 3, f + 6,
+# f + 9 of the 12 staged; a block a direction (whole). H = 40 in clusters of 3 blocks of 14
+# units (the last 12), tiles of 5 rows: 2 batch lanes, slices of 12 padded past the row's
+# end; and blocks of 20 units, 40 forward pairs, more than a warp.
+REG_CUTS = {
+    "grid-units1-tile4": ("sweep", 1, 4, 8, 4, "bi-lengths"),
+    "grid-units3-tile1": ("sweep", 3, 1, 8, 4, "bi-lengths-nobias"),
+    "grid-units2-tile10": ("sweep", 2, 10, 8, 10, "bi-lengths"),
+    "whole-tile3": ("sweep-whole", 8, 3, 8, 4, "bi-lengths"),
+    "cluster3-H40": ("sweep-cluster", 3, 5, 40, 6, "bi-lengths"),
+    "grid-units20-H40": ("sweep", 20, 4, 40, 5, "uni"),
+}
+REG_RUNS = [(torch.float32, cut) for cut in REG_CUTS] + [
+    (dtype, cut) for dtype in (torch.float64, torch.bfloat16, torch.float16)
+    for cut in ("grid-units2-tile10", "cluster3-H40")]
+
+
+def reg_case(dtype, cut):
+    sweep, units, tile, H, B, name = REG_CUTS[cut]
+    cfg = dict(LAYER_CASES[name])
+    if cfg["lengths"]:
+        cfg["lengths"] = (cfg["lengths"] * 3)[:B]
+    header, case = make_case(dtype, 0, T=5, B=B, I=6, H=H, P=H, **cfg)
+    return header, case, (sweep, units, tile, "regs")
+
+
+@pytest.mark.parametrize("dtype,cut", REG_RUNS, ids=lambda v: str(v).removeprefix("torch."))
+def test_register_sweep_matches_cpu(emulator, tmp_path, dtype, cut):
+    """Both sweeps with the SIMT products' weights in registers: each thread's slice of its
+    two rows loaded once, the tile read 16 bytes at a time (UBSan checks the alignment),
+    the batch rows dealt to the batch lanes, the slices' partial sums added by the cell
+    update. run_kernels refuses a plan that would not keep them in registers."""
+    header, case, args = reg_case(dtype, cut)
+    proc, flat = run_emulated(emulator, header, case, tmp_path, args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    want = reference_layer(case, dtype)
+    compare(unpack(flat, want), want, dtype)
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
 @pytest.mark.parametrize("bias", [True, False])
 def test_cell_kernels_match_cpu(emulator, tmp_path, dtype, bias):
@@ -332,7 +430,7 @@ def test_cell_kernels_match_cpu(emulator, tmp_path, dtype, bias):
 @pytest.mark.parametrize("defect", ["BIRNN_BREAK_OFF_BY_ONE", "BIRNN_BREAK_MISSING_BARRIER", "BIRNN_BREAK_LEAK",
                                     "BIRNN_BREAK_SWEEP_BARRIER", "BIRNN_BREAK_SWEEP_BWD_BARRIER",
                                     "BIRNN_BREAK_CLUSTER_BARRIER", "BIRNN_BREAK_CLUSTER_BWD_BARRIER",
-                                    "BIRNN_BREAK_DSMEM_RANK", "BIRNN_BREAK_GROUP_ROWS"])
+                                    "BIRNN_BREAK_DSMEM_RANK", "BIRNN_BREAK_GROUP_ROWS", "BIRNN_BREAK_REGISTER_SLICE"])
 def test_a_broken_kernel_is_caught(tmp_path, defect):
     """The harness can fail: a build with a deliberate defect (the reverse direction's
     time index off by one; the barrier before the shared-memory reduction removed; a
@@ -340,7 +438,8 @@ def test_a_broken_kernel_is_caught(tmp_path, defect):
     products and its cell update removed; the forward or the backward cluster sweep's
     barrier between steps removed; the cluster sweeps reading each entry of the row from
     the wrong block's shared memory; every group of batch rows working on the first
-    group's) must be caught, by a sanitizer or by a wrong answer."""
+    group's; the SIMT products with weights in registers reading the next slice's columns
+    of the tile) must be caught, by a sanitizer or by a wrong answer."""
     exe = build(f"run_kernels_{defect.lower()}", (defect,))
     # The shared-memory reduction (column_sums_kernel) sums the cell's bias gradient; a
     # layer's goes to an ATen reduction on the GPU, a host sum in the emulated run.
@@ -350,7 +449,8 @@ def test_a_broken_kernel_is_caught(tmp_path, defect):
     else:
         header, case = make_case(torch.float32, 0, T=5, B=4, I=6, H=8, P=8, D=2, lengths=[5, 2, 1, 4], bias=True,
                                  proj=False)
-    args = (("sweep", 3, 4) if "SWEEP" in defect
+    args = (("sweep", 2, 4, "regs") if "REGISTER" in defect
+            else ("sweep", 3, 4) if "SWEEP" in defect
             else ("sweep-cluster", 4, 4) if "CLUSTER" in defect or "DSMEM" in defect
             else ("sweep-cluster", 4, 2, "groups=2") if "GROUP" in defect else ())
     proc, flat = run_emulated(exe, header, case, tmp_path, args)

@@ -9,8 +9,8 @@
 #if !defined(BIRNN_EMU)
 #define BIRNN_LAUNCH(kernel, grid, block, shared_bytes, stream, ...) \
   kernel<<<grid, block, shared_bytes, stream>>>(__VA_ARGS__)
-#define BIRNN_DYNAMIC_SHARED(type, name)          \
-  extern __shared__ unsigned char birnn_smem_[]; \
+#define BIRNN_DYNAMIC_SHARED(type, name)                       \
+  extern __shared__ __align__(16) unsigned char birnn_smem_[]; \
   type* name = reinterpret_cast<type*>(birnn_smem_)
 #define BIRNN_LAUNCH_ERROR() cudaGetLastError()
 #include <cooperative_groups.h>
@@ -105,6 +105,18 @@ __host__ __device__ __forceinline__ math_t<T> cell_forward(T* xg, const math_t<T
   math_t<T> x[4];
   for (int k = 0; k < 4; ++k) x[k] = to_math(xg[k * H + j]);
   return cell_forward<T, Training>(x, rec, bias, c, xg, H, j);
+}
+
+// 16 bytes of storage type T, loaded at once (one LDS.128 from shared memory).
+template <typename T>
+struct alignas(16) Vec16 {
+  T v[16 / sizeof(T)];
+};
+
+// The 16 bytes at p, which must be 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ Vec16<T> load_vec16(const T* p) {
+  return *reinterpret_cast<const Vec16<T>*>(p);
 }
 
 // A load of what other blocks wrote before the last grid barrier: through L2, never

@@ -61,6 +61,20 @@ int64_t sweep_mma_k() {
   }
 }
 
+// How a sweep's step products run: on the tensor cores where sweep_mma_k says so, with
+// their weight fragments in registers where they fit; else on the CUDA cores, with
+// BIRNN_EXT_CUDA_SWEEP_REGS=1 also their weights in registers where they fit
+// (SweepPlan::registers: 2 rows over a slice of the row a thread, the step's tile read 16
+// bytes at a time, one shared-memory load per 8 float32 multiply-adds against 6 with the
+// weights in shared memory). Chosen by that count, not yet timed: off by default until
+// make gpu-variants has timed it against the shared-memory products.
+template <typename T>
+cuda::Products sweep_products() {
+  static const bool simt_registers = env_is("BIRNN_EXT_CUDA_SWEEP_REGS", "1");
+  const int64_t mma_k = sweep_mma_k<T>();
+  return cuda::Products{mma_k, mma_k > 0 || simt_registers};
+}
+
 // The batch groups of a sweep whose blocks (one a direction, or a cluster a direction)
 // would leave most of the GPU idle: as many groups as `slots` (what the device runs at
 // once: blocks or clusters) hold for D directions, each of at least kMinGroupRows rows (an
@@ -85,18 +99,19 @@ int64_t batch_groups(int64_t B, int64_t D, int64_t slots) {
 template <typename T>
 bool device_sweep_plan(bool backward, bool training, int64_t H, int64_t B, int64_t D, cuda::SweepPlan* plan) {
   static const bool block = env_is("BIRNN_EXT_CUDA_SWEEP_BLOCK", "1");
-  const int64_t mma_k = sweep_mma_k<T>();
+  const cuda::Products products = sweep_products<T>();
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   const int sms = prop->multiProcessorCount;
   const int64_t shared = int64_t(prop->sharedMemPerBlockOptin);
   auto fits = [&] {
     return backward ? cuda::sweep_bwd_fits<T>(*plan, sms) : cuda::sweep_fwd_fits<T>(*plan, training, sms);
   };
-  if (block && cuda::choose_block_sweep_plan(backward, H, B, D, sizeof(T), sizeof(math_t<T>), mma_k, shared, plan,
+  if (block && cuda::choose_block_sweep_plan(backward, H, B, D, sizeof(T), sizeof(math_t<T>), products, shared, plan,
                                              batch_groups(B, D, sms)) &&
       fits())
     return true;
-  return cuda::choose_sweep_plan(backward, H, B, D, sizeof(T), sizeof(math_t<T>), mma_k, sms, shared, plan) && fits();
+  return cuda::choose_sweep_plan(backward, H, B, D, sizeof(T), sizeof(math_t<T>), products, sms, shared, plan) &&
+         fits();
 }
 
 // The sweeps with a thread-block cluster per direction and group of batch rows (sm_90
@@ -112,9 +127,10 @@ bool device_cluster_plan(bool backward, bool training, int64_t H, int64_t B, int
   static const bool on = env_is("BIRNN_EXT_CUDA_SWEEP_CLUSTER", "1");
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   if (!on || prop->major < 9) return false;
-  const int64_t shared = int64_t(prop->sharedMemPerBlockOptin), mma_k = sweep_mma_k<T>();
+  const int64_t shared = int64_t(prop->sharedMemPerBlockOptin);
+  const cuda::Products products = sweep_products<T>();
   auto plan_of = [&](int64_t cluster, int64_t groups) {
-    return cuda::choose_cluster_sweep_plan(backward, H, B, D, sizeof(T), sizeof(math_t<T>), mma_k, cluster, shared,
+    return cuda::choose_cluster_sweep_plan(backward, H, B, D, sizeof(T), sizeof(math_t<T>), products, cluster, shared,
                                            plan, groups);
   };
   auto clusters = [&] {

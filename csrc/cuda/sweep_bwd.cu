@@ -71,8 +71,8 @@ __global__ void sweep_bwd_kernel(const SweepBwd<T> p) {
     const int k = i / R, u = i % R;
     w_s[u * stride + k] = u < nu && k < W ? p.w_hh[d][k * H + j0 + u] : zero;
   }
-  uint32_t a_frags[kRegSteps][4];  // mma, a_in_registers: the warp's weight fragments
-  prepare_products<Mma>(pl, w_s, W, g_s, a_frags);
+  WeightRegisters<T, Mma> regs;  // the thread's weights where the plan keeps them in registers
+  prepare_products<Mma>(pl, w_s, W, g_s, regs);
   for (int64_t q = p.q_begin; q < p.q_end; ++q) {
     const int64_t s = p.T_ - 1 - q;  // the sweep step; -1 in the last phase, which only makes dh0
     const T* dg_last = p.dg_step + ((q & 1) * D + d) * B * G;
@@ -91,7 +91,7 @@ __global__ void sweep_bwd_kernel(const SweepBwd<T> p) {
           stage_tile(dg_last + b0 * G, nb, staged, W, stride, g_s);
         }
         __syncthreads();
-        step_products<Mma>(pl, w_s, g_s, W, nb, staged, a_frags, part);
+        step_products<Mma>(pl, w_s, g_s, W, nb, staged, regs, part);
 #if !defined(BIRNN_BREAK_SWEEP_BWD_BARRIER)
         __syncthreads();
 #endif

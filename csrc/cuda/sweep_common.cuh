@@ -104,11 +104,11 @@ __device__ __forceinline__ void tile_products(const T* w, const T* tile, int R, 
 // row's end). A warp's work item: 16 weight rows (mma's A, row-major) x 8 batch rows
 // (B's columns) over one slice, accumulated in float.
 //
-// With the plan's a_in_registers, the warp's weight fragments come from `a` (weight_fragments,
+// With the plan's registers, the warp's weight fragments come from `a` (weight_fragments,
 // loaded once per sweep) instead of shared memory: all its items share one tile and slice.
 template <typename T>
 __device__ __forceinline__ void mma_products(const T* w, const T* tile, int R, int stride, int kdim, int L, int nb,
-                                             const uint32_t (&a)[kRegSteps][4], bool a_in_registers, float* part) {
+                                             const uint32_t (&a)[kRegSteps][4], bool registers, float* part) {
   constexpr mma::Kind K = mma::KindOf<T>::value;
   constexpr int kK = mma::Traits<K>::kK;
   const int warp = int(threadIdx.x / 32), warps = int(blockDim.x / 32);
@@ -117,7 +117,7 @@ __device__ __forceinline__ void mma_products(const T* w, const T* tile, int R, i
     const int rt = item % row_tiles, l = item / row_tiles % L, oc = item / (row_tiles * L);
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     const T* b_cols = tile + oc * 8 * stride + l * slice;
-    if (a_in_registers) {
+    if (registers) {
 #pragma unroll
       for (int k = 0; k < kRegSteps; ++k) {
         if (k * kK < slice) {
@@ -149,32 +149,127 @@ __device__ __forceinline__ void weight_fragments(const T* w, int R, int stride, 
   }
 }
 
+// The SIMT products with the weights in registers (the plan's registers, slice and
+// batch_lanes; the weights in `wr`, register_weights): thread t holds rows r = t % P and
+// r + P (P = R / 2 pairs) over slice l of the row, the columns [l slice, (l + 1) slice),
+// l = t / (P F), and runs the staged batch rows f, f + F, f + 2F, ... of the tile against
+// them, 4 at a time (f = t / P % F, F batch lanes), reading the tile 16 bytes at a time:
+// the lanes of one row and slice read the same address, and the batch lanes of a warp
+// neighbouring rows, on different banks (the plan's stride). No lane waits on another:
+// each writes its own partial sums, part[(bb * R + r) * L + l], L = the plan's lanes (its
+// slices). Threads past the slices idle.
+template <typename T>
+struct SimtRegisters {
+  static constexpr int kSlice = int(simt_max_slice(sizeof(math_t<T>)));
+  math_t<T> w[2][kSlice];
+};
+
+template <typename T>
+__device__ __forceinline__ void register_products(const SweepPlan& pl, const T* tile, int nb, int staged,
+                                                  const SimtRegisters<T>& wr, math_t<T>* part) {
+  using A = math_t<T>;
+  constexpr int V = int(vec_entries(sizeof(T))), kSlice = SimtRegisters<T>::kSlice;
+  const int R = int(pl.rows), P = R / 2, F = int(pl.batch_lanes), L = int(pl.lanes), stride = int(pl.stride);
+  const int slice = int(pl.slice), t = int(threadIdx.x), r = t % P, f = t / P % F, l = t / (P * F);
+  if (l >= L) return;
+#if defined(BIRNN_BREAK_REGISTER_SLICE)
+  const T* cols = tile + (l + 1) % L * slice;  // Deliberately wrong: the next slice's columns.
+#else
+  const T* cols = tile + l * slice;
+#endif
+  for (int b = f; b < staged; b += 4 * F) {  // rows b + q F, q = 0..3
+    // A row past the staged ones reads row b again, unused: no branch between the loads,
+    // so that the four are in flight together.
+    const T* row[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) row[q] = cols + (b + q * F < staged ? b + q * F : b) * stride;
+    A acc[4][2] = {};
+#pragma unroll
+    for (int v = 0; v < kSlice / V; ++v) {
+      if (v * V < slice) {  // the same for the whole block
+        Vec16<T> h[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) h[q] = load_vec16(row[q] + v * V);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+#pragma unroll
+          for (int e = 0; e < V; ++e) {
+            const A x = to_math(h[q].v[e]);
+            acc[q][0] += wr.w[0][v * V + e] * x;
+            acc[q][1] += wr.w[1][v * V + e] * x;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int bb = b + q * F;
+      if (bb < nb) {
+        part[(bb * R + r) * L + l] = acc[q][0];
+        part[(bb * R + r + P) * L + l] = acc[q][1];
+      }
+    }
+  }
+}
+
+// The thread's weights of register_products from the block's weight rows w ([R][stride],
+// zeros past the row's end), once per sweep: zeros where it has no slice and past the
+// slice.
+template <typename T>
+__device__ __forceinline__ void register_weights(const SweepPlan& pl, const T* w, SimtRegisters<T>& wr) {
+  const int P = int(pl.rows) / 2, stride = int(pl.stride), slice = int(pl.slice);
+  const int t = int(threadIdx.x), r = t % P, l = t / (P * int(pl.batch_lanes));
+  const bool has_slice = l < int(pl.lanes);
+#pragma unroll
+  for (int k = 0; k < SimtRegisters<T>::kSlice; ++k) {
+    const bool in = has_slice && k < slice;
+    wr.w[0][k] = in ? to_math(w[r * stride + l * slice + k]) : math_t<T>(0);
+    wr.w[1][k] = in ? to_math(w[(r + P) * stride + l * slice + k]) : math_t<T>(0);
+  }
+}
+
+// The weights a thread keeps in registers where the plan says so: the mma fragments of
+// its warp, or its SIMT rows.
+template <typename T, bool Mma>
+struct WeightRegisters {
+  uint32_t a[kRegSteps][4];
+};
+template <typename T>
+struct WeightRegisters<T, false> {
+  SimtRegisters<T> simt;
+};
+
 // What the products need before the first step: zeros in the staged tile's columns past
 // the row's end (`width`; staging writes only the first `width` of each row, the tensor
-// cores read up to kdim), and with tensor-core products whose plan keeps the weights in
-// registers, the warp's weight fragments from the block's weight rows `w` (written
-// before the call by all the block's threads).
+// cores and the SIMT register slices read up to kdim), and where the plan keeps the
+// weights in registers, the thread's share of them from the block's weight rows `w`
+// (written before the call by all the block's threads).
 template <bool Mma, typename T>
 __device__ __forceinline__ void prepare_products(const SweepPlan& pl, const T* w, int width, T* tile,
-                                                 uint32_t (&a)[kRegSteps][4]) {
+                                                 WeightRegisters<T, Mma>& regs) {
   const int stride = int(pl.stride), pad = stride - width;
   for (int i = int(threadIdx.x); i < int(pl.tile_rows) * pad; i += int(blockDim.x))
     tile[i / pad * stride + width + i % pad] = from_math<T>(math_t<T>(0));
-  if constexpr (Mma) {
-    if (pl.a_in_registers) {
-      __syncthreads();  // the weight rows are in place
-      weight_fragments(w, int(pl.rows), stride, int(pl.kdim), int(pl.lanes), a);
+  if (pl.registers) {
+    __syncthreads();  // the weight rows are in place
+    if constexpr (Mma) {
+      weight_fragments(w, int(pl.rows), stride, int(pl.kdim), int(pl.lanes), regs.a);
+    } else {
+      register_weights(pl, w, regs.simt);
     }
   }
 }
 
 // One step's products of the staged tile (nb batch rows, `staged` of them staged) against
-// the block's weight rows, into part: on the tensor cores (Mma) or the CUDA cores.
+// the block's weight rows (in shared memory `w`, or in registers where the plan says so),
+// into part: on the tensor cores (Mma) or the CUDA cores.
 template <bool Mma, typename T>
 __device__ __forceinline__ void step_products(const SweepPlan& pl, const T* w, const T* tile, int width, int nb,
-                                              int staged, const uint32_t (&a)[kRegSteps][4], math_t<T>* part) {
+                                              int staged, const WeightRegisters<T, Mma>& regs, math_t<T>* part) {
   if constexpr (Mma) {
-    mma_products(w, tile, int(pl.rows), int(pl.stride), int(pl.kdim), int(pl.lanes), nb, a, pl.a_in_registers, part);
+    mma_products(w, tile, int(pl.rows), int(pl.stride), int(pl.kdim), int(pl.lanes), nb, regs.a, pl.registers, part);
+  } else if (pl.registers) {
+    register_products(pl, tile, nb, staged, regs.simt, part);
   } else {
     tile_products(w, tile, int(pl.rows), width, int(pl.stride), int(pl.lanes), nb, staged / 4, part);
   }

@@ -68,8 +68,8 @@ __global__ void sweep_fwd_kernel(const SweepFwd<T> p) {
     const int r = i / stride, k = i % stride, g = r / U, u = r % U;
     w_s[i] = r < 4 * U && u < nu && k < H ? p.w_hh[d][(g * H + j0 + u) * H + k] : zero;
   }
-  uint32_t a_frags[kRegSteps][4];  // mma, a_in_registers: the warp's weight fragments
-  prepare_products<Mma>(pl, w_s, H, h_s, a_frags);
+  WeightRegisters<T, Mma> regs;  // the thread's weights where the plan keeps them in registers
+  prepare_products<Mma>(pl, w_s, H, h_s, regs);
   for (int64_t s = p.s_begin; s < p.s_end; ++s) {
     const T* h_cur = s == 0 ? p.h0 + d * B * H : p.h + ((s & 1) * D + d) * B * H;
     T* h_next = s == p.T_ - 1 ? p.h_n + d * B * H : p.h + (((s + 1) & 1) * D + d) * B * H;
@@ -85,7 +85,7 @@ __global__ void sweep_fwd_kernel(const SweepFwd<T> p) {
         stage_tile(h_cur + b0 * H, nb, staged, H, stride, h_s);
       }
       __syncthreads();
-      step_products<Mma>(pl, w_s, h_s, H, nb, staged, a_frags, part);
+      step_products<Mma>(pl, w_s, h_s, H, nb, staged, regs, part);
 #if !defined(BIRNN_BREAK_SWEEP_BARRIER)
       __syncthreads();
 #endif

@@ -30,7 +30,17 @@
 // weight rows x 8 batch rows through csrc/cuda/mma.cuh, TF32 for float32 storage, bf16 or
 // f16 for those; the weight rows are then padded to a multiple of 16, the staged batch
 // rows to a multiple of 8 and the row length to whole mma steps, all with zeros.
+//
+// Either kind may keep the block's weights in registers for the whole sweep where they
+// fit (Products::registers), as persistent RNNs do, instead of reading them from shared
+// memory every step: on the CUDA cores each thread then holds 2 weight rows over a slice
+// of the row, and a step reads only the staged tile, 16 bytes at a time, the same address
+// across the lanes of one batch row and slice (a broadcast). Per 8 float32 multiply-adds
+// the shared-memory path issues 6 loads (2 weights, 4 tile entries), the register path
+// one 16-byte load.
 #pragma once
+
+#include <algorithm>
 
 #include "lstm_kernels.h"
 
@@ -39,22 +49,41 @@ namespace birnn::cuda {
 constexpr int64_t kSweepThreads = 256;
 // The most mma steps of weight fragments a warp keeps in registers (4 registers each).
 constexpr int kRegSteps = 16;
+// The bytes of weights a thread keeps in registers with SIMT products (64 registers):
+// 2 rows of a slice of at most kRegSimtBytes / (2 * sizeof(math_t<T>)) entries.
+constexpr int64_t kRegSimtBytes = 256;
+__host__ __device__ constexpr int64_t simt_max_slice(int64_t math_bytes) { return kRegSimtBytes / (2 * math_bytes); }
+// The entries of storage type T one 16-byte shared-memory load reads.
+__host__ __device__ constexpr int64_t vec_entries(int64_t elem_bytes) { return 16 / elem_bytes; }
+
+// How a plan's step products run: on the tensor cores with mma_k (the K of one mma: 8
+// TF32, 16 bf16 and f16) or on the CUDA cores (0); with the weights in registers for the
+// whole sweep where they fit (`registers`), else read from shared memory every step.
+struct Products {
+  int64_t mma_k = 0;
+  bool registers = false;
+};
 
 // How a sweep is cut: `units` hidden units per block, whose `rows` weight rows it keeps
 // in shared memory ([rows][stride]); batch rows in tiles of `batch_tile`, each tile's h
 // (or dg) staged in shared memory ([tile_rows][stride], rows past the tile zeros); each
 // dot product summed in `lanes` parts (SIMT: a power of two up to 32 threads, so that
 // small batches still keep the block's threads busy; mma: up to 8 slices of the row, one
-// warp each), which land in shared memory ([batch_tile][rows][lanes]) for the cell
-// update to add in a fixed order. The products read `kdim` entries of each row (the
-// row's length, padded with zeros to whole mma steps on the tensor cores).
+// warp each; SIMT with registers: a slice of `slice` entries each, as many as the
+// registers need, more up to 32 where threads are left), which land in shared memory
+// ([batch_tile][rows][lanes]) for the cell update to add in a fixed order. The products
+// read `kdim` entries of each row (the row's length, padded with zeros to whole mma steps
+// on the tensor cores, to whole slices with SIMT registers).
 struct SweepPlan {
   int64_t units = 0, batch_tile = 0, lanes = 0, blocks = 0;
   int64_t groups = 1, group_rows = 0;  // the batch cut into groups of group_rows rows (the last may have fewer)
   int64_t mma_k = 0;  // the K of one mma (8 TF32, 16 bf16 and f16), or 0: SIMT products
-  // mma: each warp keeps its weight fragments in registers for the whole sweep (its work
-  // items share one 16-row tile and slice, of at most kRegSteps mma steps)
-  bool a_in_registers = false;
+  // The weights in registers for the whole sweep. mma: each warp keeps its weight
+  // fragments (its work items share one 16-row tile and slice, of at most kRegSteps mma
+  // steps). SIMT: each thread keeps 2 rows over `slice` entries of the row and takes every
+  // batch_lanes-th batch row of a tile (simt_register_cut).
+  bool registers = false;
+  int64_t slice = 0, batch_lanes = 0;
   int64_t rows = 0, tile_rows = 0, kdim = 0, stride = 0;
   int64_t tile_offset = 0, part_offset = 0, shared_bytes = 0;
   int64_t own_offset = 0;  // the cluster sweeps' own h or dg, [2][group_rows][units or 4 units], after the rest
@@ -117,11 +146,38 @@ inline int64_t sweep_group_rows(int64_t B, int64_t groups) {
   return groups > 1 ? (B + groups - 1) / groups : B;
 }
 
-// `registers`: with mma products, the weight fragments in registers where they fit.
-// `groups`: the batch cut into at most that many groups of rows, none empty.
+// The cut of the SIMT products with the weights in registers (SweepPlan::registers,
+// register_products): thread t holds weight rows r and r + P (P = rows / 2 pairs, r = t %
+// P) over slice l of the row (l = t / (P F)), and takes every F-th batch row of a tile from
+// row f (f = t / P % F, F batch lanes). The fewest slices the registers allow (at most
+// simt_max_slice entries, whole 16-byte loads), as each is one more partial sum for the
+// cell update to add; then as many batch lanes as the tile has quads of rows and the
+// block has threads; then more slices for the threads left, up to 32. False where the
+// pairs outnumber the threads or the slices do.
+struct SimtRegisterCut {
+  int64_t slice = 0, slices = 0, batch_lanes = 0;
+};
+
+inline bool simt_register_cut(int64_t rows, int64_t width, int64_t quads, int64_t elem_bytes, int64_t math_bytes,
+                              SimtRegisterCut* cut) {
+  const int64_t pairs = rows / 2, vec = vec_entries(elem_bytes), longest = simt_max_slice(math_bytes);
+  if (pairs < 1 || quads < 1) return false;
+  int64_t slices = (width + longest - 1) / longest;
+  if (pairs * slices > kSweepThreads) return false;
+  const int64_t lanes = std::min(quads, kSweepThreads / (pairs * slices));
+  slices = std::max(slices, std::min({kSweepThreads / (pairs * lanes), int64_t(32), (width + vec - 1) / vec}));
+  cut->slice = ((width + slices - 1) / slices + vec - 1) / vec * vec;  // at most `longest`, a multiple of vec
+  cut->slices = (width + cut->slice - 1) / cut->slice;
+  cut->batch_lanes = lanes;
+  return true;
+}
+
+// `products`: on the tensor cores or the CUDA cores, with the weights in registers where
+// they fit. `groups`: the batch cut into at most that many groups of rows, none empty.
 inline SweepPlan sweep_plan(bool backward, int64_t H, int64_t B, int64_t D, int64_t units, int64_t batch_tile,
-                            int64_t elem_bytes, int64_t math_bytes, int64_t mma_k = 0, bool registers = true,
-                            int64_t groups = 1) {
+                            int64_t elem_bytes, int64_t math_bytes, Products products = {}, int64_t groups = 1) {
+  const int64_t mma_k = products.mma_k;
+  const bool registers = products.registers;
   SweepPlan pl;
   pl.units = units;
   pl.mma_k = mma_k;
@@ -130,7 +186,22 @@ inline SweepPlan sweep_plan(bool backward, int64_t H, int64_t B, int64_t D, int6
   pl.batch_tile = batch_tile < pl.group_rows ? batch_tile : pl.group_rows;
   pl.rows = sweep_rows(backward, units, mma_k > 0);
   const int64_t width = sweep_width(backward, H);
-  if (mma_k == 0) {
+  SimtRegisterCut cut;
+  if (mma_k == 0 && registers &&
+      simt_register_cut(pl.rows, width, (pl.batch_tile + 3) / 4, elem_bytes, math_bytes, &cut)) {
+    pl.registers = true;
+    pl.slice = cut.slice;
+    pl.batch_lanes = cut.batch_lanes;
+    pl.lanes = cut.slices;  // a partial sum per slice
+    pl.tile_rows = (pl.batch_tile + 3) / 4 * 4;
+    pl.kdim = cut.slices * cut.slice;
+    // Rows an odd number of 16-byte words apart: the batch lanes of a warp read
+    // neighbouring rows at the same column, which then fall on different banks (and the
+    // rows stay 16-byte aligned for the loads). Lanes of one row pair and slice read the
+    // same address: a broadcast.
+    const int64_t vec = vec_entries(elem_bytes);
+    pl.stride = pl.kdim / vec % 2 ? pl.kdim : pl.kdim + vec;
+  } else if (mma_k == 0) {
     // A thread's work item: 4 batch rows x 2 weight rows, in one lane of the dot products.
     const int64_t quads = (pl.batch_tile + 3) / 4, items = quads * (pl.rows / 2);
     pl.lanes = 1;
@@ -153,7 +224,7 @@ inline SweepPlan sweep_plan(bool backward, int64_t H, int64_t B, int64_t D, int6
     while (lanes < 8 && row_tiles * lanes * 2 <= warps && steps(lanes) > kRegSteps) lanes *= 2;
     if (registers && warps % (row_tiles * lanes) == 0 && steps(lanes) <= kRegSteps) {
       pl.lanes = lanes;
-      pl.a_in_registers = true;
+      pl.registers = true;
     }
     pl.tile_rows = 8 * octs;
     pl.kdim = (width + mma_k * pl.lanes - 1) / (mma_k * pl.lanes) * (mma_k * pl.lanes);
@@ -175,11 +246,10 @@ inline int64_t sweep_blocks_per_direction(const SweepPlan& pl, int64_t D) { retu
 // tile that fits `max_shared` bytes, with `own_bytes_per_row` more per row of a group (the
 // cluster sweeps' own rows, two steps deep); false where not even one row fits.
 inline bool fit_batch_tile(bool backward, int64_t H, int64_t B, int64_t D, int64_t units, int64_t elem_bytes,
-                           int64_t math_bytes, int64_t mma_k, int64_t own_bytes_per_row, int64_t max_shared,
+                           int64_t math_bytes, Products products, int64_t own_bytes_per_row, int64_t max_shared,
                            SweepPlan* out, int64_t groups = 1) {
   for (int64_t tile = sweep_group_rows(B, groups); tile >= 1; tile = tile > 64 ? tile * 3 / 4 : tile - 1) {
-    SweepPlan pl =
-        sweep_plan(backward, H, B, D, units, tile, elem_bytes, math_bytes, mma_k, /*registers=*/true, groups);
+    SweepPlan pl = sweep_plan(backward, H, B, D, units, tile, elem_bytes, math_bytes, products, groups);
     pl.own_offset = pl.shared_bytes;
     pl.shared_bytes += sweep_align(pl.group_rows * own_bytes_per_row);
     if (pl.shared_bytes <= max_shared) {
@@ -202,24 +272,24 @@ inline int64_t mma_units(int64_t units, int64_t H, int64_t mma_k) {
 // `max_shared` bytes each: the fewest units per block that fit the blocks (spreading
 // the work over as many as there are), then the largest batch tile that fits the
 // shared memory. Returns false where nothing fits (the weight rows too long).
-// `mma_k`: the tensor-core products' K (SweepPlan), or 0 for SIMT products.
+// `products`: how the step products run (Products).
 inline bool choose_sweep_plan(bool backward, int64_t H, int64_t B, int64_t D, int64_t elem_bytes, int64_t math_bytes,
-                              int64_t mma_k, int64_t max_blocks, int64_t max_shared, SweepPlan* out) {
+                              Products products, int64_t max_blocks, int64_t max_shared, SweepPlan* out) {
   if (H <= 0 || B <= 0 || D <= 0 || max_blocks < D) return false;
   int64_t units = (D * H + max_blocks - 1) / max_blocks;
   while (D * ((H + units - 1) / units) > max_blocks) ++units;
-  units = mma_units(units, H, mma_k);
-  return fit_batch_tile(backward, H, B, D, units, elem_bytes, math_bytes, mma_k, 0, max_shared, out);
+  units = mma_units(units, H, products.mma_k);
+  return fit_batch_tile(backward, H, B, D, units, elem_bytes, math_bytes, products, 0, max_shared, out);
 }
 
 // The plan that gives each direction one block per group of batch rows (units = H, the
 // largest batch tile that fits), or false where W_hh's share does not fit one block's
 // shared memory.
 inline bool choose_block_sweep_plan(bool backward, int64_t H, int64_t B, int64_t D, int64_t elem_bytes,
-                                    int64_t math_bytes, int64_t mma_k, int64_t max_shared, SweepPlan* out,
+                                    int64_t math_bytes, Products products, int64_t max_shared, SweepPlan* out,
                                     int64_t groups = 1) {
   if (H <= 0 || B <= 0 || D <= 0) return false;
-  return fit_batch_tile(backward, H, B, D, H, elem_bytes, math_bytes, mma_k, 0, max_shared, out, groups);
+  return fit_batch_tile(backward, H, B, D, H, elem_bytes, math_bytes, products, 0, max_shared, out, groups);
 }
 
 // A sweep with a thread-block cluster per direction and group of batch rows (sm_90): at
@@ -229,11 +299,11 @@ inline bool choose_block_sweep_plan(bool backward, int64_t H, int64_t B, int64_t
 // (distributed shared memory) instead of through global memory; the cluster barrier
 // replaces the grid's. False where nothing fits.
 inline bool choose_cluster_sweep_plan(bool backward, int64_t H, int64_t B, int64_t D, int64_t elem_bytes,
-                                      int64_t math_bytes, int64_t mma_k, int64_t cluster, int64_t max_shared,
+                                      int64_t math_bytes, Products products, int64_t cluster, int64_t max_shared,
                                       SweepPlan* out, int64_t groups = 1) {
   if (H <= 0 || B <= 0 || D <= 0 || cluster < 1) return false;
-  const int64_t units = mma_units((H + cluster - 1) / cluster, H, mma_k);
-  return fit_batch_tile(backward, H, B, D, units, elem_bytes, math_bytes, mma_k,
+  const int64_t units = mma_units((H + cluster - 1) / cluster, H, products.mma_k);
+  return fit_batch_tile(backward, H, B, D, units, elem_bytes, math_bytes, products,
                         2 * (backward ? 4 : 1) * units * elem_bytes, max_shared, out, groups);
 }
 

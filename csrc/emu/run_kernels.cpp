@@ -5,8 +5,8 @@
 // and compares what it writes back with the CPU path.
 //
 // Usage: run_kernels plan fwd|bwd H B D ELEM_BYTES MATH_BYTES MAX_BLOCKS MAX_SHARED prints
-// the sweep plan choose_sweep_plan makes ("units blocks batch_tile lanes shared_bytes", or
-// "none"). run_kernels IN OUT [sweep UNITS BATCH_TILE] runs the kernels. With "sweep", a
+// the sweep plan choose_sweep_plan makes ("units blocks batch_tile lanes shared_bytes rows
+// kdim stride", or "none"). run_kernels IN OUT [sweep UNITS BATCH_TILE] runs the kernels. With "sweep", a
 // layer without a projection runs its forward and its backward through the sweep kernels
 // (one step per launch, cut into blocks of UNITS hidden units and batch tiles of
 // BATCH_TILE rows) instead of the per-step GEMMs and cell kernels. "sweep-whole" runs
@@ -16,10 +16,12 @@
 // in one launch). After those, "mma" gives any of them tensor-core step products
 // (TF32 for float32, bf16 and f16 for those; UNITS then as the plans round them, to fours),
 // with the weight fragments in registers where the plan allows; "mma-smem" the same with
-// every fragment loaded from shared memory; "groups=N" cuts the batch into N groups of
-// rows (SweepPlan::groups), each with blocks (clusters) of its own.
-// "run_kernels plan-mma ..." prints the plan choose_sweep_plan makes with them;
-// "run_kernels plan-cluster ..." the cluster sweeps' plan, with batch groups.
+// every fragment loaded from shared memory; "regs" the SIMT products with the weights in
+// registers where the plan allows (SweepPlan::registers); "groups=N" cuts the batch into N
+// groups of rows (SweepPlan::groups), each with blocks (clusters) of its own.
+// "run_kernels plan-mma ..." and "plan-regs ..." print the plan choose_sweep_plan makes
+// with those products (also "registers slice batch_lanes" after the rest); "run_kernels plan-cluster
+// ..." the cluster sweeps' plan, with batch groups.
 //
 // IN: 14 int64 (mode 0 layer / 1 cell, dtype 0 f32 / 1 f64 / 2 f16 / 3 bf16, T, B, I, H,
 // P, D, has_lengths, has_bias, has_proj, has_grad_y, has_grad_h, has_grad_c), then lengths as int64 [B] if any, then float64 arrays:
@@ -92,10 +94,17 @@ struct SweepOption {
   bool whole = false;    // every step in one launch (one block per direction)
   int64_t cluster = 0;   // the cluster sweeps, clusters of this many blocks at most (units follow)
   int64_t units = 0, batch_tile = 0;
-  bool mma = false;      // tensor-core step products
-  bool registers = true; // with mma: the weight fragments in registers where the plan allows
+  bool mma = false;        // tensor-core step products
+  bool registers = false;  // the weights in registers where the plan allows (mma: unless mma-smem; SIMT: regs)
   int64_t groups = 1;    // the batch in this many groups of rows
 } sweep_option;
+
+// A run that asks for the weights in registers ("mma", "regs") tests that path only if its
+// plan takes it: one that does not fit is an error, not a quiet run of the other path.
+void require_registers(const SweepPlan& pl) {
+  if (sweep_option.registers && !pl.registers)
+    throw std::runtime_error("the weights in registers asked for, but the plan keeps them in shared memory");
+}
 
 // The mma K of storage type T (SweepPlan::mma_k); float64 has none.
 template <typename T>
@@ -155,8 +164,9 @@ void run_layer(const int64_t* hd, Reader& in, Writer& out) {
   gemm(false, true, rows, D * G, I, x.data(), I, w_ih.data(), I, 0.0, xg.data(), D * G);
   const bool sweep = sweep_option.on && !proj;
   if (sweep) {
-    SweepPlan pl = sweep_plan(false, H, B, D, units, sweep_option.batch_tile, sizeof(T), sizeof(A), mma_k,
-                              sweep_option.registers, sweep_option.groups);
+    SweepPlan pl = sweep_plan(false, H, B, D, units, sweep_option.batch_tile, sizeof(T), sizeof(A),
+                              Products{mma_k, sweep_option.registers}, sweep_option.groups);
+    require_registers(pl);
     if (sweep_option.cluster) {
       pl.own_offset = pl.shared_bytes;
       pl.shared_bytes += sweep_align(2 * pl.group_rows * pl.units * int64_t(sizeof(T)));
@@ -199,8 +209,9 @@ void run_layer(const int64_t* hd, Reader& in, Writer& out) {
       dh_proj_saved(proj ? D * rows * P : 0);
   std::vector<A> dh_raw(proj ? D * B * H : 0);
   if (sweep) {
-    SweepPlan pl = sweep_plan(true, H, B, D, units, sweep_option.batch_tile, sizeof(T), sizeof(A), mma_k,
-                              sweep_option.registers, sweep_option.groups);
+    SweepPlan pl = sweep_plan(true, H, B, D, units, sweep_option.batch_tile, sizeof(T), sizeof(A),
+                              Products{mma_k, sweep_option.registers}, sweep_option.groups);
+    require_registers(pl);
     if (sweep_option.cluster) {
       pl.own_offset = pl.shared_bytes;
       pl.shared_bytes += sweep_align(2 * pl.group_rows * 4 * pl.units * int64_t(sizeof(T)));
@@ -467,19 +478,23 @@ int main(int argc, char** argv) {
     if (kind == "f16") return run_mma<Kind::kF16>(tm, tn, kdim);
     return 2;
   }
-  // plan[-mma] fwd|bwd H B D ELEM MATH MAX_BLOCKS MAX_SHARED (plan-mma: K 8 for 4-byte
-  // elements, else 16)
-  if (argc == 10 && (std::string(argv[1]) == "plan" || std::string(argv[1]) == "plan-mma")) {
+  // plan[-mma|-regs] fwd|bwd H B D ELEM MATH MAX_BLOCKS MAX_SHARED (plan-mma: K 8 for
+  // 4-byte elements, else 16, the fragments in registers where they fit; plan-regs: SIMT
+  // products with the weights in registers where they fit)
+  const std::string command = argc > 1 ? argv[1] : "";
+  if (argc == 10 && (command == "plan" || command == "plan-mma" || command == "plan-regs")) {
     const bool backward = std::string(argv[2]) == "bwd";
     int64_t a[7];
     for (int i = 0; i < 7; ++i) a[i] = std::atoll(argv[3 + i]);
-    const int64_t mma_k = std::string(argv[1]) == "plan-mma" ? (a[3] == 4 ? 8 : 16) : 0;
+    const int64_t mma_k = command == "plan-mma" ? (a[3] == 4 ? 8 : 16) : 0;
     SweepPlan pl;
-    if (!choose_sweep_plan(backward, a[0], a[1], a[2], a[3], a[4], mma_k, a[5], a[6], &pl))
+    if (!choose_sweep_plan(backward, a[0], a[1], a[2], a[3], a[4], Products{mma_k, command != "plan"}, a[5], a[6],
+                           &pl))
       return std::puts("none"), 0;
-    std::printf("%lld %lld %lld %lld %lld %lld %lld %lld %d\n", (long long)pl.units, (long long)pl.blocks,
+    std::printf("%lld %lld %lld %lld %lld %lld %lld %lld %d %lld %lld\n", (long long)pl.units, (long long)pl.blocks,
                 (long long)pl.batch_tile, (long long)pl.lanes, (long long)pl.shared_bytes, (long long)pl.rows,
-                (long long)pl.kdim, (long long)pl.stride, int(pl.a_in_registers));
+                (long long)pl.kdim, (long long)pl.stride, int(pl.registers), (long long)pl.slice,
+                (long long)pl.batch_lanes);
     return 0;
   }
   // plan-cluster fwd|bwd H B D ELEM MATH CLUSTER MAX_SHARED GROUPS: the plan
@@ -489,8 +504,8 @@ int main(int argc, char** argv) {
     int64_t a[8];
     for (int i = 0; i < 8; ++i) a[i] = std::atoll(argv[3 + i]);
     SweepPlan pl;
-    if (!choose_cluster_sweep_plan(std::string(argv[2]) == "bwd", a[0], a[1], a[2], a[3], a[4], 0, a[5], a[6], &pl,
-                                   a[7]))
+    if (!choose_cluster_sweep_plan(std::string(argv[2]) == "bwd", a[0], a[1], a[2], a[3], a[4], Products{}, a[5],
+                                   a[6], &pl, a[7]))
       return std::puts("none"), 0;
     std::printf("%lld %lld %lld %lld %lld %lld %lld\n", (long long)pl.units, (long long)pl.blocks,
                 (long long)pl.batch_tile, (long long)pl.groups, (long long)pl.group_rows, (long long)pl.own_offset,
@@ -509,6 +524,8 @@ int main(int argc, char** argv) {
       if (opt == "mma" || opt == "mma-smem") {
         sweep_option.mma = true;
         sweep_option.registers = opt == "mma";
+      } else if (opt == "regs") {
+        sweep_option.registers = true;
       } else if (opt.rfind("groups=", 0) == 0) {
         sweep_option.groups = std::atoll(opt.c_str() + 7);
       } else {
@@ -519,7 +536,7 @@ int main(int argc, char** argv) {
   if (!options_ok) {
     std::fprintf(stderr,
                  "usage: %s IN OUT [sweep|sweep-whole UNITS BATCH_TILE | sweep-cluster CLUSTER BATCH_TILE] "
-                 "[mma|mma-smem] [groups=N]\n",
+                 "[mma|mma-smem|regs] [groups=N]\n",
                  argv[0]);
     return 2;
   }
