@@ -54,6 +54,7 @@ __global__ void sweep_bwd_kernel(const SweepBwd<T> p) {
   const SweepPlan& pl = p.plan;
   const int H = int(p.H), U = int(pl.units), R = int(pl.rows), W = 4 * H, L = int(pl.lanes);
   const int stride = int(pl.stride);
+  const PartLayout pt = part_layout(pl);
   const int64_t G = 4 * p.H, B = p.B, D = p.D;
   const BlockPlace place = block_place(pl, p.H, B);
   const int64_t d = place.d;
@@ -62,7 +63,7 @@ __global__ void sweep_bwd_kernel(const SweepBwd<T> p) {
   BIRNN_DYNAMIC_SHARED(unsigned char, smem);
   T* w_s = reinterpret_cast<T*>(smem);                    // [R][stride]: row u is W_hh column j0 + u (zeros past nu)
   T* g_s = reinterpret_cast<T*>(smem + pl.tile_offset);  // [tile_rows][stride]: dg of the tile's rows, last phase
-  A* part = reinterpret_cast<A*>(smem + pl.part_offset);  // [batch_tile * R][L] partial dot products
+  A* part = reinterpret_cast<A*>(smem + pl.part_offset);  // partial dot products (PartLayout pt)
   T* own = reinterpret_cast<T*>(smem + pl.own_offset);   // Cluster: [2][group_rows][4 U]
   // k-major, so that neighbouring threads read neighbouring columns of a W_hh row; zeros
   // past the block's units and past the row's end, as in the forward sweep.
@@ -102,7 +103,7 @@ __global__ void sweep_bwd_kernel(const SweepBwd<T> p) {
         const BwdInputs<T> in = t == tid ? first : bwd_inputs(p, d, s, b, j);
         // The gradient carried to h_t: from h_n or the steps after, through padding unchanged.
         A carry = in.dh;
-        if (q > 0) carry += lane_sum(part + (bb * R + u) * L, L);
+        if (q > 0) carry += lane_sum(part + bb * pt.batch + u * pt.row, L);
         if (s < 0) {
           p.dh[state * H + j] = carry;
           continue;

@@ -60,14 +60,24 @@ __device__ __forceinline__ void stage_tile(const T* src, int nb, int rows, int W
   }
 }
 
-// part[(bb * R + r) * L + l] = lane l's share of sum_k w[r][k] tile[bb][k], k = l, l + L, ...
-// for the tile's nb rows and the block's R weight rows (w: [R][stride], tile:
+// Where the step products' partial sums lie in shared memory (the plan's part_stride and
+// part_batch_stride): lane l of weight row r and batch row bb at bb batch + r row + l.
+struct PartLayout {
+  int row, batch;
+};
+
+__device__ __forceinline__ PartLayout part_layout(const SweepPlan& pl) {
+  return {int(pl.part_stride), int(pl.part_batch_stride)};
+}
+
+// part[bb, r, l] (PartLayout pt) = lane l's share of sum_k w[r][k] tile[bb][k], k = l,
+// l + L, ... for the tile's nb rows and the block's R weight rows (w: [R][stride], tile:
 // [4 * quads][stride], both in shared memory) on the CUDA cores. Each thread takes 4 x 2
 // of them at a time: tile rows 4 bq .. 4 bq + 3 against weight rows rp and rp + R/2 (item
 // order: rp fastest).
 template <typename T>
 __device__ __forceinline__ void tile_products(const T* w, const T* tile, int R, int W, int stride, int L, int nb,
-                                              int quads, math_t<T>* part) {
+                                              int quads, PartLayout pt, math_t<T>* part) {
   using A = math_t<T>;
   const int half = R / 2;
   for (int t = threadIdx.x; t < half * L * quads; t += blockDim.x) {
@@ -90,14 +100,14 @@ __device__ __forceinline__ void tile_products(const T* w, const T* tile, int R, 
     for (int q = 0; q < 4; ++q) {
       const int bb = 4 * bq + q;
       if (bb < nb) {
-        part[(bb * R + rp) * L + l] = acc[q][0];
-        part[(bb * R + rp + half) * L + l] = acc[q][1];
+        part[bb * pt.batch + rp * pt.row + l] = acc[q][0];
+        part[bb * pt.batch + (rp + half) * pt.row + l] = acc[q][1];
       }
     }
   }
 }
 
-// The same products on the tensor cores (sm_80 and later): part[(bb * R + r) * L + l] =
+// The same products on the tensor cores (sm_80 and later): part[bb, r, l] =
 // slice l's share of sum_k w[r][k] tile[bb][k], slice l the columns [l kdim / L,
 // (l + 1) kdim / L), for the tile's nb rows and the block's R weight rows (a multiple of
 // 16; the tile's rows staged to a multiple of 8, the columns up to kdim zeros past the
@@ -108,7 +118,8 @@ __device__ __forceinline__ void tile_products(const T* w, const T* tile, int R, 
 // loaded once per sweep) instead of shared memory: all its items share one tile and slice.
 template <typename T>
 __device__ __forceinline__ void mma_products(const T* w, const T* tile, int R, int stride, int kdim, int L, int nb,
-                                             const uint32_t (&a)[kRegSteps][4], bool registers, float* part) {
+                                             const uint32_t (&a)[kRegSteps][4], bool registers, PartLayout pt,
+                                             float* part) {
   constexpr mma::Kind K = mma::KindOf<T>::value;
   constexpr int kK = mma::Traits<K>::kK;
   const int warp = int(threadIdx.x / 32), warps = int(blockDim.x / 32);
@@ -129,7 +140,7 @@ __device__ __forceinline__ void mma_products(const T* w, const T* tile, int R, i
     } else {
       mma::warp_tile_product<K>(acc, w + rt * 16 * stride + l * slice, stride, b_cols, stride, slice);
     }
-    mma::store_c(acc, part + (oc * 8 * R + rt * 16) * L + l, L, R * L, nb - 8 * oc);
+    mma::store_c(acc, part + oc * 8 * pt.batch + rt * 16 * pt.row + l, pt.row, pt.batch, nb - 8 * oc);
   }
 }
 
@@ -156,8 +167,8 @@ __device__ __forceinline__ void weight_fragments(const T* w, int R, int stride, 
 // them, 4 at a time (f = t / P % F, F batch lanes), reading the tile 16 bytes at a time:
 // the lanes of one row and slice read the same address, and the batch lanes of a warp
 // neighbouring rows, on different banks (the plan's stride). No lane waits on another:
-// each writes its own partial sums, part[(bb * R + r) * L + l], L = the plan's lanes (its
-// slices). Threads past the slices idle.
+// each writes its own partial sums, part[bb, r, l] (the plan's lanes: its slices).
+// Threads past the slices idle.
 template <typename T>
 struct SimtRegisters {
   static constexpr int kSlice = int(simt_max_slice(sizeof(math_t<T>)));
@@ -171,6 +182,7 @@ __device__ __forceinline__ void register_products(const SweepPlan& pl, const T* 
   constexpr int V = int(vec_entries(sizeof(T))), kSlice = SimtRegisters<T>::kSlice;
   const int R = int(pl.rows), P = R / 2, F = int(pl.batch_lanes), L = int(pl.lanes), stride = int(pl.stride);
   const int slice = int(pl.slice), t = int(threadIdx.x), r = t % P, f = t / P % F, l = t / (P * F);
+  const PartLayout pt = part_layout(pl);
   if (l >= L) return;
 #if defined(BIRNN_BREAK_REGISTER_SLICE)
   const T* cols = tile + (l + 1) % L * slice;  // Deliberately wrong: the next slice's columns.
@@ -205,8 +217,8 @@ __device__ __forceinline__ void register_products(const SweepPlan& pl, const T* 
     for (int q = 0; q < 4; ++q) {
       const int bb = b + q * F;
       if (bb < nb) {
-        part[(bb * R + r) * L + l] = acc[q][0];
-        part[(bb * R + r + P) * L + l] = acc[q][1];
+        part[bb * pt.batch + r * pt.row + l] = acc[q][0];
+        part[bb * pt.batch + (r + P) * pt.row + l] = acc[q][1];
       }
     }
   }
@@ -267,11 +279,12 @@ template <bool Mma, typename T>
 __device__ __forceinline__ void step_products(const SweepPlan& pl, const T* w, const T* tile, int width, int nb,
                                               int staged, const WeightRegisters<T, Mma>& regs, math_t<T>* part) {
   if constexpr (Mma) {
-    mma_products(w, tile, int(pl.rows), int(pl.stride), int(pl.kdim), int(pl.lanes), nb, regs.a, pl.registers, part);
+    mma_products(w, tile, int(pl.rows), int(pl.stride), int(pl.kdim), int(pl.lanes), nb, regs.a, pl.registers,
+                 part_layout(pl), part);
   } else if (pl.registers) {
     register_products(pl, tile, nb, staged, regs.simt, part);
   } else {
-    tile_products(w, tile, int(pl.rows), width, int(pl.stride), int(pl.lanes), nb, staged / 4, part);
+    tile_products(w, tile, int(pl.rows), width, int(pl.stride), int(pl.lanes), nb, staged / 4, part_layout(pl), part);
   }
 }
 

@@ -51,6 +51,7 @@ __global__ void sweep_fwd_kernel(const SweepFwd<T> p) {
   const SweepPlan& pl = p.plan;
   // Shared-memory indices fit in int; global offsets stay int64_t.
   const int H = int(p.H), U = int(pl.units), R = int(pl.rows), L = int(pl.lanes), stride = int(pl.stride);
+  const PartLayout pt = part_layout(pl);
   const int64_t G = 4 * p.H, B = p.B, D = p.D;
   const BlockPlace place = block_place(pl, p.H, B);
   const int64_t d = place.d;
@@ -59,7 +60,7 @@ __global__ void sweep_fwd_kernel(const SweepFwd<T> p) {
   BIRNN_DYNAMIC_SHARED(unsigned char, smem);
   T* w_s = reinterpret_cast<T*>(smem);                    // [R][stride]: row g*U + u is W_hh row g*H + j0 + u
   T* h_s = reinterpret_cast<T*>(smem + pl.tile_offset);  // [tile_rows][stride]: h of the tile's rows
-  A* part = reinterpret_cast<A*>(smem + pl.part_offset);  // [batch_tile * R][L] partial dot products
+  A* part = reinterpret_cast<A*>(smem + pl.part_offset);  // partial dot products (PartLayout pt)
   T* own = reinterpret_cast<T*>(smem + pl.own_offset);   // Cluster: [2][group_rows][U]
   // Zeros past the rows of the block's units and past the row's end: the tensor cores
   // read whole 16-row tiles and whole mma steps of the row.
@@ -103,7 +104,7 @@ __global__ void sweep_fwd_kernel(const SweepFwd<T> p) {
           y[j] = from_math<T>(A(0));
         } else {
           A sums[4], c = in.c;
-          for (int g = 0; g < 4; ++g) sums[g] = lane_sum(part + (bb * R + g * U + u) * L, L);
+          for (int g = 0; g < 4; ++g) sums[g] = lane_sum(part + bb * pt.batch + (g * U + u) * pt.row, L);
           h_new = from_math<T>(cell_forward<T, Training>(in.x, sums, in.bias, c, p.xg + row * D * G + d * G, H, j));
           p.c[state * H + j] = c;
           y[j] = h_new;

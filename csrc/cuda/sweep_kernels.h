@@ -71,7 +71,8 @@ struct Products {
 // small batches still keep the block's threads busy; mma: up to 8 slices of the row, one
 // warp each; SIMT with registers: a slice of `slice` entries each, as many as the
 // registers need, more up to 32 where threads are left), which land in shared memory
-// ([batch_tile][rows][lanes]) for the cell update to add in a fixed order. The products
+// (lane l of weight row r and batch row bb at bb part_batch_stride + r part_stride + l)
+// for the cell update to add in a fixed order. The products
 // read `kdim` entries of each row (the row's length, padded with zeros to whole mma steps
 // on the tensor cores, to whole slices with SIMT registers).
 struct SweepPlan {
@@ -85,6 +86,7 @@ struct SweepPlan {
   bool registers = false;
   int64_t slice = 0, batch_lanes = 0;
   int64_t rows = 0, tile_rows = 0, kdim = 0, stride = 0;
+  int64_t part_stride = 0, part_batch_stride = 0;  // the partial sums' layout, both odd
   int64_t tile_offset = 0, part_offset = 0, shared_bytes = 0;
   int64_t own_offset = 0;  // the cluster sweeps' own h or dg, [2][group_rows][units or 4 units], after the rest
 };
@@ -232,10 +234,16 @@ inline SweepPlan sweep_plan(bool backward, int64_t H, int64_t B, int64_t D, int6
     // load (row lane / 4, word lane % 4) then reach 32 different banks.
     pl.stride = pl.kdim + 4 * 4 / elem_bytes;
   }
+  // The cell update's threads, a unit each, read the partial sums of neighbouring weight
+  // rows, and those of the next batch row after the block's last unit: both strides odd,
+  // so that a warp's reads fall on different banks (with a power-of-two count of lanes,
+  // rows `lanes` apart would share a bank every 32 / lanes threads).
+  pl.part_stride = pl.lanes | 1;
+  pl.part_batch_stride = pl.rows * pl.part_stride | 1;
   pl.blocks = D * pl.groups * ((H + units - 1) / units);
   pl.tile_offset = sweep_align(pl.rows * pl.stride * elem_bytes);
   pl.part_offset = pl.tile_offset + sweep_align(pl.tile_rows * pl.stride * elem_bytes);
-  pl.shared_bytes = pl.part_offset + sweep_align(pl.batch_tile * pl.rows * pl.lanes * math_bytes);
+  pl.shared_bytes = pl.part_offset + sweep_align(pl.batch_tile * pl.part_batch_stride * math_bytes);
   return pl;
 }
 
