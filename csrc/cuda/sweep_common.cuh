@@ -318,22 +318,32 @@ __device__ __forceinline__ A lane_sum(const A* lanes, int L) {
 // row), read from the cluster's blocks (distributed shared memory): each block keeps, for
 // every row of its group, its `per_block` entries of the row (gates x U units backward, U
 // units forward) in own ([group_rows][per_block], at the same address in each block).
-// Entry k of the row is gate k / H, unit k % H, which is block (k % H) / U's.
+// Entry k of the row is gate k / H, unit k % H, which is block (k % H) / U's. A read of
+// another block's shared memory takes about as long as one from L2: eight in flight per
+// thread before their stores, as stage_tile keeps them.
 template <typename T>
 __device__ __forceinline__ void stage_from_cluster(const T* own, int64_t b0, int nb, int rows, int W, int stride,
                                                    int H, int U, int per_block, T* dst) {
-  const int n = rows * W;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    const int bb = i / W, k = i % W, g = k / H, j = k % H;
-    T v = from_math<T>(math_t<T>(0));
+  const int tid = threadIdx.x, nt = blockDim.x, n = rows * W;
+  for (int i0 = tid; i0 < n; i0 += 8 * nt) {
+    T v[8];
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      const int i = i0 + q * nt, bb = i / W, k = i % W, g = k / H, j = k % H;
 #if defined(BIRNN_BREAK_DSMEM_RANK)
-    // Deliberately wrong: each entry read from the next block of the cluster, not its owner's.
-    const unsigned rank = unsigned((j / U + 1) % ((H + U - 1) / U));
+      // Deliberately wrong: each entry read from the next block of the cluster, not its owner's.
+      const unsigned rank = unsigned((j / U + 1) % ((H + U - 1) / U));
 #else
-    const unsigned rank = unsigned(j / U);
+      const unsigned rank = unsigned(j / U);
 #endif
-    if (bb < nb) v = BIRNN_MAP_SHARED(own, rank)[(b0 + bb) * per_block + g * U + j % U];
-    dst[bb * stride + k] = v;
+      v[q] = i < n && bb < nb ? BIRNN_MAP_SHARED(own, rank)[(b0 + bb) * per_block + g * U + j % U]
+                              : from_math<T>(math_t<T>(0));
+    }
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      const int i = i0 + q * nt;
+      if (i < n) dst[(i / W) * stride + i % W] = v[q];
+    }
   }
 }
 
