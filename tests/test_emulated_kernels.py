@@ -155,6 +155,20 @@ def test_sweep_kernel_matches_cpu(emulator, tmp_path, dtype, cut, name):
     compare(unpack(flat, want), want, dtype)
 
 
+@pytest.mark.parametrize("dtype,H", [(torch.float32, 6), (torch.bfloat16, 5)],
+                         ids=lambda v: str(v).removeprefix("torch."))
+def test_sweep_stages_rows_of_odd_lengths(emulator, tmp_path, dtype, H):
+    # The staging of a tile from global memory takes 16 bytes a load where the rows are
+    # whole 16-byte words and the tile starts on one (H = 8 above), else an entry a load:
+    # h rows of 6 float32 (24 bytes) and tiles of 3 rows starting at row 3; in bfloat16, H = 5
+    # (h rows of 10 bytes, dg rows of 40) for the backward too.
+    header, case = make_case(dtype, 0, T=5, B=4, I=6, H=H, P=H, **LAYER_CASES["bi-lengths"])
+    proc, flat = run_emulated(emulator, header, case, tmp_path, ("sweep", 2, 3))
+    assert proc.returncode == 0, proc.stderr
+    want = reference_layer(case, dtype)
+    compare(unpack(flat, want), want, dtype)
+
+
 @pytest.mark.parametrize("dtype,name", [(torch.float32, n) for n, c in LAYER_CASES.items() if not c["proj"]]
                          + [(torch.bfloat16, "bi-lengths")], ids=lambda v: str(v).removeprefix("torch."))
 def test_sweep_kernel_in_one_launch_with_a_block_per_direction(emulator, tmp_path, dtype, name):

@@ -40,17 +40,46 @@ __device__ __forceinline__ BlockPlace block_place(const SweepPlan& pl, int64_t H
 
 // Copies rows [b0, b0 + nb) of a [B][W] matrix that other blocks wrote before the last
 // barrier into the first W columns of dst ([rows][stride] in shared memory), rows past nb
-// as zeros, so that the products can take batch rows four (eight) at a time. Eight loads
-// in flight per thread before their stores: one at a time, each waits out a trip to L2.
+// as zeros, so that the products can take batch rows four (eight) at a time. The rows are
+// contiguous in src: 16 bytes a load where src is 16-byte aligned and W a whole number of
+// them (each load then within one row), else an entry a load. Eight loads in flight per
+// thread before their stores: one at a time, each waits out a trip to L2.
 template <typename T>
 __device__ __forceinline__ void stage_tile(const T* src, int nb, int rows, int W, int stride, T* dst) {
-  const int tid = threadIdx.x, nt = blockDim.x, n = rows * W;
+  constexpr int V = 16 / int(sizeof(T));
+  const int tid = threadIdx.x, nt = blockDim.x, n = rows * W, have = nb * W;
+  const T zero = from_math<T>(math_t<T>(0));
+  if (reinterpret_cast<uintptr_t>(src) % 16 == 0 && W % V == 0) {
+    for (int i0 = tid * V; i0 < n; i0 += 8 * nt * V) {
+      Vec16<T> v[8];
+#pragma unroll
+      for (int q = 0; q < 8; ++q) {
+        const int i = i0 + q * nt * V;
+        if (i < have) {
+          v[q] = load_coherent_vec16(src + i);
+        } else {
+#pragma unroll
+          for (int e = 0; e < V; ++e) v[q].v[e] = zero;
+        }
+      }
+#pragma unroll
+      for (int q = 0; q < 8; ++q) {
+        const int i = i0 + q * nt * V;
+        if (i < n) {
+          T* out = dst + (i / W) * stride + i % W;
+#pragma unroll
+          for (int e = 0; e < V; ++e) out[e] = v[q].v[e];
+        }
+      }
+    }
+    return;
+  }
   for (int i0 = tid; i0 < n; i0 += 8 * nt) {
     T v[8];
 #pragma unroll
     for (int q = 0; q < 8; ++q) {
       const int i = i0 + q * nt;
-      v[q] = i < n && i / W < nb ? load_coherent(src + i) : from_math<T>(math_t<T>(0));
+      v[q] = i < have ? load_coherent(src + i) : zero;
     }
 #pragma unroll
     for (int q = 0; q < 8; ++q) {
