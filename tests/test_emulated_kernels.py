@@ -202,6 +202,37 @@ def test_cluster_sweep_matches_cpu(emulator, tmp_path, dtype, cluster, name):
     compare(unpack(flat, want), want, dtype)
 
 
+# H = 16 in clusters of 4 blocks of 4 units (2 of 8 in bfloat16): each block's own h and
+# dg rows are whole 16-byte words, which the others read 16 bytes at a time; also with the
+# SIMT weights in registers.
+CLUSTER_VEC_RUNS = {"float32": (torch.float32, 4, ()), "bfloat16": (torch.bfloat16, 2, ()),
+                    "float32-regs": (torch.float32, 4, ("regs",))}
+
+
+@pytest.mark.parametrize("run", list(CLUSTER_VEC_RUNS))
+def test_cluster_sweep_reads_16_bytes_at_a_time(emulator, tmp_path, run):
+    dtype, cluster, extra = CLUSTER_VEC_RUNS[run]
+    header, case = make_case(dtype, 0, T=5, B=4, I=6, H=16, P=16, **LAYER_CASES["bi-lengths"])
+    proc, flat = run_emulated(emulator, header, case, tmp_path, ("sweep-cluster", cluster, 3, *extra))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    want = reference_layer(case, dtype)
+    compare(unpack(flat, want), want, dtype)
+
+
+def test_a_wrong_rank_in_16_byte_reads_is_caught(tmp_path):
+    # BIRNN_BREAK_DSMEM_RANK (test_a_broken_kernel_is_caught reads an entry at a time, H = 8
+    # in blocks of 2 units) where the reads take 16 bytes.
+    exe = build("run_kernels_birnn_break_dsmem_rank", ("BIRNN_BREAK_DSMEM_RANK",))
+    header, case = make_case(torch.float32, 0, T=5, B=4, I=6, H=16, P=16, **LAYER_CASES["bi-lengths"])
+    proc, flat = run_emulated(exe, header, case, tmp_path, ("sweep-cluster", 4, 3))
+    if proc.returncode != 0:
+        assert "Sanitizer" in proc.stderr or "runtime error" in proc.stderr, proc.stderr[-2000:]
+        return
+    want = reference_layer(case, torch.float32)
+    with pytest.raises(AssertionError):
+        compare(unpack(flat, want), want, torch.float32)
+
+
 # Batch groups (SweepPlan::groups): B = 7 rows in groups of 3, 3 and 1, each with blocks
 # (a cluster) of its own that exchange h and dg among themselves only; batch tiles of 2
 # rows, so that a group of 3 has a whole tile and a partial one. The cluster sweeps and the

@@ -346,32 +346,48 @@ __device__ __forceinline__ A lane_sum(const A* lanes, int L) {
 // columns of dst ([rows][stride], rows past nb zeros; b0 counted from the group's first
 // row), read from the cluster's blocks (distributed shared memory): each block keeps, for
 // every row of its group, its `per_block` entries of the row (gates x U units backward, U
-// units forward) in own ([group_rows][per_block], at the same address in each block).
-// Entry k of the row is gate k / H, unit k % H, which is block (k % H) / U's. A read of
-// another block's shared memory takes about as long as one from L2: eight in flight per
-// thread before their stores, as stage_tile keeps them.
+// units forward) in own ([group_rows][per_block], at the same address in each block, 16-byte
+// aligned). Entry k of the row is gate k / H, unit k % H, which is block (k % H) / U's. A
+// read of another block's shared memory takes about as long as one from L2: eight in
+// flight per thread before their stores, as stage_tile keeps them, and 16 bytes a read
+// where U and H are whole 16-byte words (V entries), so that V neighbouring entries of the
+// row are neighbours in one block's own.
 template <typename T>
 __device__ __forceinline__ void stage_from_cluster(const T* own, int64_t b0, int nb, int rows, int W, int stride,
                                                    int H, int U, int per_block, T* dst) {
-  const int tid = threadIdx.x, nt = blockDim.x, n = rows * W;
-  for (int i0 = tid; i0 < n; i0 += 8 * nt) {
-    T v[8];
+  constexpr int V = 16 / int(sizeof(T));
+  const int n = rows * W, step = U % V == 0 && H % V == 0 ? V : 1;
+  const T zero = from_math<T>(math_t<T>(0));
+  for (int i0 = int(threadIdx.x) * step; i0 < n; i0 += 8 * int(blockDim.x) * step) {
+    Vec16<T> v[8];
 #pragma unroll
     for (int q = 0; q < 8; ++q) {
-      const int i = i0 + q * nt, bb = i / W, k = i % W, g = k / H, j = k % H;
+      const int i = i0 + q * int(blockDim.x) * step, bb = i / W, k = i % W, g = k / H, j = k % H;
 #if defined(BIRNN_BREAK_DSMEM_RANK)
       // Deliberately wrong: each entry read from the next block of the cluster, not its owner's.
       const unsigned rank = unsigned((j / U + 1) % ((H + U - 1) / U));
 #else
       const unsigned rank = unsigned(j / U);
 #endif
-      v[q] = i < n && bb < nb ? BIRNN_MAP_SHARED(own, rank)[(b0 + bb) * per_block + g * U + j % U]
-                              : from_math<T>(math_t<T>(0));
+      if (i < n && bb < nb) {
+        const T* at = BIRNN_MAP_SHARED(own, rank) + (b0 + bb) * per_block + g * U + j % U;
+        if (step == V) {
+          v[q] = load_vec16(at);
+        } else {
+          v[q].v[0] = *at;
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) v[q].v[e] = zero;
+      }
     }
 #pragma unroll
     for (int q = 0; q < 8; ++q) {
-      const int i = i0 + q * nt;
-      if (i < n) dst[(i / W) * stride + i % W] = v[q];
+      const int i = i0 + q * int(blockDim.x) * step;
+      if (i < n) {
+        T* out = dst + (i / W) * stride + i % W;
+        for (int e = 0; e < step; ++e) out[e] = v[q].v[e];
+      }
     }
   }
 }
