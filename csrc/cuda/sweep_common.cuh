@@ -38,55 +38,58 @@ __device__ __forceinline__ BlockPlace block_place(const SweepPlan& pl, int64_t H
   return w;
 }
 
+// The staging loop of stage_tile and stage_from_cluster: entries [0, n) of a tile of rows
+// W long into the first W columns of dst ([rows][stride] in shared memory), `step`
+// entries at a time (1, or the V of one 16-byte read, W then a multiple of it), those
+// from `have` on zeros, the others from read(i) (a Vec16 whose first `step` entries are
+// entries i, i + 1, ...). Each read takes about a trip to L2 (global memory, or another
+// block's shared memory): eight in flight per thread before their stores, not one at a
+// time.
+template <typename T, typename Read>
+__device__ __forceinline__ void stage_entries(int n, int have, int W, int stride, int step, T* dst, Read read) {
+  constexpr int V = 16 / int(sizeof(T));
+  const T zero = from_math<T>(math_t<T>(0));
+  for (int i0 = int(threadIdx.x) * step; i0 < n; i0 += 8 * int(blockDim.x) * step) {
+    Vec16<T> v[8];
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      const int i = i0 + q * int(blockDim.x) * step;
+      if (i < have) {
+        v[q] = read(i);
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) v[q].v[e] = zero;
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      const int i = i0 + q * int(blockDim.x) * step;
+      if (i < n) {
+        T* out = dst + (i / W) * stride + i % W;
+        for (int e = 0; e < step; ++e) out[e] = v[q].v[e];
+      }
+    }
+  }
+}
+
 // Copies rows [b0, b0 + nb) of a [B][W] matrix that other blocks wrote before the last
 // barrier into the first W columns of dst ([rows][stride] in shared memory), rows past nb
 // as zeros, so that the products can take batch rows four (eight) at a time. The rows are
-// contiguous in src: 16 bytes a load where src is 16-byte aligned and W a whole number of
-// them (each load then within one row), else an entry a load. Eight loads in flight per
-// thread before their stores: one at a time, each waits out a trip to L2.
+// contiguous in src: 16 bytes a read where src is 16-byte aligned and W a whole number of
+// them (each read then within one row), else an entry a read.
 template <typename T>
 __device__ __forceinline__ void stage_tile(const T* src, int nb, int rows, int W, int stride, T* dst) {
   constexpr int V = 16 / int(sizeof(T));
-  const int tid = threadIdx.x, nt = blockDim.x, n = rows * W, have = nb * W;
-  const T zero = from_math<T>(math_t<T>(0));
-  if (reinterpret_cast<uintptr_t>(src) % 16 == 0 && W % V == 0) {
-    for (int i0 = tid * V; i0 < n; i0 += 8 * nt * V) {
-      Vec16<T> v[8];
-#pragma unroll
-      for (int q = 0; q < 8; ++q) {
-        const int i = i0 + q * nt * V;
-        if (i < have) {
-          v[q] = load_coherent_vec16(src + i);
-        } else {
-#pragma unroll
-          for (int e = 0; e < V; ++e) v[q].v[e] = zero;
-        }
-      }
-#pragma unroll
-      for (int q = 0; q < 8; ++q) {
-        const int i = i0 + q * nt * V;
-        if (i < n) {
-          T* out = dst + (i / W) * stride + i % W;
-#pragma unroll
-          for (int e = 0; e < V; ++e) out[e] = v[q].v[e];
-        }
-      }
+  const bool whole = reinterpret_cast<uintptr_t>(src) % 16 == 0 && W % V == 0;
+  stage_entries(rows * W, nb * W, W, stride, whole ? V : 1, dst, [&](int i) {
+    Vec16<T> v;
+    if (whole) {
+      v = load_coherent_vec16(src + i);
+    } else {
+      v.v[0] = load_coherent(src + i);
     }
-    return;
-  }
-  for (int i0 = tid; i0 < n; i0 += 8 * nt) {
-    T v[8];
-#pragma unroll
-    for (int q = 0; q < 8; ++q) {
-      const int i = i0 + q * nt;
-      v[q] = i < have ? load_coherent(src + i) : zero;
-    }
-#pragma unroll
-    for (int q = 0; q < 8; ++q) {
-      const int i = i0 + q * nt;
-      if (i < n) dst[(i / W) * stride + i % W] = v[q];
-    }
-  }
+    return v;
+  });
 }
 
 // Where the step products' partial sums lie in shared memory (the plan's part_stride and
@@ -346,50 +349,32 @@ __device__ __forceinline__ A lane_sum(const A* lanes, int L) {
 // columns of dst ([rows][stride], rows past nb zeros; b0 counted from the group's first
 // row), read from the cluster's blocks (distributed shared memory): each block keeps, for
 // every row of its group, its `per_block` entries of the row (gates x U units backward, U
-// units forward) in own ([group_rows][per_block], at the same address in each block, 16-byte
-// aligned). Entry k of the row is gate k / H, unit k % H, which is block (k % H) / U's. A
-// read of another block's shared memory takes about as long as one from L2: eight in
-// flight per thread before their stores, as stage_tile keeps them, and 16 bytes a read
-// where U and H are whole 16-byte words (V entries), so that V neighbouring entries of the
-// row are neighbours in one block's own.
+// units forward) in own ([group_rows][per_block], at the same address in each block,
+// 16-byte aligned). Entry k of the row is gate k / H, unit k % H, which is block (k % H) /
+// U's. 16 bytes a read where U and H are whole 16-byte words (V entries), so that V
+// neighbouring entries of the row are neighbours in one block's own; else an entry a read.
 template <typename T>
 __device__ __forceinline__ void stage_from_cluster(const T* own, int64_t b0, int nb, int rows, int W, int stride,
                                                    int H, int U, int per_block, T* dst) {
   constexpr int V = 16 / int(sizeof(T));
-  const int n = rows * W, step = U % V == 0 && H % V == 0 ? V : 1;
-  const T zero = from_math<T>(math_t<T>(0));
-  for (int i0 = int(threadIdx.x) * step; i0 < n; i0 += 8 * int(blockDim.x) * step) {
-    Vec16<T> v[8];
-#pragma unroll
-    for (int q = 0; q < 8; ++q) {
-      const int i = i0 + q * int(blockDim.x) * step, bb = i / W, k = i % W, g = k / H, j = k % H;
+  const bool whole = U % V == 0 && H % V == 0;
+  stage_entries(rows * W, nb * W, W, stride, whole ? V : 1, dst, [&](int i) {
+    const int bb = i / W, k = i % W, g = k / H, j = k % H;
 #if defined(BIRNN_BREAK_DSMEM_RANK)
-      // Deliberately wrong: each entry read from the next block of the cluster, not its owner's.
-      const unsigned rank = unsigned((j / U + 1) % ((H + U - 1) / U));
+    // Deliberately wrong: each entry read from the next block of the cluster, not its owner's.
+    const unsigned rank = unsigned((j / U + 1) % ((H + U - 1) / U));
 #else
-      const unsigned rank = unsigned(j / U);
+    const unsigned rank = unsigned(j / U);
 #endif
-      if (i < n && bb < nb) {
-        const T* at = BIRNN_MAP_SHARED(own, rank) + (b0 + bb) * per_block + g * U + j % U;
-        if (step == V) {
-          v[q] = load_vec16(at);
-        } else {
-          v[q].v[0] = *at;
-        }
-      } else {
-#pragma unroll
-        for (int e = 0; e < V; ++e) v[q].v[e] = zero;
-      }
+    const T* at = BIRNN_MAP_SHARED(own, rank) + (b0 + bb) * per_block + g * U + j % U;
+    Vec16<T> v;
+    if (whole) {
+      v = load_vec16(at);
+    } else {
+      v.v[0] = *at;
     }
-#pragma unroll
-    for (int q = 0; q < 8; ++q) {
-      const int i = i0 + q * int(blockDim.x) * step;
-      if (i < n) {
-        T* out = dst + (i / W) * stride + i % W;
-        for (int e = 0; e < step; ++e) out[e] = v[q].v[e];
-      }
-    }
-  }
+    return v;
+  });
 }
 
 // Whether storage type T has tensor-core products (float64 has no mma of its own).
