@@ -110,7 +110,8 @@ __host__ __device__ __forceinline__ math_t<T> cell_forward(T* xg, const math_t<T
 // 16 bytes of storage type T, loaded at once (one LDS.128 from shared memory).
 template <typename T>
 struct alignas(16) Vec16 {
-  T v[16 / sizeof(T)];
+  static constexpr int kEntries = int(vec_entries(sizeof(T)));
+  T v[kEntries];
 };
 
 // The 16 bytes at p, which must be 16-byte aligned.

@@ -21,6 +21,9 @@
 
 namespace birnn::cuda {
 
+// The entries of a storage type of elem_bytes that one 16-byte load reads (Vec16).
+__host__ __device__ constexpr int64_t vec_entries(int64_t elem_bytes) { return 16 / elem_bytes; }
+
 template <typename T>
 struct MathType {
   using type = float;

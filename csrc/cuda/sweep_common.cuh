@@ -47,7 +47,7 @@ __device__ __forceinline__ BlockPlace block_place(const SweepPlan& pl, int64_t H
 // time.
 template <typename T, typename Read>
 __device__ __forceinline__ void stage_entries(int n, int have, int W, int stride, int step, T* dst, Read read) {
-  constexpr int V = 16 / int(sizeof(T));
+  constexpr int V = Vec16<T>::kEntries;
   const T zero = from_math<T>(math_t<T>(0));
   for (int i0 = int(threadIdx.x) * step; i0 < n; i0 += 8 * int(blockDim.x) * step) {
     Vec16<T> v[8];
@@ -79,7 +79,7 @@ __device__ __forceinline__ void stage_entries(int n, int have, int W, int stride
 // them (each read then within one row), else an entry a read.
 template <typename T>
 __device__ __forceinline__ void stage_tile(const T* src, int nb, int rows, int W, int stride, T* dst) {
-  constexpr int V = 16 / int(sizeof(T));
+  constexpr int V = Vec16<T>::kEntries;
   const bool whole = reinterpret_cast<uintptr_t>(src) % 16 == 0 && W % V == 0;
   stage_entries(rows * W, nb * W, W, stride, whole ? V : 1, dst, [&](int i) {
     Vec16<T> v;
@@ -211,7 +211,7 @@ template <typename T>
 __device__ __forceinline__ void register_products(const SweepPlan& pl, const T* tile, int nb, int staged,
                                                   const SimtRegisters<T>& wr, math_t<T>* part) {
   using A = math_t<T>;
-  constexpr int V = int(vec_entries(sizeof(T))), kSlice = SimtRegisters<T>::kSlice;
+  constexpr int V = Vec16<T>::kEntries, kSlice = SimtRegisters<T>::kSlice;
   const int R = int(pl.rows), P = R / 2, F = int(pl.batch_lanes), L = int(pl.lanes), stride = int(pl.stride);
   const int slice = int(pl.slice), t = int(threadIdx.x), r = t % P, f = t / P % F, l = t / (P * F);
   const PartLayout pt = part_layout(pl);
@@ -356,7 +356,7 @@ __device__ __forceinline__ A lane_sum(const A* lanes, int L) {
 template <typename T>
 __device__ __forceinline__ void stage_from_cluster(const T* own, int64_t b0, int nb, int rows, int W, int stride,
                                                    int H, int U, int per_block, T* dst) {
-  constexpr int V = 16 / int(sizeof(T));
+  constexpr int V = Vec16<T>::kEntries;
   const bool whole = U % V == 0 && H % V == 0;
   stage_entries(rows * W, nb * W, W, stride, whole ? V : 1, dst, [&](int i) {
     const int bb = i / W, k = i % W, g = k / H, j = k % H;

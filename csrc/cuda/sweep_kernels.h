@@ -53,8 +53,6 @@ constexpr int kRegSteps = 16;
 // 2 rows of a slice of at most kRegSimtBytes / (2 * sizeof(math_t<T>)) entries.
 constexpr int64_t kRegSimtBytes = 256;
 __host__ __device__ constexpr int64_t simt_max_slice(int64_t math_bytes) { return kRegSimtBytes / (2 * math_bytes); }
-// The entries of storage type T one 16-byte shared-memory load reads.
-__host__ __device__ constexpr int64_t vec_entries(int64_t elem_bytes) { return 16 / elem_bytes; }
 
 // How a plan's step products run: on the tensor cores with mma_k (the K of one mma: 8
 // TF32, 16 bf16 and f16) or on the CUDA cores (0); with the weights in registers for the
