@@ -23,12 +23,15 @@ there; the table says so.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from birnn_ext import FusedBiLSTM
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from birnn_ext import FusedBiLSTM  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:
