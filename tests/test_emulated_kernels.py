@@ -173,11 +173,10 @@ def test_sweep_stages_rows_of_odd_lengths(emulator, tmp_path, dtype, H):
                          + [(torch.bfloat16, "bi-lengths")], ids=lambda v: str(v).removeprefix("torch."))
 def test_sweep_kernel_in_one_launch_with_a_block_per_direction(emulator, tmp_path, dtype, name):
     # Units = H: each direction is one block, whose step barrier is its own __syncthreads,
-    # so every step (and every backward phase) runs in one launch: the kernels' own loop
-    # over the steps, with its h and dg ping-pong buffers, runs here as on the GPU. Batch
-    # tiles of 3 rows: a tile and a partial one per step.
+    # so every step (and every backward phase) runs in a plain launch, without the grid
+    # barrier. Batch tiles of 3 rows: a tile and a partial one per step.
     header, case = make_case(dtype, 0, T=5, B=4, I=6, H=8, P=8, **LAYER_CASES[name])
-    proc, flat = run_emulated(emulator, header, case, tmp_path, ("sweep-whole", 8, 3))
+    proc, flat = run_emulated(emulator, header, case, tmp_path, ("sweep", 8, 3))
     assert proc.returncode == 0, proc.stderr
     want = reference_layer(case, dtype)
     compare(unpack(flat, want), want, dtype)
@@ -235,14 +234,14 @@ def test_a_wrong_rank_in_16_byte_reads_is_caught(tmp_path):
 
 # Batch groups (SweepPlan::groups): B = 7 rows in groups of 3, 3 and 1, each with blocks
 # (a cluster) of its own that exchange h and dg among themselves only; batch tiles of 2
-# rows, so that a group of 3 has a whole tile and a partial one. The cluster sweeps and the
-# one-block sweeps (whole, in one launch), and the grid sweep one step per launch.
+# rows, so that a group of 3 has a whole tile and a partial one. The cluster sweeps, the
+# one-block sweeps and the grid sweep (its blocks of every group at the grid barrier).
 GROUP_RUNS = {
     "cluster3": (torch.float32, ("sweep-cluster", 3, 2), 2),
     "cluster4-uni": (torch.float32, ("sweep-cluster", 4, 2), 1),
     "cluster3-bf16-mma": (torch.bfloat16, ("sweep-cluster", 3, 2, "mma"), 2),
     "cluster3-regs": (torch.float32, ("sweep-cluster", 3, 2, "regs"), 2),
-    "whole": (torch.float32, ("sweep-whole", 8, 2), 2), "grid-units3": (torch.float64, ("sweep", 3, 2), 2),
+    "whole": (torch.float32, ("sweep", 8, 2), 2), "grid-units3": (torch.float64, ("sweep", 3, 2), 2),
 }
 
 
@@ -284,12 +283,17 @@ def test_cluster_plans_in_batch_groups(direction, per_unit):
         assert (pl.groups, pl.group_rows, pl.blocks) == (*want, 2 * want[0] * 8), (B, asked)
 
 
-def test_a_sweep_over_several_blocks_needs_the_grid_barrier(emulator, tmp_path):
-    # Fewer units than H: the steps of one launch would need the grid barrier, which only a
-    # cooperative launch on a GPU gives; the launcher refuses rather than run without it.
-    header, case = make_case(torch.float32, 0, T=5, B=4, I=6, H=8, P=8, **LAYER_CASES["uni"])
-    proc, _ = run_emulated(emulator, header, case, tmp_path, ("sweep-whole", 3, 4))
-    assert proc.returncode != 0 and "launch failed" in proc.stderr, proc.stderr[-2000:]
+@pytest.mark.parametrize("dtype,name", [(torch.float32, "bi-lengths"), (torch.bfloat16, "uni")],
+                         ids=lambda v: str(v).removeprefix("torch."))
+def test_sweep_kernel_one_step_per_launch(emulator, tmp_path, dtype, name):
+    # The kernels also run a range of steps (phases) per launch, here one at a time, each
+    # launch loading its weights afresh: no state may outlive a step but what lies in
+    # global memory.
+    header, case = make_case(dtype, 0, T=5, B=4, I=6, H=8, P=8, **LAYER_CASES[name])
+    proc, flat = run_emulated(emulator, header, case, tmp_path, ("sweep", 3, 2, "per-step"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    want = reference_layer(case, dtype)
+    compare(unpack(flat, want), want, dtype)
 
 
 @pytest.mark.parametrize("D", [1, 2])
@@ -431,7 +435,7 @@ REG_CUTS = {
     "grid-units1-tile4": ("sweep", 1, 4, 8, 4, "bi-lengths"),
     "grid-units3-tile1": ("sweep", 3, 1, 8, 4, "bi-lengths-nobias"),
     "grid-units2-tile10": ("sweep", 2, 10, 8, 10, "bi-lengths"),
-    "whole-tile3": ("sweep-whole", 8, 3, 8, 4, "bi-lengths"),
+    "whole-tile3": ("sweep", 8, 3, 8, 4, "bi-lengths"),
     "cluster3-H40": ("sweep-cluster", 3, 5, 40, 6, "bi-lengths"),
     "grid-units20-H40": ("sweep", 20, 4, 40, 5, "uni"),
 }
@@ -474,13 +478,15 @@ def test_cell_kernels_match_cpu(emulator, tmp_path, dtype, bias):
 
 @pytest.mark.parametrize("defect", ["BIRNN_BREAK_OFF_BY_ONE", "BIRNN_BREAK_MISSING_BARRIER", "BIRNN_BREAK_LEAK",
                                     "BIRNN_BREAK_SWEEP_BARRIER", "BIRNN_BREAK_SWEEP_BWD_BARRIER",
+                                    "BIRNN_BREAK_GRID_BARRIER",
                                     "BIRNN_BREAK_CLUSTER_BARRIER", "BIRNN_BREAK_CLUSTER_BWD_BARRIER",
                                     "BIRNN_BREAK_DSMEM_RANK", "BIRNN_BREAK_GROUP_ROWS", "BIRNN_BREAK_REGISTER_SLICE"])
 def test_a_broken_kernel_is_caught(tmp_path, defect):
     """The harness can fail: a build with a deliberate defect (the reverse direction's
     time index off by one; the barrier before the shared-memory reduction removed; a
     leaked allocation; the forward or the backward sweep's barrier between its dot
-    products and its cell update removed; the forward or the backward cluster sweep's
+    products and its cell update removed; the grid sweeps' barrier between their steps
+    removed; the forward or the backward cluster sweep's
     barrier between steps removed; the cluster sweeps reading each entry of the row from
     the wrong block's shared memory; every group of batch rows working on the first
     group's; the SIMT products with weights in registers reading the next slice's columns
@@ -495,7 +501,7 @@ def test_a_broken_kernel_is_caught(tmp_path, defect):
         header, case = make_case(torch.float32, 0, T=5, B=4, I=6, H=8, P=8, D=2, lengths=[5, 2, 1, 4], bias=True,
                                  proj=False)
     args = (("sweep", 2, 4, "regs") if "REGISTER" in defect
-            else ("sweep", 3, 4) if "SWEEP" in defect
+            else ("sweep", 3, 4) if "SWEEP" in defect or "GRID" in defect
             else ("sweep-cluster", 4, 4) if "CLUSTER" in defect or "DSMEM" in defect
             else ("sweep-cluster", 4, 2, "groups=2") if "GROUP" in defect else ())
     proc, flat = run_emulated(exe, header, case, tmp_path, args)
@@ -519,6 +525,18 @@ def test_warp_shuffles(emulator):
     across three warps per block, against sums the driver makes on the host."""
     proc = run_driver(emulator, "shuffles")
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("launch", ["cooperative", "plain"])
+def test_grid_barrier(emulator, launch):
+    """Five blocks pass values around a ring through global memory, four rounds, the grid
+    barrier between the rounds (cooperative_groups' grid sync): right in a cooperative
+    launch; a plain launch, whose blocks a GPU need not run at once, is reported."""
+    proc = run_driver(emulator, "grid-barrier", launch)
+    if launch == "cooperative":
+        assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr[-2000:]
+    else:
+        assert proc.returncode != 0 and "grid barrier outside a cooperative launch" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_pointer_tables(emulator):
@@ -574,14 +592,14 @@ def test_a_wrong_fragment_layout_is_caught(kind):
 # and float16 keep their own: their products were already rounded operands summed in float.
 MMA_SWEEP_TOL = {torch.float32: TOL[torch.float16], torch.bfloat16: TOL[torch.bfloat16],
                  torch.float16: TOL[torch.float16]}
-# (sweep, units or cluster, batch tile, H, B, layer case): H = 8 in blocks of 4 units, one
-# step per launch, tiles of 3 rows (a partial octet); a block per direction whole, with
+# (sweep, units or cluster, batch tile, H, B, layer case): H = 8 in blocks of 4 units at
+# the grid barrier, tiles of 3 rows (a partial octet); a block per direction, with
 # 10 rows in one tile (two octets, the second partial); H = 6 (rows shorter than one mma
 # step: zeros to its end; a last block of 2 units, the weight rows padded to 16) in
 # clusters of 2 blocks; H = 12 in clusters of 3 blocks of 4 units and tiles of 8 rows.
 MMA_CUTS = {
     "grid-units4-tile3": ("sweep", 4, 3, 8, 4, "bi-lengths"),
-    "whole-tile10": ("sweep-whole", 8, 10, 8, 10, "bi-lengths-nobias"),
+    "whole-tile10": ("sweep", 8, 10, 8, 10, "bi-lengths-nobias"),
     "cluster2-H6": ("sweep-cluster", 2, 3, 6, 4, "bi-lengths"),
     "cluster3-H12": ("sweep-cluster", 3, 8, 12, 9, "uni"),
 }

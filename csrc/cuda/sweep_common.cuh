@@ -327,7 +327,11 @@ __device__ __forceinline__ void step_products(const SweepPlan& pl, const T* w, c
 // every block of the grid must have written its units first: the grid barrier, which
 // needs the cooperative launch.
 __device__ __forceinline__ void step_barrier(int per_dir) {
+#if defined(BIRNN_BREAK_GRID_BARRIER)
+  (void)per_dir;  // deliberately wrong: no barrier between the steps, for the test that the emulator catches it
+#else
   if (per_dir > 1) BIRNN_GRID_SYNC();
+#endif
 }
 
 // The batch rows a tile of nb rows stages: whole quads for the SIMT products, whole
@@ -382,22 +386,23 @@ template <typename T>
 constexpr bool kHasMma = !std::is_same_v<T, double>;
 
 // Launches the plan's blocks of kSweepThreads: all at once with a grid barrier available
-// (cooperative, GPU only), or as a plain launch: of one step, or of any number where
-// each direction is one block per group (its step barrier is the block's own).
+// (cooperative), or as a plain launch: of one step, or of any number where each direction
+// is one block per group (its step barrier is the block's own).
 template <typename P>
 cudaError_t launch_sweep(void (*kernel)(P), const P& p, int64_t steps, bool cooperative, cudaStream_t stream) {
   if (!kernel) return cudaErrorNotSupported;
   const int64_t blocks = p.plan.blocks, per_dir = sweep_blocks_per_direction(p.plan, p.D);
   const size_t shared_bytes = size_t(p.plan.shared_bytes);
-#if !defined(BIRNN_EMU)
   if (cooperative) {
+#if !defined(BIRNN_EMU)
     void* args[] = {const_cast<P*>(&p)};
     return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(unsigned(blocks)),
                                        dim3(unsigned(kSweepThreads)), args, shared_bytes, stream);
-  }
 #else
-  if (cooperative) return cudaErrorNotSupported;
+    BIRNN_LAUNCH_COOPERATIVE(kernel, dim3(unsigned(blocks)), dim3(unsigned(kSweepThreads)), shared_bytes, stream, p);
+    return BIRNN_LAUNCH_ERROR();
 #endif
+  }
   if (steps != 1 && per_dir != 1) return cudaErrorNotSupported;  // the steps need the grid barrier
   BIRNN_LAUNCH(kernel, dim3(unsigned(blocks)), dim3(unsigned(kSweepThreads)), shared_bytes, stream, p);
   return BIRNN_LAUNCH_ERROR();

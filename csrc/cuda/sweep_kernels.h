@@ -315,8 +315,8 @@ inline bool choose_cluster_sweep_plan(bool backward, int64_t H, int64_t B, int64
 
 // Each returns the launch's error (cudaSuccess where it went): cudaErrorNotSupported for
 // a plan with tensor-core products in float64. `cooperative` launches all the steps
-// (phases) of p at once with the grid barrier (GPU only); otherwise p must hold one step,
-// or the plan one block per direction.
+// (phases) of p at once with the grid barrier (a cooperative launch); otherwise p must
+// hold one step, or the plan one block per direction.
 template <typename T>
 cudaError_t launch_sweep_fwd(const SweepFwd<T>& p, bool cooperative, cudaStream_t stream);
 template <typename T>

@@ -6,13 +6,17 @@
 // blockDim, gridDim (dim3, up to 3-D); __syncthreads(); dynamic shared memory through
 // BIRNN_DYNAMIC_SHARED; kernel launches through BIRNN_LAUNCH; thread-block clusters along
 // x (launch_cluster): the cluster barrier and distributed shared memory (a block reading
-// another's shared memory); cudaStream_t and cudaError_t. The threads of a launch run as
-// fibers, each until it reaches a barrier or returns; the clusters of a grid (each block
-// its own cluster without one) run one after another, the blocks of a cluster together.
-// A block barrier is released when every thread of the block has reached it, a cluster
-// barrier when every thread of the cluster has, which is what they mean on a GPU. A thread
-// that returns while others of its block (or cluster) wait at a barrier is reported as
-// barrier divergence, and so are threads of one block waiting at different barriers.
+// another's shared memory); cooperative launches along x (launch_cooperative) and their
+// grid barrier (cooperative_groups::this_grid().sync()); cudaStream_t and cudaError_t.
+// The threads of a launch run as fibers, each until it reaches a barrier or returns; the
+// clusters of a grid (each block its own cluster without one) run one after another, the
+// blocks of a cluster together, and the blocks of a cooperative launch all together. A
+// block barrier is released when every thread of the block has reached it, a cluster
+// barrier when every thread of the cluster has, the grid barrier when every thread of the
+// grid has, which is what they mean on a GPU. A thread that returns while others of its
+// block (cluster, grid) wait at a barrier is reported as barrier divergence, and so are
+// threads of one block waiting at different barriers, and a grid barrier outside a
+// cooperative launch (which a GPU does not release).
 // Shared memory starts filled with 0xFF bytes (NaN as float): a read before the write it
 // depends on shows up as a wrong answer rather than a lucky zero.
 //
@@ -25,8 +29,8 @@
 // warp; lanes of one warp at different collectives, or at a collective and a barrier, or
 // a lane that returns while others wait at one, are reported as warp divergence.
 //
-// Not supported (and not used by the kernels): votes, partial-warp masks, atomics, the
-// grid barrier, static __shared__ arrays, streams running concurrently.
+// Not supported (and not used by the kernels): votes, partial-warp masks, atomics, clusters
+// in a cooperative launch, static __shared__ arrays, streams running concurrently.
 #pragma once
 
 #include <ucontext.h>
@@ -65,7 +69,7 @@
 
 namespace birnn_emu {
 
-enum class Wait { kRunning, kBlock, kCluster, kWarp, kDone };
+enum class Wait { kRunning, kBlock, kCluster, kGrid, kWarp, kDone };
 
 constexpr unsigned kWarpSize = 32;
 constexpr size_t kLaneSlot = 64;  // bytes a lane contributes to one warp collective, at most
@@ -74,7 +78,7 @@ struct Fiber {
   ucontext_t ctx;
   std::unique_ptr<char[]> stack;  // left uninitialized: only the pages a thread touches are mapped
   dim3 tid;
-  unsigned block = 0;  // index of its block within the cluster
+  unsigned block = 0;  // index of its block within the blocks that run together
   Wait wait = Wait::kRunning;
   unsigned collectives = 0;  // warp collectives this thread has entered
   void* fake_stack = nullptr;
@@ -83,12 +87,13 @@ struct Fiber {
 struct State {
   dim3 thread, block, block_dim, grid_dim;
   unsigned cluster_x = 1;                          // blocks per cluster, along x
-  std::vector<std::vector<unsigned char>> shared;  // per block of the running cluster
-  // Per block of the running cluster: [warp][2][lane][kLaneSlot], what the lanes put into
+  bool cooperative = false;                        // a cooperative launch: every block runs together
+  std::vector<std::vector<unsigned char>> shared;  // per block of those running together (a cluster, or the grid)
+  // Per block of those running together: [warp][2][lane][kLaneSlot], what the lanes put into
   // their warp's collectives; two buffers, so that a lane that moves on to the next
   // collective does not overwrite what slower lanes of its warp still read.
   std::vector<std::vector<unsigned char>> exchange;
-  unsigned shared_block = 0;                       // the running thread's block within its cluster
+  unsigned shared_block = 0;                       // the running thread's block among those
   ucontext_t scheduler;
   Fiber* current = nullptr;
   const std::function<void()>* body = nullptr;
@@ -140,7 +145,16 @@ inline void syncthreads() {
 }
 
 inline void cluster_sync() {
+  if (state().cooperative) fail("cluster barrier in a cooperative launch: not emulated");
   state().current->wait = Wait::kCluster;
+  yield_to_scheduler(false);
+}
+
+// cooperative_groups::this_grid().sync(): only a cooperative launch has every block of its
+// grid resident at once, so that the barrier can be released.
+inline void grid_sync() {
+  if (!state().cooperative) fail("grid barrier outside a cooperative launch");
+  state().current->wait = Wait::kGrid;
   yield_to_scheduler(false);
 }
 
@@ -153,12 +167,12 @@ inline unsigned char* dynamic_shared() {
 template <typename T>
 T* map_shared_rank(T* p, unsigned rank) {
   State& s = state();
-  if (rank >= s.shared.size()) fail("map_shared_rank: no such block in the cluster");
+  if (rank >= s.cluster_x) fail("map_shared_rank: no such block in the cluster");
   const auto* base = s.shared[s.shared_block].data();
   const auto offset = reinterpret_cast<const unsigned char*>(p) - base;
   if (offset < 0 || size_t(offset) >= s.shared[s.shared_block].size())
     fail("map_shared_rank: the address is not in this block's shared memory");
-  return reinterpret_cast<T*>(s.shared[rank].data() + offset);
+  return reinterpret_cast<T*>(s.shared[s.shared_block / s.cluster_x * s.cluster_x + rank].data() + offset);
 }
 
 inline unsigned cluster_block_rank() { return state().block.x % state().cluster_x; }
@@ -338,24 +352,32 @@ void mma_sync(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], con
 }
 
 // Runs body once per thread of every block of the grid, in clusters of cluster_x blocks
-// along x (1: no clusters).
-inline void launch_cluster(dim3 grid, dim3 block, unsigned cluster_x, size_t shared_bytes,
-                           const std::function<void()>& body) {
+// along x (1: no clusters); `cooperative` (cluster_x 1, a grid along x): every block
+// together, with the grid barrier.
+inline void launch_group(dim3 grid, dim3 block, unsigned cluster_x, bool cooperative, size_t shared_bytes,
+                         const std::function<void()>& body) {
   State& s = state();
   if (cluster_x == 0 || grid.x % cluster_x != 0) fail("launch: the grid is not a whole number of clusters");
+  if (cooperative && (cluster_x != 1 || grid.y != 1 || grid.z != 1))
+    fail("launch: the emulator runs cooperative launches of blocks along x, without clusters");
   s.body = &body;
   s.grid_dim = grid;
   s.block_dim = block;
   s.cluster_x = cluster_x;
+  s.cooperative = cooperative;
+  // The blocks that run side by side, each as far as it can before the next: a cluster, or
+  // the whole grid of a cooperative launch.
+  const unsigned together = cooperative ? grid.x : cluster_x;
+  const Wait group_barrier = cooperative ? Wait::kGrid : Wait::kCluster;
   const unsigned n = block.x * block.y * block.z;
   constexpr size_t kStack = 256 * 1024;
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx0 = 0; bx0 < grid.x; bx0 += cluster_x) {
-        s.shared.assign(cluster_x, std::vector<unsigned char>(shared_bytes, 0xFF));
-        s.exchange.assign(cluster_x, std::vector<unsigned char>(size_t(n + kWarpSize - 1) / kWarpSize * 2 * kWarpSize *
-                                                                kLaneSlot));
-        std::vector<Fiber> fibers(size_t(n) * cluster_x);
+      for (unsigned bx0 = 0; bx0 < grid.x; bx0 += together) {
+        s.shared.assign(together, std::vector<unsigned char>(shared_bytes, 0xFF));
+        s.exchange.assign(together, std::vector<unsigned char>(size_t(n + kWarpSize - 1) / kWarpSize * 2 * kWarpSize *
+                                                               kLaneSlot));
+        std::vector<Fiber> fibers(size_t(n) * together);
         for (unsigned i = 0; i < fibers.size(); ++i) {
           Fiber& f = fibers[i];
           const unsigned t = i % n;
@@ -374,10 +396,10 @@ inline void launch_cluster(dim3 grid, dim3 block, unsigned cluster_x, size_t sha
         };
         // Each block in turn runs as far as it can (its own barriers released as its threads
         // all reach them) before the next starts: the order that most exposes a read of
-        // another block's data before the cluster barrier that should precede it.
+        // another block's data before the cluster (grid) barrier that should precede it.
         for (;;) {
           bool live = false;
-          for (unsigned b = 0; b < cluster_x; ++b) {
+          for (unsigned b = 0; b < together; ++b) {
             Fiber* first = &fibers[size_t(b) * n];
             for (;;) {
               for (unsigned t = 0; t < n; ++t) {
@@ -424,7 +446,7 @@ inline void launch_cluster(dim3 grid, dim3 block, unsigned cluster_x, size_t sha
               }
               if (block_waits == 0) {
                 // A block that has returned has no shared memory left for the others to read.
-                if (done == n && cluster_x > 1) std::fill(s.shared[b].begin(), s.shared[b].end(), 0xFF);
+                if (done == n && together > 1) std::fill(s.shared[b].begin(), s.shared[b].end(), 0xFF);
                 live = live || done < n;
                 break;
               }
@@ -432,22 +454,36 @@ inline void launch_cluster(dim3 grid, dim3 block, unsigned cluster_x, size_t sha
             }
           }
           if (!live) break;
-          // Every thread left waits at the cluster barrier: all of the cluster's must.
+          // Every thread left waits at the cluster (grid) barrier: all of the cluster's (grid's) must.
           for (const Fiber& f : fibers)
-            if (f.wait != Wait::kCluster) {
+            if (f.wait != group_barrier) {
               where(f);
-              fail("barrier divergence: a thread returned while others of its cluster wait at the cluster barrier");
+              fail(cooperative ? "barrier divergence: a thread returned or waits elsewhere while others wait at the "
+                                 "grid barrier"
+                               : "barrier divergence: a thread returned or waits elsewhere while others of its "
+                                 "cluster wait at the cluster barrier");
             }
           for (Fiber& f : fibers) f.wait = Wait::kRunning;
         }
         s.current = nullptr;
       }
   s.cluster_x = 1;
+  s.cooperative = false;
+}
+
+inline void launch_cluster(dim3 grid, dim3 block, unsigned cluster_x, size_t shared_bytes,
+                           const std::function<void()>& body) {
+  launch_group(grid, block, cluster_x, /*cooperative=*/false, shared_bytes, body);
 }
 
 // Runs body once per thread of every block of the grid.
 inline void launch(dim3 grid, dim3 block, size_t shared_bytes, const std::function<void()>& body) {
-  launch_cluster(grid, block, 1, shared_bytes, body);
+  launch_group(grid, block, 1, /*cooperative=*/false, shared_bytes, body);
+}
+
+// cudaLaunchCooperativeKernel: every block of the grid at once, with the grid barrier.
+inline void launch_cooperative(dim3 grid, dim3 block, size_t shared_bytes, const std::function<void()>& body) {
+  launch_group(grid, block, 1, /*cooperative=*/true, shared_bytes, body);
 }
 
 }  // namespace birnn_emu
@@ -481,4 +517,6 @@ T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
   ::birnn_emu::launch(grid, block, shared_bytes, [&] { kernel(__VA_ARGS__); })
 #define BIRNN_LAUNCH_CLUSTER(kernel, grid, block, cluster_x, shared_bytes, stream, ...) \
   ::birnn_emu::launch_cluster(grid, block, cluster_x, shared_bytes, [&] { kernel(__VA_ARGS__); })
+#define BIRNN_LAUNCH_COOPERATIVE(kernel, grid, block, shared_bytes, stream, ...) \
+  ::birnn_emu::launch_cooperative(grid, block, shared_bytes, [&] { kernel(__VA_ARGS__); })
 #define BIRNN_LAUNCH_ERROR() cudaSuccess

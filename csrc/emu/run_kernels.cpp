@@ -8,12 +8,14 @@
 // the sweep plan choose_sweep_plan makes ("units blocks batch_tile lanes shared_bytes rows
 // kdim stride", or "none"). run_kernels IN OUT [sweep UNITS BATCH_TILE] runs the kernels. With "sweep", a
 // layer without a projection runs its forward and its backward through the sweep kernels
-// (one step per launch, cut into blocks of UNITS hidden units and batch tiles of
-// BATCH_TILE rows) instead of the per-step GEMMs and cell kernels. "sweep-whole" runs
-// every step in one launch, which the kernels allow where UNITS >= H (a block per
-// direction, whose step barrier is its own). "sweep-cluster CLUSTER BATCH_TILE" runs both
-// as the cluster sweeps (clusters of at most CLUSTER blocks, a direction each, every step
-// in one launch). After those, "mma" gives any of them tensor-core step products
+// (cut into blocks of UNITS hidden units and batch tiles of BATCH_TILE rows) instead of the
+// per-step GEMMs and cell kernels, as lstm_cuda.cpp launches them: every step in one
+// launch, cooperative with the grid barrier between the steps where a direction has
+// several blocks, a plain one where UNITS >= H (a block per direction, whose step barrier
+// is its own); "per-step" after it launches one step (backward phase) at a time instead.
+// "sweep-cluster CLUSTER BATCH_TILE" runs both as the cluster sweeps (clusters of at most
+// CLUSTER blocks, a direction each, every step in one launch). After those, "mma" gives
+// any of them tensor-core step products
 // (TF32 for float32, bf16 and f16 for those; UNITS then as the plans round them, to fours),
 // with the weight fragments in registers where the plan allows; "mma-smem" the same with
 // every fragment loaded from shared memory; "regs" the SIMT products with the weights in
@@ -91,7 +93,7 @@ void check(cudaError_t e) {
 
 struct SweepOption {
   bool on = false;
-  bool whole = false;    // every step in one launch (one block per direction)
+  bool per_step = false;  // the grid sweeps one step (phase) per launch, not all in one
   int64_t cluster = 0;   // the cluster sweeps, clusters of this many blocks at most (units follow)
   int64_t units = 0, batch_tile = 0;
   bool mma = false;        // tensor-core step products
@@ -175,14 +177,15 @@ void run_layer(const int64_t* hd, Reader& in, Writer& out) {
     // The sweep takes each direction's weights where they lie, and b_ih and b_hh apart: the
     // test's bias as b_ih, zeros as b_hh.
     const std::vector<T> zeros(D * G, from_double<T>(0));
-    const int64_t step = sweep_option.whole || sweep_option.cluster ? T_ : 1;
+    const int64_t step = sweep_option.per_step ? 1 : T_;
+    const bool cooperative = pl.blocks > D * pl.groups && step > 1;  // as launch_rules.cpp has it
     for (int64_t s = 0; s < T_; s += step) {
       SweepFwd<T> sw{T_, B, H, D, s, s + step, pl, lp,
                      {per_direction(w_hh, 0, G * H), per_direction(w_hh, 1, G * H)},
                      {has_bias ? per_direction(bias, 0, G) : nullptr, has_bias ? per_direction(bias, 1, G) : nullptr},
                      {has_bias ? per_direction(zeros, 0, G) : nullptr, has_bias ? per_direction(zeros, 1, G) : nullptr},
                      xg.data(), c.data(), h.data(), hs.data(), h_n.data(), y.data(), c_prev.data(), h_prev.data()};
-      check(sweep_option.cluster ? launch_sweep_fwd_cluster(sw, nullptr) : launch_sweep_fwd(sw, false, nullptr));
+      check(sweep_option.cluster ? launch_sweep_fwd_cluster(sw, nullptr) : launch_sweep_fwd(sw, cooperative, nullptr));
     }
     h = h_n;
   }
@@ -217,12 +220,13 @@ void run_layer(const int64_t* hd, Reader& in, Writer& out) {
       pl.shared_bytes += sweep_align(2 * pl.group_rows * 4 * pl.units * int64_t(sizeof(T)));
     }
     std::vector<T> dgs(2 * D * B * G);
-    const int64_t phases = sweep_option.whole || sweep_option.cluster ? T_ + 1 : 1;
+    const int64_t phases = sweep_option.per_step ? 1 : T_ + 1;
+    const bool cooperative = pl.blocks > D * pl.groups && phases > 1;
     for (int64_t q = 0; q <= T_; q += phases) {
       SweepBwd<T> sw{T_, B, H, D, q, q + phases, pl, lp, {per_direction(w_hh, 0, G * H), per_direction(w_hh, 1, G * H)},
                      xg.data(), c_prev.data(), has_gy ? dy.data() : nullptr, dh.data(), dc.data(), dg.data(),
                      dgs.data()};
-      check(sweep_option.cluster ? launch_sweep_bwd_cluster(sw, nullptr) : launch_sweep_bwd(sw, false, nullptr));
+      check(sweep_option.cluster ? launch_sweep_bwd_cluster(sw, nullptr) : launch_sweep_bwd(sw, cooperative, nullptr));
     }
   }
   for (int64_t s = sweep ? -1 : T_ - 1; s >= 0; --s) {
@@ -364,6 +368,20 @@ __global__ void shuffles_kernel(const int* in, int* out) {
   out[4 * t] = sum, out[4 * t + 1] = five, out[4 * t + 2] = down, out[4 * t + 3] = scan;
 }
 
+// Blocks in a ring, passing values through global memory: each round every block
+// publishes its value in buf[round % 2] ([2][gridDim.x]), and after the grid barrier adds
+// its right neighbour's; out[b] its value after `rounds` rounds.
+__global__ void ring_kernel(int rounds, int* buf, int* out) {
+  const int n = int(gridDim.x), b = int(blockIdx.x);
+  int v = b + 1;
+  for (int r = 0; r < rounds; ++r) {
+    if (threadIdx.x == 0) buf[(r % 2) * n + b] = v;
+    BIRNN_GRID_SYNC();
+    v += buf[(r % 2) * n + (b + 1) % n];
+  }
+  if (threadIdx.x == 0) out[b] = v;
+}
+
 }  // namespace
 }  // namespace birnn::cuda
 
@@ -446,6 +464,31 @@ int run_shuffles() {
   return 0;
 }
 
+// run_kernels grid-barrier cooperative|plain: ring_kernel over 5 blocks of 64 threads, 4
+// rounds, in a cooperative launch (against the host's sums; prints "ok" or the first
+// mismatch and fails) or a plain one (which the emulator reports).
+int run_grid_barrier(bool cooperative) {
+  const int blocks = 5, threads = 64, rounds = 4;
+  std::vector<int> buf(2 * blocks, -1), out(blocks, -1);
+  if (cooperative) {
+    BIRNN_LAUNCH_COOPERATIVE(birnn::cuda::ring_kernel, dim3(blocks), dim3(threads), 0, nullptr, rounds, buf.data(),
+                             out.data());
+  } else {
+    BIRNN_LAUNCH(birnn::cuda::ring_kernel, dim3(blocks), dim3(threads), 0, nullptr, rounds, buf.data(), out.data());
+  }
+  check(BIRNN_LAUNCH_ERROR());
+  std::vector<int> v(blocks);
+  for (int b = 0; b < blocks; ++b) v[b] = b + 1;
+  for (int r = 0; r < rounds; ++r) {
+    const std::vector<int> was = v;
+    for (int b = 0; b < blocks; ++b) v[b] += was[(b + 1) % blocks];
+  }
+  for (int b = 0; b < blocks; ++b)
+    if (out[b] != v[b]) return std::printf("block %d: %d, expected %d\n", b, out[b], v[b]), 1;
+  std::puts("ok");
+  return 0;
+}
+
 // run_kernels pointers: a full PointerTable written to the device table by its launch,
 // entry for entry, and a table past kMax refused; prints "ok" or what differs.
 int run_pointers() {
@@ -469,6 +512,7 @@ int run_pointers() {
 int main(int argc, char** argv) {
   if (argc == 2 && std::string(argv[1]) == "shuffles") return run_shuffles();
   if (argc == 2 && std::string(argv[1]) == "pointers") return run_pointers();
+  if (argc == 3 && std::string(argv[1]) == "grid-barrier") return run_grid_barrier(std::string(argv[2]) == "cooperative");
   if (argc == 6 && std::string(argv[1]) == "mma") {
     using birnn::cuda::mma::Kind;
     const std::string kind = argv[2];
@@ -513,10 +557,9 @@ int main(int argc, char** argv) {
     return 0;
   }
   const std::string mode = argc >= 6 ? argv[3] : "";
-  bool options_ok = argc == 3 || mode == "sweep" || mode == "sweep-whole" || mode == "sweep-cluster";
+  bool options_ok = argc == 3 || mode == "sweep" || mode == "sweep-cluster";
   if (argc > 3 && options_ok) {
     sweep_option.on = true;
-    sweep_option.whole = mode == "sweep-whole";
     (mode == "sweep-cluster" ? sweep_option.cluster : sweep_option.units) = std::atoll(argv[4]);
     sweep_option.batch_tile = std::atoll(argv[5]);
     for (int i = 6; i < argc; ++i) {
@@ -526,6 +569,8 @@ int main(int argc, char** argv) {
         sweep_option.registers = opt == "mma";
       } else if (opt == "regs") {
         sweep_option.registers = true;
+      } else if (opt == "per-step" && mode == "sweep") {
+        sweep_option.per_step = true;
       } else if (opt.rfind("groups=", 0) == 0) {
         sweep_option.groups = std::atoll(opt.c_str() + 7);
       } else {
@@ -535,7 +580,7 @@ int main(int argc, char** argv) {
   }
   if (!options_ok) {
     std::fprintf(stderr,
-                 "usage: %s IN OUT [sweep|sweep-whole UNITS BATCH_TILE | sweep-cluster CLUSTER BATCH_TILE] "
+                 "usage: %s IN OUT [sweep UNITS BATCH_TILE [per-step] | sweep-cluster CLUSTER BATCH_TILE] "
                  "[mma|mma-smem|regs] [groups=N]\n",
                  argv[0]);
     return 2;
