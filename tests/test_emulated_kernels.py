@@ -55,18 +55,25 @@ def make_case(dtype, mode, T, B, I, H, P, D, lengths, bias, proj, seed=0):
     return header, case
 
 
-def run_emulated(exe, header, case, tmp_path, args=()):
-    order = ["x", "h0", "c0", "w_ih", "w_hh", "bias", "w_hr", "grad_y", "grad_h_n", "grad_c_n"]
+def emulator_env(order="forward"):
+    """The runs' environment: leak checks, UBSan's stacks, and the order in which the
+    emulator resumes the threads of a block and the blocks that run together
+    (BIRNN_EMU_ORDER; csrc/emu/cuda_emu.h)."""
+    return {**os.environ, "ASAN_OPTIONS": "detect_leaks=1", "UBSAN_OPTIONS": "print_stacktrace=1",
+            "BIRNN_EMU_ORDER": order}
+
+
+def run_emulated(exe, header, case, tmp_path, args=(), order="forward"):
+    fields = ["x", "h0", "c0", "w_ih", "w_hh", "bias", "w_hr", "grad_y", "grad_h_n", "grad_c_n"]
     with open(tmp_path / "in.bin", "wb") as f:
         f.write(np.array(header, dtype=np.int64).tobytes())
         if case["lengths"] is not None:
             f.write(case["lengths"].numpy().tobytes())
-        for k in order:
+        for k in fields:
             if case[k] is not None:
                 f.write(case[k].numpy().tobytes())
-    env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1", "UBSAN_OPTIONS": "print_stacktrace=1"}
     proc = subprocess.run([str(exe), str(tmp_path / "in.bin"), str(tmp_path / "out.bin"), *map(str, args)],
-                          capture_output=True, text=True, env=env)
+                          capture_output=True, text=True, env=emulator_env(order))
     return proc, np.fromfile(tmp_path / "out.bin", dtype=np.float64) if proc.returncode == 0 else None
 
 
@@ -515,9 +522,19 @@ def test_a_broken_kernel_is_caught(tmp_path, defect):
 
 # ---------------------------------------------------------------- warp collectives
 
-def run_driver(exe, *args):
-    env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1", "UBSAN_OPTIONS": "print_stacktrace=1"}
-    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, env=env)
+def run_driver(exe, *args, order="forward"):
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, env=emulator_env(order))
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+def test_the_emulator_runs_threads_in_either_order(emulator, order):
+    """Each thread writes its entry of shared memory and reads its left neighbour's with no
+    barrier between: resumed from the first thread, each finds its neighbour's written;
+    from the last (BIRNN_EMU_ORDER=reverse), stale. So the kernels' runs in reverse order
+    (test_kernels_in_reverse_order_match_cpu) expose the reads of an earlier thread's
+    (block's) writes that the default order lets pass."""
+    proc = run_driver(emulator, "neighbour-read", order=order)
+    assert (proc.returncode, proc.stdout.strip()) == ((0, "ok") if order == "forward" else (1, "stale")), proc.stderr
 
 
 def test_warp_shuffles(emulator):
@@ -655,3 +672,65 @@ def test_tensor_core_sweeps_refuse_float64(emulator, tmp_path):
     header, case = make_case(torch.float64, 0, T=5, B=4, I=6, H=8, P=8, **LAYER_CASES["uni"])
     proc, _ = run_emulated(emulator, header, case, tmp_path, ("sweep", 4, 3, "mma"))
     assert proc.returncode != 0 and "no tensor-core products in float64" in proc.stderr, proc.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- the other schedule
+
+def _reverse_run(run):
+    """(header, case, args, dtype, tolerances) of a run of REVERSE_RUNS."""
+    bi = dict(LAYER_CASES["bi-lengths"])
+    if run == "per-step-proj":
+        header, case = make_case(torch.float32, 0, T=5, B=4, I=6, H=8, P=3, **LAYER_CASES["bi-lengths-proj"])
+        return header, case, (), torch.float32, TOL[torch.float32]
+    if run == "cell":
+        header, case = make_case(torch.float32, 1, T=1, B=5, I=6, H=9, P=9, D=1, lengths=None, bias=True, proj=False)
+        return header, case, (), torch.float32, TOL[torch.float32]
+    if run in ("grid", "cluster", "one-block"):
+        header, case = make_case(torch.float32, 0, T=5, B=4, I=6, H=8, P=8, **bi)
+        args = {"grid": ("sweep", 3, 2), "cluster": ("sweep-cluster", 3, 3), "one-block": ("sweep", 8, 3)}[run]
+        return header, case, args, torch.float32, TOL[torch.float32]
+    if run.startswith("groups-"):
+        dtype, args, D = GROUP_RUNS[run.removeprefix("groups-")]
+        header, case = make_case(dtype, 0, T=5, B=7, I=6, H=8, P=8, D=D, lengths=[5, 2, 1, 4, 3, 5, 2], bias=True,
+                                 proj=False)
+        return header, case, (*args, "groups=3"), dtype, TOL[dtype]
+    if run.startswith("regs-"):
+        header, case, args = reg_case(torch.float32, run.removeprefix("regs-"))
+        return header, case, args, torch.float32, TOL[torch.float32]
+    dtype, cut, fragments = {"mma-grid": (torch.float32, "grid-units4-tile3", "mma"),
+                             "mma-cluster-smem-bf16": (torch.bfloat16, "cluster3-H12", "mma-smem")}[run]
+    header, case, args = mma_case(dtype, cut, fragments)
+    return header, case, args, dtype, MMA_SWEEP_TOL[dtype]
+
+
+# The per-step kernels (with a projection) and the cell's; every kind of sweep: grid (its
+# blocks at the grid barrier), one block a direction, cluster, in batch groups, SIMT
+# products with the weights in registers, tensor-core products with the fragments in
+# registers and from shared memory.
+REVERSE_RUNS = ["per-step-proj", "cell", "grid", "one-block", "cluster", "groups-cluster3", "groups-grid-units3",
+                "regs-grid-units2-tile10", "regs-cluster3-H40", "mma-grid", "mma-cluster-smem-bf16"]
+
+
+@pytest.mark.parametrize("run", REVERSE_RUNS)
+def test_kernels_in_reverse_order_match_cpu(emulator, tmp_path, run):
+    """The kernels with the threads of each block, and the blocks of each cluster or
+    cooperative grid, resumed from the last (BIRNN_EMU_ORDER=reverse): a read that a
+    missing barrier leaves racing with an earlier thread's write reads stale data here."""
+    header, case, args, dtype, tol = _reverse_run(run)
+    proc, flat = run_emulated(emulator, header, case, tmp_path, args, order="reverse")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    want = (reference_cell if run == "cell" else reference_layer)(case, dtype)
+    got = unpack(flat, want)
+    for k, w in want.items():
+        torch.testing.assert_close(got[k], w.double(), **tol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("driver", [("shuffles",), ("mma", "bf16", 2, 3, 32)], ids=lambda d: d[0])
+def test_warp_collectives_in_reverse_order(emulator, driver):
+    # A warp's lanes meet at each collective whichever lane arrives first.
+    proc = run_driver(emulator, *driver, order="reverse")
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    if driver[0] == "shuffles":
+        assert proc.stdout.strip() == "ok", proc.stdout
+    else:
+        assert float(proc.stdout.split()[1]) <= MMA_TOL, proc.stdout

@@ -18,7 +18,11 @@
 // threads of one block waiting at different barriers, and a grid barrier outside a
 // cooperative launch (which a GPU does not release).
 // Shared memory starts filled with 0xFF bytes (NaN as float): a read before the write it
-// depends on shows up as a wrong answer rather than a lucky zero.
+// depends on shows up as a wrong answer rather than a lucky zero. The threads of a block
+// run in turn from the first, and the blocks that run together from the first, so a read
+// of what a later thread (block) writes before the barrier that should separate them reads
+// stale data; BIRNN_EMU_ORDER=reverse runs both from the last instead, which exposes the
+// reads of what an earlier one writes.
 //
 // Warp collectives: __shfl_sync, __shfl_xor_sync, __shfl_down_sync and __shfl_up_sync
 // over whole warps (the mask must name every lane the warp has), and mma_sync, the
@@ -371,6 +375,10 @@ inline void launch_group(dim3 grid, dim3 block, unsigned cluster_x, bool coopera
   const Wait group_barrier = cooperative ? Wait::kGrid : Wait::kCluster;
   const unsigned n = block.x * block.y * block.z;
   constexpr size_t kStack = 256 * 1024;
+  static const bool reverse = [] {
+    const char* v = std::getenv("BIRNN_EMU_ORDER");
+    return v && std::strcmp(v, "reverse") == 0;
+  }();
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx0 = 0; bx0 < grid.x; bx0 += together) {
@@ -399,11 +407,12 @@ inline void launch_group(dim3 grid, dim3 block, unsigned cluster_x, bool coopera
         // another block's data before the cluster (grid) barrier that should precede it.
         for (;;) {
           bool live = false;
-          for (unsigned b = 0; b < together; ++b) {
+          for (unsigned bi = 0; bi < together; ++bi) {
+            const unsigned b = reverse ? together - 1 - bi : bi;
             Fiber* first = &fibers[size_t(b) * n];
             for (;;) {
-              for (unsigned t = 0; t < n; ++t) {
-                Fiber& f = first[t];
+              for (unsigned ti = 0; ti < n; ++ti) {
+                Fiber& f = first[reverse ? n - 1 - ti : ti];
                 if (f.wait != Wait::kRunning) continue;
                 s.current = &f;
                 s.shared_block = f.block;

@@ -382,6 +382,15 @@ __global__ void ring_kernel(int rounds, int* buf, int* out) {
   if (threadIdx.x == 0) out[b] = v;
 }
 
+// A deliberate race, for the emulator's schedules: each thread writes its entry of shared
+// memory and, with no barrier between, reads its left neighbour's into out.
+__global__ void neighbour_kernel(int* out) {
+  BIRNN_DYNAMIC_SHARED(int, s);
+  const int t = int(threadIdx.x);
+  s[t] = t + 1;
+  out[t] = t > 0 ? s[t - 1] : 0;
+}
+
 }  // namespace
 }  // namespace birnn::cuda
 
@@ -489,6 +498,19 @@ int run_grid_barrier(bool cooperative) {
   return 0;
 }
 
+// run_kernels neighbour-read: neighbour_kernel over one block of 64 threads; prints "ok"
+// where every thread read its neighbour's entry, else "stale" and fails.
+int run_neighbour_read() {
+  const int threads = 64;
+  std::vector<int> out(threads, -1);
+  BIRNN_LAUNCH(birnn::cuda::neighbour_kernel, dim3(1), dim3(threads), threads * sizeof(int), nullptr, out.data());
+  check(BIRNN_LAUNCH_ERROR());
+  for (int t = 1; t < threads; ++t)
+    if (out[t] != t) return std::puts("stale"), 1;
+  std::puts("ok");
+  return 0;
+}
+
 // run_kernels pointers: a full PointerTable written to the device table by its launch,
 // entry for entry, and a table past kMax refused; prints "ok" or what differs.
 int run_pointers() {
@@ -512,6 +534,7 @@ int run_pointers() {
 int main(int argc, char** argv) {
   if (argc == 2 && std::string(argv[1]) == "shuffles") return run_shuffles();
   if (argc == 2 && std::string(argv[1]) == "pointers") return run_pointers();
+  if (argc == 2 && std::string(argv[1]) == "neighbour-read") return run_neighbour_read();
   if (argc == 3 && std::string(argv[1]) == "grid-barrier") return run_grid_barrier(std::string(argv[2]) == "cooperative");
   if (argc == 6 && std::string(argv[1]) == "mma") {
     using birnn::cuda::mma::Kind;
