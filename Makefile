@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv build test demo bench gpu-check gpu-variants clean
+.PHONY: venv build test demo bench gpu-check gpu-train gpu-variants clean
 
 venv: $(STAMP)
 
@@ -47,13 +47,18 @@ bench: build
 
 # On a GPU machine, with the python3 and torch already there (no venv: such a machine may
 # have no package index): build, GPU tests, sanitizers, benchmarks and kernel profile in
-# a few minutes; gpu-variants times each launch switch awaiting its measurement against
-# the defaults. LOGS=folder for the logs, results and summary; DEADLINE=seconds for a
-# machine lent for a fixed time. benchmarks/gpu_check.py says what each step runs.
+# a few minutes; gpu-train runs the demo there (DATA=folder of Fashion-MNIST's files, by
+# default data/fashion-mnist or Debian's) and times its training step; gpu-variants times
+# each launch switch awaiting its measurement against the defaults. LOGS=folder for the
+# logs, results and summary; DEADLINE=seconds for a machine lent for a fixed time.
+# benchmarks/gpu_check.py says what each step runs.
 GPU_CHECK_ARGS = $(if $(LOGS),--logs $(LOGS)) $(if $(DEADLINE),--deadline $(DEADLINE))
 
 gpu-check:
 	$(PY) benchmarks/gpu_check.py --group core $(GPU_CHECK_ARGS)
+
+gpu-train:
+	$(PY) benchmarks/gpu_check.py --group train $(GPU_CHECK_ARGS) $(if $(DATA),--data $(DATA))
 
 gpu-variants:
 	$(PY) benchmarks/gpu_check.py --group variants $(GPU_CHECK_ARGS)

@@ -81,7 +81,7 @@ def one_process(impl: str, steps: int, device: str, compile_mode: str | None) ->
           f"step {fwd + bwd + step:6.2f} ms")
 
 
-def main(argv=None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=3, help="processes per implementation")
     p.add_argument("--steps", type=int, default=60, help="timed steps per process (after 10 warm-up)")
@@ -90,7 +90,11 @@ def main(argv=None) -> None:
                    help="also time FusedBiLSTM's whole step compiled in this mode")
     p.add_argument("--impl", choices=["nn.LSTM", "fused"], help=argparse.SUPPRESS)
     p.add_argument("--compile-one", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
     if args.device == "auto":
         import torch
 

@@ -1,6 +1,6 @@
-"""`make gpu-check` and `make gpu-variants`: what a GPU machine is needed for, with the
-python3 and torch already installed there (a GPU machine may have no package index), in
-two commands of a few minutes each (a session's GPU time is short: each fits one call).
+"""`make gpu-check`, `make gpu-train` and `make gpu-variants`: what a GPU machine is needed
+for, with the python3 and torch already installed there (a GPU machine may have no package
+index), in commands of a few minutes each (a session's GPU time is short: each fits one call).
 
 `make gpu-check` (--group core), the state of the code as it ships:
  1. build the extension for the GPU present (its compute capability);
@@ -11,6 +11,16 @@ two commands of a few minutes each (a session's GPU time is short: each fits one
  5. the host time of a call (benchmarks/bench_call_overhead.py --device cuda): FusedBiLSTM,
     its layer op alone and nn.LSTM at B 1, T 1, H 16, inference and forward+backward;
  6. compute-sanitizer memcheck, racecheck and synccheck over the GPU kernel tests.
+
+`make gpu-train` (--group train), the main job on the GPU:
+ 1. build;
+ 2. `python -m birnn_ext.demo --compare --device cuda`: the demo's classifier trained on
+    Fashion-MNIST with nn.LSTM, FusedBiLSTM eager and FusedBiLSTM with its whole training
+    step under torch.compile(mode="reduce-overhead"), samples/s each (the data from
+    --data, else data/fashion-mnist in the checkout, else Debian's folder; its weights,
+    curves and summary.json go to LOGS/demo/);
+ 3. benchmarks/bench_train_step.py --device cuda --compile reduce-overhead: the same
+    step timed apart (forward, backward, Adam), one process each.
 
 `make gpu-variants` (--group variants), each switch of csrc/cuda/launch_rules.cpp that
 awaits its measurement, against the defaults timed in the same run:
@@ -41,8 +51,8 @@ steps and the benchmark ratios is printed last and kept, step by step, in LOGS/s
 limit to what is left of the run and reports the steps that no longer fit as skipped.
 Exits 1 if a step failed or was skipped.
 
-    python3 benchmarks/gpu_check.py [--group core|variants|all] [--logs DIR] [--skip STEP ...]
-                                    [--deadline SECONDS]
+    python3 benchmarks/gpu_check.py [--group core|train|variants|all] [--logs DIR] [--skip STEP ...]
+                                    [--deadline SECONDS] [--data DIR]
 """
 
 from __future__ import annotations
@@ -71,6 +81,7 @@ GROUPS = {
     # loses the latter.
     "core": ["build", "pytest", "bench-targets", "bench-grid", "profile", "call-overhead", "memcheck", "racecheck",
              "synccheck"],
+    "train": ["build", "demo", "train-step"],
     # The pairs most likely to move a default first (each variant beside its defaults):
     # the cluster sweeps and the SIMT weights in registers, alone and together in IEEE
     # float32, the cluster sweeps with the tensor cores under TF32 and bfloat16; a run cut
@@ -80,11 +91,20 @@ GROUPS = {
                  "bench-cluster-mma-tf32", "bench-bf16", "bench-cluster-mma-bf16", "bench-mma-tf32", "bench-mma-bf16",
                  "bench-bwd-off", "bench-overlap", "bench-small-h", "bench-block", "profile-mma"],
 }
-STEPS = list(dict.fromkeys(GROUPS["core"] + GROUPS["variants"]))
+STEPS = list(dict.fromkeys(step for group in GROUPS.values() for step in group))
 
 
 # --deadline: the seconds kept back for the report, and the least a step is started with.
 DEADLINE_RESERVE, MIN_STEP = 10, 30
+
+# Where the demo's data is looked for without --data: a folder of the checkout (ignored by
+# git, so that a GPU machine's copy of the checkout can carry it), then Debian's.
+DATA_DIRS = (ROOT / "data" / "fashion-mnist", Path("/usr/share/datasets/fashion-mnist"))
+
+
+def default_data() -> Path:
+    return next((d for d in DATA_DIRS if (d / "train-images-idx3-ubyte.gz").exists()), DATA_DIRS[-1])
+
 
 # gpu-grid's cases with H below 100 (bench_lstm.py's g1, g2 and g5).
 SMALL_H = ["--case", "1,400,40,64,1", "--case", "8,100,28,64,2", "--case", "64,200,300,96,1"]
@@ -132,8 +152,10 @@ class Step:
     results: tuple = ()  # the files it writes under benchmarks/results/, copied to LOGS/results/
 
 
-def plan(py: str, tool: str | None) -> dict[str, Step]:
-    """Every step either group can run, by name (a step not in GROUPS never runs)."""
+def plan(py: str, tool: str | None, logs: Path = ROOT / "build" / "gpu-check", data: Path | None = None
+         ) -> dict[str, Step]:
+    """Every step a group can run, by name (a step not in GROUPS never runs); the demo's
+    data from `data` (default_data() where None), its outputs under logs/demo."""
     bench = [py, "benchmarks/bench_lstm.py", "--device", "cuda", "--min-run-time", "0.2"]
     # The variants' timings: half the time each, as many of them as fit one call.
     variant = [py, "benchmarks/bench_lstm.py", "--device", "cuda", "--min-run-time", "0.1", "--preset", "targets"]
@@ -178,6 +200,10 @@ def plan(py: str, tool: str | None) -> dict[str, Step]:
         "profile-mma": Step([py, "benchmarks/profile_kernels.py", "--tf32", "--name", "profile-cuda-tf32-mma"], 180,
                             {"BIRNN_EXT_CUDA_MMA": "1"}, ("profile-cuda-tf32-mma.csv",)),
         "call-overhead": Step([py, "benchmarks/bench_call_overhead.py", "--device", "cuda"], 120),
+        "demo": Step([py, "-m", "birnn_ext.demo", "--compare", "--device", "cuda", "--data", str(data or default_data()),
+                      "--out", str(logs / "demo")], 360),
+        "train-step": Step([py, "benchmarks/bench_train_step.py", "--device", "cuda", "--compile", "reduce-overhead",
+                            "--runs", "1"], 240),
     }
     if tool:
         for check in ("memcheck", "racecheck", "synccheck"):
@@ -273,11 +299,25 @@ def report(group: str, name: str, arch: str, logs: Path, tool: str | None, wante
                          "bench-bf16": "autocast bf16 on both sides",
                          "bench-mma-bf16": "autocast bf16 on both sides"}.get(step, "float32, TF32 off on both sides")
             out += ["", f"nn.LSTM time / fused time, {title} ({precision}):", *lines]
-    overhead = next((r for r in results if r["step"] == "call-overhead" and r["rc"] == 0), None)
-    if overhead:
-        table = Path(overhead["log"]).read_text(errors="replace").splitlines()[1:]  # past the "$ command" line
-        out += [""] + [line for line in table if line.strip() and "Warning" not in line]
+    out += step_tables(results)
     return "\n".join(out)
+
+
+def step_tables(results: list[dict]) -> list[str]:
+    """The tables the call-overhead, demo and train-step steps print, from their logs."""
+    out = []
+    for r in results:
+        if r["rc"] != 0 or r["step"] not in ("call-overhead", "demo", "train-step"):
+            continue
+        lines = [line for line in Path(r["log"]).read_text(errors="replace").splitlines()[1:]  # past "$ command"
+                 if line.strip() and "Warning" not in line]
+        if r["step"] == "demo":  # its results table, from its header on, without the last line (where the files went)
+            at = next((i for i, line in enumerate(lines) if line.startswith("implementation")), len(lines))
+            lines = [line for line in lines[at:] if not line.startswith("weights,")]
+        elif r["step"] == "train-step":
+            lines = [line for line in lines if line.startswith(("nn.LSTM", "fused"))]
+        out += [""] + lines
+    return out
 
 
 # The benchmark tables of the report: (step, title, results file name).
@@ -303,6 +343,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--logs", type=Path, default=ROOT / "build" / "gpu-check")
     p.add_argument("--group", choices=[*GROUPS, "all"], default="core")
+    p.add_argument("--data", type=Path, help="the demo's Fashion-MNIST files (default: " +
+                   ", else ".join(map(str, DATA_DIRS)) + ")")
     p.add_argument("--skip", action="append", default=[], choices=STEPS)
     p.add_argument("--deadline", type=float, default=0,
                    help="seconds for the whole run (0: none): each step's time limit is cut to what is left, and "
@@ -322,7 +364,7 @@ def main(argv=None) -> int:
            "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST", arch),
            "MAX_JOBS": os.environ.get("MAX_JOBS", str(os.cpu_count() or 4))}
     tool = sanitizer()
-    steps = plan(sys.executable, tool)
+    steps = plan(sys.executable, tool, args.logs, args.data)
     wanted = STEPS if args.group == "all" else GROUPS[args.group]
     results = []
     for step in wanted:

@@ -188,7 +188,7 @@ def plot(results, path):
     plt.close(fig)
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=100)
@@ -207,7 +207,11 @@ def main(argv=None):
     p.add_argument("--compile", choices=["default", "reduce-overhead"],
                    help="compile the fused model's training step with torch.compile in this mode (with --compare: "
                         "as a run beside the eager one; on a GPU, --compare adds a reduce-overhead run by default)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
 
     try:
         data = load_image_classification(args.data)

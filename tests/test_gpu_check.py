@@ -42,6 +42,37 @@ def test_benchmark_commands_parse(step):
     assert vars(args), step
 
 
+def test_the_demo_command_parses(tmp_path):
+    from birnn_ext import demo
+
+    cmd = gpu_check.plan(PY, None, tmp_path / "logs", tmp_path / "data")["demo"].cmd
+    assert cmd[1:3] == ["-m", "birnn_ext.demo"]
+    args = demo.parser().parse_args(cmd[3:])
+    assert (args.device, args.compare, args.data, args.out) == ("cuda", True, tmp_path / "data",
+                                                                tmp_path / "logs" / "demo")
+
+
+def test_the_demo_and_train_step_tables_reach_the_report(tmp_path):
+    # Their logs as the scripts print them (the demo's lines from a CPU run of it).
+    demo_log, step_log = tmp_path / "demo.log", tmp_path / "train-step.log"
+    demo_log.write_text("$ python -m birnn_ext.demo ...\n60000 train / 10000 test images, on NVIDIA H200\n"
+                        "epoch 1 ...\n\n"
+                        "implementation                 test accuracy  train samples/s  train time  (cuda)\n"
+                        "FusedBiLSTM                           0.8741            26000        9.2s\n"
+                        "nn.LSTM                               0.8769            25000        9.6s\n"
+                        "FusedBiLSTM / nn.LSTM training throughput: 1.04x\n"
+                        "weights, curves.png and summary.json in build/gpu-check/demo/\n")
+    step_log.write_text("$ python benchmarks/bench_train_step.py ...\ncompiling...\n"
+                        "nn.LSTM                      forward   1.00 ms  backward   2.00 ms  optimizer  0.40 ms  "
+                        "step   3.40 ms\n"
+                        "fused (reduce-overhead)      step   1.20 ms  (compiling and warm-up: 40.0 s)\n")
+    results = [{"step": "demo", "rc": 0, "log": str(demo_log)}, {"step": "train-step", "rc": 0, "log": str(step_log)}]
+    lines = gpu_check.step_tables(results)
+    assert [line.split()[0] for line in lines if line] == ["implementation", "FusedBiLSTM", "nn.LSTM", "FusedBiLSTM",
+                                                           "nn.LSTM", "fused"]
+    assert gpu_check.step_tables([{**results[0], "rc": 1}]) == []  # a failed step's log is not a table
+
+
 def test_each_table_reads_the_file_its_step_writes():
     steps = gpu_check.plan(PY, None)
     for step, _, csv_name in gpu_check.TABLES:
@@ -63,7 +94,7 @@ def test_a_run_past_its_deadline_still_ends_with_its_table(tmp_path, monkeypatch
         "memcheck": gpu_check.Step([PY, "-c", "print('never started')"], 60),
     }
     monkeypatch.setattr(gpu_check, "gpu", lambda: ("Fake GPU", "9.0"))
-    monkeypatch.setattr(gpu_check, "plan", lambda py, tool: fake)
+    monkeypatch.setattr(gpu_check, "plan", lambda py, tool, *where: fake)
     monkeypatch.setattr(gpu_check, "RESULTS", results)
     monkeypatch.setattr(gpu_check, "DEADLINE_RESERVE", 0)
     monkeypatch.setattr(gpu_check, "MIN_STEP", 1)
