@@ -537,6 +537,12 @@ def test_the_emulator_runs_threads_in_either_order(emulator, order):
     assert (proc.returncode, proc.stdout.strip()) == ((0, "ok") if order == "forward" else (1, "stale")), proc.stderr
 
 
+def test_an_unknown_thread_order_is_refused(emulator):
+    proc = run_driver(emulator, "neighbour-read", order="backwards")
+    assert proc.returncode != 0 and "BIRNN_EMU_ORDER is forward or reverse, not 'backwards'" in proc.stderr, \
+        proc.stderr[-2000:]
+
+
 def test_warp_shuffles(emulator):
     """__shfl_sync, __shfl_xor_sync, __shfl_down_sync (segments of 8) and __shfl_up_sync
     across three warps per block, against sums the driver makes on the host."""

@@ -377,7 +377,10 @@ inline void launch_group(dim3 grid, dim3 block, unsigned cluster_x, bool coopera
   constexpr size_t kStack = 256 * 1024;
   static const bool reverse = [] {
     const char* v = std::getenv("BIRNN_EMU_ORDER");
-    return v && std::strcmp(v, "reverse") == 0;
+    if (!v || std::strcmp(v, "forward") == 0) return false;
+    if (std::strcmp(v, "reverse") == 0) return true;
+    std::fprintf(stderr, "birnn_emu: BIRNN_EMU_ORDER is forward or reverse, not '%s'\n", v);
+    std::abort();
   }();
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
