@@ -159,7 +159,7 @@ Recurrence recurrence(bool backward, bool training, int64_t B, int64_t H, int64_
     r.sweep = r.cluster = true;
   } else if (device_sweep_plan<T>(backward, training, H, B, D, &r.plan)) {
     r.sweep = true;
-    r.cooperative = r.plan.blocks > D * r.plan.groups;  // several blocks share a direction's units
+    r.cooperative = cuda::sweep_is_cooperative(r.plan, D);
   }
   return r;
 }

@@ -248,6 +248,10 @@ inline SweepPlan sweep_plan(bool backward, int64_t H, int64_t B, int64_t D, int6
 // The blocks that share one direction's units for one group of rows (a cluster's size).
 inline int64_t sweep_blocks_per_direction(const SweepPlan& pl, int64_t D) { return pl.blocks / (D * pl.groups); }
 
+// Whether a grid sweep's steps need the grid barrier, and so a cooperative launch: several
+// blocks share a direction's units.
+inline bool sweep_is_cooperative(const SweepPlan& pl, int64_t D) { return sweep_blocks_per_direction(pl, D) > 1; }
+
 // The plan with `units` units per block, the batch in `groups`, and the largest batch
 // tile that fits `max_shared` bytes, with `own_bytes_per_row` more per row of a group (the
 // cluster sweeps' own rows, two steps deep); false where not even one row fits.

@@ -178,7 +178,7 @@ void run_layer(const int64_t* hd, Reader& in, Writer& out) {
     // test's bias as b_ih, zeros as b_hh.
     const std::vector<T> zeros(D * G, from_double<T>(0));
     const int64_t step = sweep_option.per_step ? 1 : T_;
-    const bool cooperative = pl.blocks > D * pl.groups && step > 1;  // as launch_rules.cpp has it
+    const bool cooperative = !sweep_option.per_step && sweep_is_cooperative(pl, D);  // as launch_rules.cpp has it
     for (int64_t s = 0; s < T_; s += step) {
       SweepFwd<T> sw{T_, B, H, D, s, s + step, pl, lp,
                      {per_direction(w_hh, 0, G * H), per_direction(w_hh, 1, G * H)},
@@ -221,7 +221,7 @@ void run_layer(const int64_t* hd, Reader& in, Writer& out) {
     }
     std::vector<T> dgs(2 * D * B * G);
     const int64_t phases = sweep_option.per_step ? 1 : T_ + 1;
-    const bool cooperative = pl.blocks > D * pl.groups && phases > 1;
+    const bool cooperative = !sweep_option.per_step && sweep_is_cooperative(pl, D);
     for (int64_t q = 0; q <= T_; q += phases) {
       SweepBwd<T> sw{T_, B, H, D, q, q + phases, pl, lp, {per_direction(w_hh, 0, G * H), per_direction(w_hh, 1, G * H)},
                      xg.data(), c_prev.data(), has_gy ? dy.data() : nullptr, dh.data(), dc.data(), dg.data(),
