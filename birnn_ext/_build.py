@@ -28,8 +28,8 @@ CSRC = ROOT / "csrc"
 NAME = "birnn_ext_C"
 
 CPU_SOURCES = [
-    "ops.cpp", "autograd.cpp", "autocast.cpp", "cpu/layer_forward.cpp", "cpu/layer_backward.cpp", "cpu/cell_ops.cpp",
-    "cpu/cell_rows.cpp", "cpu/buffer_pool.cpp", "cpu/small_gemm.cpp",
+    "ops.cpp", "autograd.cpp", "reference.cpp", "autocast.cpp", "cpu/layer_forward.cpp", "cpu/layer_backward.cpp",
+    "cpu/cell_ops.cpp", "cpu/cell_rows.cpp", "cpu/buffer_pool.cpp", "cpu/small_gemm.cpp",
     "cpu/small_gemm_bf16.cpp", "cpu/cell_avx512.cpp",
 ]
 CUDA_SOURCES = ["cuda/lstm_kernels.cu", "cuda/sweep_fwd.cu", "cuda/sweep_bwd.cu", "cuda/launch_rules.cpp",

@@ -7,12 +7,23 @@
 // the backward op through torch.ops) added about 40 us to each forward+backward, 10 of
 // them in the forward. torch.compile traces through this kernel like any other: the forward
 // op (through its fake kernel) and the backward op appear in its graphs.
+//
+// Two cases go to the same math in ATen ops instead (reference.h), slow but differentiable
+// any number of times: a backward whose gradients must be differentiable themselves
+// (create_graph=True: grad mode is on inside the backward), and any call under a
+// torch.func transform, where a C++ autograd function refuses to run. nn.LSTM does both
+// on the CPU, with its own ATen ops.
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <optional>
+#include <utility>
+#include <vector>
+
+#include "reference.h"
 
 namespace birnn {
 namespace {
@@ -37,6 +48,29 @@ bool any_requires_grad(std::initializer_list<const at::Tensor*> tensors) {
   for (const at::Tensor* t : tensors)
     if (t->defined() && t->requires_grad()) return true;
   return false;
+}
+
+// The gradients of `outputs` (each with its incoming gradient; those without one are
+// left out) with respect to the forward arguments `args` (nullptr where an argument is
+// no tensor, an undefined tensor where an optional one was absent) that need one,
+// differentiable themselves: out[i] for args[i].
+variable_list differentiable_grads(AutogradContext* ctx, const std::vector<std::pair<at::Tensor, at::Tensor>>& outputs,
+                                   const std::vector<const at::Tensor*>& args) {
+  variable_list out(args.size()), ys, gys, inputs;
+  std::vector<size_t> slot;
+  for (const auto& [y, gy] : outputs)
+    if (gy.defined()) ys.push_back(y), gys.push_back(gy);
+  // The node has an edge for each tensor argument that was given, in order.
+  for (size_t i = 0, edge = 0; i < args.size(); ++i) {
+    if (!args[i] || !args[i]->defined()) continue;
+    if (args[i]->requires_grad() && ctx->needs_input_grad(edge)) inputs.push_back(*args[i]), slot.push_back(i);
+    ++edge;
+  }
+  if (ys.empty() || inputs.empty()) return out;
+  const variable_list g = torch::autograd::grad(ys, inputs, gys, /*retain_graph=*/std::nullopt,
+                                                /*create_graph=*/true, /*allow_unused=*/true);
+  for (size_t k = 0; k < g.size(); ++k) out[slot[k]] = g[k];
+  return out;
 }
 
 // ---------------------------------------------------------------- layer
@@ -75,10 +109,27 @@ class LstmLayer : public torch::autograd::Function<LstmLayer> {
     ctx->saved_data["has_bias"] = b_ih.has_value();
     ctx->saved_data["has_h0"] = h0.has_value();
     ctx->saved_data["has_c0"] = c0.has_value();
+    // The states and biases only for differentiable_backward.
     ctx->save_for_backward({x, value_or_undefined(lengths), w_ih, w_hh, value_or_undefined(w_hr),
                             value_or_undefined(w_ih_r), value_or_undefined(w_hh_r), value_or_undefined(w_hr_r),
-                            gates, c_prev, h_prev, h_raw});
+                            gates, c_prev, h_prev, h_raw, value_or_undefined(h0), value_or_undefined(c0),
+                            value_or_undefined(b_ih), value_or_undefined(b_hh), value_or_undefined(b_ih_r),
+                            value_or_undefined(b_hh_r)});
     return {y, h_n, c_n, gates, c_prev, h_prev, h_raw};
+  }
+
+  // With create_graph=True: the layer again in ATen ops from the saved arguments, and
+  // autograd's gradients of it, which record their own graph.
+  static variable_list differentiable_backward(AutogradContext* ctx, const variable_list& grads,
+                                               const variable_list& s) {
+    const reference::Direction dirs[2] = {
+        {s[2], s[3], defined_or_none(s[14]), defined_or_none(s[15]), defined_or_none(s[4])},
+        {s[5], s[6], defined_or_none(s[16]), defined_or_none(s[17]), defined_or_none(s[7])}};
+    auto [y, h_n, c_n] = reference::lstm_layer(s[0], defined_or_none(s[1]), defined_or_none(s[12]),
+                                               defined_or_none(s[13]), dirs, s[6].defined() ? 2 : 1);
+    return differentiable_grads(ctx, {{y, grads[0]}, {h_n, grads[1]}, {c_n, grads[2]}},
+                                {&s[0], &s[1], &s[12], &s[13], &s[2], &s[3], &s[14], &s[15], &s[4], &s[5], &s[6],
+                                 &s[16], &s[17], &s[7], nullptr});
   }
 
   // One gradient per forward argument (15), undefined where an argument is not a
@@ -88,6 +139,7 @@ class LstmLayer : public torch::autograd::Function<LstmLayer> {
     const at::Tensor &grad_y = grads[0], &grad_h_n = grads[1], &grad_c_n = grads[2];
     if (!grad_y.defined() && !grad_h_n.defined() && !grad_c_n.defined()) return out;
     const variable_list s = ctx->get_saved_variables();
+    if (at::GradMode::is_enabled()) return differentiable_backward(ctx, grads, s);
     const at::Tensor &x = s[0], &w_ih = s[2], &w_hh = s[3], &w_hr = s[4], &w_ih_r = s[5], &w_hh_r = s[6],
                      &w_hr_r = s[7];
     const bool input_grad = ctx->needs_input_grad(0);
@@ -121,6 +173,13 @@ LayerOutputs lstm_layer_forward_autograd(const at::Tensor& x, const OptTensor& l
                                          const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
                                          const OptTensor& w_ih_r, const OptTensor& w_hh_r, const OptTensor& b_ih_r,
                                          const OptTensor& b_hh_r, const OptTensor& w_hr_r, bool training) {
+  if (reference::functorch_active()) {  // the ATen-op layer, which torch.func sees through; nothing saved
+    const reference::Direction dirs[2] = {
+        {w_ih, w_hh, b_ih, b_hh, w_hr},
+        {value_or_undefined(w_ih_r), value_or_undefined(w_hh_r), b_ih_r, b_hh_r, w_hr_r}};
+    auto [y, h_n, c_n] = reference::lstm_layer(x, lengths, h0, c0, dirs, w_hh_r ? 2 : 1);
+    return {y, h_n, c_n, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
   const at::Tensor none;
   auto opt = [&](const OptTensor& t) { return t ? &*t : &none; };
   const bool needs_grad =
@@ -161,7 +220,7 @@ class LstmCell : public torch::autograd::Function<LstmCell> {
     ctx->mark_non_differentiable({gates});
     ctx->set_materialize_grads(false);
     ctx->saved_data["has_bias"] = bias.has_value();
-    ctx->save_for_backward({x, h, c, w_ih, w_hh, gates});
+    ctx->save_for_backward({x, h, c, w_ih, w_hh, gates, value_or_undefined(bias)});
     return {h_new, c_new, gates};
   }
 
@@ -169,6 +228,11 @@ class LstmCell : public torch::autograd::Function<LstmCell> {
     variable_list out(7);
     if (!grads[0].defined() && !grads[1].defined()) return out;
     const variable_list s = ctx->get_saved_variables();
+    if (at::GradMode::is_enabled()) {  // create_graph=True: see LstmLayer::differentiable_backward
+      auto [h_new, c_new] = reference::lstm_cell(s[0], s[1], s[2], s[3], s[4], defined_or_none(s[6]));
+      return differentiable_grads(ctx, {{h_new, grads[0]}, {c_new, grads[1]}},
+                                  {&s[0], &s[1], &s[2], &s[3], &s[4], &s[6], nullptr});
+    }
     const auto& op = op_handle<CellBackwardSig>("birnn_ext::lstm_cell_backward");
     auto [dx, dh, dc, dw_ih, dw_hh, dbias] =
         op.call(defined_or_none(grads[0]), defined_or_none(grads[1]), s[0], s[1], s[2], s[3], s[4], s[5]);
@@ -183,6 +247,10 @@ namespace {
 CellOutputs lstm_cell_forward_autograd(const at::Tensor& x, const at::Tensor& h, const at::Tensor& c,
                                        const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& bias,
                                        bool training) {
+  if (reference::functorch_active()) {  // as in lstm_layer_forward_autograd
+    auto [h_new, c_new] = reference::lstm_cell(x, h, c, w_ih, w_hh, bias);
+    return {h_new, c_new, at::Tensor()};
+  }
   const at::Tensor none;
   const bool needs_grad =
       at::GradMode::is_enabled() && any_requires_grad({&x, &h, &c, &w_ih, &w_hh, bias ? &*bias : &none});
