@@ -1,7 +1,8 @@
 // Autocast of the forward ops, for the CPU and CUDA regions: the op's floating-point
 // tensors on the region's device go to the region's dtype, then the op runs with autocast
 // off. CUDA: float16 or bfloat16, which the kernels store (float32 math and cell state).
-// CPU: bfloat16 (there is no float16 CPU kernel: a float16 region runs in float32).
+// CPU: bfloat16. A float16 region runs in float32: float16 on the CPU runs the float32
+// kernels anyway (cpu/float16.h), so the casts would only add two roundings.
 // The backward ops take what the forward saved, in the forward's dtypes: no rule.
 //
 // One exception, the CPU layer op in a bfloat16 region in inference: its float32 weights

@@ -334,12 +334,13 @@ def test_cuda_half_storage_matches_float32(dtype, lengths):
         torch.testing.assert_close(got[k].float().cpu(), want[k], **TOL[dtype], msg=lambda m, k=k: f"{k}: {m}")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("lengths", [None, [6, 2, 5, 1]])
 @pytest.mark.parametrize("proj_size", [0, 4])
-def test_cpu_bfloat16_storage_matches_float32(lengths, proj_size):
-    # bfloat16 storage with float32 gate math, cell state and sums on the CPU, against
-    # the float32 path on the same (rounded) weights and inputs.
-    dtype = torch.bfloat16
+def test_cpu_16_bit_storage_matches_float32(dtype, lengths, proj_size):
+    # bfloat16 and float16 storage with float32 gate math, cell state and sums on the
+    # CPU (float16 through the float32 kernels, csrc/cpu/float16.h), against the float32
+    # path on the same (rounded) weights and inputs.
     ref32, _ = make_pair(7, 13, "cpu", torch.float32, num_layers=2, bidirectional=True, proj_size=proj_size)
     ref32.load_state_dict({k: v.to(dtype).float() for k, v in ref32.state_dict().items()})
     fused32 = FusedLSTM.from_lstm(ref32)
@@ -354,18 +355,25 @@ def test_cpu_bfloat16_storage_matches_float32(lengths, proj_size):
         torch.testing.assert_close(got[k].float(), want[k], **TOL[dtype], msg=lambda m, k=k: f"{k}: {m}")
 
 
-def test_cpu_bfloat16_cell_matches_float32():
-    dtype = torch.bfloat16
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cpu_16_bit_cell_matches_float32(dtype):
     torch.manual_seed(0)
     cell32 = FusedLSTMCell(7, 13)
     cell32.load_state_dict({k: v.to(dtype).float() for k, v in cell32.state_dict().items()})
     cell = FusedLSTMCell(7, 13)
     cell.load_state_dict(cell32.state_dict())
     cell = cell.to(dtype)
-    x = torch.randn(5, 7).to(dtype)
+    x = torch.randn(5, 7).to(dtype).requires_grad_()
     hx = (torch.randn(5, 13).to(dtype), torch.randn(5, 13).to(dtype))
-    h32, c32 = cell32(x.float(), tuple(t.float() for t in hx))
+    x32 = x.detach().float().requires_grad_()
+    h32, c32 = cell32(x32, tuple(t.float() for t in hx))
     h, c = cell(x, hx)
     assert h.dtype == c.dtype == dtype
     torch.testing.assert_close(h.float(), h32, **TOL[dtype])
     torch.testing.assert_close(c.float(), c32, **TOL[dtype])
+    (h32.sum() + 2 * c32.sum()).backward()
+    (h.float().sum() + 2 * c.float().sum()).backward()
+    torch.testing.assert_close(x.grad.float(), x32.grad, **TOL[dtype])
+    for (name, p), p32 in zip(cell.named_parameters(), cell32.parameters()):
+        assert p.grad.dtype == dtype
+        torch.testing.assert_close(p.grad.float(), p32.grad, **TOL[dtype], msg=lambda m, n=name: f"{n}: {m}")

@@ -18,6 +18,7 @@
 #include "cell_rows.h"
 #include "dispatch_rules.h"
 #include "fixed_order.h"
+#include "float16.h"
 #include "kernel_util.h"
 #include "cell_avx512.h"
 #include "small_gemm.h"
@@ -32,6 +33,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_cpu(const at::T
                                                                      bool training) {
   const BelowAutograd below_autograd;
   const auto [B, I, H] = check_cell("lstm_cell_forward", x_, h_, c, w_ih_, w_hh_, bias_);
+  if (float16::is(x_)) {
+    using float16::widen, float16::narrow;
+    auto [h_new, c_new, gates] =
+        lstm_cell_forward_cpu(widen(x_), widen(h_), widen(c), widen(w_ih_), widen(w_hh_), widen(bias_), training);
+    return {narrow(h_new), narrow(c_new), narrow(gates)};
+  }
   const at::Tensor x = x_.contiguous(), h = h_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const at::Tensor bias = bias_ ? bias_->contiguous() : pooled_zeros({4 * H}, x.options());
   at::Tensor pre = pooled_empty({B, 4 * H}, x.options());
@@ -62,6 +69,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& gates_) {
   const BelowAutograd below_autograd;
   const auto [B, I, H] = check_cell_backward(grad_h_new, grad_c_new, x_, h_, c_, w_ih_, w_hh_, gates_);
+  if (float16::is(x_)) {
+    using float16::widen, float16::narrow;
+    auto [dx, dh, dc, dw_ih, dw_hh, dbias] = lstm_cell_backward_cpu(widen(grad_h_new), widen(grad_c_new), widen(x_),
+                                                                    widen(h_), widen(c_), widen(w_ih_), widen(w_hh_),
+                                                                    widen(gates_));
+    return {narrow(dx), narrow(dh), narrow(dc), narrow(dw_ih), narrow(dw_hh), narrow(dbias)};
+  }
   const at::Tensor x = x_.contiguous(), h = h_.contiguous();
   const at::Tensor c = c_.to(math_dtype(x_.scalar_type())).contiguous();
   const at::Tensor w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous(), gates = gates_.contiguous();

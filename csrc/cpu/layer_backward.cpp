@@ -23,6 +23,7 @@
 #include "cell_rows.h"
 #include "dispatch_rules.h"
 #include "fixed_order.h"
+#include "float16.h"
 #include "kernel_util.h"
 
 namespace birnn {
@@ -258,6 +259,14 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
   const LayerWeights wts = layer_weights("lstm_layer_backward", w_ih_, w_hh_, std::nullopt, std::nullopt, w_hr_,
                                          w_ih_reverse, w_hh_reverse, std::nullopt, std::nullopt, w_hr_reverse);
   const LayerDims n = check_layer_backward(grad_y, grad_h_n, grad_c_n, x_, wts, gates_, c_prev_, h_prev_, h_raw_);
+  if (float16::is(x_)) {
+    using float16::widen, float16::narrow;
+    auto [dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr] = lstm_layer_backward_cpu(
+        widen(grad_y), widen(grad_h_n), widen(grad_c_n), widen(x_), lengths, widen(w_ih_), widen(w_hh_), widen(w_hr_),
+        widen(w_ih_reverse), widen(w_hh_reverse), widen(w_hr_reverse), widen(gates_), c_prev_, widen(h_prev_),
+        widen(h_raw_), input_grad);
+    return {narrow(dx), narrow(dh0), narrow(dc0), narrow(dw_ih), narrow(dw_hh), narrow(dbias), narrow(dw_hr)};
+  }
   const auto [T_, B, I, H, P, D] = n;
   const bool proj = wts.proj();
   const at::Tensor len = checked_lengths("lstm_layer_backward", lengths, T_, B);

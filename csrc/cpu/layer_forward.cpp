@@ -24,6 +24,7 @@
 #include "cell_rows.h"
 #include "dispatch_rules.h"
 #include "fixed_order.h"
+#include "float16.h"
 #include "kernel_util.h"
 
 namespace birnn {
@@ -150,6 +151,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // anyway, so the separate casts autocast would make (a copy of every weight, each call)
   // are left out.
   const LayerDims n = check_layer_forward(x_, lengths, h0, c0, wts, /*float32_weights=*/!training);
+  if (float16::is(x_)) {
+    using float16::widen, float16::narrow;
+    auto [y, h_n, c_n, gates, c_prev, h_prev, h_raw] =
+        lstm_layer_forward_cpu(widen(x_), lengths, widen(h0), widen(c0), widen(w_ih_), widen(w_hh_), widen(b_ih_),
+                               widen(b_hh_), widen(w_hr_), widen(w_ih_reverse), widen(w_hh_reverse),
+                               widen(b_ih_reverse), widen(b_hh_reverse), widen(w_hr_reverse), training);
+    return {narrow(y), narrow(h_n), narrow(c_n), narrow(gates), c_prev, narrow(h_prev), narrow(h_raw)};
+  }
   const at::Tensor len = checked_lengths("lstm_layer_forward", lengths, n.T, n.B);
   const auto [T_, B, I, H, P, D] = n;
   const bool proj = wts.proj();
