@@ -44,6 +44,14 @@ class _TorchNNCounterpart:
             f"{name}.{self._to_nn}() returns."
         )
 
+    # torch.fx.symbolic_trace keeps torch.nn's modules as leaves, one call_module node
+    # each, and traces into every other module's forward, where the fused modules' checks
+    # (Python on shapes and values) cannot run on its proxies. Called by forward when its
+    # input is a proxy: the node nn.LSTM (nn.LSTMCell) would have made.
+    def _fx_leaf(self, input, *args, **kwargs):
+        tracer = input.tracer
+        return tracer.create_proxy("call_module", tracer.path_of_module(self), (input, *args), kwargs)
+
     # torch.ao.quantization sets `qconfig` on every module it walks, and quantizes only
     # the torch.nn classes it maps: without this, the fused layers would stay float
     # without a word.
@@ -380,6 +388,8 @@ class FusedLSTM(_TorchNNCounterpart, nn.Module):
     # lengths is not keyword-only: torch.onnx.export(dynamo=False) passes every defaulted
     # argument of a top-level module positionally.
     def forward(self, input, hx=None, lengths=None):
+        if isinstance(input, torch.fx.Proxy):
+            return self._fx_leaf(input, hx) if lengths is None else self._fx_leaf(input, hx, lengths=lengths)
         if isinstance(input, PackedSequence):
             if lengths is not None:
                 raise ValueError("lengths must not be given with a PackedSequence input: it carries its own")
@@ -451,7 +461,8 @@ class FusedLSTM(_TorchNNCounterpart, nn.Module):
         onnx = _onnx.dynamo_export()
         # The TorchScript exporter traces: is_tracing() (0.1 us) spares the 1.2 us of
         # is_in_onnx_export() on every other call.
-        if onnx or (torch.jit.is_tracing() and torch.onnx.is_in_onnx_export()):
+        tracing = torch.jit.is_tracing()
+        if onnx or (tracing and torch.onnx.is_in_onnx_export()):
             if (error := self._weight_error(x)) is not None:
                 raise RuntimeError(error)
             if self.proj_size > 0:
@@ -468,7 +479,10 @@ class FusedLSTM(_TorchNNCounterpart, nn.Module):
             else:
                 # Save for backward only where a gradient will be asked of this layer (grad
                 # mode first: in inference that spares packing the arguments, 0.3 us).
-                training = torch.is_grad_enabled() and ops._needs_grad(x, h0, c0, *w)
+                # torch.jit.trace records the flag as a constant, and its own check re-runs
+                # the module under no_grad: there False, and the op's autograd saves what a
+                # gradient needs at run time anyway (csrc/autograd.cpp).
+                training = not tracing and torch.is_grad_enabled() and ops._needs_grad(x, h0, c0, *w)
                 try:
                     x, h, c, *_ = _lstm_layer_forward(x, lengths, h0, c0, *w, training)
                 except RuntimeError:
@@ -549,6 +563,8 @@ class FusedLSTMCell(_TorchNNCounterpart, nn.Module):
         return s.format(**self.__dict__)
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        if isinstance(input, torch.fx.Proxy):
+            return self._fx_leaf(input, hx)
         if input.dim() not in (1, 2):
             raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None:
@@ -582,7 +598,8 @@ class FusedLSTMCell(_TorchNNCounterpart, nn.Module):
             h, c = _onnx.lstm_cell(input, hx[0], hx[1], self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         else:
             bias = self.bias_ih + self.bias_hh if self.bias else None
-            h, c = ops.lstm_cell(input, hx[0], hx[1], self.weight_ih, self.weight_hh, bias)
+            training = False if torch.jit.is_tracing() else None  # as in FusedLSTM._run
+            h, c = ops.lstm_cell(input, hx[0], hx[1], self.weight_ih, self.weight_hh, bias, training)
         if not batched:
             h, c = h.squeeze(0), c.squeeze(0)
         return h, c

@@ -138,11 +138,14 @@ def lstm_layer(
 
 
 def lstm_cell(
-    x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor | None = None
+    x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor | None = None,
+    training: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One LSTM step: x [B,I], h, c [B,H], w_ih [4H,I], w_hh [4H,H], bias [4H]
-    (b_ih + b_hh) or None. Returns h', c' [B,H]."""
-    training = _needs_grad(x, h, c, w_ih, w_hh, bias)
+    (b_ih + b_hh) or None. Returns h', c' [B,H]. `training`: whether to save what
+    backward needs; None: where a gradient will be asked."""
+    if training is None:
+        training = _needs_grad(x, h, c, w_ih, w_hh, bias)
     h_new, c_new, _ = _ops.lstm_cell_forward(x, h, c, w_ih, w_hh, bias, training)
     return h_new, c_new
 

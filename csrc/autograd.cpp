@@ -97,14 +97,13 @@ class LstmLayer : public torch::autograd::Function<LstmLayer> {
                                const OptTensor& w_hr, const OptTensor& w_ih_r, const OptTensor& w_hh_r,
                                const OptTensor& b_ih_r, const OptTensor& b_hh_r, const OptTensor& w_hr_r,
                                bool training) {
-    TORCH_CHECK(training,
-                "lstm_layer_forward: training=False, but an input requires a gradient: pass training=True so "
-                "that the activations backward needs are saved");
+    // What backward needs is saved whatever `training` says, which only says whether the
+    // caller wants it back too: a module traced by torch.jit.trace for inference records
+    // training=False as a constant, and may still be trained.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const auto& op = op_handle<LayerForwardSig>("birnn_ext::lstm_layer_forward");
     auto [y, h_n, c_n, gates, c_prev, h_prev, h_raw] = op.call(
-        x, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r, training);
-    ctx->mark_non_differentiable({gates, c_prev, h_prev, h_raw});
+        x, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r, /*training=*/true);
     ctx->set_materialize_grads(false);  // an unused output costs no zero tensor
     ctx->saved_data["has_bias"] = b_ih.has_value();
     ctx->saved_data["has_h0"] = h0.has_value();
@@ -115,6 +114,7 @@ class LstmLayer : public torch::autograd::Function<LstmLayer> {
                             gates, c_prev, h_prev, h_raw, value_or_undefined(h0), value_or_undefined(c0),
                             value_or_undefined(b_ih), value_or_undefined(b_hh), value_or_undefined(b_ih_r),
                             value_or_undefined(b_hh_r)});
+    ctx->mark_non_differentiable({gates, c_prev, h_prev, h_raw});
     return {y, h_n, c_n, gates, c_prev, h_prev, h_raw};
   }
 
@@ -193,6 +193,7 @@ LayerOutputs lstm_layer_forward_autograd(const at::Tensor& x, const OptTensor& l
   }
   variable_list r = LstmLayer::apply(x, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ih_r, w_hh_r, b_ih_r, b_hh_r,
                                      w_hr_r, training);
+  if (!training) return {r[0], r[1], r[2], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   return {r[0], r[1], r[2], r[3], r[4], r[5], r[6]};
 }
 
@@ -211,16 +212,14 @@ class LstmCell : public torch::autograd::Function<LstmCell> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& h, const at::Tensor& c,
                                const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& bias, bool training) {
-    TORCH_CHECK(training,
-                "lstm_cell_forward: training=False, but an input requires a gradient: pass training=True so that "
-                "the gates backward needs are saved");
+    // The gates are saved whatever `training` says, as in LstmLayer::forward.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const auto& op = op_handle<CellForwardSig>("birnn_ext::lstm_cell_forward");
-    auto [h_new, c_new, gates] = op.call(x, h, c, w_ih, w_hh, bias, training);
-    ctx->mark_non_differentiable({gates});
+    auto [h_new, c_new, gates] = op.call(x, h, c, w_ih, w_hh, bias, /*training=*/true);
     ctx->set_materialize_grads(false);
     ctx->saved_data["has_bias"] = bias.has_value();
     ctx->save_for_backward({x, h, c, w_ih, w_hh, gates, value_or_undefined(bias)});
+    ctx->mark_non_differentiable({gates});
     return {h_new, c_new, gates};
   }
 
@@ -260,7 +259,7 @@ CellOutputs lstm_cell_forward_autograd(const at::Tensor& x, const at::Tensor& h,
     return op.call(x, h, c, w_ih, w_hh, bias, training);
   }
   variable_list r = LstmCell::apply(x, h, c, w_ih, w_hh, bias, training);
-  return {r[0], r[1], r[2]};
+  return {r[0], r[1], training ? r[2] : at::Tensor()};
 }
 
 }  // namespace

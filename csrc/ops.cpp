@@ -23,6 +23,8 @@ TORCH_LIBRARY(birnn_ext, m) {
   //   state each step started from; h_raw [D,T,B,H], o * tanh(c) (with w_hr only).
   //   The cell state is kept in the math type: c_prev is float32 for float16 and
   //   bfloat16 storage (float64 for float64).
+  // Where an input requires a gradient, the op's autograd saves these whatever
+  // `training` says (csrc/autograd.cpp): the flag only says whether they come back.
   m.def(
       "lstm_layer_forward(Tensor x, Tensor? lengths, Tensor? h0, Tensor? c0, Tensor w_ih, Tensor w_hh, "
       "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? w_ih_reverse, Tensor? w_hh_reverse, "
@@ -44,7 +46,7 @@ TORCH_LIBRARY(birnn_ext, m) {
   // One LSTM step, for FusedLSTMCell and hand-written loops over time.
   //   x [B,I]; h, c [B,H]; w_ih [4H,I]; w_hh [4H,H]; bias [4H] (b_ih + b_hh) or None.
   // Returns h', c' [B,H], and the activated gates [B,4H] when `training` (else undefined:
-  // None in Python).
+  // None in Python; saved for backward all the same where an input requires a gradient).
   m.def(
       "lstm_cell_forward(Tensor x, Tensor h, Tensor c, Tensor w_ih, Tensor w_hh, Tensor? bias, "
       "bool training) -> (Tensor h_new, Tensor c_new, Tensor gates)");

@@ -176,20 +176,28 @@ def test_backward_op_refuses_no_time_steps():
 
 
 @pytest.mark.parametrize("requires_grad", ["x", "w_hh_reverse", "b_ih"])
-def test_forward_op_without_training_refuses_a_gradient(requires_grad):
-    """training=False saves nothing for backward: with a gradient required, the call
-    fails at once and says what to pass, rather than at backward time."""
+def test_forward_op_without_training_still_gives_the_gradient(requires_grad):
+    """training=False only says whether the activations come back: with a gradient
+    required, the op's autograd saves them anyway (a module traced by torch.jit.trace for
+    inference records False, and may still be trained), and the gradient is the one
+    training=True gives."""
     a = layer_args()
     a[requires_grad] = a[requires_grad].requires_grad_()
-    with pytest.raises(RuntimeError, match="training=False, but an input requires a gradient: pass training=True"):
-        torch.ops.birnn_ext.lstm_layer_forward(*a.values(), False)
-    with torch.no_grad():  # no gradient wanted: the same call runs
-        y, *_ = torch.ops.birnn_ext.lstm_layer_forward(*a.values(), False)
-    assert y.shape == (T, B, D * H) and not y.requires_grad
+    grads = []
+    for training in (False, True):
+        y, h_n, c_n, *saved = torch.ops.birnn_ext.lstm_layer_forward(*a.values(), training)
+        assert all((t is None) != training for t in saved)
+        grads.append(torch.autograd.grad((y * y).sum() + h_n.sum() + c_n.sum(), a[requires_grad]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
     cell_args = [torch.randn(B, I), torch.zeros(B, H), torch.zeros(B, H), torch.randn(4 * H, I), torch.randn(4 * H, H)]
-    cell_args[{"x": 0, "w_hh_reverse": 4, "b_ih": 3}[requires_grad]].requires_grad_()
-    with pytest.raises(RuntimeError, match="lstm_cell_forward: training=False, but an input requires a gradient"):
-        torch.ops.birnn_ext.lstm_cell_forward(*cell_args, None, False)
+    wanted = cell_args[{"x": 0, "w_hh_reverse": 4, "b_ih": 3}[requires_grad]].requires_grad_()
+    grads = []
+    for training in (False, True):
+        h, c, gates = torch.ops.birnn_ext.lstm_cell_forward(*cell_args, None, training)
+        assert (gates is None) != training
+        grads.append(torch.autograd.grad((h * h).sum() + c.sum(), wanted))
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
 
 def _replace_weight(m):
     m.weight_hh_l1 = nn.Parameter(torch.randn(4 * H, H + 1))

@@ -180,3 +180,53 @@ def test_vmap_over_a_batch_of_inputs():
         got = torch.vmap(lambda x: fused(x)[0])(xs)
         want = torch.stack([ref(x)[0] for x in xs])
     torch.testing.assert_close(got, want, **F32)
+
+
+class _Lengths(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = FusedBiLSTM(5, 7)
+
+    def forward(self, x, lengths):
+        return self.lstm(x, lengths=lengths)[0]
+
+
+def test_fx_symbolic_trace_keeps_the_fused_modules_as_leaves():
+    """As it keeps nn.LSTM: one call_module node each, run by the module at call time."""
+    torch.manual_seed(0)
+    model = Tagger()
+    traced = torch.fx.symbolic_trace(model)
+    leaves = [n.target for n in traced.graph.nodes if n.op == "call_module"]
+    assert "lstm" in leaves and "cell" in leaves, leaves
+    x = torch.randn(3, 4, 5)
+    torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+    with_lengths = _Lengths()
+    traced = torch.fx.symbolic_trace(with_lengths)
+    (node,) = [n for n in traced.graph.nodes if n.op == "call_module"]
+    assert "lengths" in node.kwargs
+    x, lengths = torch.randn(6, 2, 5), torch.tensor([6, 3])
+    torch.testing.assert_close(traced(x, lengths), with_lengths(x, lengths), rtol=0, atol=0)
+
+
+def test_jit_trace_serves_inference_and_training():
+    """torch.jit.trace's own check re-runs the module under no_grad, and the trace
+    records the ops' `training` flag as a constant: a module traced in either mode, with
+    or without a gradient, runs inference and trains."""
+    torch.manual_seed(0)
+    model = Tagger()
+    x = torch.randn(3, 4, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        training = torch.jit.trace(model, x)  # the default check_trace=True
+        eval_model = copy.deepcopy(model).eval()  # Tagger has no dropout: the same function
+        inference = torch.jit.trace(eval_model, x)
+    other = torch.randn(2, 6, 5)  # another batch size and sequence length
+    with torch.no_grad():
+        torch.testing.assert_close(inference(other), model(other), **F32)
+        torch.testing.assert_close(training(other), model(other), **F32)
+    want = copy.deepcopy(model)
+    want(other).sum().backward()
+    for traced, module in ((training, model), (inference, eval_model)):
+        traced(other).sum().backward()
+        for (name, p), q in zip(module.named_parameters(), want.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, **F32, msg=lambda m, n=name: f"{n}: {m}")
