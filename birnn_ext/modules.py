@@ -571,6 +571,8 @@ class FusedLSTMCell(_TorchNNCounterpart, nn.Module):
             for idx, value in enumerate(hx):
                 if value.dim() not in (1, 2):
                     raise ValueError(f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got {value.dim()}D instead")
+            if len(hx) != 2:  # ATen's lstm_cell says the same
+                raise RuntimeError("lstm_cell expects two hidden states")
         batched = input.dim() == 2
         if not batched:
             input = input.unsqueeze(0)

@@ -163,6 +163,7 @@ BAD = [
     ("input_size", (torch.randn(2, 5),)),
     ("batch mismatch", (torch.randn(2, 4), (torch.randn(3, 6), torch.randn(3, 6)))),
     ("hidden mismatch", (torch.randn(2, 4), (torch.randn(2, 6), torch.randn(2, 7)))),
+    ("one hidden state", (torch.randn(2, 4), (torch.randn(2, 6),))),
 ]
 
 
