@@ -8,11 +8,12 @@
 // them in the forward. torch.compile traces through this kernel like any other: the forward
 // op (through its fake kernel) and the backward op appear in its graphs.
 //
-// Two cases go to the same math in ATen ops instead (reference.h), slow but differentiable
-// any number of times: a backward whose gradients must be differentiable themselves
-// (create_graph=True: grad mode is on inside the backward), and any call under a
-// torch.func transform, where a C++ autograd function refuses to run. nn.LSTM does both
-// on the CPU, with its own ATen ops.
+// Three cases go to the same math in ATen ops instead (reference.h), slow but
+// differentiable any number of times and in both modes: a backward whose gradients must
+// be differentiable themselves (create_graph=True: grad mode is on inside the backward),
+// any call under a torch.func transform, where a C++ autograd function refuses to run,
+// and forward-mode AD (a tangent on an input). nn.LSTM does all three on the CPU, with
+// its own ATen ops.
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/autograd.h>
@@ -173,19 +174,19 @@ LayerOutputs lstm_layer_forward_autograd(const at::Tensor& x, const OptTensor& l
                                          const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
                                          const OptTensor& w_ih_r, const OptTensor& w_hh_r, const OptTensor& b_ih_r,
                                          const OptTensor& b_hh_r, const OptTensor& w_hr_r, bool training) {
-  if (reference::functorch_active()) {  // the ATen-op layer, which torch.func sees through; nothing saved
+  const at::Tensor none;
+  auto opt = [&](const OptTensor& t) { return t ? &*t : &none; };
+  const std::initializer_list<const at::Tensor*> tensors = {
+      &x, opt(h0), opt(c0), &w_ih, &w_hh, opt(b_ih), opt(b_hh), opt(w_hr), opt(w_ih_r), opt(w_hh_r), opt(b_ih_r),
+      opt(b_hh_r), opt(w_hr_r)};
+  if (reference::needed(tensors)) {  // torch.func or forward AD: the ATen-op layer; nothing saved
     const reference::Direction dirs[2] = {
         {w_ih, w_hh, b_ih, b_hh, w_hr},
         {value_or_undefined(w_ih_r), value_or_undefined(w_hh_r), b_ih_r, b_hh_r, w_hr_r}};
     auto [y, h_n, c_n] = reference::lstm_layer(x, lengths, h0, c0, dirs, w_hh_r ? 2 : 1);
     return {y, h_n, c_n, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
-  const at::Tensor none;
-  auto opt = [&](const OptTensor& t) { return t ? &*t : &none; };
-  const bool needs_grad =
-      at::GradMode::is_enabled() &&
-      any_requires_grad({&x, opt(h0), opt(c0), &w_ih, &w_hh, opt(b_ih), opt(b_hh), opt(w_hr), opt(w_ih_r), opt(w_hh_r),
-                         opt(b_ih_r), opt(b_hh_r), opt(w_hr_r)});
+  const bool needs_grad = at::GradMode::is_enabled() && any_requires_grad(tensors);
   if (!needs_grad) {  // nothing to record: straight to the backend
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const auto& op = op_handle<LayerForwardSig>("birnn_ext::lstm_layer_forward");
@@ -246,13 +247,13 @@ namespace {
 CellOutputs lstm_cell_forward_autograd(const at::Tensor& x, const at::Tensor& h, const at::Tensor& c,
                                        const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& bias,
                                        bool training) {
-  if (reference::functorch_active()) {  // as in lstm_layer_forward_autograd
+  const at::Tensor none;
+  const std::initializer_list<const at::Tensor*> tensors = {&x, &h, &c, &w_ih, &w_hh, bias ? &*bias : &none};
+  if (reference::needed(tensors)) {  // as in lstm_layer_forward_autograd
     auto [h_new, c_new] = reference::lstm_cell(x, h, c, w_ih, w_hh, bias);
     return {h_new, c_new, at::Tensor()};
   }
-  const at::Tensor none;
-  const bool needs_grad =
-      at::GradMode::is_enabled() && any_requires_grad({&x, &h, &c, &w_ih, &w_hh, bias ? &*bias : &none});
+  const bool needs_grad = at::GradMode::is_enabled() && any_requires_grad(tensors);
   if (!needs_grad) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const auto& op = op_handle<CellForwardSig>("birnn_ext::lstm_cell_forward");

@@ -84,12 +84,16 @@ std::tuple<at::Tensor, at::Tensor> lstm_cell(const at::Tensor& x, const at::Tens
   return {h_new.to(x.scalar_type()), c_new.to(x.scalar_type())};
 }
 
-// A transform includes functorch's two dynamic-layer keys in the thread's dispatch keys
-// until it ends (torch._C._are_functorch_transforms_active reads the same).
-bool functorch_active() {
+bool needed(std::initializer_list<const at::Tensor*> tensors) {
+  // A transform includes functorch's two dynamic-layer keys in the thread's dispatch keys
+  // until it ends (torch._C._are_functorch_transforms_active reads the same).
   const c10::DispatchKeySet included = c10::impl::tls_local_dispatch_key_set().included_;
-  return included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
-         included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode);
+  if (included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+      included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode))
+    return true;
+  for (const at::Tensor* t : tensors)  // level 0: torch.autograd.forward_ad's dual level
+    if (t->defined() && t->_fw_grad(/*level=*/0).defined()) return true;
+  return false;
 }
 
 }  // namespace birnn::reference

@@ -36,8 +36,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer(const at::Tensor& x, c
 std::tuple<at::Tensor, at::Tensor> lstm_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& c,
                                              const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& bias);
 
-// Whether a torch.func transform (grad, vjp, jvp, vmap, ...) is active: there a C++
-// autograd function refuses to run.
-bool functorch_active();
+// Whether a call must take the ATen-op layer: under a torch.func transform (grad, vjp,
+// jvp, vmap, ...), where a C++ autograd function refuses to run, or with a forward-mode
+// tangent on one of `tensors` (torch.autograd.forward_ad), which the fused ops have no
+// formula for: below autograd they would drop it and return no tangent.
+bool needed(std::initializer_list<const at::Tensor*> tensors);
 
 }  // namespace birnn::reference

@@ -1,9 +1,11 @@
-"""Gradients of gradients, and torch.func's transforms, against nn.LSTM and nn.LSTMCell.
+"""Gradients of gradients, forward-mode AD and torch.func's transforms, against nn.LSTM
+and nn.LSTMCell.
 
 A backward with create_graph=True (gradient penalties, Hessian-vector products,
-second-order meta-learning) must return gradients that are differentiable themselves, and
-torch.func's grad, vmap(grad) and jvp must run: nn.LSTM does both on the CPU. The fused
-backward op has no derivative of its own, so the ops' autograd computes these from the
+second-order meta-learning) must return gradients that are differentiable themselves,
+torch.autograd.forward_ad's tangents must come through, and torch.func's grad,
+vmap(grad) and jvp must run: nn.LSTM does all of it on the CPU. The fused ops have no
+derivative of their own beyond the first backward, so the ops' autograd computes these from the
 same layer written in ATen ops (csrc/reference.h); these tests hold that path to
 nn.LSTM's own second derivatives, in float64 (TOL[float64]: both sides sum the same terms
 in another order), nn.LSTM on the CPU (cuDNN has no double backward)."""
@@ -14,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
+from torch.autograd import forward_ad as fwAD
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from birnn_ext import FusedLSTM, FusedLSTMCell
@@ -100,6 +103,51 @@ def test_create_graph_backward_of_the_cell(device):
 
     for k, (g, w) in enumerate(zip(orders(fused, device), orders(ref, "cpu"))):
         assert_close(g, w, F64, f"gradient {k}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no_grad"])
+def test_forward_mode_tangents_match_nn_lstm(device, grad_mode):
+    """Tangents on the input and the initial state, through two bidirectional layers with
+    a projection and lengths, and through the cell. Without grad mode the fused ops used
+    to drop the tangent (None), with it refuse the call."""
+    ref, fused = _pair(device, input_size=3, hidden_size=5, bidirectional=True, num_layers=2, proj_size=2)
+    g = torch.Generator().manual_seed(4)
+    x, vx = (torch.randn(6, 3, 3, dtype=F64, generator=g) for _ in range(2))
+    h0, vh = (torch.randn(4, 3, 2, dtype=F64, generator=g) for _ in range(2))
+    c0 = torch.randn(4, 3, 5, dtype=F64, generator=g)
+    lengths = torch.tensor([6, 2, 4])
+
+    def tangents(module, dev):
+        with fwAD.dual_level(), torch.set_grad_enabled(grad_mode):
+            hx = (fwAD.make_dual(h0.to(dev), vh.to(dev)), c0.to(dev))
+            xd = fwAD.make_dual(x.to(dev), vx.to(dev))
+            if isinstance(module, nn.LSTM):  # packing has no forward AD: one sequence at a time
+                runs = [module(xd[:n, b : b + 1], (hx[0][:, b : b + 1], hx[1][:, b : b + 1]))
+                        for b, n in enumerate(lengths.tolist())]
+                y = torch.cat([nn.functional.pad(y, (0, 0, 0, 0, 0, 6 - y.size(0))) for y, _ in runs], 1)
+                h, c = (torch.cat([state[k] for _, state in runs], 1) for k in range(2))
+            else:
+                y, (h, c) = module(xd, hx, lengths=lengths)
+            return [fwAD.unpack_dual(t).tangent for t in (y, h, c)]
+
+    for name, got, want in zip(("y", "h_n", "c_n"), tangents(fused, device), tangents(ref, "cpu")):
+        assert got is not None, name
+        assert_close(got.cpu(), want, F64, name)
+
+    torch.manual_seed(0)
+    ref_cell = nn.LSTMCell(3, 4, dtype=F64)
+    fused_cell = FusedLSTMCell.from_cell(ref_cell).to(device)
+    xc, vc = torch.randn(2, 3, dtype=F64), torch.randn(2, 3, dtype=F64)
+    for cell, dev in ((fused_cell, device), (ref_cell, "cpu")):
+        with fwAD.dual_level(), torch.set_grad_enabled(grad_mode):
+            h, c = cell(fwAD.make_dual(xc.to(dev), vc.to(dev)))
+            out = [fwAD.unpack_dual(t).tangent for t in (h, c)]
+        if cell is fused_cell:
+            got = out
+    for name, g_, w in zip(("h'", "c'"), got, out):
+        assert g_ is not None, name
+        assert_close(g_.cpu(), w, F64, name)
 
 
 class _OpLog(TorchDispatchMode):
