@@ -6,6 +6,7 @@ TorchScript say, and the tools that work on the fused modules as they are
 from __future__ import annotations
 
 import copy
+import io
 import warnings
 
 import pytest
@@ -221,7 +222,11 @@ def test_jit_trace_serves_inference_and_training():
         eval_model = copy.deepcopy(model).eval()  # Tagger has no dropout: the same function
         inference = torch.jit.trace(eval_model, x)
     other = torch.randn(2, 6, 5)  # another batch size and sequence length
+    saved = io.BytesIO()
+    torch.jit.save(inference, saved)
+    saved.seek(0)
     with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(saved)(other), model(other), **F32)
         torch.testing.assert_close(inference(other), model(other), **F32)
         torch.testing.assert_close(training(other), model(other), **F32)
     want = copy.deepcopy(model)
