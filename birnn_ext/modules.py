@@ -461,8 +461,7 @@ class FusedLSTM(_TorchNNCounterpart, nn.Module):
         onnx = _onnx.dynamo_export()
         # The TorchScript exporter traces: is_tracing() (0.1 us) spares the 1.2 us of
         # is_in_onnx_export() on every other call.
-        tracing = torch.jit.is_tracing()
-        if onnx or (tracing and torch.onnx.is_in_onnx_export()):
+        if onnx or (torch.jit.is_tracing() and torch.onnx.is_in_onnx_export()):
             if (error := self._weight_error(x)) is not None:
                 raise RuntimeError(error)
             if self.proj_size > 0:
@@ -477,14 +476,8 @@ class FusedLSTM(_TorchNNCounterpart, nn.Module):
             if onnx:
                 x, h, c = _onnx.lstm_layer(x, h0, c0, w, lengths)
             else:
-                # Save for backward only where a gradient will be asked of this layer (grad
-                # mode first: in inference that spares packing the arguments, 0.3 us).
-                # torch.jit.trace records the flag as a constant, and its own check re-runs
-                # the module under no_grad: there False, and the op's autograd saves what a
-                # gradient needs at run time anyway (csrc/autograd.cpp).
-                training = not tracing and torch.is_grad_enabled() and ops._needs_grad(x, h0, c0, *w)
                 try:
-                    x, h, c, *_ = _lstm_layer_forward(x, lengths, h0, c0, *w, training)
+                    x, h, c, *_ = _lstm_layer_forward(x, lengths, h0, c0, *w, ops._returns_activations())
                 except RuntimeError:
                     # The op names its own argument; the module names its parameter.
                     if (error := self._weight_error(x)) is not None:
@@ -600,8 +593,7 @@ class FusedLSTMCell(_TorchNNCounterpart, nn.Module):
             h, c = _onnx.lstm_cell(input, hx[0], hx[1], self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         else:
             bias = self.bias_ih + self.bias_hh if self.bias else None
-            training = False if torch.jit.is_tracing() else None  # as in FusedLSTM._run
-            h, c = ops.lstm_cell(input, hx[0], hx[1], self.weight_ih, self.weight_hh, bias, training)
+            h, c = ops.lstm_cell(input, hx[0], hx[1], self.weight_ih, self.weight_hh, bias)
         if not batched:
             h, c = h.squeeze(0), c.squeeze(0)
         return h, c
