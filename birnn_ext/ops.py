@@ -1,5 +1,5 @@
 """Python side of the registered ops: fake kernels (for torch.compile and
-torch.export), autocast rules, and thin wrappers.
+torch.export), vmap rules, autocast rules, and thin wrappers.
 
 The schemas live in csrc/ops.cpp, the kernels in csrc/cpu and csrc/cuda, and the
 autograd in csrc/autograd.cpp.
@@ -185,6 +185,66 @@ def empty_cpu_cache() -> int:
     """Returns every block the CPU pool keeps to the system; returns the bytes freed.
     Tensors in use are not affected."""
     return _ops.empty_cpu_cache()
+
+
+# ---------------------------------------------------------------- vmap
+#
+# A sequence's batch rows never meet another's, so torch.vmap over the forward ops folds
+# the vmapped dimension into the batch rows: one fused call for the whole vmapped batch.
+# Without these rules functorch would call the op once per sample (and warn that it
+# does). Per-sample weights (an ensemble's stacked parameters) take one call per sample.
+# A gradient through a vmapped call runs the ATen-op layer (csrc/reference.h).
+
+
+def _fold(t: Tensor | None, dim: int | None, n: int, batch_dim: int) -> Tensor | None:
+    """t's vmapped dimension `dim` (None: not vmapped, repeated n times) merged into its
+    batch dimension `batch_dim`, sample by sample: [.., n * B, ..]."""
+    if t is None:
+        return None
+    if dim is None:
+        t = t.unsqueeze(batch_dim).expand(*t.shape[:batch_dim], n, *t.shape[batch_dim:])
+    else:
+        t = t.movedim(dim, batch_dim)
+    return t.flatten(batch_dim, batch_dim + 1)
+
+
+def _unfold(t: Tensor | None, n: int, rows: int, batch_dim: int) -> Tensor | None:
+    """_fold's inverse: [.., n * rows, ..] to [.., n, rows, ..]."""
+    return None if t is None else t.unflatten(batch_dim, (n, rows))
+
+
+def _per_sample(op, n: int, in_dims, args):
+    """op once per sample, for vmapped weights; the outputs stacked along dimension 0."""
+    runs = [op(*[a if d is None else a.select(d, i) for a, d in zip(args, in_dims)]) for i in range(n)]
+    outs = tuple(None if r[0] is None else torch.stack(r) for r in zip(*runs))
+    return outs, tuple(None if o is None else 0 for o in outs)
+
+
+@torch.library.register_vmap("birnn_ext::lstm_layer_forward")
+def _(info, in_dims, x, lengths, h0, c0, *weights_and_training):
+    n, args = info.batch_size, (x, lengths, h0, c0, *weights_and_training)
+    if any(d is not None for d in in_dims[_LAYER_WEIGHTS]):
+        return _per_sample(_ops.lstm_layer_forward, n, in_dims, args)
+    x_d, len_d, h0_d, c0_d = in_dims[:4]
+    if lengths is not None:  # [B] per sample: [n * B]
+        lengths = lengths.movedim(len_d, 0).flatten() if len_d is not None else lengths.repeat(n)
+    # x and y [T,B,..] and the activations [T,B,..] fold at dimension 1; the states
+    # [D,B,..] at 1; h_prev and h_raw [D,T,B,..] at 2.
+    x = _fold(x, x_d, n, 1)
+    outs = _ops.lstm_layer_forward(x, lengths, _fold(h0, h0_d, n, 1), _fold(c0, c0_d, n, 1), *weights_and_training)
+    batch_dims, rows = (1, 1, 1, 1, 1, 2, 2), x.size(1) // n
+    return (tuple(_unfold(o, n, rows, b) for o, b in zip(outs, batch_dims)),
+            tuple(None if o is None else b for o, b in zip(outs, batch_dims)))
+
+
+@torch.library.register_vmap("birnn_ext::lstm_cell_forward")
+def _(info, in_dims, x, h, c, w_ih, w_hh, bias, training):
+    n, args = info.batch_size, (x, h, c, w_ih, w_hh, bias, training)
+    if any(d is not None for d in in_dims[3:6]):
+        return _per_sample(_ops.lstm_cell_forward, n, in_dims, args)
+    x = _fold(x, in_dims[0], n, 0)
+    outs = _ops.lstm_cell_forward(x, _fold(h, in_dims[1], n, 0), _fold(c, in_dims[2], n, 0), w_ih, w_hh, bias, training)
+    return tuple(_unfold(o, n, x.size(0) // n, 0) for o in outs), tuple(None if o is None else 0 for o in outs)
 
 
 # ---------------------------------------------------------------- autocast

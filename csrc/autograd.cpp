@@ -11,9 +11,9 @@
 // Three cases go to the same math in ATen ops instead (reference.h), slow but
 // differentiable any number of times and in both modes: a backward whose gradients must
 // be differentiable themselves (create_graph=True: grad mode is on inside the backward),
-// any call under a torch.func transform, where a C++ autograd function refuses to run,
-// and forward-mode AD (a tangent on an input). nn.LSTM does all three on the CPU, with
-// its own ATen ops.
+// a call that a torch.func transform differentiates or that needs a gradient under one
+// (vmap included), where a C++ autograd function refuses to run, and forward-mode AD (a
+// tangent on an input). nn.LSTM does all three on the CPU, with its own ATen ops.
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/autograd.h>
@@ -179,14 +179,14 @@ LayerOutputs lstm_layer_forward_autograd(const at::Tensor& x, const OptTensor& l
   const std::initializer_list<const at::Tensor*> tensors = {
       &x, opt(h0), opt(c0), &w_ih, &w_hh, opt(b_ih), opt(b_hh), opt(w_hr), opt(w_ih_r), opt(w_hh_r), opt(b_ih_r),
       opt(b_hh_r), opt(w_hr_r)};
-  if (reference::needed(tensors)) {  // torch.func or forward AD: the ATen-op layer; nothing saved
+  const bool needs_grad = at::GradMode::is_enabled() && any_requires_grad(tensors);
+  if (reference::needed(tensors, needs_grad)) {  // the ATen-op layer (reference.h); nothing saved
     const reference::Direction dirs[2] = {
         {w_ih, w_hh, b_ih, b_hh, w_hr},
         {value_or_undefined(w_ih_r), value_or_undefined(w_hh_r), b_ih_r, b_hh_r, w_hr_r}};
     auto [y, h_n, c_n] = reference::lstm_layer(x, lengths, h0, c0, dirs, w_hh_r ? 2 : 1);
     return {y, h_n, c_n, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
-  const bool needs_grad = at::GradMode::is_enabled() && any_requires_grad(tensors);
   if (!needs_grad) {  // nothing to record: straight to the backend
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const auto& op = op_handle<LayerForwardSig>("birnn_ext::lstm_layer_forward");
@@ -249,11 +249,11 @@ CellOutputs lstm_cell_forward_autograd(const at::Tensor& x, const at::Tensor& h,
                                        bool training) {
   const at::Tensor none;
   const std::initializer_list<const at::Tensor*> tensors = {&x, &h, &c, &w_ih, &w_hh, bias ? &*bias : &none};
-  if (reference::needed(tensors)) {  // as in lstm_layer_forward_autograd
+  const bool needs_grad = at::GradMode::is_enabled() && any_requires_grad(tensors);
+  if (reference::needed(tensors, needs_grad)) {  // as in lstm_layer_forward_autograd
     auto [h_new, c_new] = reference::lstm_cell(x, h, c, w_ih, w_hh, bias);
     return {h_new, c_new, at::Tensor()};
   }
-  const bool needs_grad = at::GradMode::is_enabled() && any_requires_grad(tensors);
   if (!needs_grad) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const auto& op = op_handle<CellForwardSig>("birnn_ext::lstm_cell_forward");

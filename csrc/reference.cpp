@@ -85,12 +85,14 @@ std::tuple<at::Tensor, at::Tensor> lstm_cell(const at::Tensor& x, const at::Tens
   return {h_new.to(x.scalar_type()), c_new.to(x.scalar_type())};
 }
 
-bool needed(std::initializer_list<const at::Tensor*> tensors) {
+bool needed(std::initializer_list<const at::Tensor*> tensors, bool needs_grad) {
+  for (const at::Tensor* t : tensors)
+    if (t->defined() && t->key_set().has(c10::DispatchKey::FuncTorchGradWrapper)) return true;
   // A transform includes functorch's two dynamic-layer keys in the thread's dispatch keys
   // until it ends (torch._C._are_functorch_transforms_active reads the same).
   const c10::DispatchKeySet included = c10::impl::tls_local_dispatch_key_set().included_;
-  if (included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
-      included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode))
+  if (needs_grad && (included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+                     included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode)))
     return true;
   // One look at whether any dual level is open before thirteen at the tensors' tangents
   // (each takes a lock): 0.3 us of a 13.5 us call at batch 1 otherwise.

@@ -36,10 +36,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer(const at::Tensor& x, c
 std::tuple<at::Tensor, at::Tensor> lstm_cell(const at::Tensor& x, const at::Tensor& h, const at::Tensor& c,
                                              const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& bias);
 
-// Whether a call must take the ATen-op layer: under a torch.func transform (grad, vjp,
-// jvp, vmap, ...), where a C++ autograd function refuses to run, or with a forward-mode
-// tangent on one of `tensors` (torch.autograd.forward_ad), which the fused ops have no
-// formula for: below autograd they would drop it and return no tangent.
-bool needed(std::initializer_list<const at::Tensor*> tensors);
+// Whether a call must take the ATen-op layer: where a torch.func transform differentiates
+// one of `tensors` (grad, vjp, jvp wrap what they differentiate), where a gradient is
+// needed (`needs_grad`) under any torch.func transform, vmap included (a C++ autograd
+// function refuses to run there), or where one of `tensors` carries a forward-mode
+// tangent (torch.autograd.forward_ad), which the fused ops have no formula for: below
+// autograd they would drop it and return no tangent. Elsewhere the fused kernels serve,
+// under vmap too (ops.py batches the vmapped dimension into the batch rows).
+bool needed(std::initializer_list<const at::Tensor*> tensors, bool needs_grad);
 
 }  // namespace birnn::reference

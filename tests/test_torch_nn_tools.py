@@ -17,7 +17,7 @@ from torch.ao.nn.quantized import dynamic as nnqd
 from torch.ao.quantization import quantize_dynamic
 
 from birnn_ext import FusedBiLSTM, FusedLSTM, FusedLSTMCell, to_torch_nn
-from helpers import TOL
+from helpers import TOL, run_python
 
 F32 = TOL[torch.float32]
 
@@ -181,6 +181,74 @@ def test_vmap_over_a_batch_of_inputs():
         got = torch.vmap(lambda x: fused(x)[0])(xs)
         want = torch.stack([ref(x)[0] for x in xs])
     torch.testing.assert_close(got, want, **F32)
+
+
+def test_vmap_with_lengths_states_gradients_and_the_cell():
+    """ops.py folds the vmapped dimension into the batch rows: vmapped lengths and initial
+    states (the vmapped dimension where each puts it), gradients through the vmapped call,
+    and the cell, against one sample at a time."""
+    ref, fused = _reference_pair(bidirectional=True, num_layers=2)
+    g = torch.Generator().manual_seed(5)
+    xs = torch.randn(2, 3, 6, 5, generator=g)  # vmapped at dimension 1: three [T,B,I] inputs
+    h0s = torch.randn(4, 3, 2, 7, generator=g)  # vmapped at dimension 1
+    lengths = torch.tensor([[6, 1], [3, 6], [2, 2]])  # vmapped at dimension 0
+
+    def fused_run(x, h0, n):
+        y, (h, c) = fused(x.transpose(0, 1), (h0, torch.zeros_like(h0)), lengths=n)
+        return y, h, c
+
+    got = torch.vmap(fused_run, in_dims=(1, 1, 0))(xs, h0s, lengths)
+    (got[0].square().sum() + got[1].sum() + got[2].sum()).backward()
+    want = [[], [], []]
+    for i in range(3):
+        packed = nn.utils.rnn.pack_padded_sequence(xs[:, i].transpose(0, 1), lengths[i], enforce_sorted=False)
+        y, (h, c) = ref(packed, (h0s[:, i], torch.zeros_like(h0s[:, i])))
+        y = nn.utils.rnn.pad_packed_sequence(y, total_length=6)[0]
+        (y.square().sum() + h.sum() + c.sum()).backward()
+        for k, t in enumerate((y, h, c)):
+            want[k].append(t)
+    for k in range(3):
+        torch.testing.assert_close(got[k], torch.stack(want[k]), **F32)
+    for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, **F32, msg=lambda m, n=name: f"{n}: {m}")
+    with pytest.raises(RuntimeError, match=r"lengths must lie in \[1, T = 6\], got values from 0 to 6"):
+        torch.vmap(fused_run, in_dims=(1, 1, 0))(xs, h0s, torch.tensor([[6, 1], [0, 6], [2, 2]]))
+
+    torch.manual_seed(0)
+    cell_ref = nn.LSTMCell(5, 7)
+    cell = FusedLSTMCell.from_cell(cell_ref)
+    with torch.no_grad():
+        got = torch.vmap(lambda x: cell(x)[1])(xs[0])
+        torch.testing.assert_close(got, torch.stack([cell_ref(x)[1] for x in xs[0]]), **F32)
+
+
+def test_vmap_over_an_ensemble_of_modules():
+    """Per-sample weights (torch.func.stack_module_state): one call per model."""
+    torch.manual_seed(0)
+    models = [FusedBiLSTM(5, 7) for _ in range(3)]
+    params, buffers = torch.func.stack_module_state(models)
+    x = torch.randn(4, 2, 5)
+    base = copy.deepcopy(models[0]).to("meta")
+
+    def run(p, b):
+        return torch.func.functional_call(base, (p, b), (x,))[0]
+
+    with torch.no_grad():
+        got = torch.vmap(run)(params, buffers)
+        torch.testing.assert_close(got, torch.stack([m(x)[0] for m in models]), **F32)
+
+
+def test_vmap_needs_no_per_sample_fallback():
+    """functorch warns when it has to call an op once per sample; the rules spare that."""
+    out = run_python(
+        "import torch, birnn_ext\n"
+        "m, cell = birnn_ext.FusedBiLSTM(5, 7), birnn_ext.FusedLSTMCell(5, 7)\n"
+        "with torch.no_grad():\n"
+        "    torch.vmap(lambda x: m(x)[0])(torch.randn(3, 4, 2, 5))\n"
+        "    torch.vmap(lambda x: cell(x)[0])(torch.randn(3, 2, 5))\n"
+        "print('ran')\n")
+    assert out.returncode == 0 and "ran" in out.stdout, out.stderr
+    assert "batching rule" not in out.stderr, out.stderr
 
 
 class _Lengths(nn.Module):
