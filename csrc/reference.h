@@ -4,13 +4,15 @@
 //   - gradients that must themselves be differentiable (backward with create_graph=True:
 //     gradient penalties, Hessian-vector products, second-order meta-learning), which
 //     the fused backward op, a kernel without a derivative of its own, cannot record;
-//   - torch.func's grad, vjp and jvp transforms, which take no C++ autograd function.
+//   - torch.func's grad, vjp and jvp transforms, which take no C++ autograd function;
+//   - forward-mode AD (torch.autograd.forward_ad), which the fused ops have no formula for.
 // Same arguments and outputs as lstm_layer_forward and lstm_cell_forward (less the
 // saved activations), same math in the same math type (float32 for the 16-bit types).
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <initializer_list>
 #include <optional>
 #include <tuple>
 
