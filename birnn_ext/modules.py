@@ -469,6 +469,7 @@ class FusedLSTM(_TorchNNCounterpart, nn.Module):
             if self.proj_size > 0:
                 _onnx.refuse_projection(type(self).__name__)
         h_n, c_n = [], []
+        returns_activations = ops._returns_activations()
         for layer, w in enumerate(weights):
             # No hx: None, and the op starts from zeros of its own.
             if hx is None:
@@ -479,7 +480,7 @@ class FusedLSTM(_TorchNNCounterpart, nn.Module):
                 x, h, c = _onnx.lstm_layer(x, h0, c0, w, lengths)
             else:
                 try:
-                    x, h, c, *_ = _lstm_layer_forward(x, lengths, h0, c0, *w, ops._returns_activations())
+                    x, h, c, *_ = _lstm_layer_forward(x, lengths, h0, c0, *w, returns_activations)
                 except RuntimeError:
                     # The op names its own argument; the module names its parameter.
                     if (error := self._weight_error(x)) is not None:

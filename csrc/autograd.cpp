@@ -52,9 +52,8 @@ bool any_requires_grad(std::initializer_list<const at::Tensor*> tensors) {
 }
 
 // The gradients of `outputs` (each with its incoming gradient; those without one are
-// left out) with respect to the forward arguments `args` (nullptr where an argument is
-// no tensor, an undefined tensor where an optional one was absent) that need one,
-// differentiable themselves: out[i] for args[i].
+// left out) with respect to the forward arguments `args` (an undefined tensor where an
+// optional one was absent) that need one, differentiable themselves: out[i] for args[i].
 variable_list differentiable_grads(AutogradContext* ctx, const std::vector<std::pair<at::Tensor, at::Tensor>>& outputs,
                                    const std::vector<const at::Tensor*>& args) {
   variable_list out(args.size()), ys, gys, inputs;
@@ -63,7 +62,7 @@ variable_list differentiable_grads(AutogradContext* ctx, const std::vector<std::
     if (gy.defined()) ys.push_back(y), gys.push_back(gy);
   // The node has an edge for each tensor argument that was given, in order.
   for (size_t i = 0, edge = 0; i < args.size(); ++i) {
-    if (!args[i] || !args[i]->defined()) continue;
+    if (!args[i]->defined()) continue;
     if (args[i]->requires_grad() && ctx->needs_input_grad(edge)) inputs.push_back(*args[i]), slot.push_back(i);
     ++edge;
   }
@@ -96,11 +95,11 @@ class LstmLayer : public torch::autograd::Function<LstmLayer> {
                                const OptTensor& h0, const OptTensor& c0, const at::Tensor& w_ih,
                                const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
                                const OptTensor& w_hr, const OptTensor& w_ih_r, const OptTensor& w_hh_r,
-                               const OptTensor& b_ih_r, const OptTensor& b_hh_r, const OptTensor& w_hr_r,
-                               bool training) {
-    // What backward needs is saved whatever `training` says, which only says whether the
-    // caller wants it back too: a module traced by torch.jit.trace for inference records
-    // training=False as a constant, and may still be trained.
+                               const OptTensor& b_ih_r, const OptTensor& b_hh_r, const OptTensor& w_hr_r) {
+    // What backward needs is saved whatever the op's `training` says, which only says
+    // whether the caller wants it back too (lstm_layer_forward_autograd drops it if not):
+    // a module traced by torch.jit.trace for inference records training=False as a
+    // constant, and may still be trained.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const auto& op = op_handle<LayerForwardSig>("birnn_ext::lstm_layer_forward");
     auto [y, h_n, c_n, gates, c_prev, h_prev, h_raw] = op.call(
@@ -130,13 +129,12 @@ class LstmLayer : public torch::autograd::Function<LstmLayer> {
                                                defined_or_none(s[13]), dirs, s[6].defined() ? 2 : 1);
     return differentiable_grads(ctx, {{y, grads[0]}, {h_n, grads[1]}, {c_n, grads[2]}},
                                 {&s[0], &s[1], &s[12], &s[13], &s[2], &s[3], &s[14], &s[15], &s[4], &s[5], &s[6],
-                                 &s[16], &s[17], &s[7], nullptr});
+                                 &s[16], &s[17], &s[7]});
   }
 
-  // One gradient per forward argument (15), undefined where an argument is not a
-  // tensor or is absent.
+  // One gradient per forward argument (14), undefined where an argument is absent.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(15);
+    variable_list out(14);
     const at::Tensor &grad_y = grads[0], &grad_h_n = grads[1], &grad_c_n = grads[2];
     if (!grad_y.defined() && !grad_h_n.defined() && !grad_c_n.defined()) return out;
     const variable_list s = ctx->get_saved_variables();
@@ -192,8 +190,8 @@ LayerOutputs lstm_layer_forward_autograd(const at::Tensor& x, const OptTensor& l
     const auto& op = op_handle<LayerForwardSig>("birnn_ext::lstm_layer_forward");
     return op.call(x, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r, training);
   }
-  variable_list r = LstmLayer::apply(x, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ih_r, w_hh_r, b_ih_r, b_hh_r,
-                                     w_hr_r, training);
+  variable_list r =
+      LstmLayer::apply(x, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r);
   if (!training) return {r[0], r[1], r[2], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   return {r[0], r[1], r[2], r[3], r[4], r[5], r[6]};
 }
@@ -212,8 +210,8 @@ using CellBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tenso
 class LstmCell : public torch::autograd::Function<LstmCell> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& h, const at::Tensor& c,
-                               const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& bias, bool training) {
-    // The gates are saved whatever `training` says, as in LstmLayer::forward.
+                               const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& bias) {
+    // The gates are saved whatever the op's `training` says, as in LstmLayer::forward.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const auto& op = op_handle<CellForwardSig>("birnn_ext::lstm_cell_forward");
     auto [h_new, c_new, gates] = op.call(x, h, c, w_ih, w_hh, bias, /*training=*/true);
@@ -225,13 +223,13 @@ class LstmCell : public torch::autograd::Function<LstmCell> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(7);
+    variable_list out(6);  // one a forward argument
     if (!grads[0].defined() && !grads[1].defined()) return out;
     const variable_list s = ctx->get_saved_variables();
     if (at::GradMode::is_enabled()) {  // create_graph=True: see LstmLayer::differentiable_backward
       auto [h_new, c_new] = reference::lstm_cell(s[0], s[1], s[2], s[3], s[4], defined_or_none(s[6]));
       return differentiable_grads(ctx, {{h_new, grads[0]}, {c_new, grads[1]}},
-                                  {&s[0], &s[1], &s[2], &s[3], &s[4], &s[6], nullptr});
+                                  {&s[0], &s[1], &s[2], &s[3], &s[4], &s[6]});
     }
     const auto& op = op_handle<CellBackwardSig>("birnn_ext::lstm_cell_backward");
     auto [dx, dh, dc, dw_ih, dw_hh, dbias] =
@@ -259,7 +257,7 @@ CellOutputs lstm_cell_forward_autograd(const at::Tensor& x, const at::Tensor& h,
     const auto& op = op_handle<CellForwardSig>("birnn_ext::lstm_cell_forward");
     return op.call(x, h, c, w_ih, w_hh, bias, training);
   }
-  variable_list r = LstmCell::apply(x, h, c, w_ih, w_hh, bias, training);
+  variable_list r = LstmCell::apply(x, h, c, w_ih, w_hh, bias);
   return {r[0], r[1], training ? r[2] : at::Tensor()};
 }
 
