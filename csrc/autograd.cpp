@@ -36,6 +36,16 @@ using OptTensor = std::optional<at::Tensor>;
 at::Tensor value_or_undefined(const OptTensor& t) { return t ? *t : at::Tensor(); }
 OptTensor defined_or_none(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
+// What save_for_backward may keep of `t`: autograd refuses to save a tensor made under
+// torch.inference_mode, and nn.LSTM trains on such inputs (features from a frozen front
+// end computed in inference mode, say). Such a tensor cannot require a gradient, so a
+// copy serves backward as well; every other tensor is saved as it is.
+at::Tensor saveable(const at::Tensor& t) { return t.defined() && t.is_inference() ? t.clone() : t; }
+std::vector<at::Tensor> saveable(std::vector<at::Tensor> ts) {
+  for (at::Tensor& t : ts) t = saveable(t);
+  return ts;
+}
+
 // The op `name`, typed with its C++ signature Sig, for calls through the dispatcher;
 // looked up on the first call. Each signature below belongs to one op only, so one
 // handle per Sig.
@@ -109,11 +119,11 @@ class LstmLayer : public torch::autograd::Function<LstmLayer> {
     ctx->saved_data["has_h0"] = h0.has_value();
     ctx->saved_data["has_c0"] = c0.has_value();
     // The states and biases only for differentiable_backward.
-    ctx->save_for_backward({x, value_or_undefined(lengths), w_ih, w_hh, value_or_undefined(w_hr),
-                            value_or_undefined(w_ih_r), value_or_undefined(w_hh_r), value_or_undefined(w_hr_r),
-                            gates, c_prev, h_prev, h_raw, value_or_undefined(h0), value_or_undefined(c0),
-                            value_or_undefined(b_ih), value_or_undefined(b_hh), value_or_undefined(b_ih_r),
-                            value_or_undefined(b_hh_r)});
+    ctx->save_for_backward(saveable({x, value_or_undefined(lengths), w_ih, w_hh, value_or_undefined(w_hr),
+                                     value_or_undefined(w_ih_r), value_or_undefined(w_hh_r), value_or_undefined(w_hr_r),
+                                     gates, c_prev, h_prev, h_raw, value_or_undefined(h0), value_or_undefined(c0),
+                                     value_or_undefined(b_ih), value_or_undefined(b_hh), value_or_undefined(b_ih_r),
+                                     value_or_undefined(b_hh_r)}));
     ctx->mark_non_differentiable({gates, c_prev, h_prev, h_raw});
     return {y, h_n, c_n, gates, c_prev, h_prev, h_raw};
   }
@@ -217,7 +227,7 @@ class LstmCell : public torch::autograd::Function<LstmCell> {
     auto [h_new, c_new, gates] = op.call(x, h, c, w_ih, w_hh, bias, /*training=*/true);
     ctx->set_materialize_grads(false);
     ctx->saved_data["has_bias"] = bias.has_value();
-    ctx->save_for_backward({x, h, c, w_ih, w_hh, gates, value_or_undefined(bias)});
+    ctx->save_for_backward(saveable({x, h, c, w_ih, w_hh, gates, value_or_undefined(bias)}));
     ctx->mark_non_differentiable({gates});
     return {h_new, c_new, gates};
   }

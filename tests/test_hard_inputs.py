@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from birnn_ext import FusedLSTM
+from birnn_ext import FusedLSTM, FusedLSTMCell
 from helpers import assert_close, outputs_and_grads
 
 # A fixed seed, so every run tries the same cases, and a database in the repository's
@@ -187,6 +187,56 @@ def test_no_hx_gives_what_zero_hx_gives(B, proj_size):
 def outputs_of(result):
     y, (h, c) = result
     return y, h, c
+
+
+def _weight_grads(module, *args, **kw):
+    module.zero_grad()
+    y, (h, c) = module(*args, **kw)
+    ((y.data if isinstance(y, PackedSequence) else y).sum() + h.sum() + c.sum()).backward()
+    return y, {name: p.grad.clone() for name, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("with_states", [False, True])
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_inputs_made_in_inference_mode_train_as_plain_ones(with_lengths, with_states):
+    # Features from a frozen front end computed under torch.inference_mode(), fed to a
+    # trained LSTM. Autograd refuses to save such tensors; nn.LSTM takes them in some
+    # layouts (batch_first input and no states) and not others. The fused layer takes them
+    # in all, with the gradients that plain copies give nn.LSTM.
+    ref, fused = _pair(batch_first=True)
+    with torch.inference_mode():
+        x = torch.randn(3, 6, 5, dtype=torch.float64)
+        hx = (torch.randn(4, 3, 7, dtype=torch.float64), torch.randn(4, 3, 7, dtype=torch.float64))
+        lengths = torch.tensor([6, 2, 4])
+    assert x.is_inference() and lengths.is_inference()
+    hx_ref = tuple(t.clone() for t in hx) if with_states else None
+    hx = hx if with_states else None
+    if with_lengths:
+        packed = pack_padded_sequence(x.clone(), lengths.clone(), batch_first=True, enforce_sorted=False)
+        y_ref, want = _weight_grads(ref, packed, hx_ref)
+        y_ref = pad_packed_sequence(y_ref, batch_first=True, total_length=6)[0]
+        y, got = _weight_grads(fused, x, hx, lengths=lengths)
+    else:
+        y_ref, want = _weight_grads(ref, x.clone(), hx_ref)
+        y, got = _weight_grads(fused, x, hx)
+    assert_close(y, y_ref, torch.float64, "output")
+    for name in want:
+        assert_close(got[name], want[name], torch.float64, name)
+
+
+def test_cell_trains_on_inputs_made_in_inference_mode():
+    # nn.LSTMCell refuses them; the fused cell gives the gradients plain copies give.
+    cell = FusedLSTMCell(5, 7, dtype=torch.float64)
+    with torch.inference_mode():
+        x, h, c = (torch.randn(3, n, dtype=torch.float64) for n in (5, 7, 7))
+    grads = []
+    for args in ((x, h, c), (x.clone(), h.clone(), c.clone())):
+        cell.zero_grad()
+        h_new, c_new = cell(args[0], args[1:])
+        (h_new.sum() + c_new.sum()).backward()
+        grads.append([p.grad.clone() for p in cell.parameters()])
+    for got, want in zip(*grads):
+        assert torch.equal(got, want)
 
 
 def test_float64_module_and_inputs_stay_float64():
