@@ -375,9 +375,10 @@ class FusedLSTM(_TorchNNCounterpart, nn.Module):
         if device.type == "cuda" and lengths.device == device:
             return lengths.to(torch.int64)
         lengths = lengths.to(device="cpu", dtype=torch.int64)
-        # Under torch.export the values are not known, under torch.vmap they are one
-        # sample's among many: the op checks them when it runs.
-        if (batch and not torch.compiler.is_exporting() and not torch._C._functorch.is_functorch_wrapped_tensor(lengths)
+        # Under torch.compile and torch.export the values are not known (reading them
+        # would break the graph), under torch.vmap they are one sample's among many: the
+        # op checks them when it runs.
+        if (batch and not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(lengths)
                 and (int(lengths.min()) < 1 or int(lengths.max()) > steps)):
             raise ValueError(
                 f"lengths must lie in [1, {steps}] (the number of time steps in input), "

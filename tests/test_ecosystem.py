@@ -69,6 +69,29 @@ def test_compile_fullgraph_forward_and_training_step(name):
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_compile_fullgraph_with_lengths(dynamic):
+    # The module checks the lengths' range on the host in eager mode; compiled, it leaves
+    # the check to the op, since reading the values would break the graph.
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = FusedBiLSTM(8, 16, num_layers=2, batch_first=True)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    for B, T in [(4, 5), (3, 9)]:
+        x = torch.randn(B, T, 8)
+        lengths = torch.randint(1, T + 1, (B,), generator=torch.Generator().manual_seed(B))
+        want, got = model(x, lengths=lengths), compiled(x, lengths=lengths)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+        got[0].sum().backward()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    with pytest.raises(RuntimeError, match=r"lengths must lie in \[1, T = 9\], got values from 0 to"):
+        compiled(torch.randn(3, 9, 8), lengths=torch.tensor([9, 0, 2]))
+
+
 @pytest.mark.slow
 def test_compile_with_inductor_matches_eager():
     torch.manual_seed(0)
