@@ -272,6 +272,8 @@ class FusedLSTM(_TorchNNCounterpart, nn.Module):
             )
 
     def _check_hidden(self, hx: tuple[Tensor, Tensor], batch: int, input: Tensor) -> None:
+        if len(hx) != 2:
+            raise RuntimeError("lstm expects two hidden states")
         LD = self.num_layers * self.num_directions
         for k, size in enumerate((self._h_size, self.hidden_size)):
             expected = (LD, batch, size)

@@ -36,6 +36,7 @@ FORWARD_CASES = [
     ("h0 wrong layers", (good_input(), states(L, B, H))),
     ("h0 2-D with batched input", (good_input(), states(L * D, H))),
     ("h0 3-D with unbatched input", (torch.randn(T, I), states(L * D, 1, H))),
+    ("three hidden states", (good_input(), states(L * D, B, H) + (torch.zeros(L * D, B, H),))),
 ]
 
 
