@@ -94,9 +94,10 @@ bool needed(std::initializer_list<const at::Tensor*> tensors, bool needs_grad) {
   if (needs_grad && (included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
                      included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode)))
     return true;
-  // One look at whether any dual level is open before thirteen at the tensors' tangents
-  // (each takes a lock): 0.3 us of a 13.5 us call at batch 1 otherwise.
-  if (!torch::autograd::ForwardADLevel::has_any_level()) return false;
+  // One look at whether the dual level is open before thirteen at the tensors' tangents
+  // (each takes a lock): 0.3 us of a 13.5 us call at batch 1 otherwise. (try_get_by_idx
+  // rather than has_any_level, which torch 2.13 and older lack.)
+  if (!torch::autograd::ForwardADLevel::try_get_by_idx(0)) return false;
   for (const at::Tensor* t : tensors)  // level 0: torch.autograd.forward_ad's dual level
     if (t->defined() && t->_fw_grad(/*level=*/0).defined()) return true;
   return false;
