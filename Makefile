@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv build test demo bench gpu-check gpu-train gpu-variants clean
+.PHONY: venv build test demo bench gpu-check gpu-train gpu-variants torch-compat clean
 
 venv: $(STAMP)
 
@@ -62,6 +62,21 @@ gpu-train:
 
 gpu-variants:
 	$(PY) benchmarks/gpu_check.py --group variants $(GPU_CHECK_ARGS)
+
+# The GPU machine's torch is its own (2.11.0+cu130 when last seen), older than
+# requirements.txt's: this builds the extension, CUDA kernels included (nvcc needed),
+# against that version in a venv of its own under build/ and runs the test suite there,
+# so that a GPU session does not spend its minutes on a build or a test that fails on the
+# older torch. About 5 GB of packages; TORCH_COMPAT=version for another.
+TORCH_COMPAT ?= 2.11.0
+COMPAT := build/torch-$(TORCH_COMPAT)
+
+torch-compat:
+	$(PY) -m venv $(COMPAT)/venv
+	grep -v '^torch==' requirements.txt > $(COMPAT)/requirements.txt
+	$(COMPAT)/venv/bin/python -m pip install --quiet torch==$(TORCH_COMPAT) "setuptools>=77" -r $(COMPAT)/requirements.txt
+	BIRNN_EXT_BUILD_DIR=$(COMPAT)/ext BIRNN_EXT_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 \
+	  $(COMPAT)/venv/bin/python -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info birnn_ext/_C*.so
