@@ -36,13 +36,13 @@ using OptTensor = std::optional<at::Tensor>;
 at::Tensor value_or_undefined(const OptTensor& t) { return t ? *t : at::Tensor(); }
 OptTensor defined_or_none(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
-// What save_for_backward may keep of `t`: autograd refuses to save a tensor made under
+// What save_for_backward may keep of `ts`: autograd refuses to save a tensor made under
 // torch.inference_mode (features from a frozen front end, say), which nn.LSTM trains on
 // in some layouts. Such a tensor cannot require a gradient, so a copy serves backward
 // as well; every other tensor is saved as it is.
-at::Tensor saveable(const at::Tensor& t) { return t.defined() && t.is_inference() ? t.clone() : t; }
 std::vector<at::Tensor> saveable(std::vector<at::Tensor> ts) {
-  for (at::Tensor& t : ts) t = saveable(t);
+  for (at::Tensor& t : ts)
+    if (t.defined() && t.is_inference()) t = t.clone();
   return ts;
 }
 
