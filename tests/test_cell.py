@@ -45,11 +45,11 @@ def test_matches_nn_lstm_cell(device, dtype, bias, with_state, batched):
         assert_close(got, want, dtype)
 
 
-# Each engine of the CPU step products (fixed_order.h's cell_product): batch 3 in place in
+# Each engine of the CPU step products (fixed_order.h's CellProducts): batch 3 in place in
 # spans of columns split between threads (in_place_rows_split), 16 in place at the limit
 # (cpu_rules::kCellInPlaceMaxRows), 17 in column tiles of uneven widths (4H 400: 208 and 192;
 # dx's 72 columns: 48 and 24), 40 in column tiles with the weight gradients in place, 96 in
-# three column tiles (4H 1200) and the weight gradients in column tiles too (96 > 64 rows).
+# three column tiles (4H 1200) and the weight gradients in three tiles of rows (96 > 64 rows).
 # float64 goes to BLAS in tiles at every batch. bfloat16 (column tiles over oneDNN or
 # widened float32 GEMMs): h and c against the float32 cell on the same bfloat16-rounded
 # values, as test_lstm_parity's bfloat16 cell test (its gradients are sums over the batch

@@ -205,8 +205,9 @@ def _cell_grads(threads, batch, hidden):
 
 # Batch 1 and 3: the products in place (H 288: in spans of columns split between threads);
 # 48: in column tiles, the weight gradients in place; 200: in column tiles, the weight
-# gradients too; 64 with H 300: three column tiles (4H 1200), more than two threads share.
-@pytest.mark.parametrize("batch,hidden", [(1, 40), (3, 288), (48, 40), (200, 40), (64, 300)])
+# gradients in tiles of rows; 64 with H 300: three column tiles (4H 1200), more than two
+# threads share; 96 with H 300: three tiles of the weight gradients' rows too.
+@pytest.mark.parametrize("batch,hidden", [(1, 40), (3, 288), (48, 40), (200, 40), (64, 300), (96, 300)])
 def test_cell_bitwise_determinism_whatever_the_thread_count(batch, hidden):
     threads = torch.get_num_threads()
     try:

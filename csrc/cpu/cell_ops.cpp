@@ -26,6 +26,16 @@
 namespace birnn {
 namespace {
 
+// row(b) for each batch row b < B of a cell of H units, the rows split between threads:
+// each row is independent of the others, so the results are the same for any split.
+// Chunks of at least 16K gate values, so that a small batch stays on one thread.
+template <typename Row>
+void for_rows(int64_t B, int64_t H, const Row& row) {
+  at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, 4 * H)), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) row(b);
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_cpu(const at::Tensor& x_, const at::Tensor& h_,
                                                                      const at::Tensor& c, const at::Tensor& w_ih_,
                                                                      const at::Tensor& w_hh_,
@@ -48,16 +58,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_cpu(const at::T
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lstm_cell_cpu", [&] {
       using T = scalar_t;
       at::Tensor rec = pooled_empty({B, 4 * H}, x.options());
-      cell_product<T>(x, w_ih.t(), pre);
-      cell_product<T>(h, w_hh.t(), rec);
-      for (int64_t b = 0; b < B; ++b) {
+      CellProducts<T> products;
+      products.product(x, w_ih.t(), pre);
+      products.product(h, w_hh.t(), rec);
+      products.run();
+      for_rows(B, H, [&](int64_t b) {
         T* g = pre.data_ptr<T>() + b * 4 * H;
         const T* r = rec.data_ptr<T>() + b * 4 * H;
         math_t<T>* cb = c_new.data_ptr<math_t<T>>() + b * H;
         T* hb = h_new.data_ptr<T>() + b * H;
         training ? cell_forward_row<T, true>(H, g, r, bias.data_ptr<T>(), cb, hb)
                  : cell_forward_row<T, false>(H, g, r, bias.data_ptr<T>(), cb, hb);
-      }
+      });
     });
   });
   return {h_new, c_new.to(c.scalar_type()), training ? pre : at::Tensor()};  // no gates in inference
@@ -84,20 +96,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto mopt = opt.dtype(math_dtype(x.scalar_type()));
   at::Tensor dc = grad_c_new ? grad_c_new->to(mopt, false, true).contiguous() : pooled_zeros({B, H}, mopt);
   at::Tensor dg = pooled_empty({B, 4 * H}, opt);
-  at::Tensor dx = pooled_empty({B, I}, opt), dw_ih = pooled_empty({4 * H, I}, opt), dw_hh = pooled_empty({4 * H, H}, opt);
+  at::Tensor dx = pooled_empty({B, I}, opt);
+  at::Tensor dw_ih = pooled_empty({4 * H, I}, opt), dw_hh = pooled_empty({4 * H, H}, opt);
   at::Tensor dbias = pooled_empty({4 * H}, opt);
   on_this_thread_if(B * 4 * H * (I + H) < cpu_rules::kCellMinMacsForThreads, [&] {
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lstm_cell_cpu", [&] {
       using T = scalar_t;
-      at::Tensor scratch = pooled_empty({4 * H}, opt);  // the row kernel's per-step copy of dg, unused here
-      for (int64_t b = 0; b < B; ++b)
+      for_rows(B, H, [&](int64_t b) {
         cell_backward_row<T>(H, gates.data_ptr<T>() + b * 4 * H, c.data_ptr<math_t<T>>() + b * H, nullptr,
                              dh.data_ptr<T>() + b * H, dc.data_ptr<math_t<T>>() + b * H, dg.data_ptr<T>() + b * 4 * H,
-                             scratch.data_ptr<T>());
-      cell_product<T>(dg, w_ih, dx);
-      cell_product<T>(dg, w_hh, dh);
-      cell_weight_grad<T>(dg, x, dw_ih);
-      cell_weight_grad<T>(dg, h, dw_hh);
+                             nullptr);
+      });
+      CellProducts<T> products;
+      products.product(dg, w_ih, dx);
+      products.product(dg, w_hh, dh);
+      products.weight_grad(dg, x, dw_ih);
+      products.weight_grad(dg, h, dw_hh);
+      products.run();
       column_sums(dg.data_ptr<T>(), B, 4 * H, dbias.data_ptr<T>());
     });
   });

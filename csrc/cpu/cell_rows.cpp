@@ -72,7 +72,7 @@ __attribute__((always_inline)) inline void cell_backward_row_impl(int64_t H, con
                                                                   T* dg_step) {
   dy ? cell_backward_loop<T, true>(H, gates, c_prev, dy, dh, dc, dg)
      : cell_backward_loop<T, false>(H, gates, c_prev, dy, dh, dc, dg);
-  std::memcpy(dg_step, dg, 4 * H * sizeof(T));
+  if (dg_step) std::memcpy(dg_step, dg, 4 * H * sizeof(T));
 }
 
 // The forward row of cell_avx512.h (float32 and bfloat16), where the processor has

@@ -20,7 +20,8 @@ void cell_forward_row(int64_t H, T* xg, const T* rec, const T* bias, math_t<T>* 
 
 // gates [4H] activated; c_prev [H]; dy [H] or nullptr; dh, dc [H]: the gradients
 // reaching h_t and c_t on entry, dh zeroed (the caller adds dg W_hh) and dc that of
-// c_{t-1} on exit; dg, dg_step [4H] out: the gradients of the pre-activations.
+// c_{t-1} on exit; dg [4H] out: the gradients of the pre-activations; dg_step [4H] out:
+// a copy of dg (a sweep's per-step copy), or nullptr for none.
 template <typename T>
 void cell_backward_row(int64_t H, const T* gates, const math_t<T>* c_prev, const T* dy, T* dh, math_t<T>* dc, T* dg,
                        T* dg_step);

@@ -100,7 +100,7 @@ constexpr int64_t kGradBlockMinRows = 1024, kGradMaxBlocks = 16;
 // kCellInPlaceMaxRows rows in place (small_gemm_in_place, spans of the weight's columns
 // split between threads), everything else in column tiles of at most kCellTileMaxCols
 // through matmul, one tile a thread at a time; the weight gradients over a batch above
-// kMaxRowsInPlace in column tiles of dW too. FusedLSTMCell, benchmarks/bench_cell.py (16
+// kMaxRowsInPlace in tiles of dW's rows (kCellGradTileMaxRows, below). FusedLSTMCell, benchmarks/bench_cell.py (16
 // steps), inference / forward+backward ms, Intel Xeon (2 MB L2 a core), two runs each:
 //  - In place up to 8, 16, 32 rows, against row tiles above, us a step: B 16, I 128,
 //    H 256 286 / 1053, 142 / 552, 141 / 581; B 16, I 512, H 512 1073 / 3282, 648 / 2621,
@@ -120,6 +120,21 @@ constexpr int64_t kGradBlockMinRows = 1024, kGradMaxBlocks = 16;
 //  - Column tiles of 128, 256, 512: B 64, I 128, H 256 4.99-5.24, 4.77-4.84, 4.68-4.76
 //    in inference; B 32, I 128, H 256 3.22-3.24, 2.83-2.86, 2.76-2.77.
 constexpr int64_t kCellInPlaceMaxRows = 16, kCellTileMaxCols = 512;
+
+// A cell step's weight gradients over a batch above kMaxRowsInPlace: tiles of at most this
+// many of dW's rows, each a contiguous block of dW that one BLAS call writes, reading the
+// whole batch of x or h. The column tiles they replaced (strided blocks of dW, which MKL
+// zeroes in a slower pass before summing) and the products' separate parallel regions
+// cost FusedLSTMCell against nn.LSTMCell, benchmarks/bench_cell.py forward+backward
+// (16 steps, AMD Zen 4, family 25 model 17, two runs each, ratio nn / fused): B 128,
+// I 512, H 512 0.87 before, 0.98-0.99 with these tiles and all of a step's tiles in one
+// region; B 256, I 256, H 256 0.85-0.86 and 0.89-0.96. The tile's height
+// matters little: the backward op with tiles of at most 256, 512, 1024 rows and in two
+// halves, ms (medians of 15 interleaved rounds, same machine): B 128, I 512, H 512 8.69,
+// 8.67, 8.64, 8.76; B 256, I 256, H 256 2.83, 2.77, 2.82, 2.81; B 96, I 72, H 300 1.21,
+// 1.15, 1.12, 1.13; B 128, I 128, H 256 1.23, 1.26, 1.29, 1.28. 512 leaves more than two
+// tiles to share at H above 256, for machines with more cores.
+constexpr int64_t kCellGradTileMaxRows = 512;
 
 // ---------------------------------------------------------------- threads (kernel_util.h)
 

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -104,64 +105,90 @@ inline void in_place_rows_split(int64_t M, int64_t N, int64_t K, const float* a,
   });
 }
 
-// c[M,N] = a[M,K] b[K,N] in tiles of columns fixed by N alone, each one product over the
-// whole K on one thread (matmul): the same bits for any thread count, and no partial
-// sums to write and add back. Each thread reads only its tiles' columns of b, the weight
-// (cpu_rules::kCellTileMaxCols). At least two tiles, so that two threads share them,
-// each product held to its thread (BlasOnThisThread: a threaded product sums in another
-// order); widths in multiples of 16. a and b each with a unit stride in one dimension, c
-// contiguous (a tile of it has contiguous rows, so matmul hands it to BLAS).
+// The products of a cell step with its weights (FusedLSTMCell: x W_ih^T and h W_hh^T
+// forward; dg W_ih, dg W_hh, dW_ih = dg^T x and dW_hh = dg^T h backward), the same bits
+// for any thread count. Float32 over a few rows runs in place at once
+// (in_place_rows_split; at batch 1 a GEMM engine's call costs more than the product).
+// The others are cut into tiles fixed by the shapes alone, each tile one product over
+// the whole K on one thread (BlasOnThisThread: a threaded product sums in another
+// order), so there are no partial sums to write and add back; run() runs the tiles of
+// all of a step's products in one parallel region, each thread taking the next tile,
+// the largest first, as it finishes one (cpu_rules: kCellTileMaxCols,
+// kCellGradTileMaxRows).
 template <typename T>
-void matmul_column_tiles(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
-  const int64_t N = b.size(1), max_cols = cpu_rules::kCellTileMaxCols;
-  const int64_t tiles = std::max<int64_t>(2, (N + max_cols - 1) / max_cols);
-  const int64_t cols = std::max<int64_t>(1, ((N + tiles - 1) / tiles + 15) / 16 * 16);
-  std::vector<std::array<at::Tensor, 3>> operands;  // views made here, not on the workers
-  for (int64_t n0 = 0; n0 < N; n0 += cols) {
-    const int64_t k = std::min(cols, N - n0);
-    operands.push_back({a, b.narrow(1, n0, k), c.narrow(1, n0, k)});
-  }
-  const int64_t n = int64_t(operands.size());
-  at::parallel_for(0, std::max<int64_t>(2, n), 1, [&](int64_t i0, int64_t i1) {
-    const BlasOnThisThread blas;
-    for (int64_t i = i0; i < std::min(i1, n); ++i) matmul<T>(operands[i][0], operands[i][1], operands[i][2], T(0));
-  });
-}
-
-// A cell step's product with a weight, c[M,N] = a[M,K] b[K,N] over the batch's M rows
-// (x W_ih^T, h W_hh^T; dg W_ih, dg W_hh), the same bits for any thread count: float32
-// over a few rows in place (in_place_rows_split, up to cpu_rules::kCellInPlaceMaxRows),
-// the rest in column tiles.
-template <typename T>
-void cell_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
-  const int64_t M = a.size(0), K = a.size(1);
-  if constexpr (std::is_same_v<T, float>) {
-    if (M <= cpu_rules::kCellInPlaceMaxRows && a.is_contiguous() && c.is_contiguous() &&
-        small_gemm_in_place_fits(M, K, 1, b.stride(0), b.stride(1))) {
-      in_place_rows_split(M, b.size(1), K, a.data_ptr<float>(), K, 1, b.data_ptr<float>(), b.stride(0), b.stride(1),
-                          c.data_ptr<float>());
-      return;
+class CellProducts {
+ public:
+  // c[M,N] = a[M,K] b[K,N] for a weight b: float32 over up to kCellInPlaceMaxRows rows in
+  // place, else in tiles of c's columns, each reading its columns of b. a and b each with
+  // a unit stride in one dimension, c contiguous.
+  void product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
+    const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+    if constexpr (std::is_same_v<T, float>) {
+      if (M <= cpu_rules::kCellInPlaceMaxRows && a.is_contiguous() && c.is_contiguous() &&
+          small_gemm_in_place_fits(M, K, 1, b.stride(0), b.stride(1))) {
+        in_place_rows_split(M, N, K, a.data_ptr<float>(), K, 1, b.data_ptr<float>(), b.stride(0), b.stride(1),
+                            c.data_ptr<float>());
+        return;
+      }
+    }
+    const int64_t cols = tile_size(N, cpu_rules::kCellTileMaxCols);
+    for (int64_t n0 = 0; n0 < N; n0 += cols) {
+      const int64_t k = std::min(cols, N - n0);
+      tiles_.push_back({a, b.narrow(1, n0, k), c.narrow(1, n0, k), M * k * K});
     }
   }
-  matmul_column_tiles<T>(a, b, c);
-}
 
-// A cell step's weight gradient, c[M,N] = a[K,M]^T b[K,N] summed over the batch's K rows
-// (dW_ih = dg^T x, dW_hh = dg^T h; a, b contiguous), the same bits for any thread count:
-// float32 over a short batch in place (in_place_rows_split; at batch 1 a GEMM engine's
-// call costs more than the product), the rest in column tiles of dW, each over the whole
-// batch.
-template <typename T>
-void cell_weight_grad(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
-  const int64_t K = a.size(0), M = a.size(1), N = b.size(1);
-  if constexpr (std::is_same_v<T, float>) {
-    if (K <= cpu_rules::kMaxRowsInPlace && small_gemm_in_place_fits(M, K, M, N, 1)) {  // A(r, k) = a[k*M + r]
-      in_place_rows_split(M, N, K, a.data_ptr<float>(), 1, M, b.data_ptr<float>(), N, 1, c.data_ptr<float>());
-      return;
+  // A weight gradient summed over the batch's K rows, c[M,N] = a[K,M]^T b[K,N] (a, b, c
+  // contiguous): float32 over up to kMaxRowsInPlace rows in place, else in tiles of c's
+  // rows, each a contiguous block of the gradient, reading all of b.
+  void weight_grad(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
+    const int64_t K = a.size(0), M = a.size(1), N = b.size(1);
+    if constexpr (std::is_same_v<T, float>) {
+      if (K <= cpu_rules::kMaxRowsInPlace && small_gemm_in_place_fits(M, K, M, N, 1)) {  // A(r, k) = a[k*M + r]
+        in_place_rows_split(M, N, K, a.data_ptr<float>(), 1, M, b.data_ptr<float>(), N, 1, c.data_ptr<float>());
+        return;
+      }
+    }
+    const at::Tensor at = a.t();
+    const int64_t rows = tile_size(M, cpu_rules::kCellGradTileMaxRows);
+    for (int64_t m0 = 0; m0 < M; m0 += rows) {
+      const int64_t k = std::min(rows, M - m0);
+      tiles_.push_back({at.narrow(0, m0, k), b, c.narrow(0, m0, k), k * N * K});
     }
   }
-  matmul_column_tiles<T>(a.t(), b, c);
-}
+
+  // Runs the tiles of the products above that did not run at once.
+  void run() {
+    std::stable_sort(tiles_.begin(), tiles_.end(), [](const Tile& x, const Tile& y) { return x.macs > y.macs; });
+    const int64_t n = int64_t(tiles_.size());
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+      const BlasOnThisThread blas;
+      for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
+        const Tile& t = tiles_[i];
+        if constexpr (std::is_same_v<T, at::BFloat16>) {
+          matmul<T>(t.a, t.b, t.c, T(0));  // oneDNN's bfloat16 products, or float32 ones over widened copies
+        } else {
+          blas_matmul<T>(Mat<const T>::of(t.a), Mat<const T>::of(t.b), Mat<T>::of(t.c), T(0));
+        }
+      }
+    });
+    tiles_.clear();
+  }
+
+ private:
+  struct Tile {
+    at::Tensor a, b, c;  // c = a b; views made on the calling thread, not on the workers
+    int64_t macs;
+  };
+  // Tiles of at most `most` of n, in multiples of 16, at least two, so that two threads
+  // share a product.
+  static int64_t tile_size(int64_t n, int64_t most) {
+    const int64_t tiles = std::max<int64_t>(2, (n + most - 1) / most);
+    return std::max<int64_t>(1, ((n + tiles - 1) / tiles + 15) / 16 * 16);
+  }
+  std::vector<Tile> tiles_;
+};
 
 // Column sums of a [rows, cols] matrix in row order: the same bits for any thread count.
 template <typename T>
