@@ -213,7 +213,7 @@ using CellForwardSig = CellOutputs(const at::Tensor&, const at::Tensor&, const a
                                    const at::Tensor&, const OptTensor&, bool);
 using CellBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const OptTensor&, const OptTensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const at::Tensor&);
+    const at::Tensor&, const at::Tensor&, bool);
 
 }  // namespace
 
@@ -242,9 +242,11 @@ class LstmCell : public torch::autograd::Function<LstmCell> {
                                   {&s[0], &s[1], &s[2], &s[3], &s[4], &s[6]});
     }
     const auto& op = op_handle<CellBackwardSig>("birnn_ext::lstm_cell_backward");
-    auto [dx, dh, dc, dw_ih, dw_hh, dbias] =
-        op.call(defined_or_none(grads[0]), defined_or_none(grads[1]), s[0], s[1], s[2], s[3], s[4], s[5]);
-    out[0] = dx, out[1] = dh, out[2] = dc, out[3] = dw_ih, out[4] = dw_hh;
+    const bool input_grad = ctx->needs_input_grad(0);
+    auto [dx, dh, dc, dw_ih, dw_hh, dbias] = op.call(defined_or_none(grads[0]), defined_or_none(grads[1]), s[0], s[1],
+                                                     s[2], s[3], s[4], s[5], input_grad);
+    if (input_grad) out[0] = dx;
+    out[1] = dh, out[2] = dc, out[3] = dw_ih, out[4] = dw_hh;
     if (ctx->saved_data["has_bias"].toBool()) out[5] = dbias;
     return out;
   }

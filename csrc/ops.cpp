@@ -50,11 +50,13 @@ TORCH_LIBRARY(birnn_ext, m) {
   m.def(
       "lstm_cell_forward(Tensor x, Tensor h, Tensor c, Tensor w_ih, Tensor w_hh, Tensor? bias, "
       "bool training) -> (Tensor h_new, Tensor c_new, Tensor gates)");
-  // Gradients of lstm_cell_forward. An absent grad_* counts as zeros.
+  // Gradients of lstm_cell_forward. An absent grad_* counts as zeros. grad_x [B,I] is
+  // empty, [0], when not input_grad (x is data: its gradient is a product as large as
+  // x W_ih^T, a quarter of the backward's); grad_bias [4H] is that of b_ih and b_hh alike.
   m.def(
       "lstm_cell_backward(Tensor? grad_h_new, Tensor? grad_c_new, Tensor x, Tensor h, Tensor c, "
-      "Tensor w_ih, Tensor w_hh, Tensor gates) -> (Tensor grad_x, Tensor grad_h, Tensor grad_c, "
-      "Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias)");
+      "Tensor w_ih, Tensor w_hh, Tensor gates, bool input_grad=True) -> (Tensor grad_x, Tensor grad_h, "
+      "Tensor grad_c, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias)");
 
   // The CPU buffer pool (csrc/cpu/buffer_pool.h): [cached_bytes, limit_bytes, hits,
   // misses], and the release of every kept block (returns the bytes freed).

@@ -153,8 +153,41 @@ def test_gradcheck_and_opcheck():
         args = [t.detach().clone().requires_grad_() for t in (x, h, c, w_ih, w_hh)]
         torch.library.opcheck(ops.lstm_cell_forward, (*args, bias, True))
     _, _, gates = ops.lstm_cell_forward(x.detach(), h.detach(), c.detach(), w_ih, w_hh, b, True)
-    torch.library.opcheck(ops.lstm_cell_backward, (torch.randn(2, 4, dtype=torch.float64), None, x.detach(),
-                                                  h.detach(), c.detach(), w_ih, w_hh, gates))
+    for input_grad in (True, False):
+        torch.library.opcheck(ops.lstm_cell_backward, (torch.randn(2, 4, dtype=torch.float64), None, x.detach(),
+                                                      h.detach(), c.detach(), w_ih, w_hh, gates, input_grad))
+
+
+# Where x is data (no gradient asked of it), the backward skips dx = dg W_ih, a quarter of
+# its products, as nn.LSTMCell's autograd does (the op's input_grad): the other gradients
+# are the same bits as when dx is computed. Batch 3 in place, 40 and 96 in tiles.
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B,H", [(3, 64), (40, 64), (96, 300)])
+def test_backward_without_the_input_gradient(device, B, H):
+    torch.manual_seed(0)
+    cell = FusedLSTMCell(72, H, device=device)
+    x, h0, c0 = (torch.randn(B, n, device=device) for n in (72, H, H))
+
+    def grads(x_grad):
+        x_ = x.clone().requires_grad_(x_grad)
+        hx = (h0.clone().requires_grad_(), c0.clone().requires_grad_())
+        h, c = cell(x_, hx)
+        (h.square().sum() + c.sum()).backward()
+        out = [hx[0].grad, hx[1].grad, *(p.grad.clone() for p in cell.parameters())]
+        cell.zero_grad()
+        return out
+
+    for got, want in zip(grads(False), grads(True), strict=True):
+        assert torch.equal(got, want)
+    ops = torch.ops.birnn_ext
+    w = (cell.weight_ih.detach(), cell.weight_hh.detach())
+    _, _, gates = ops.lstm_cell_forward(x, h0, c0, *w, cell.bias_ih + cell.bias_hh, True)
+    dh = torch.randn(B, H, device=device)
+    skipped = ops.lstm_cell_backward(dh, None, x, h0, c0, *w, gates, False)
+    full = ops.lstm_cell_backward(dh, None, x, h0, c0, *w, gates)
+    assert skipped[0].shape == (0,) and full[0].shape == (B, 72)
+    for got, want in zip(skipped[1:], full[1:], strict=True):
+        assert torch.equal(got, want)
 
 
 BAD = [

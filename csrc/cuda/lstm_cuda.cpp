@@ -499,7 +499,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_cuda(const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cell_backward_cuda(
     const std::optional<at::Tensor>& grad_h_new, const std::optional<at::Tensor>& grad_c_new, const at::Tensor& x_,
     const at::Tensor& h_, const at::Tensor& c_, const at::Tensor& w_ih_, const at::Tensor& w_hh_,
-    const at::Tensor& gates_) {
+    const at::Tensor& gates_, bool input_grad) {
   const auto [B, I, H] = check_cell_backward(grad_h_new, grad_c_new, x_, h_, c_, w_ih_, w_hh_, gates_);
   const c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor x = x_.contiguous(), h = h_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
@@ -508,7 +508,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t G = 4 * H;
   // Every gradient is written whole below (zeros only for an empty batch).
   auto out = [&](at::IntArrayRef sizes) { return B > 0 ? at::empty(sizes, opt) : at::zeros(sizes, opt); };
-  at::Tensor dx = out({B, I}), dh_out = out({B, H}), dc_out;
+  at::Tensor dx = input_grad ? out({B, I}) : at::empty({0}, opt), dh_out = out({B, H}), dc_out;
   at::Tensor dw_ih = out({G, I}), dw_hh = out({G, H}), dbias = out({G});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lstm_cell_backward_cuda", [&] {
     using S = scalar_t;
@@ -523,7 +523,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                           math_ptr<S>(dh), math_ptr<S>(dc), ptr<S>(dg), ptr<S>(dg_step)};
       const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
       C10_CUDA_CHECK(cuda::launch_bwd_step(bs, stream));
-      gemm<S>(false, false, B, I, G, ptr<S>(dg), G, 0, ptr<S>(w_ih), I, 0, 0.0, ptr<S>(dx), Storage<S>::id, I, 0, 1);
+      if (input_grad)
+        gemm<S>(false, false, B, I, G, ptr<S>(dg), G, 0, ptr<S>(w_ih), I, 0, 0.0, ptr<S>(dx), Storage<S>::id, I, 0,
+                1);
       gemm<S>(false, false, B, H, G, ptr<S>(dg), G, 0, ptr<S>(w_hh), H, 0, 0.0, ptr<S>(dh_out), Storage<S>::id, H,
               0, 1);
       gemm<S>(true, false, G, I, B, ptr<S>(dg), G, 0, ptr<S>(x), I, 0, 0.0, ptr<S>(dw_ih), Storage<S>::id, I, 0, 1);
