@@ -10,6 +10,7 @@ benchmarks/results/<name>.csv.
 
     python benchmarks/bench_cell.py
     python benchmarks/bench_cell.py --case 32,128,256 --case 128,512,512 --steps 8
+    python benchmarks/bench_cell.py --case 32,64,64 --rounds 21 --min-run-time 0.03
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CASES = [(1, 28, 128), (1, 128, 256), (8, 28, 128), (8, 128, 256), (16, 128, 256), (24, 300, 128), (32, 64, 64),
          (32, 128, 256), (32, 512, 512), (48, 100, 200), (64, 28, 128), (128, 128, 256), (128, 512, 512),
          (256, 64, 64)]
-ROUNDS = 7
 
 
 def parse_case(text: str) -> tuple[int, int, int]:
@@ -71,6 +71,7 @@ def main(argv=None) -> None:
     p.add_argument("--case", type=parse_case, action="append", default=[], help="B,I,H")
     p.add_argument("--steps", type=int, default=16, help="time steps per loop")
     p.add_argument("--min-run-time", type=float, default=0.05, help="seconds per implementation per round")
+    p.add_argument("--rounds", type=int, default=7, help="alternating rounds per mode and size")
     p.add_argument("--name", default="cell", help="results file name")
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -87,7 +88,7 @@ def main(argv=None) -> None:
         cells = []
         for mode, train in (("inference", False), ("forward+backward", True)):
             times = {"nn": [], "fused": []}
-            for _ in range(ROUNDS):
+            for _ in range(args.rounds):
                 for name, cell in (("nn", ref), ("fused", fused)):
                     times[name].append(seconds(loop(cell, xs, train), args.min_run_time))
             ratio = statistics.median(a / b for a, b in zip(times["nn"], times["fused"]))
