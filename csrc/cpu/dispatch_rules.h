@@ -99,9 +99,10 @@ constexpr int64_t kGradBlockMinRows = 1024, kGradMaxBlocks = 16;
 // A cell step's products with a weight (FusedLSTMCell; fixed_order.h): float32 up to
 // kCellInPlaceMaxRows rows in place (small_gemm_in_place, spans of the weight's columns
 // split between threads), everything else in column tiles of at most kCellTileMaxCols
-// through matmul, one tile a thread at a time; the weight gradients over a batch above
-// kMaxRowsInPlace in tiles of dW's rows (kCellGradTileMaxRows, below). FusedLSTMCell, benchmarks/bench_cell.py (16
-// steps), inference / forward+backward ms, Intel Xeon (2 MB L2 a core), two runs each:
+// on BLAS (oneDNN for bfloat16), one tile a thread at a time; the weight gradients over a
+// batch above kMaxRowsInPlace in tiles of dW's rows (kCellGradTileMaxRows, below).
+// FusedLSTMCell, benchmarks/bench_cell.py (16 steps), inference / forward+backward ms,
+// Intel Xeon (2 MB L2 a core), two runs each:
 //  - In place up to 8, 16, 32 rows, against row tiles above, us a step: B 16, I 128,
 //    H 256 286 / 1053, 142 / 552, 141 / 581; B 16, I 512, H 512 1073 / 3282, 648 / 2621,
 //    673 / 2618. Column tiles from 5 rows against from 17: B 8, I 128, H 256 1.23-1.28 /
