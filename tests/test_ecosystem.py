@@ -193,11 +193,11 @@ def test_bitwise_determinism_whatever_the_thread_count(loss_on_last_step, T, B):
             assert torch.equal(a, b)
 
 
-def _cell_grads(threads, batch, hidden):
+def _cell_grads(threads, batch, hidden, dtype):
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    cell = FusedLSTMCell(24, hidden)
-    x = torch.randn(batch, 24, requires_grad=True)
+    cell = FusedLSTMCell(24, hidden, dtype=dtype)
+    x = torch.randn(batch, 24, dtype=dtype, requires_grad=True)
     h, c = cell(x)
     (h.square().sum() + c.sum()).backward()
     return [h, c, x.grad, *[p.grad for p in cell.parameters()]]
@@ -206,12 +206,15 @@ def _cell_grads(threads, batch, hidden):
 # Batch 1 and 3: the products in place (H 288: in spans of columns split between threads);
 # 48: in column tiles, the weight gradients in place; 200: in column tiles, the weight
 # gradients in tiles of rows; 64 with H 300: three column tiles (4H 1200), more than two
-# threads share; 96 with H 300: three tiles of the weight gradients' rows too.
-@pytest.mark.parametrize("batch,hidden", [(1, 40), (3, 288), (48, 40), (200, 40), (64, 300), (96, 300)])
-def test_cell_bitwise_determinism_whatever_the_thread_count(batch, hidden):
+# threads share; 96 with H 300: three tiles of the weight gradients' rows too. bfloat16
+# (tiles of the batch's rows on oneDNN, or column tiles over widened float32 GEMMs).
+@pytest.mark.parametrize("batch,hidden,dtype", [
+    (1, 40, torch.float32), (3, 288, torch.float32), (48, 40, torch.float32), (200, 40, torch.float32),
+    (64, 300, torch.float32), (96, 300, torch.float32), (200, 40, torch.bfloat16), (96, 300, torch.bfloat16)])
+def test_cell_bitwise_determinism_whatever_the_thread_count(batch, hidden, dtype):
     threads = torch.get_num_threads()
     try:
-        runs = [_cell_grads(t, batch, hidden) for t in (1, 2, max(2, threads), 3)]
+        runs = [_cell_grads(t, batch, hidden, dtype) for t in (1, 2, max(2, threads), 3)]
     finally:
         torch.set_num_threads(threads)
     for run in runs[1:]:

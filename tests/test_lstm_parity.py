@@ -377,3 +377,33 @@ def test_cpu_16_bit_cell_matches_float32(dtype):
     for (name, p), p32 in zip(cell.named_parameters(), cell32.parameters()):
         assert p.grad.dtype == dtype
         torch.testing.assert_close(p.grad.float(), p32.grad, **TOL[dtype], msg=lambda m, n=name: f"{n}: {m}")
+
+
+# At batch 150 the bfloat16 cell's products run in several tiles (tiles of the batch's rows
+# on oneDNN, the weight gradients over dg^T transposed once; or column tiles over widened
+# float32 GEMMs): each gradient against the float32 cell on the same rounded values, as a
+# whole. A weight gradient sums 150 products of gate gradients rounded to bfloat16, so its
+# small elements carry the rounding of the large ones: the bound is on the norm of the
+# error, two bfloat16 roundings (2^-7) of the norm of the gradient; a tile misplaced or
+# missing is off by the size of the gradient itself.
+def test_cpu_bfloat16_cell_in_tiles_matches_float32():
+    torch.manual_seed(0)
+    cell32 = FusedLSTMCell(40, 300)
+    cell32.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in cell32.state_dict().items()})
+    cell = FusedLSTMCell(40, 300)
+    cell.load_state_dict(cell32.state_dict())
+    cell = cell.to(torch.bfloat16)
+    x = torch.randn(150, 40).to(torch.bfloat16).requires_grad_()
+    hx = tuple(torch.randn(150, 300).to(torch.bfloat16).requires_grad_() for _ in range(2))
+    x32, *hx32 = (t.detach().float().requires_grad_() for t in (x, *hx))
+    h32, c32 = cell32(x32, tuple(hx32))
+    h, c = cell(x, hx)
+    (h32.sum() + 2 * c32.sum()).backward()
+    (h.float().sum() + 2 * c.float().sum()).backward()
+    pairs = [("h", h, h32), ("c", c, c32), ("x", x.grad, x32.grad), ("h0", hx[0].grad, hx32[0].grad),
+             ("c0", hx[1].grad, hx32[1].grad)]
+    pairs += [(n, p.grad, p32.grad) for (n, p), p32 in zip(cell.named_parameters(), cell32.parameters())]
+    for name, got, want in pairs:
+        assert got.dtype == torch.bfloat16
+        error = (got.float() - want).norm() / want.norm()
+        assert error < 2 ** -7, f"{name}: relative error {error:.2e}"

@@ -128,13 +128,15 @@ void blas_matmul(Mat<const T> a, Mat<const T> b, Mat<T> c, T beta) {
 // the CPU has it) or, where those dot products run at half the float32 rate
 // (bf16_large_products_in_float32, cpu_rules::bf16_dot_products_at_fma_rate) or there
 // is no oneDNN, to the float32 GEMM over widened copies, rounded once into c.
+inline bool bf16_matmul_on_onednn() { return onednn_matmul() && !bf16_large_products_in_float32(); }
+
 template <typename T>
 void matmul(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, at::opmath_type<T> beta) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   if (M == 0 || N == 0) return;
   if constexpr (std::is_same_v<T, at::BFloat16>) {
-    if (OnednnMatmul fn = onednn_matmul(); fn && K > 0 && !bf16_large_products_in_float32()) {
-      fn(a, b, c, beta, 1.0f);
+    if (K > 0 && bf16_matmul_on_onednn()) {
+      onednn_matmul()(a, b, c, beta, 1.0f);
       return;
     }
     at::NoGradGuard no_grad;  // may run on an OpenMP worker, which carries no autograd state

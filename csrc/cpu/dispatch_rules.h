@@ -138,6 +138,24 @@ constexpr int64_t kCellInPlaceMaxRows = 16, kCellTileMaxCols = 512;
 // tiles to share at H above 256, for machines with more cores.
 constexpr int64_t kCellGradTileMaxRows = 512;
 
+// bfloat16 cell products on oneDNN (blas.h's bf16_matmul_on_onednn: where the bfloat16
+// dot products run at the FMA rate): tiles of at most this many batch rows, each reading
+// the whole weight, rather than tiles of the weight's columns. at::native::mkldnn_matmul
+// copies an operand that is neither contiguous nor a whole transposed matrix, and an
+// output that is not contiguous, before and after each call: a column tile of W (dg W)
+// or of c, and a block of dg^T's rows (the weight gradients' a, which is why that is
+// transposed once into contiguous rows first). Those copies were a fifth of the bfloat16
+// backward's time (perf). lstm_cell_backward without dx, ms, medians of 11 interleaved
+// rounds, AMD Zen 4: B 128, I 512, H 512 3.18 before, 3.04 with row tiles, 2.63 with dg^T
+// transposed too (torch's three products over both cores 2.06-2.29); B 128, I 128,
+// H 256 0.85, 0.84, 0.67 (0.49-0.52). Tiles of at most 32, 64, 128 rows: B 128, I 512,
+// H 512 forward 1.87, 1.69, and 128 as 64 (two tiles), backward 2.67, 2.41; B 256, I 256,
+// H 256 forward 0.90-0.93 with 64, 0.84-0.85 with 128, backward 1.33-1.38 and 1.30-1.31.
+// FusedLSTMCell against nn.LSTMCell in bfloat16, bench_cell.py's loop (16 steps, 7
+// rounds), inference / forward+backward: B 128, I 512, H 512 1.07 / 0.96 before, 1.08 /
+// 1.09 after; B 128, I 128, H 256 1.36 / 1.05 and 1.28 / 1.26.
+constexpr int64_t kCellBf16TileMaxRows = 128;
+
 // ---------------------------------------------------------------- threads (kernel_util.h)
 
 // Multiply-adds of one direction's forward sweep (T*B*4H*(I+P)) from which a second

@@ -119,8 +119,9 @@ template <typename T>
 class CellProducts {
  public:
   // c[M,N] = a[M,K] b[K,N] for a weight b: float32 over up to kCellInPlaceMaxRows rows in
-  // place, else in tiles of c's columns, each reading its columns of b. a and b each with
-  // a unit stride in one dimension, c contiguous.
+  // place, else in tiles of c's columns, each reading its columns of b; bfloat16 on oneDNN
+  // in tiles of c's rows (kCellBf16TileMaxRows). a and b each with a unit stride in one
+  // dimension, c contiguous.
   void product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
     const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
     if constexpr (std::is_same_v<T, float>) {
@@ -128,6 +129,16 @@ class CellProducts {
           small_gemm_in_place_fits(M, K, 1, b.stride(0), b.stride(1))) {
         in_place_rows_split(M, N, K, a.data_ptr<float>(), K, 1, b.data_ptr<float>(), b.stride(0), b.stride(1),
                             c.data_ptr<float>());
+        return;
+      }
+    }
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      if (bf16_matmul_on_onednn()) {  // in tiles of a's and c's rows, each reading all of b
+        const int64_t rows = tile_size(M, cpu_rules::kCellBf16TileMaxRows);
+        for (int64_t m0 = 0; m0 < M; m0 += rows) {
+          const int64_t k = std::min(rows, M - m0);
+          tiles_.push_back({a.narrow(0, m0, k), b, c.narrow(0, m0, k), k * N * K});
+        }
         return;
       }
     }
@@ -140,7 +151,8 @@ class CellProducts {
 
   // A weight gradient summed over the batch's K rows, c[M,N] = a[K,M]^T b[K,N] (a, b, c
   // contiguous): float32 over up to kMaxRowsInPlace rows in place, else in tiles of c's
-  // rows, each a contiguous block of the gradient, reading all of b.
+  // rows, each a contiguous block of the gradient, reading all of b (and, for bfloat16 on
+  // oneDNN, its rows of a^T copied out once for both weight gradients).
   void weight_grad(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
     const int64_t K = a.size(0), M = a.size(1), N = b.size(1);
     if constexpr (std::is_same_v<T, float>) {
@@ -149,7 +161,10 @@ class CellProducts {
         return;
       }
     }
-    const at::Tensor at = a.t();
+    at::Tensor at = a.t();
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      if (bf16_matmul_on_onednn()) at = transposed(a);  // kCellBf16TileMaxRows says why
+    }
     const int64_t rows = tile_size(M, cpu_rules::kCellGradTileMaxRows);
     for (int64_t m0 = 0; m0 < M; m0 += rows) {
       const int64_t k = std::min(rows, M - m0);
@@ -187,7 +202,13 @@ class CellProducts {
     const int64_t tiles = std::max<int64_t>(2, (n + most - 1) / most);
     return std::max<int64_t>(1, ((n + tiles - 1) / tiles + 15) / 16 * 16);
   }
+  // a^T in contiguous rows, made once for the products that share a.
+  const at::Tensor& transposed(const at::Tensor& a) {
+    if (!transposed_of_.is_same(a)) transposed_ = a.t().contiguous(), transposed_of_ = a;
+    return transposed_;
+  }
   std::vector<Tile> tiles_;
+  at::Tensor transposed_, transposed_of_;
 };
 
 // Column sums of a [rows, cols] matrix in row order: the same bits for any thread count.
