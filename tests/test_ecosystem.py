@@ -207,7 +207,7 @@ def _cell_grads(threads, batch, hidden, dtype):
 # 48: in column tiles, the weight gradients in place; 200: in column tiles, the weight
 # gradients in tiles of rows; 64 with H 300: three column tiles (4H 1200), more than two
 # threads share; 96 with H 300: three tiles of the weight gradients' rows too. bfloat16
-# (tiles of the batch's rows on oneDNN, or column tiles over widened float32 GEMMs).
+# (on oneDNN, dg W in tiles of the batch's rows; or over widened float32 GEMMs).
 @pytest.mark.parametrize("batch,hidden,dtype", [
     (1, 40, torch.float32), (3, 288, torch.float32), (48, 40, torch.float32), (200, 40, torch.float32),
     (64, 300, torch.float32), (96, 300, torch.float32), (200, 40, torch.bfloat16), (96, 300, torch.bfloat16)])

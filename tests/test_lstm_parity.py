@@ -379,8 +379,8 @@ def test_cpu_16_bit_cell_matches_float32(dtype):
         torch.testing.assert_close(p.grad.float(), p32.grad, **TOL[dtype], msg=lambda m, n=name: f"{n}: {m}")
 
 
-# At batch 150 the bfloat16 cell's products run in several tiles (tiles of the batch's rows
-# on oneDNN, the weight gradients over dg^T transposed once; or column tiles over widened
+# At batch 150 the bfloat16 cell's products run in several tiles (on oneDNN, dg W in tiles
+# of the batch's rows, the weight gradients over dg^T transposed once; or over widened
 # float32 GEMMs): each gradient against the float32 cell on the same rounded values, as a
 # whole. A weight gradient sums 150 products of gate gradients rounded to bfloat16, so its
 # small elements carry the rounding of the large ones: the bound is on the norm of the

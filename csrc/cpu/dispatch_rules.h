@@ -139,21 +139,22 @@ constexpr int64_t kCellInPlaceMaxRows = 16, kCellTileMaxCols = 512;
 constexpr int64_t kCellGradTileMaxRows = 512;
 
 // bfloat16 cell products on oneDNN (blas.h's bf16_matmul_on_onednn: where the bfloat16
-// dot products run at the FMA rate): tiles of at most this many batch rows, each reading
-// the whole weight, rather than tiles of the weight's columns. at::native::mkldnn_matmul
-// copies an operand that is neither contiguous nor a whole transposed matrix, and an
-// output that is not contiguous, before and after each call: a column tile of W (dg W)
-// or of c, and a block of dg^T's rows (the weight gradients' a, which is why that is
-// transposed once into contiguous rows first). Those copies were a fifth of the bfloat16
-// backward's time (perf). lstm_cell_backward without dx, ms, medians of 11 interleaved
-// rounds, AMD Zen 4: B 128, I 512, H 512 3.18 before, 3.04 with row tiles, 2.63 with dg^T
-// transposed too (torch's three products over both cores 2.06-2.29); B 128, I 128,
-// H 256 0.85, 0.84, 0.67 (0.49-0.52). Tiles of at most 32, 64, 128 rows: B 128, I 512,
-// H 512 forward 1.87, 1.69, and 128 as 64 (two tiles), backward 2.67, 2.41; B 256, I 256,
-// H 256 forward 0.90-0.93 with 64, 0.84-0.85 with 128, backward 1.33-1.38 and 1.30-1.31.
-// FusedLSTMCell against nn.LSTMCell in bfloat16, bench_cell.py's loop (16 steps, 7
-// rounds), inference / forward+backward: B 128, I 512, H 512 1.07 / 0.96 before, 1.08 /
-// 1.09 after; B 128, I 128, H 256 1.36 / 1.05 and 1.28 / 1.26.
+// dot products run at the FMA rate): the backward's dg W in tiles of at most this many
+// batch rows, each reading the whole weight, rather than tiles of the weight's columns.
+// at::native::mkldnn_matmul copies an operand that is neither contiguous nor a whole
+// transposed matrix, and an output that is not contiguous, before and after each call:
+// a column tile of W, and a block of dg^T's rows (the weight gradients' a, which is why
+// that is transposed once into contiguous rows first). Those copies were a fifth of the
+// bfloat16 backward's time (perf). lstm_cell_backward without dx, ms, medians of 11
+// interleaved rounds, AMD Zen 4: B 128, I 512, H 512 3.18 in column tiles, 3.04 in row
+// tiles, 2.63 with dg^T transposed too (torch's three products over both cores
+// 2.06-2.29); B 128, I 128, H 256 0.85, 0.84, 0.67 (0.49-0.52). Row tiles of at most 32
+// and 64 at B 128, I 512, H 512: 2.67 and 2.41; 64 and 128 at B 256, I 256, H 256:
+// 1.33-1.38 and 1.30-1.31. A column tile of W^T (the forward's x W^T, h W^T) is read in
+// place, and there column tiles stay ahead of row tiles of 128: the forward op in
+// inference, ms, medians of 21 interleaved rounds, rows / columns: B 24, I 300, H 128
+// 0.123 / 0.110; B 32, I 512, H 512 0.638 / 0.601; B 128, I 512, H 512 1.651 / 1.641;
+// B 256, I 256, H 256 0.822 / 0.795.
 constexpr int64_t kCellBf16TileMaxRows = 128;
 
 // ---------------------------------------------------------------- threads (kernel_util.h)

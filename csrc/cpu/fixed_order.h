@@ -120,8 +120,8 @@ class CellProducts {
  public:
   // c[M,N] = a[M,K] b[K,N] for a weight b: float32 over up to kCellInPlaceMaxRows rows in
   // place, else in tiles of c's columns, each reading its columns of b; bfloat16 on oneDNN
-  // in tiles of c's rows (kCellBf16TileMaxRows). a and b each with a unit stride in one
-  // dimension, c contiguous.
+  // with b's rows contiguous in tiles of c's rows (kCellBf16TileMaxRows). a and b each
+  // with a unit stride in one dimension, c contiguous.
   void product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
     const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
     if constexpr (std::is_same_v<T, float>) {
@@ -133,7 +133,10 @@ class CellProducts {
       }
     }
     if constexpr (std::is_same_v<T, at::BFloat16>) {
-      if (bf16_matmul_on_onednn()) {  // in tiles of a's and c's rows, each reading all of b
+      // A weight with contiguous rows (W in dg W) in tiles of a's and c's rows, each reading
+      // all of b: oneDNN would copy a tile of its columns. A transposed one (W^T in x W^T)
+      // stays in column tiles, which oneDNN reads where they lie.
+      if (bf16_matmul_on_onednn() && b.stride(0) != 1) {
         const int64_t rows = tile_size(M, cpu_rules::kCellBf16TileMaxRows);
         for (int64_t m0 = 0; m0 < M; m0 += rows) {
           const int64_t k = std::min(rows, M - m0);
