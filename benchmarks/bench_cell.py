@@ -11,6 +11,7 @@ benchmarks/results/<name>.csv.
     python benchmarks/bench_cell.py
     python benchmarks/bench_cell.py --case 32,128,256 --case 128,512,512 --steps 8
     python benchmarks/bench_cell.py --case 32,64,64 --rounds 21 --min-run-time 0.03
+    python benchmarks/bench_cell.py --dtype bfloat16 --name cell-bf16
 """
 
 from __future__ import annotations
@@ -72,19 +73,23 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=16, help="time steps per loop")
     p.add_argument("--min-run-time", type=float, default=0.05, help="seconds per implementation per round")
     p.add_argument("--rounds", type=int, default=7, help="alternating rounds per mode and size")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="both cells' weights and inputs (bfloat16: nn.LSTMCell on oneDNN's bfloat16 GEMMs)")
     p.add_argument("--name", default="cell", help="results file name")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     rows = []
-    print(f"FusedLSTMCell against nn.LSTMCell, {args.steps} steps a loop, {torch.get_num_threads()} threads; "
+    dtype = getattr(torch, args.dtype)
+    print(f"FusedLSTMCell against nn.LSTMCell, {args.dtype}, {args.steps} steps a loop, "
+          f"{torch.get_num_threads()} threads; "
           "ms per loop (median of rounds), ratio nn / fused")
     print(f"{'B':>4} {'I':>4} {'H':>4} | {'inference':^24} | {'forward+backward':^24}")
     for B, I, H in args.case or CASES:
-        ref = nn.LSTMCell(I, H)
+        ref = nn.LSTMCell(I, H, dtype=dtype)
         fused = FusedLSTMCell.from_cell(ref)
-        xs = torch.randn(args.steps, B, I)
+        xs = torch.randn(args.steps, B, I, dtype=dtype)
 
-        row = {"B": B, "I": I, "H": H, "steps": args.steps}
+        row = {"B": B, "I": I, "H": H, "steps": args.steps, "dtype": args.dtype}
         cells = []
         for mode, train in (("inference", False), ("forward+backward", True)):
             times = {"nn": [], "fused": []}
