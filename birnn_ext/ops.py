@@ -89,8 +89,8 @@ def _(x, h, c, w_ih, w_hh, bias, training):
 
 @torch.library.register_fake("birnn_ext::lstm_cell_backward")
 def _(grad_h_new, grad_c_new, x, h, c, w_ih, w_hh, gates, input_grad=True):
-    return (x.new_empty(x.shape if input_grad else (0,)), h.new_empty(h.shape), c.new_empty(c.shape), w_ih.new_empty(w_ih.shape),
-            w_hh.new_empty(w_hh.shape), w_hh.new_empty((w_hh.shape[0],)))
+    return (x.new_empty(x.shape if input_grad else (0,)), h.new_empty(h.shape), c.new_empty(c.shape),
+            w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape), w_hh.new_empty((w_hh.shape[0],)))
 
 
 # ---------------------------------------------------------------- autograd

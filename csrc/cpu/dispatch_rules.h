@@ -129,8 +129,8 @@ constexpr int64_t kCellInPlaceMaxRows = 16, kCellTileMaxCols = 512;
 // cost FusedLSTMCell against nn.LSTMCell, benchmarks/bench_cell.py forward+backward
 // (16 steps, AMD Zen 4, family 25 model 17, two runs each, ratio nn / fused): B 128,
 // I 512, H 512 0.87 before, 0.98-0.99 with these tiles and all of a step's tiles in one
-// region; B 256, I 256, H 256 0.85-0.86 and 0.89-0.96 (1.06-1.18 and 1.06-1.07 once the
-// backward also skipped dx for a data input, as nn.LSTMCell's does). The tile's height
+// region; B 256, I 256, H 256 0.85-0.86 and 0.89-0.96 (with dx also skipped for a data
+// input, as nn.LSTMCell's backward does: 1.10-1.18 and 1.06-1.07). The tile's height
 // matters little: the backward op with tiles of at most 256, 512, 1024 rows and in two
 // halves, ms (medians of 15 interleaved rounds, same machine): B 128, I 512, H 512 8.69,
 // 8.67, 8.64, 8.76; B 256, I 256, H 256 2.83, 2.77, 2.82, 2.81; B 96, I 72, H 300 1.21,

@@ -8,7 +8,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <array>
 #include <atomic>
 #include <cstdint>
 #include <vector>
@@ -164,14 +163,14 @@ class CellProducts {
         return;
       }
     }
-    at::Tensor at = a.t();
+    at::Tensor a_t = a.t();
     if constexpr (std::is_same_v<T, at::BFloat16>) {
-      if (bf16_matmul_on_onednn()) at = transposed(a);  // kCellBf16TileMaxRows says why
+      if (bf16_matmul_on_onednn()) a_t = transposed(a);  // kCellBf16TileMaxRows says why
     }
     const int64_t rows = tile_size(M, cpu_rules::kCellGradTileMaxRows);
     for (int64_t m0 = 0; m0 < M; m0 += rows) {
       const int64_t k = std::min(rows, M - m0);
-      tiles_.push_back({at.narrow(0, m0, k), b, c.narrow(0, m0, k), k * N * K});
+      tiles_.push_back({a_t.narrow(0, m0, k), b, c.narrow(0, m0, k), k * N * K});
     }
   }
 
