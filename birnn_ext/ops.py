@@ -64,7 +64,7 @@ def _(x, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ih_reverse, w_hh_rever
 
 @torch.library.register_fake("birnn_ext::lstm_layer_backward")
 def _(grad_y, grad_h_n, grad_c_n, x, lengths, w_ih, w_hh, w_hr, w_ih_reverse, w_hh_reverse, w_hr_reverse, gates,
-      c_prev, h_prev, h_raw, input_grad=True):
+      c_prev, h_prev, h_raw, input_grad=True, weight_grad=True):
     T, B, I = x.shape
     D = 2 if w_hh_reverse is not None else 1
     G, P = w_hh.shape
@@ -73,10 +73,10 @@ def _(grad_y, grad_h_n, grad_c_n, x, lengths, w_ih, w_hh, w_hr, w_ih_reverse, w_
         x.new_empty((T, B, I) if input_grad else (0,)),
         x.new_empty((D, B, P)),
         x.new_empty((D, B, H)),
-        x.new_empty((D, G, I)),
-        x.new_empty((D, G, P)),
+        x.new_empty((D, G, I) if weight_grad else (0,)),
+        x.new_empty((D, G, P) if weight_grad else (0,)),
         x.new_empty((D, G)),
-        x.new_empty((D if w_hr is not None else 0, P, H)),
+        x.new_empty((D if w_hr is not None else 0, P, H) if weight_grad else (0,)),
     )
 
 
@@ -88,9 +88,10 @@ def _(x, h, c, w_ih, w_hh, bias, training):
 
 
 @torch.library.register_fake("birnn_ext::lstm_cell_backward")
-def _(grad_h_new, grad_c_new, x, h, c, w_ih, w_hh, gates, input_grad=True):
+def _(grad_h_new, grad_c_new, x, h, c, w_ih, w_hh, gates, input_grad=True, weight_grad=True):
     return (x.new_empty(x.shape if input_grad else (0,)), h.new_empty(h.shape), c.new_empty(c.shape),
-            w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape), w_hh.new_empty((w_hh.shape[0],)))
+            w_ih.new_empty(w_ih.shape if weight_grad else (0,)), w_hh.new_empty(w_hh.shape if weight_grad else (0,)),
+            w_hh.new_empty((w_hh.shape[0],)))
 
 
 # ---------------------------------------------------------------- autograd

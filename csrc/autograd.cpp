@@ -93,7 +93,33 @@ using LayerForwardSig = LayerOutputs(const at::Tensor&, const OptTensor&, const 
 using LayerBackwardSig = LayerOutputs(const OptTensor&, const OptTensor&, const OptTensor&, const at::Tensor&,
                                       const OptTensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
                                       const OptTensor&, const OptTensor&, const OptTensor&, const at::Tensor&,
-                                      const at::Tensor&, const at::Tensor&, const at::Tensor&, bool);
+                                      const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, bool);
+
+// The node's edges of the arguments marked in `pick`, out of `args` (an undefined tensor
+// where an optional one was absent): the node has an edge for each argument that was
+// given, in order, as in differentiable_grads.
+std::vector<int64_t> edges_of(std::initializer_list<const at::Tensor*> args, std::initializer_list<bool> pick) {
+  std::vector<int64_t> edges;
+  int64_t edge = 0;
+  auto p = pick.begin();
+  for (const at::Tensor* t : args) {
+    if (t->defined()) {
+      if (*p) edges.push_back(edge);
+      ++edge;
+    }
+    ++p;
+  }
+  return edges;
+}
+
+// Whether the backward running now asks a gradient at any of these edges: false when
+// none of them requires one, and when the caller asked of torch.autograd.grad the
+// gradients of other inputs only.
+bool needs_any(AutogradContext* ctx, const std::vector<int64_t>& edges) {
+  for (int64_t e : edges)
+    if (ctx->needs_input_grad(e)) return true;
+  return false;
+}
 
 }  // namespace
 
@@ -118,6 +144,13 @@ class LstmLayer : public torch::autograd::Function<LstmLayer> {
     ctx->saved_data["has_bias"] = b_ih.has_value();
     ctx->saved_data["has_h0"] = h0.has_value();
     ctx->saved_data["has_c0"] = c0.has_value();
+    // The weight matrices' edges: their gradients are computed only where one is asked.
+    const at::Tensor none;
+    auto opt = [&](const OptTensor& t) { return t ? &*t : &none; };
+    ctx->saved_data["weight_edges"] =
+        edges_of({&x, opt(lengths), opt(h0), opt(c0), &w_ih, &w_hh, opt(b_ih), opt(b_hh), opt(w_hr), opt(w_ih_r),
+                  opt(w_hh_r), opt(b_ih_r), opt(b_hh_r), opt(w_hr_r)},
+                 {false, false, false, false, true, true, false, false, true, true, true, false, false, true});
     // The states and biases only for differentiable_backward.
     ctx->save_for_backward(saveable({x, value_or_undefined(lengths), w_ih, w_hh, value_or_undefined(w_hr),
                                      value_or_undefined(w_ih_r), value_or_undefined(w_hh_r), value_or_undefined(w_hr_r),
@@ -152,11 +185,12 @@ class LstmLayer : public torch::autograd::Function<LstmLayer> {
     const at::Tensor &x = s[0], &w_ih = s[2], &w_hh = s[3], &w_hr = s[4], &w_ih_r = s[5], &w_hh_r = s[6],
                      &w_hr_r = s[7];
     const bool input_grad = ctx->needs_input_grad(0);
+    const bool weight_grad = needs_any(ctx, ctx->saved_data["weight_edges"].toIntVector());
     const auto& op = op_handle<LayerBackwardSig>("birnn_ext::lstm_layer_backward");
     auto [dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr] = op.call(
         defined_or_none(grad_y), defined_or_none(grad_h_n), defined_or_none(grad_c_n), x, defined_or_none(s[1]),
         w_ih, w_hh, defined_or_none(w_hr), defined_or_none(w_ih_r), defined_or_none(w_hh_r),
-        defined_or_none(w_hr_r), s[8], s[9], s[10], s[11], input_grad);
+        defined_or_none(w_hr_r), s[8], s[9], s[10], s[11], input_grad, weight_grad);
     // The op stacks the weights' gradients over directions; each Parameter gets its
     // row. b_ih and b_hh enter the gates as a sum: both get the same gradient.
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
@@ -167,9 +201,9 @@ class LstmLayer : public torch::autograd::Function<LstmLayer> {
     if (ctx->saved_data["has_c0"].toBool()) out[3] = dc0;
     for (int64_t d = 0; d < D; ++d) {
       const size_t k = 4 + 5 * d;  // w_ih, w_hh, b_ih, b_hh, w_hr of direction d
-      out[k] = dw_ih[d], out[k + 1] = dw_hh[d];
+      if (weight_grad) out[k] = dw_ih[d], out[k + 1] = dw_hh[d];
       if (has_bias) out[k + 2] = out[k + 3] = dbias[d];
-      if (w_hr.defined()) out[k + 4] = dw_hr[d];
+      if (weight_grad && w_hr.defined()) out[k + 4] = dw_hr[d];
     }
     return out;
   }
@@ -213,7 +247,7 @@ using CellForwardSig = CellOutputs(const at::Tensor&, const at::Tensor&, const a
                                    const at::Tensor&, const OptTensor&, bool);
 using CellBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const OptTensor&, const OptTensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const at::Tensor&, bool);
+    const at::Tensor&, const at::Tensor&, bool, bool);
 
 }  // namespace
 
@@ -243,10 +277,12 @@ class LstmCell : public torch::autograd::Function<LstmCell> {
     }
     const auto& op = op_handle<CellBackwardSig>("birnn_ext::lstm_cell_backward");
     const bool input_grad = ctx->needs_input_grad(0);
+    const bool weight_grad = ctx->needs_input_grad(3) || ctx->needs_input_grad(4);  // w_ih, w_hh
     auto [dx, dh, dc, dw_ih, dw_hh, dbias] = op.call(defined_or_none(grads[0]), defined_or_none(grads[1]), s[0], s[1],
-                                                     s[2], s[3], s[4], s[5], input_grad);
+                                                     s[2], s[3], s[4], s[5], input_grad, weight_grad);
     if (input_grad) out[0] = dx;
-    out[1] = dh, out[2] = dc, out[3] = dw_ih, out[4] = dw_hh;
+    out[1] = dh, out[2] = dc;
+    if (weight_grad) out[3] = dw_ih, out[4] = dw_hh;
     if (ctx->saved_data["has_bias"].toBool()) out[5] = dbias;
     return out;
   }

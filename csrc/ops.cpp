@@ -35,11 +35,14 @@ TORCH_LIBRARY(birnn_ext, m) {
   // data, and its gradient a GEMM as large as the input projection), grad_h0 [D,B,P],
   // grad_c0 [D,B,H], and the weights' gradients stacked over directions:
   // grad_w_ih [D,4H,I], grad_w_hh [D,4H,P], grad_bias [D,4H] (the gradient of b_ih and
-  // of b_hh alike), grad_w_hr [D,P,H] (empty without w_hr).
+  // of b_hh alike), grad_w_hr [D,P,H] (empty without w_hr). grad_w_ih, grad_w_hh and
+  // grad_w_hr are empty, [0], when not weight_grad (frozen weight matrices, or a
+  // gradient asked of the input alone: two or three GEMMs as large as the input
+  // projection left out); grad_bias, a sum of rows the sweep writes anyway, always comes.
   m.def(
       "lstm_layer_backward(Tensor? grad_y, Tensor? grad_h_n, Tensor? grad_c_n, Tensor x, Tensor? lengths, "
       "Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? w_ih_reverse, Tensor? w_hh_reverse, Tensor? w_hr_reverse, "
-      "Tensor gates, Tensor c_prev, Tensor h_prev, Tensor h_raw, bool input_grad=True) -> "
+      "Tensor gates, Tensor c_prev, Tensor h_prev, Tensor h_raw, bool input_grad=True, bool weight_grad=True) -> "
       "(Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, "
       "Tensor grad_w_hh, Tensor grad_bias, Tensor grad_w_hr)");
 
@@ -52,11 +55,13 @@ TORCH_LIBRARY(birnn_ext, m) {
       "bool training) -> (Tensor h_new, Tensor c_new, Tensor gates)");
   // Gradients of lstm_cell_forward. An absent grad_* counts as zeros. grad_x [B,I] is
   // empty, [0], when not input_grad (x is data: its gradient is a product as large as
-  // x W_ih^T, a quarter of the backward's); grad_bias [4H] is that of b_ih and b_hh alike.
+  // x W_ih^T, a quarter of the backward's); grad_w_ih and grad_w_hh are empty when not
+  // weight_grad (half the backward's products); grad_bias [4H] is that of b_ih and b_hh
+  // alike, and always comes.
   m.def(
       "lstm_cell_backward(Tensor? grad_h_new, Tensor? grad_c_new, Tensor x, Tensor h, Tensor c, "
-      "Tensor w_ih, Tensor w_hh, Tensor gates, bool input_grad=True) -> (Tensor grad_x, Tensor grad_h, "
-      "Tensor grad_c, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias)");
+      "Tensor w_ih, Tensor w_hh, Tensor gates, bool input_grad=True, bool weight_grad=True) -> "
+      "(Tensor grad_x, Tensor grad_h, Tensor grad_c, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias)");
 
   // The CPU buffer pool (csrc/cpu/buffer_pool.h): [cached_bytes, limit_bytes, hits,
   // misses], and the release of every kept block (returns the bytes freed).

@@ -3,11 +3,13 @@ hand-written loop over time that trains with the same losses."""
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from birnn_ext import FusedLSTMCell
 from helpers import DEVICES, assert_close
@@ -153,9 +155,10 @@ def test_gradcheck_and_opcheck():
         args = [t.detach().clone().requires_grad_() for t in (x, h, c, w_ih, w_hh)]
         torch.library.opcheck(ops.lstm_cell_forward, (*args, bias, True))
     _, _, gates = ops.lstm_cell_forward(x.detach(), h.detach(), c.detach(), w_ih, w_hh, b, True)
-    for input_grad in (True, False):
+    for input_grad, weight_grad in itertools.product((True, False), repeat=2):
         torch.library.opcheck(ops.lstm_cell_backward, (torch.randn(2, 4, dtype=torch.float64), None, x.detach(),
-                                                      h.detach(), c.detach(), w_ih, w_hh, gates, input_grad))
+                                                      h.detach(), c.detach(), w_ih, w_hh, gates, input_grad,
+                                                      weight_grad))
 
 
 # Where x is data (no gradient asked of it), the backward skips dx = dg W_ih, a quarter of
@@ -188,6 +191,63 @@ def test_backward_without_the_input_gradient(device, B, H):
     assert skipped[0].shape == (0,) and full[0].shape == (B, 72)
     for got, want in zip(skipped[1:], full[1:], strict=True):
         assert torch.equal(got, want)
+
+
+class _CellBackwardCalls(TorchDispatchMode):
+    """The weight_grad flag of every lstm_cell_backward call made under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight_grad = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.birnn_ext.lstm_cell_backward.default:
+            self.weight_grad.append(kwargs.get("weight_grad", args[9] if len(args) > 9 else True))
+        return func(*args, **kwargs)
+
+
+# Frozen weight matrices (the biases still trained), or a gradient asked of the input
+# alone: the backward skips dW_ih and dW_hh, half its products (the op's weight_grad);
+# the other gradients are the same bits as when they are computed.
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B,H", [(3, 64), (40, 64), (96, 300)])
+def test_backward_without_the_weight_gradients(device, B, H):
+    torch.manual_seed(0)
+    cell = FusedLSTMCell(72, H, device=device)
+    x, h0, c0 = (torch.randn(B, n, device=device) for n in (72, H, H))
+
+    def grads(frozen):
+        cell.weight_ih.requires_grad_(not frozen), cell.weight_hh.requires_grad_(not frozen)
+        x_, h_, c_ = (t.clone().requires_grad_() for t in (x, h0, c0))
+        h, c = cell(x_, (h_, c_))
+        with _CellBackwardCalls() as calls:
+            (h.square().sum() + c.sum()).backward()
+        assert calls.weight_grad == [not frozen]
+        assert (cell.weight_ih.grad is None) == frozen
+        out = [x_.grad, h_.grad, c_.grad, cell.bias_ih.grad.clone(), cell.bias_hh.grad.clone()]
+        cell.zero_grad(set_to_none=True)
+        return out
+
+    for got, want in zip(grads(True), grads(False), strict=True):
+        assert torch.equal(got, want)
+    # Every weight trainable, the gradient asked of the input alone.
+    x_ = x.clone().requires_grad_()
+    h, c = cell(x_, (h0, c0))
+    with _CellBackwardCalls() as calls:
+        (dx,) = torch.autograd.grad(h.square().sum(), [x_], retain_graph=True)
+    assert calls.weight_grad == [False]
+    assert torch.equal(dx, torch.autograd.grad(h.square().sum(), [x_, *cell.parameters()])[0])
+    ops = torch.ops.birnn_ext
+    w = (cell.weight_ih.detach(), cell.weight_hh.detach())
+    _, _, gates = ops.lstm_cell_forward(x, h0, c0, *w, cell.bias_ih + cell.bias_hh, True)
+    dh, dc = torch.randn(B, H, device=device), torch.randn(B, H, device=device)
+    for input_grad in (True, False):
+        skipped = ops.lstm_cell_backward(dh, dc, x, h0, c0, *w, gates, input_grad, False)
+        full = ops.lstm_cell_backward(dh, dc, x, h0, c0, *w, gates, input_grad)
+        assert skipped[3].shape == skipped[4].shape == (0,) and full[3].shape == (4 * H, 72)
+        for k in (0, 1, 2, 5):
+            assert torch.equal(skipped[k], full[k])
 
 
 BAD = [

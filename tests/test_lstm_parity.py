@@ -157,11 +157,11 @@ def test_opcheck_layer_ops():
         x_, h0_, c0_, *weights_ = grad_args
         torch.library.opcheck(ops.lstm_layer_forward, (x_, ln, h0_, c0_, *weights_, True))
         _, _, _, gates, cp, hp, hr = ops.lstm_layer_forward(x, ln, h0, c0, *weights, True)
-        for input_grad in (True, False):
+        for input_grad, weight_grad in itertools.product((True, False), repeat=2):
             torch.library.opcheck(
                 ops.lstm_layer_backward,
                 (r(T, B, D * P), r(D, B, P), None, x, ln, *layer_weight_args(w_ih, w_hh, w_hr=w_hr, backward=True),
-                 gates, cp, hp, hr, input_grad),
+                 gates, cp, hp, hr, input_grad, weight_grad),
             )
 
 

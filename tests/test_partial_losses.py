@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from birnn_ext import FusedLSTM
-from helpers import assert_close, layer_weight_args
+from helpers import DEVICES, assert_close, layer_weight_args
 
 T, B, I, H = 9, 5, 4, 6
 LENGTHS = [9, 4, 1, 7, 9]
@@ -61,10 +62,9 @@ def run(module, x, lengths, loss_name, fused):
     picked = LOSSES[loss_name](out, h, c, lengths)
     g = torch.Generator().manual_seed(3)
     loss = (picked * torch.randn(picked.shape, generator=g, dtype=picked.dtype)).sum()
-    params = [p for _, p in module.named_parameters()]
-    return [loss, *torch.autograd.grad(loss, [x, *params])], ["loss", "grad_input"] + [
-        n for n, _ in module.named_parameters()
-    ]
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [x, *(p for _, p in named)])
+    return [loss, *grads], ["loss", "grad_input"] + [n for n, _ in named]
 
 
 @pytest.mark.parametrize(
@@ -164,3 +164,87 @@ def test_input_without_grad(proj_size, with_lengths):
     )
     for a, b in zip(grads[1:], full[1:]):
         assert torch.equal(a, b)
+
+
+class _BackwardCalls(TorchDispatchMode):
+    """The weight_grad flag of every lstm_layer_backward call made under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight_grad = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.birnn_ext.lstm_layer_backward.default:
+            self.weight_grad.append(kwargs.get("weight_grad", args[16] if len(args) > 16 else True))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("proj_size", [0, 3])
+@pytest.mark.parametrize("with_lengths", [False, True])
+@pytest.mark.parametrize("loss_name", ["last step", "forward half of every step"])
+def test_frozen_weight_matrices(loss_name, proj_size, with_lengths):
+    """Frozen weight matrices (biases still trained), or a gradient asked of the input
+    alone (adversarial examples, saliency): the backward op gets weight_grad=False and
+    leaves dW_ih, dW_hh and dW_hr out; the input's and the biases' gradients are still
+    nn.LSTM's."""
+    ref, fused = pair(2, proj_size)
+    x = torch.randn(T, B, I, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    lengths = LENGTHS if with_lengths else None
+    for m in (ref, fused):
+        for name, p in m.named_parameters():
+            p.requires_grad_(name.startswith("bias"))
+    results = []
+    for m, is_fused in ((fused, True), (ref, False)):
+        with _BackwardCalls() as calls:
+            grads, names = run(m, x, lengths, loss_name, is_fused)
+        assert calls.weight_grad == ([False, False] if is_fused else [])
+        results.append(grads)
+    for a, b, name in zip(*results, names, strict=True):
+        assert_close(a, b, torch.float64, name)
+    # Every weight trainable, the gradient asked of the input alone.
+    for p in fused.parameters():
+        p.requires_grad_()
+    x_ = x.clone().requires_grad_()
+    out, h, c = forward(fused, x_, lengths, True)
+    loss = LOSSES[loss_name](out, h, c, lengths).sum()
+    with _BackwardCalls() as calls:
+        (dx,) = torch.autograd.grad(loss, [x_], retain_graph=True)
+    assert calls.weight_grad == [False, False]
+    with _BackwardCalls() as calls:
+        want = torch.autograd.grad(loss, [x_, *fused.parameters()])
+    assert calls.weight_grad == [True, True]
+    assert torch.equal(dx, want[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("proj_size", [0, 3])
+def test_the_op_without_weight_gradients(device, dtype, proj_size):
+    """weight_grad=False: empty grad_w_ih, grad_w_hh and grad_w_hr, and every other
+    gradient the same bits as a full call's, with and without dx, sizes that run in
+    row blocks on several threads included."""
+    ops = torch.ops.birnn_ext
+    g = torch.Generator().manual_seed(0)
+    for T_, B_, I_, H_ in [(T, B, I, H), (40, 16, 48, 64)]:
+        D, G, P = 2, 4 * H_, proj_size or H_
+
+        def r(*s):
+            return torch.randn(*s, generator=g).to(device=device, dtype=dtype)
+
+        x, w_ih, w_hh = r(T_, B_, I_), r(D, G, I_) / 4, r(D, G, P) / 4
+        w_hr = r(D, P, H_) / 4 if proj_size else None
+        lengths = torch.tensor([T_] + [max(1, T_ - 3 * k) for k in range(1, B_)], device=device)
+        for ln in (None, lengths):
+            _, _, _, gates, cp, hp, hr = ops.lstm_layer_forward(
+                x, ln, None, None, *layer_weight_args(w_ih, w_hh, w_hr=w_hr), True)
+            weights = layer_weight_args(w_ih, w_hh, w_hr=w_hr, backward=True)
+            dy, dh_n = r(T_, B_, D * P), r(D, B_, P)
+            for input_grad in (True, False):
+                full = ops.lstm_layer_backward(dy, dh_n, None, x, ln, *weights, gates, cp, hp, hr, input_grad)
+                got = ops.lstm_layer_backward(dy, dh_n, None, x, ln, *weights, gates, cp, hp, hr, input_grad, False)
+                assert full[3].shape == (D, G, I_) and full[4].shape == (D, G, P)
+                for k in (3, 4, 6):
+                    assert got[k].shape == (0,)
+                for k in (0, 1, 2, 5):
+                    assert torch.equal(got[k], full[k]), (k, input_grad, ln is not None)

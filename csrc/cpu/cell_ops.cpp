@@ -78,14 +78,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_cpu(const at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cell_backward_cpu(
     const std::optional<at::Tensor>& grad_h_new, const std::optional<at::Tensor>& grad_c_new, const at::Tensor& x_,
     const at::Tensor& h_, const at::Tensor& c_, const at::Tensor& w_ih_, const at::Tensor& w_hh_,
-    const at::Tensor& gates_, bool input_grad) {
+    const at::Tensor& gates_, bool input_grad, bool weight_grads) {
   const BelowAutograd below_autograd;
   const auto [B, I, H] = check_cell_backward(grad_h_new, grad_c_new, x_, h_, c_, w_ih_, w_hh_, gates_);
   if (float16::is(x_)) {
     using float16::widen, float16::narrow;
     auto [dx, dh, dc, dw_ih, dw_hh, dbias] = lstm_cell_backward_cpu(widen(grad_h_new), widen(grad_c_new), widen(x_),
                                                                     widen(h_), widen(c_), widen(w_ih_), widen(w_hh_),
-                                                                    widen(gates_), input_grad);
+                                                                    widen(gates_), input_grad, weight_grads);
     return {narrow(dx), narrow(dh), narrow(dc), narrow(dw_ih), narrow(dw_hh), narrow(dbias)};
   }
   const at::Tensor x = x_.contiguous(), h = h_.contiguous();
@@ -97,7 +97,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dc = grad_c_new ? grad_c_new->to(mopt, false, true).contiguous() : pooled_zeros({B, H}, mopt);
   at::Tensor dg = pooled_empty({B, 4 * H}, opt);
   at::Tensor dx = input_grad ? pooled_empty({B, I}, opt) : pooled_empty({0}, opt);
-  at::Tensor dw_ih = pooled_empty({4 * H, I}, opt), dw_hh = pooled_empty({4 * H, H}, opt);
+  // The weight matrices' gradients: empty when not asked (the op's weight_grad).
+  at::Tensor dw_ih = pooled_empty(weight_grads ? at::IntArrayRef{4 * H, I} : at::IntArrayRef{0}, opt);
+  at::Tensor dw_hh = pooled_empty(weight_grads ? at::IntArrayRef{4 * H, H} : at::IntArrayRef{0}, opt);
   at::Tensor dbias = pooled_empty({4 * H}, opt);
   on_this_thread_if(B * 4 * H * (I + H) < cpu_rules::kCellMinMacsForThreads, [&] {
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lstm_cell_cpu", [&] {
@@ -110,8 +112,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       CellProducts<T> products;
       if (input_grad) products.product(dg, w_ih, dx);
       products.product(dg, w_hh, dh);
-      products.weight_grad(dg, x, dw_ih);
-      products.weight_grad(dg, h, dw_hh);
+      if (weight_grads) {
+        products.weight_grad(dg, x, dw_ih);
+        products.weight_grad(dg, h, dw_hh);
+      }
       products.run();
       column_sums(dg.data_ptr<T>(), B, 4 * H, dbias.data_ptr<T>());
     });

@@ -1,8 +1,8 @@
 // The CPU kernel of lstm_layer_backward. Per step, the fused cell backward (cell_rows.h)
 // and dh = dg W_hh; the sweep skips the steps no gradient has reached. The input and
-// weight gradients are GEMMs over row blocks (fixed_order.h), taken by whichever thread
-// is free as soon as the sweep has written their rows (BlockWork). Storage float32,
-// float64 or bfloat16; the math and the cell state in math_t.
+// weight gradients, each where asked, are GEMMs over row blocks (fixed_order.h), taken
+// by whichever thread is free as soon as the sweep has written their rows (BlockWork).
+// Storage float32, float64 or bfloat16; the math and the cell state in math_t.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -100,6 +100,7 @@ struct BwdParams {
   std::array<const T*, 2> w_ih;       // [4H,I] per direction
   BlockWork* work;                    // shared with the threads that take the weight-gradient blocks
   bool input_grad;                    // dx wanted
+  bool weight_grads;                  // dW_ih, dW_hh (and dW_hr) wanted
 };
 
 // A step of the backward sweep whose gradients are all zero: the carried dh and dc
@@ -140,14 +141,14 @@ void plan_blocks(const BwdParams<T>& p, int64_t d, int64_t last_live) {
       t0 = std::min(t0, t), t1 = std::max(t1, t + 1);
     }
   // Rows outside [t0, t1) are left out of the GEMMs. nn.LSTM multiplies their zero dg
-  // by x, h_prev (and h_raw): where one of those is not finite, the product is NaN, so
-  // the GEMMs then read every row.
+  // by x, h_prev (and h_raw) for the weight gradients: where one of those is not finite,
+  // the product is NaN, so the GEMMs then read every row.
   auto outside_finite = [&](const T* m, int64_t width) {
     return all_finite(m, t0 >= t1 ? T_ * B * width : t0 * B * width) &&
            (t0 >= t1 || all_finite(m + t1 * B * width, (T_ - t1) * B * width));
   };
-  if (!outside_finite(p.x, I) || !outside_finite(p.h_prev + d * T_ * B * P, P) ||
-      (proj && !outside_finite(p.h_raw + d * T_ * B * H, H)))
+  if (p.weight_grads && (!outside_finite(p.x, I) || !outside_finite(p.h_prev + d * T_ * B * P, P) ||
+                        (proj && !outside_finite(p.h_raw + d * T_ * B * H, H))))
     t0 = 0, t1 = T_;
   for (int64_t t = t0; t < t1; ++t)
     for (int64_t b = 0; b < B; ++b) {
@@ -156,7 +157,8 @@ void plan_blocks(const BwdParams<T>& p, int64_t d, int64_t last_live) {
       if (proj) std::memset(p.dh_proj_saved + (d * T_ * B + t * B + b) * P, 0, P * sizeof(T));
     }
   BlockWork::Direction& work = p.work->dir[d];
-  work.blocks = t0 < t1 ? RowBlocks::over(t0 * B, t1 * B) : RowBlocks::over(0, 0);
+  const bool products = p.input_grad || p.weight_grads;  // else only dh0 and dc0 (and dbias) are asked
+  work.blocks = t0 < t1 && products ? RowBlocks::over(t0 * B, t1 * B) : RowBlocks::over(0, 0);
   work.dx_here = p.input_grad && t0 == 0 && t1 == T_;
   work.progress.store(last_live + 1, std::memory_order_relaxed);
   work.planned.store(true, std::memory_order_release);
@@ -254,7 +256,7 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
                         const std::optional<at::Tensor>& w_hr_, const std::optional<at::Tensor>& w_ih_reverse,
                         const std::optional<at::Tensor>& w_hh_reverse, const std::optional<at::Tensor>& w_hr_reverse,
                         const at::Tensor& gates_, const at::Tensor& c_prev_,
-                        const at::Tensor& h_prev_, const at::Tensor& h_raw_, bool input_grad) {
+                        const at::Tensor& h_prev_, const at::Tensor& h_raw_, bool input_grad, bool weight_grads) {
   const BelowAutograd below_autograd;
   const LayerWeights wts = layer_weights("lstm_layer_backward", w_ih_, w_hh_, std::nullopt, std::nullopt, w_hr_,
                                          w_ih_reverse, w_hh_reverse, std::nullopt, std::nullopt, w_hr_reverse);
@@ -264,7 +266,7 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
     auto [dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr] = lstm_layer_backward_cpu(
         widen(grad_y), widen(grad_h_n), widen(grad_c_n), widen(x_), lengths, widen(w_ih_), widen(w_hh_), widen(w_hr_),
         widen(w_ih_reverse), widen(w_hh_reverse), widen(w_hr_reverse), widen(gates_), c_prev_, widen(h_prev_),
-        widen(h_raw_), input_grad);
+        widen(h_raw_), input_grad, weight_grads);
     return {narrow(dx), narrow(dh0), narrow(dc0), narrow(dw_ih), narrow(dw_hh), narrow(dbias), narrow(dw_hr)};
   }
   const auto [T_, B, I, H, P, D] = n;
@@ -281,10 +283,14 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
   auto mopt = opt.dtype(math_dtype(x.scalar_type()));
   at::Tensor dc = grad_c_n ? grad_c_n->to(mopt, false, true).contiguous() : pooled_zeros({D, B, H}, mopt);
   at::Tensor dx = input_grad ? pooled_empty({T_, B, I}, opt) : pooled_empty({0}, opt);
-  at::Tensor dw_ih = pooled_empty({D, 4 * H, I}, opt);
-  at::Tensor dw_hh = pooled_empty({D, 4 * H, P}, opt);
+  // The weight matrices' gradients: empty when not asked (the op's weight_grad).
+  auto weight_out = [&](at::IntArrayRef sizes) {
+    return weight_grads ? pooled_empty(sizes, opt) : pooled_empty({0}, opt);
+  };
+  at::Tensor dw_ih = weight_out({D, 4 * H, I});
+  at::Tensor dw_hh = weight_out({D, 4 * H, P});
   at::Tensor dbias = pooled_empty({D, 4 * H}, opt);
-  at::Tensor dw_hr = pooled_empty({proj ? D : 0, P, H}, opt);
+  at::Tensor dw_hr = weight_out({proj ? D : 0, P, H});
   if (B == 0) {
     dw_ih.zero_(), dw_hh.zero_(), dbias.zero_(), dw_hr.zero_();
     return {dx, dh, dc.to(x.scalar_type()), dw_ih, dw_hh, dbias, dw_hr};
@@ -302,9 +308,10 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
     const size_t at_dg = scratch.reserve<T>(D * rows * G), at_dg_step = scratch.reserve<T>(D * B * G);
     const size_t at_dh_proj_saved = scratch.reserve<T>(proj ? D * rows * P : 0);
     const size_t at_dh_proj = scratch.reserve<T>(proj ? D * B * P : 0), at_dh_raw = scratch.reserve<T>(proj ? D * B * H : 0);
-    const size_t at_part_ih = scratch.reserve<T>(D * max_blocks * G * I);
-    const size_t at_part_hh = scratch.reserve<T>(D * max_blocks * G * P);
-    const size_t at_part_hr = scratch.reserve<T>(proj ? D * max_blocks * P * H : 0);
+    const int64_t part_blocks = weight_grads ? D * max_blocks : 0;
+    const size_t at_part_ih = scratch.reserve<T>(part_blocks * G * I);
+    const size_t at_part_hh = scratch.reserve<T>(part_blocks * G * P);
+    const size_t at_part_hr = scratch.reserve<T>(proj ? part_blocks * P * H : 0);
     const size_t at_dx_reverse = scratch.reserve<T>(input_grad && D == 2 ? rows * I : 0);
     // bfloat16 whose large products run as float32 GEMMs (blas.h, on processors with slow
     // bfloat16 dot products): the blocks' products in float32 (run_block_float32), with
@@ -347,15 +354,16 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
     BlockWork work;
     p.work = &work;
     p.input_grad = input_grad;
+    p.weight_grads = weight_grads;
     // The blocks' operands by pointer: rows r0 .. r0+k of direction d's [rows, width]
     // slab of a [D, rows, width] buffer (or of x, which the directions share), and
     // block i's [n_rows, n_cols] output: dW itself, or the block's share of it.
-    T* const dw_ih_p = dw_ih.data_ptr<T>();
-    T* const dw_hh_p = dw_hh.data_ptr<T>();
-    T* const dw_hr_p = proj ? dw_hr.data_ptr<T>() : nullptr;
-    T* const part_ih_p = scratch.get<T>(at_part_ih);
-    T* const part_hh_p = scratch.get<T>(at_part_hh);
-    T* const part_hr_p = proj ? scratch.get<T>(at_part_hr) : nullptr;
+    T* const dw_ih_p = weight_grads ? dw_ih.data_ptr<T>() : nullptr;
+    T* const dw_hh_p = weight_grads ? dw_hh.data_ptr<T>() : nullptr;
+    T* const dw_hr_p = weight_grads && proj ? dw_hr.data_ptr<T>() : nullptr;
+    T* const part_ih_p = weight_grads ? scratch.get<T>(at_part_ih) : nullptr;
+    T* const part_hh_p = weight_grads ? scratch.get<T>(at_part_hh) : nullptr;
+    T* const part_hr_p = weight_grads && proj ? scratch.get<T>(at_part_hr) : nullptr;
     T* const dx_p[2] = {input_grad ? dx.data_ptr<T>() : nullptr,
                         input_grad && D == 2 ? scratch.get<T>(at_dx_reverse) : nullptr};
     auto slab = [&](const T* base, int64_t d, int64_t width, int64_t r0, int64_t k) {
@@ -386,16 +394,18 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
           float_to_bf16(src, n, reinterpret_cast<uint16_t*>(dst));
         };
         widen(slab(p.dg, d, G, r0, k).data, k * G, dg32);
-        widen(slab(p.x, 0, I, r0, k).data, k * I, x32);
-        widen(slab(p.h_prev, d, P, r0, k).data, k * P, h32);
         const Mat<const float> dg_rows = Mat<const float>::dense(dg32, k, G);
-        weight_grad<float>(dg_rows, Mat<const float>::dense(x32, k, I), Mat<float>::dense(out32, G, I));
-        round_into(out32, G * I, out(dw_ih_p, part_ih_p, d, i, count, G, I).data);
-        weight_grad<float>(dg_rows, Mat<const float>::dense(h32, k, P), Mat<float>::dense(out32, G, P));
-        round_into(out32, G * P, out(dw_hh_p, part_hh_p, d, i, count, G, P).data);
-        if (proj)
-          weight_grad<T>(slab(p.dh_proj_saved, d, P, r0, k), slab(p.h_raw, d, H, r0, k),
-                         out(dw_hr_p, part_hr_p, d, i, count, P, H));
+        if (p.weight_grads) {
+          widen(slab(p.x, 0, I, r0, k).data, k * I, x32);
+          widen(slab(p.h_prev, d, P, r0, k).data, k * P, h32);
+          weight_grad<float>(dg_rows, Mat<const float>::dense(x32, k, I), Mat<float>::dense(out32, G, I));
+          round_into(out32, G * I, out(dw_ih_p, part_ih_p, d, i, count, G, I).data);
+          weight_grad<float>(dg_rows, Mat<const float>::dense(h32, k, P), Mat<float>::dense(out32, G, P));
+          round_into(out32, G * P, out(dw_hh_p, part_hh_p, d, i, count, G, P).data);
+          if (proj)
+            weight_grad<T>(slab(p.dh_proj_saved, d, P, r0, k), slab(p.h_raw, d, H, r0, k),
+                           out(dw_hr_p, part_hr_p, d, i, count, P, H));
+        }
         if (w.dx_here) {
           matmul<float>(dg_rows, Mat<const float>::dense(w_ih32 + d * G * I, G, I), Mat<float>::dense(dx32, k, I),
                         0.f);
@@ -404,17 +414,20 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
       }
     };
     auto run_block = [&](int64_t d, int64_t i) {
+      if (!p.weight_grads && !work.dir[d].dx_here) return;  // dx is left to the end (below)
       if constexpr (std::is_same_v<T, at::BFloat16>) {
         if (blocks_in_float32) return run_block_float32(d, i);
       }
       const BlockWork::Direction& w = work.dir[d];
       const int64_t r0 = w.blocks.first(i), k = w.blocks.last(i) - r0, count = w.blocks.count;
       const Mat<const T> dg_rows = slab(p.dg, d, G, r0, k);
-      weight_grad<T>(dg_rows, slab(p.x, 0, I, r0, k), out(dw_ih_p, part_ih_p, d, i, count, G, I));
-      weight_grad<T>(dg_rows, slab(p.h_prev, d, P, r0, k), out(dw_hh_p, part_hh_p, d, i, count, G, P));
-      if (proj)
-        weight_grad<T>(slab(p.dh_proj_saved, d, P, r0, k), slab(p.h_raw, d, H, r0, k),
-                       out(dw_hr_p, part_hr_p, d, i, count, P, H));
+      if (p.weight_grads) {
+        weight_grad<T>(dg_rows, slab(p.x, 0, I, r0, k), out(dw_ih_p, part_ih_p, d, i, count, G, I));
+        weight_grad<T>(dg_rows, slab(p.h_prev, d, P, r0, k), out(dw_hh_p, part_hh_p, d, i, count, G, P));
+        if (proj)
+          weight_grad<T>(slab(p.dh_proj_saved, d, P, r0, k), slab(p.h_raw, d, H, r0, k),
+                         out(dw_hr_p, part_hr_p, d, i, count, P, H));
+      }
       if (w.dx_here)
         matmul<T>(dg_rows, Mat<const T>::dense(p.w_ih[d], G, I), Mat<T>::dense(dx_p[d] + r0 * I, k, I), T(0));
     };
@@ -489,9 +502,11 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
         if (count != 1) sum_parts(parts + d * max_blocks * n, count, n, out + d * n);
       }
     };
-    sum_blocks(part_ih_p, dw_ih_p, G * I);
-    sum_blocks(part_hh_p, dw_hh_p, G * P);
-    if (proj) sum_blocks(part_hr_p, dw_hr_p, P * H);
+    if (weight_grads) {
+      sum_blocks(part_ih_p, dw_ih_p, G * I);
+      sum_blocks(part_hh_p, dw_hh_p, G * P);
+      if (proj) sum_blocks(part_hr_p, dw_hr_p, P * H);
+    }
     // dx = dg[0] W_ih[0] + dg[1] W_ih[1]. When every row of a direction was live, its
     // blocks wrote its product, the forward direction's into dx and the reverse one's
     // into dx_reverse, on the threads that took them. The rest is computed here, over

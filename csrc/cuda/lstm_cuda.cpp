@@ -305,7 +305,8 @@ lstm_layer_backward_cuda(const std::optional<at::Tensor>& grad_y, const std::opt
                          const std::optional<at::Tensor>& w_hr_, const std::optional<at::Tensor>& w_ih_reverse,
                          const std::optional<at::Tensor>& w_hh_reverse, const std::optional<at::Tensor>& w_hr_reverse,
                          const at::Tensor& gates_, const at::Tensor& c_prev_,
-                         const at::Tensor& h_prev_, const at::Tensor& h_raw_, bool input_grad) {
+                         const at::Tensor& h_prev_, const at::Tensor& h_raw_, bool input_grad,
+                         bool weight_grads) {
   const LayerWeights wts = layer_weights("lstm_layer_backward", w_ih_, w_hh_, std::nullopt, std::nullopt, w_hr_,
                                          w_ih_reverse, w_hh_reverse, std::nullopt, std::nullopt, w_hr_reverse);
   const LayerDims n = check_layer_backward(grad_y, grad_h_n, grad_c_n, x_, wts, gates_, c_prev_, h_prev_, h_raw_);
@@ -322,8 +323,10 @@ lstm_layer_backward_cuda(const std::optional<at::Tensor>& grad_y, const std::opt
   // Every gradient is written whole below (zeros only for an empty batch).
   auto out = [&](at::IntArrayRef sizes) { return B > 0 ? at::empty(sizes, opt) : at::zeros(sizes, opt); };
   at::Tensor dx = input_grad ? out({T_, B, I}) : at::empty({0}, opt), dh0, dc0;
-  at::Tensor dw_ih = out({D, G, I}), dw_hh = out({D, G, P}), dbias = out({D, G});
-  at::Tensor dw_hr = out({proj ? D : 0, P, H});
+  // The weight matrices' gradients: empty when not asked (the op's weight_grad).
+  auto weight_out = [&](at::IntArrayRef sizes) { return weight_grads ? out(sizes) : at::empty({0}, opt); };
+  at::Tensor dw_ih = weight_out({D, G, I}), dw_hh = weight_out({D, G, P}), dbias = out({D, G});
+  at::Tensor dw_hr = weight_out({proj ? D : 0, P, H});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lstm_layer_backward_cuda", [&] {
     using S = scalar_t;
     using T = typename Storage<S>::type;
@@ -386,7 +389,7 @@ lstm_layer_backward_cuda(const std::optional<at::Tensor>& grad_y, const std::opt
       // sequence, and the host does not read the lengths: its gradients wait for the end).
       // In float32 and float64 only: the half types would round the running sum to 16 bits
       // at every chunk. The chunks, and the order they are added in, depend on T alone.
-      const bool chunked = !sweep && rules::overlap_weight_grads() &&
+      const bool chunked = !sweep && weight_grads && rules::overlap_weight_grads() &&
                            (std::is_same_v<T, float> || std::is_same_v<T, double>);
       const int64_t chunked_dirs = !chunked ? 0 : len.defined() ? 1 : D;
       const int64_t chunk = (T_ + rules::kWeightGradChunks - 1) / rules::kWeightGradChunks;
@@ -430,6 +433,7 @@ lstm_layer_backward_cuda(const std::optional<at::Tensor>& grad_y, const std::opt
       };
       // Chunked: only the directions the chunks did not cover are left.
       auto input_weight_grads = [&] {  // dW_ih[d] = dg[d]^T x (x shared by the directions: stride 0)
+        if (!weight_grads) return;
         if (chunked) {
           for (int64_t d = chunked_dirs; d < D; ++d) input_weight_grads_of(d, 0, T_, 0.0);
           return;
@@ -438,6 +442,7 @@ lstm_layer_backward_cuda(const std::optional<at::Tensor>& grad_y, const std::opt
                 I, G * I, D);
       };
       auto recurrent_weight_grads = [&] {  // dW_hh[d] = dg[d]^T h_prev[d], dW_hr[d] = dh_proj[d]^T h_raw[d]
+        if (!weight_grads) return;
         if (chunked) {
           for (int64_t d = chunked_dirs; d < D; ++d) recurrent_weight_grads_of(d, 0, T_, 0.0);
           return;
@@ -499,7 +504,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_cuda(const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cell_backward_cuda(
     const std::optional<at::Tensor>& grad_h_new, const std::optional<at::Tensor>& grad_c_new, const at::Tensor& x_,
     const at::Tensor& h_, const at::Tensor& c_, const at::Tensor& w_ih_, const at::Tensor& w_hh_,
-    const at::Tensor& gates_, bool input_grad) {
+    const at::Tensor& gates_, bool input_grad, bool weight_grads) {
   const auto [B, I, H] = check_cell_backward(grad_h_new, grad_c_new, x_, h_, c_, w_ih_, w_hh_, gates_);
   const c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor x = x_.contiguous(), h = h_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
@@ -509,7 +514,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // Every gradient is written whole below (zeros only for an empty batch).
   auto out = [&](at::IntArrayRef sizes) { return B > 0 ? at::empty(sizes, opt) : at::zeros(sizes, opt); };
   at::Tensor dx = input_grad ? out({B, I}) : at::empty({0}, opt), dh_out = out({B, H}), dc_out;
-  at::Tensor dw_ih = out({G, I}), dw_hh = out({G, H}), dbias = out({G});
+  // The weight matrices' gradients: empty when not asked (the op's weight_grad).
+  at::Tensor dw_ih = weight_grads ? out({G, I}) : at::empty({0}, opt);
+  at::Tensor dw_hh = weight_grads ? out({G, H}) : at::empty({0}, opt), dbias = out({G});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lstm_cell_backward_cuda", [&] {
     using S = scalar_t;
     using T = typename Storage<S>::type;
@@ -528,8 +535,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                 1);
       gemm<S>(false, false, B, H, G, ptr<S>(dg), G, 0, ptr<S>(w_hh), H, 0, 0.0, ptr<S>(dh_out), Storage<S>::id, H,
               0, 1);
-      gemm<S>(true, false, G, I, B, ptr<S>(dg), G, 0, ptr<S>(x), I, 0, 0.0, ptr<S>(dw_ih), Storage<S>::id, I, 0, 1);
-      gemm<S>(true, false, G, H, B, ptr<S>(dg), G, 0, ptr<S>(h), H, 0, 0.0, ptr<S>(dw_hh), Storage<S>::id, H, 0, 1);
+      if (weight_grads) {
+        gemm<S>(true, false, G, I, B, ptr<S>(dg), G, 0, ptr<S>(x), I, 0, 0.0, ptr<S>(dw_ih), Storage<S>::id, I, 0, 1);
+        gemm<S>(true, false, G, H, B, ptr<S>(dg), G, 0, ptr<S>(h), H, 0, 0.0, ptr<S>(dw_hh), Storage<S>::id, H, 0, 1);
+      }
       cuda::ColumnSums<T> cs{B, G, ptr<S>(dg), ptr<S>(dbias)};
       C10_CUDA_CHECK(cuda::launch_column_sums(cs, stream));
     }
