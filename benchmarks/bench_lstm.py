@@ -157,11 +157,13 @@ def time_pair(fn_ref, fn_fused, threads, min_run_time, autocast=None):
     return statistics.median(times[0]), statistics.median(times[1]), statistics.median(ratios)
 
 
-def one_call(model, x, lengths, train):
+def one_call(model, x, lengths, train, grad_of="all"):
     """One timed call of either side: the model over x, with lengths (nn.LSTM gets the
     batch packed, the fused module the padded batch and lengths=); in training, the
-    backward of the same loss on both sides, the sum of every output and of h_n. Returns
-    the input, whose .grad the backward filled."""
+    backward of the same loss on both sides, the sum of every output and of h_n, to the
+    input and every parameter (grad_of "all") or to the input alone ("input": what an
+    adversarial example or a saliency map asks). Returns the input, whose .grad the
+    backward filled."""
     xi = x.detach().requires_grad_(train)
     with torch.set_grad_enabled(train):
         if lengths is None:
@@ -172,7 +174,11 @@ def one_call(model, x, lengths, train):
             out, (h, c) = model(xi, lengths=lengths)
         if train:
             y = out.data if isinstance(out, PackedSequence) else out
-            (y.float().sum() + h.float().sum()).backward()
+            loss = y.float().sum() + h.float().sum()
+            if grad_of == "input":
+                (xi.grad,) = torch.autograd.grad(loss, [xi])
+            else:
+                loss.backward()
     return xi
 
 
@@ -192,20 +198,23 @@ def case_inputs(case: Case, device: str):
     return ref, fused, x, lengths, steps
 
 
-def bench_case(case: Case, device: str, threads: int, min_run_time: float, autocast=None, with_targets=False):
+def bench_case(case: Case, device: str, threads: int, min_run_time: float, autocast=None, with_targets=False,
+               grad_of="all"):
     ref, fused, x, lengths, steps = case_inputs(case, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def timed(model, train):
         def f():
-            one_call(model, x, lengths, train)
+            one_call(model, x, lengths, train, grad_of)
             sync()
         return f
 
     rows = []
-    for k, (mode, train) in enumerate((("inference", False), ("forward+backward", True))):
+    train_mode = "forward+backward" if grad_of == "all" else "forward+input grad"
+    for k, (mode, train) in enumerate((("inference", False), (train_mode, True))):
         t_ref, t_fused, ratio = time_pair(timed(ref, train), timed(fused, train), threads, min_run_time, autocast)
-        flops = lstm_flops(case, steps) * (3 if train else 1)
+        # The products a backward makes: two (dx and dh) without the weight gradients.
+        flops = lstm_flops(case, steps) * (1 if not train else 3 if grad_of == "all" else 2)
         target = case.targets[k] if with_targets and case.targets else float("nan")
         rows.append(dict(case=case.name, B=case.B, T=case.T, min_len=case.min_len, I=case.I, H=case.H,
                          layers=case.layers, mode=mode, device=device, threads=threads,
@@ -226,7 +235,7 @@ def plot(rows, path):
         r["case"] for r in rows].index(k[0]))
     fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(labels)), 4))
     width = 0.38
-    for k, mode in enumerate(("inference", "forward+backward")):
+    for k, mode in enumerate(dict.fromkeys(r["mode"] for r in rows)):
         vals = [next(r["ratio"] for r in rows if (r["case"], r["B"], r["T"], r["H"], r["layers"]) == lab
                      and r["mode"] == mode) for lab in labels]
         xs = [i + (k - 0.5) * width for i in range(len(labels))]
@@ -252,6 +261,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="results file name (default: the preset's, or 'custom')")
     p.add_argument("--autocast", choices=["bf16", "fp16"], help="time both implementations under torch.autocast")
     p.add_argument("--tf32", action="store_true", help="GPU: let both implementations use TF32 for float32 products")
+    p.add_argument("--grad-of", choices=["all", "input"], default="all",
+                   help="what the backward asks: the input's and every parameter's gradients (training), or the "
+                        "input's alone (adversarial examples, saliency; frozen weights)")
     return p
 
 
@@ -269,13 +281,14 @@ def main(argv=None):
           f"large-GEMM ceiling {ceiling:.0f} GFLOP/s (float32, best of torch.mm and oneDNN)"
           + (f"; both under autocast {args.autocast}" if autocast else "")
           + (f"; {torch.cuda.get_device_name()}, TF32 {'on' if args.tf32 else 'off'}" if args.device == "cuda" else ""))
-    with_targets = args.device == "cpu" and autocast is None  # the targets are float32 ratios on the CPU
+    # The targets are float32 training ratios on the CPU.
+    with_targets = args.device == "cpu" and autocast is None and args.grad_of == "all"
     has_targets = with_targets and any(c.targets for c in cases)
     header = f"{'case':<40} {'mode':<17} {'nn.LSTM ms':>10} {'fused ms':>9} {'ratio':>6} {'GFLOP/s':>8} {'of ceiling':>10}"
     print(header + (f" {'target':>6} {'met':>3} {'target needs':>12}" if has_targets else ""))
     rows = []
     for case in cases:
-        for r in bench_case(case, args.device, threads, args.min_run_time, autocast, with_targets):
+        for r in bench_case(case, args.device, threads, args.min_run_time, autocast, with_targets, args.grad_of):
             r["ceiling_gflops"] = ceiling
             r["tf32"] = args.tf32 if args.device == "cuda" else ""
             rows.append(r)
@@ -286,7 +299,8 @@ def main(argv=None):
                 line += f" {r['target']:>6.1f} {met:>3} {r['target_gflops'] / ceiling:>12.1%}"
             print(line, flush=True)
     name = args.name or ((args.preset or "custom") + (f"-{args.device}" if args.device != "cpu" else "")
-                         + (f"-autocast-{args.autocast}" if args.autocast else "") + ("-tf32" if args.tf32 else ""))
+                         + (f"-autocast-{args.autocast}" if args.autocast else "") + ("-tf32" if args.tf32 else "")
+                         + ("-input-grad" if args.grad_of == "input" else ""))
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(RESULTS / f"{name}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

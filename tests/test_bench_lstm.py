@@ -30,6 +30,15 @@ def test_both_sides_backpropagate_the_same_loss(case):
                                    msg=lambda m, name=name: f"gradient of {name}: {m}")
 
 
+@pytest.mark.parametrize("case", bench_lstm.PRESETS["quick"][:1], ids=lambda c: c.name)
+def test_both_sides_ask_the_input_gradient_alone(case):
+    ref, fused, x, lengths, _ = bench_lstm.case_inputs(case, "cpu")
+    ref, fused = ref.double(), fused.double()
+    got = [bench_lstm.one_call(model, x.double(), lengths, train=True, grad_of="input").grad for model in (ref, fused)]
+    torch.testing.assert_close(got[1], got[0], rtol=1e-9, atol=1e-9)
+    assert all(p.grad is None for model in (ref, fused) for p in model.parameters())
+
+
 def test_cell_loops_compute_the_same_on_both_sides():
     ref = torch.nn.LSTMCell(6, 5, dtype=torch.float64)
     fused = bench_cell.FusedLSTMCell.from_cell(ref)
