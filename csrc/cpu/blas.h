@@ -3,8 +3,9 @@
 //  - BLAS through the standard Fortran entry points (MKL on x86-64 wheels, OpenBLAS
 //    elsewhere): about 3 us per call, the cheapest for tiny products.
 //  - oneDNN matmul (at::native::mkldnn_matmul, exported but shipped without a header):
-//    about 10 us per call, but JIT-generated for the CPU at hand. MKL runs generic
-//    kernels on AMD processors; oneDNN's are over twice as fast there.
+//    about 10 us per call, but JIT-generated for the CPU at hand: on AMD processors,
+//    where MKL runs AVX2 kernels, faster than MKL's at large products
+//    (dispatch_rules.h, kOnednnMinWork).
 // matmul() picks per call; float64 always goes to BLAS (oneDNN has no f64 matmul).
 #pragma once
 
