@@ -255,7 +255,8 @@ def plot(rows, path):
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS))
-    p.add_argument("--case", type=parse_case, action="append", default=[], help="B,T,I,H,layers or var:B,lo-hi,I,H,layers")
+    p.add_argument("--case", type=parse_case, action="append", default=[],
+                   help="B,T,I,H,layers or var:B,lo-hi,I,H,layers")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measurement")
     p.add_argument("--name", help="results file name (default: the preset's, or 'custom')")
@@ -284,7 +285,8 @@ def main(argv=None):
     # The targets are float32 training ratios on the CPU.
     with_targets = args.device == "cpu" and autocast is None and args.grad_of == "all"
     has_targets = with_targets and any(c.targets for c in cases)
-    header = f"{'case':<40} {'mode':<17} {'nn.LSTM ms':>10} {'fused ms':>9} {'ratio':>6} {'GFLOP/s':>8} {'of ceiling':>10}"
+    header = (f"{'case':<40} {'mode':<17} {'nn.LSTM ms':>10} {'fused ms':>9} {'ratio':>6} {'GFLOP/s':>8} "
+              f"{'of ceiling':>10}")
     print(header + (f" {'target':>6} {'met':>3} {'target needs':>12}" if has_targets else ""))
     rows = []
     for case in cases:

@@ -154,7 +154,8 @@ def main():
     build.mkdir(exist_ok=True)
     sources = [DRIVER] + [(CSRC / f).read_text() for f in ("small_gemm.cpp", "small_gemm_bf16.cpp")]
     ext = load_inline(
-        "bench_step_gemm", cpp_sources=sources, functions=["time_engine", "time_engine_bf16", "bf16_build", "time_pack"],
+        "bench_step_gemm", cpp_sources=sources,
+        functions=["time_engine", "time_engine_bf16", "bf16_build", "time_pack"],
         extra_include_paths=[str(CSRC)], extra_cflags=["-O3"], build_directory=str(build),
     )
     torch.set_num_threads(1)

@@ -200,8 +200,8 @@ def plan(py: str, tool: str | None, logs: Path = ROOT / "build" / "gpu-check", d
         "profile-mma": Step([py, "benchmarks/profile_kernels.py", "--tf32", "--name", "profile-cuda-tf32-mma"], 180,
                             {"BIRNN_EXT_CUDA_MMA": "1"}, ("profile-cuda-tf32-mma.csv",)),
         "call-overhead": Step([py, "benchmarks/bench_call_overhead.py", "--device", "cuda"], 120),
-        "demo": Step([py, "-m", "birnn_ext.demo", "--compare", "--device", "cuda", "--data", str(data or default_data()),
-                      "--out", str(logs / "demo")], 360),
+        "demo": Step([py, "-m", "birnn_ext.demo", "--compare", "--device", "cuda",
+                      "--data", str(data or default_data()), "--out", str(logs / "demo")], 360),
         "train-step": Step([py, "benchmarks/bench_train_step.py", "--device", "cuda", "--compile", "reduce-overhead",
                             "--runs", "1"], 240),
     }

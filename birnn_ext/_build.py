@@ -137,7 +137,8 @@ def build_emulator(output: str | Path, defines: tuple[str, ...] = ()) -> Path:
 
     home = find_cuda_home()
     if home is None:
-        raise RuntimeError("the emulated kernel build needs the CUDA toolkit's headers (cuda_fp16.h) and none was found")
+        raise RuntimeError(
+            "the emulated kernel build needs the CUDA toolkit's headers (cuda_fp16.h) and none was found")
     output = Path(output)
     objects_dir = output.parent / "obj"
     objects_dir.mkdir(parents=True, exist_ok=True)
@@ -180,7 +181,8 @@ def cublas_paths() -> tuple[list[str], list[str]]:
     import torch
 
     site = Path(torch.__file__).resolve().parent.parent
-    candidates = [Path(find_cuda_home() or "/nonexistent"), *sorted(site.glob("nvidia/cu*")), site / "nvidia" / "cublas"]
+    candidates = [Path(find_cuda_home() or "/nonexistent"), *sorted(site.glob("nvidia/cu*")),
+                  site / "nvidia" / "cublas"]
     include = next((str(c / "include") for c in candidates if (c / "include" / "cublas_v2.h").exists()), None)
     for c in candidates:
         for libdir in (c / "lib64", c / "lib"):

@@ -117,8 +117,8 @@ def _is_none(v) -> bool:
 
 
 def _stack_onnx_ts(g, tensors, rows):
-    return g.op("Concat", *[g.op("Unsqueeze", g.op("Gather", t, rows, axis_i=0), g.op("Constant", value_t=torch.tensor([0])))
-                            for t in tensors], axis_i=0)
+    zero = g.op("Constant", value_t=torch.tensor([0]))
+    return g.op("Concat", *[g.op("Unsqueeze", g.op("Gather", t, rows, axis_i=0), zero) for t in tensors], axis_i=0)
 
 
 def _lstm_node_ts(g, x, h0, c0, w_ih, w_hh, bias_pairs, lengths, hidden_size):

@@ -205,8 +205,8 @@ inline CellDims check_cell_backward(const std::optional<at::Tensor>& grad_h_new,
 inline LayerDims check_layer_backward(const std::optional<at::Tensor>& grad_y,
                                       const std::optional<at::Tensor>& grad_h_n,
                                       const std::optional<at::Tensor>& grad_c_n, const at::Tensor& x,
-                                      const LayerWeights& w, const at::Tensor& gates, const at::Tensor& c_prev, const at::Tensor& h_prev,
-                                      const at::Tensor& h_raw) {
+                                      const LayerWeights& w, const at::Tensor& gates, const at::Tensor& c_prev,
+                                      const at::Tensor& h_prev, const at::Tensor& h_raw) {
   const char* op = "lstm_layer_backward";
   const LayerDims n = layer_dims(op, x, w);
   const auto [T, B, I, H, P, D] = n;

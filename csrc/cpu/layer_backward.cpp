@@ -307,7 +307,8 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
     Scratch scratch;
     const size_t at_dg = scratch.reserve<T>(D * rows * G), at_dg_step = scratch.reserve<T>(D * B * G);
     const size_t at_dh_proj_saved = scratch.reserve<T>(proj ? D * rows * P : 0);
-    const size_t at_dh_proj = scratch.reserve<T>(proj ? D * B * P : 0), at_dh_raw = scratch.reserve<T>(proj ? D * B * H : 0);
+    const size_t at_dh_proj = scratch.reserve<T>(proj ? D * B * P : 0);
+    const size_t at_dh_raw = scratch.reserve<T>(proj ? D * B * H : 0);
     const int64_t part_blocks = weight_grads ? D * max_blocks : 0;
     const size_t at_part_ih = scratch.reserve<T>(part_blocks * G * I);
     const size_t at_part_hh = scratch.reserve<T>(part_blocks * G * P);

@@ -207,7 +207,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       // [D,chunk*B,I] and its projection [D,chunk*B,4H]; the packed weights.
       Scratch scratch;
       const size_t at_bias = scratch.reserve<T>(D * 4 * H), at_rec = scratch.reserve<T>(D * B * 4 * H);
-      const size_t at_raw = scratch.reserve<T>(proj ? D * B * H : 0), at_proj = scratch.reserve<T>(proj ? D * B * P : 0);
+      const size_t at_raw = scratch.reserve<T>(proj ? D * B * H : 0);
+      const size_t at_proj = scratch.reserve<T>(proj ? D * B * P : 0);
       const size_t at_x_chunk = scratch.reserve<T>(training ? 0 : D * chunk * B * I);
       const size_t at_xg_chunk = scratch.reserve<T>(training ? 0 : D * chunk * B * 4 * H);
       for (int64_t d = 0; d < D; ++d)

@@ -360,7 +360,9 @@ lstm_layer_backward_cuda(const std::optional<at::Tensor>& grad_y, const std::opt
       const Weights w_hh = sweep ? Weights{} : contiguous(wts.w_hh, D);
       const Weights w_hr = !sweep && proj ? contiguous(wts.w_hr, D) : Weights{};
       if (!sweep) {
-        auto dir = [&](const at::Tensor& t) { return std::array<const void*, 2>{block_of(t, 0, D), block_of(t, 1, D)}; };
+        auto dir = [&](const at::Tensor& t) {
+          return std::array<const void*, 2>{block_of(t, 0, D), block_of(t, 1, D)};
+        };
         auto weight = [](const Weights& w) { return std::array<const void*, 2>{weight_of(w, 0), weight_of(w, 1)}; };
         tables.emplace(std::initializer_list<std::array<const void*, 2>>{dir(dg_step), weight(w_hh), dir(dh),
                                                                         dir(dh_proj), weight(w_hr), dir(dh_raw)},

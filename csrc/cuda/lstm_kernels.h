@@ -1,7 +1,8 @@
 // Torch-free interface of the per-step CUDA kernels (lstm_kernels.cu): parameter structs
-// and launchers; the persistent sweeps' are sweep_kernels.h. The same declarations serve the torch glue (lstm_cuda.cpp, compiled by the host
-// compiler against the CUDA runtime) and the host emulator (csrc/emu/), which
-// compiles lstm_kernels.cu with g++ to run the device code on the CPU.
+// and launchers; the persistent sweeps' are sweep_kernels.h. The same declarations serve
+// the torch glue (lstm_cuda.cpp, compiled by the host compiler against the CUDA runtime)
+// and the host emulator (csrc/emu/), which compiles lstm_kernels.cu with g++ to run the
+// device code on the CPU.
 //
 // Storage types T: float, double, __half, __nv_bfloat16. The math type A is double for
 // double and float otherwise; the cell state and the recurrent carries are kept in A.

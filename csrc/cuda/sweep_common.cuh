@@ -412,7 +412,8 @@ cudaError_t launch_sweep(void (*kernel)(P), const P& p, int64_t steps, bool coop
 template <typename P>
 bool fits(void (*kernel)(P), const SweepPlan& plan, int multiprocessors) {
   if (!kernel) return false;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.shared_bytes)) != cudaSuccess) {
+  const int shared_bytes = int(plan.shared_bytes);
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes) != cudaSuccess) {
     (void)cudaGetLastError();  // a size over the device's limit: no sweep, and no error left behind
     return false;
   }

@@ -207,7 +207,8 @@ inline const unsigned char* warp_exchange(const void* in, size_t bytes) {
   if (bytes > kLaneSlot) fail("warp collective: more bytes per lane than the emulator's slot holds");
   Fiber* f = s.current;
   const unsigned t = linear_thread(), warp = t / kWarpSize, lane = t % kWarpSize;
-  unsigned char* buffer = s.exchange[s.shared_block].data() + ((size_t(warp) * 2 + f->collectives % 2) * kWarpSize) * kLaneSlot;
+  unsigned char* buffer =
+      s.exchange[s.shared_block].data() + ((size_t(warp) * 2 + f->collectives % 2) * kWarpSize) * kLaneSlot;
   std::memcpy(buffer + lane * kLaneSlot, in, bytes);
   ++f->collectives;
   f->wait = Wait::kWarp;
@@ -447,7 +448,8 @@ inline void launch_group(dim3 grid, dim3 block, unsigned cluster_x, bool coopera
               }
               if (released) continue;
               unsigned block_waits = 0, done = 0;
-              for (unsigned t = 0; t < n; ++t) block_waits += first[t].wait == Wait::kBlock, done += first[t].wait == Wait::kDone;
+              for (unsigned t = 0; t < n; ++t)
+                block_waits += first[t].wait == Wait::kBlock, done += first[t].wait == Wait::kDone;
               if (block_waits && block_waits + done != n) {
                 where(*first);
                 fail("barrier divergence: threads of one block wait at different barriers");

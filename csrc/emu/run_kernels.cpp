@@ -26,7 +26,8 @@
 // ..." the cluster sweeps' plan, with batch groups.
 //
 // IN: 14 int64 (mode 0 layer / 1 cell, dtype 0 f32 / 1 f64 / 2 f16 / 3 bf16, T, B, I, H,
-// P, D, has_lengths, has_bias, has_proj, has_grad_y, has_grad_h, has_grad_c), then lengths as int64 [B] if any, then float64 arrays:
+// P, D, has_lengths, has_bias, has_proj, has_grad_y, has_grad_h, has_grad_c), then
+// lengths as int64 [B] if any, then float64 arrays:
 // x [T,B,I], h0 [D,B,P], c0 [D,B,H], w_ih [D,4H,I], w_hh [D,4H,P], bias [D,4H] if any,
 // w_hr [D,P,H] if any, grad_y [T,B,D*P], grad_h_n [D,B,P], grad_c_n [D,B,H] if any.
 // OUT: float64 arrays y, h_n, c_n, dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr (if any).
@@ -535,7 +536,8 @@ int main(int argc, char** argv) {
   if (argc == 2 && std::string(argv[1]) == "shuffles") return run_shuffles();
   if (argc == 2 && std::string(argv[1]) == "pointers") return run_pointers();
   if (argc == 2 && std::string(argv[1]) == "neighbour-read") return run_neighbour_read();
-  if (argc == 3 && std::string(argv[1]) == "grid-barrier") return run_grid_barrier(std::string(argv[2]) == "cooperative");
+  if (argc == 3 && std::string(argv[1]) == "grid-barrier")
+    return run_grid_barrier(std::string(argv[2]) == "cooperative");
   if (argc == 6 && std::string(argv[1]) == "mma") {
     using birnn::cuda::mma::Kind;
     const std::string kind = argv[2];
