@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Tolerances against nn.LSTM with the very same weights. Both sides compute the same
 # sums in a different order (BLAS blocking, bias folded in before or after), so they
@@ -107,3 +108,20 @@ def layer_weight_args(w_ih, w_hh, bias=None, w_hr=None, backward=False):
             b_ih, b_hh = (bias[d], torch.zeros_like(bias[d])) if bias is not None else (None, None)
             args += [w_ih[d], w_hh[d], b_ih, b_hh, hr]
     return args
+
+
+class WeightGradFlags(TorchDispatchMode):
+    """The weight_grad argument of every call of the backward op `name`
+    (lstm_layer_backward or lstm_cell_backward) made under it, in order."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.op = getattr(torch.ops.birnn_ext, name).default
+        self.index = [a.name for a in self.op._schema.arguments].index("weight_grad")
+        self.flags: list[bool] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is self.op:
+            self.flags.append(kwargs.get("weight_grad", args[self.index] if len(args) > self.index else True))
+        return func(*args, **kwargs)

@@ -9,10 +9,9 @@ import re
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from birnn_ext import FusedLSTMCell
-from helpers import DEVICES, assert_close
+from helpers import DEVICES, WeightGradFlags, assert_close
 
 
 def pair(I, H, bias=True, dtype=torch.float64, device="cpu"):
@@ -161,15 +160,24 @@ def test_gradcheck_and_opcheck():
                                                       weight_grad))
 
 
-# Where x is data (no gradient asked of it), the backward skips dx = dg W_ih, a quarter of
-# its products, as nn.LSTMCell's autograd does (the op's input_grad): the other gradients
-# are the same bits as when dx is computed. Batch 3 in place, 40 and 96 in tiles.
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("B,H", [(3, 64), (40, 64), (96, 300)])
-def test_backward_without_the_input_gradient(device, B, H):
+# The sizes of the tests of a backward that leaves products out: batch 3 in place, 40
+# and 96 in tiles (CellProducts).
+SKIP_SIZES = pytest.mark.parametrize("B,H", [(3, 64), (40, 64), (96, 300)])
+
+
+def cell_and_inputs(device, B, H):
     torch.manual_seed(0)
     cell = FusedLSTMCell(72, H, device=device)
-    x, h0, c0 = (torch.randn(B, n, device=device) for n in (72, H, H))
+    return cell, *(torch.randn(B, n, device=device) for n in (72, H, H))
+
+
+# Where x is data (no gradient asked of it), the backward skips dx = dg W_ih, a quarter of
+# its products, as nn.LSTMCell's autograd does (the op's input_grad): the other gradients
+# are the same bits as when dx is computed.
+@pytest.mark.parametrize("device", DEVICES)
+@SKIP_SIZES
+def test_backward_without_the_input_gradient(device, B, H):
+    cell, x, h0, c0 = cell_and_inputs(device, B, H)
 
     def grads(x_grad):
         x_ = x.clone().requires_grad_(x_grad)
@@ -193,37 +201,21 @@ def test_backward_without_the_input_gradient(device, B, H):
         assert torch.equal(got, want)
 
 
-class _CellBackwardCalls(TorchDispatchMode):
-    """The weight_grad flag of every lstm_cell_backward call made under it."""
-
-    def __init__(self):
-        super().__init__()
-        self.weight_grad = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.ops.birnn_ext.lstm_cell_backward.default:
-            self.weight_grad.append(kwargs.get("weight_grad", args[9] if len(args) > 9 else True))
-        return func(*args, **kwargs)
-
-
 # Frozen weight matrices (the biases still trained), or a gradient asked of the input
 # alone: the backward skips dW_ih and dW_hh, half its products (the op's weight_grad);
 # the other gradients are the same bits as when they are computed.
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("B,H", [(3, 64), (40, 64), (96, 300)])
+@SKIP_SIZES
 def test_backward_without_the_weight_gradients(device, B, H):
-    torch.manual_seed(0)
-    cell = FusedLSTMCell(72, H, device=device)
-    x, h0, c0 = (torch.randn(B, n, device=device) for n in (72, H, H))
+    cell, x, h0, c0 = cell_and_inputs(device, B, H)
 
     def grads(frozen):
         cell.weight_ih.requires_grad_(not frozen), cell.weight_hh.requires_grad_(not frozen)
         x_, h_, c_ = (t.clone().requires_grad_() for t in (x, h0, c0))
         h, c = cell(x_, (h_, c_))
-        with _CellBackwardCalls() as calls:
+        with WeightGradFlags("lstm_cell_backward") as calls:
             (h.square().sum() + c.sum()).backward()
-        assert calls.weight_grad == [not frozen]
+        assert calls.flags == [not frozen]
         assert (cell.weight_ih.grad is None) == frozen
         out = [x_.grad, h_.grad, c_.grad, cell.bias_ih.grad.clone(), cell.bias_hh.grad.clone()]
         cell.zero_grad(set_to_none=True)
@@ -234,9 +226,9 @@ def test_backward_without_the_weight_gradients(device, B, H):
     # Every weight trainable, the gradient asked of the input alone.
     x_ = x.clone().requires_grad_()
     h, c = cell(x_, (h0, c0))
-    with _CellBackwardCalls() as calls:
+    with WeightGradFlags("lstm_cell_backward") as calls:
         (dx,) = torch.autograd.grad(h.square().sum(), [x_], retain_graph=True)
-    assert calls.weight_grad == [False]
+    assert calls.flags == [False]
     assert torch.equal(dx, torch.autograd.grad(h.square().sum(), [x_, *cell.parameters()])[0])
     ops = torch.ops.birnn_ext
     w = (cell.weight_ih.detach(), cell.weight_hh.detach())

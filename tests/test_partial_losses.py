@@ -11,10 +11,9 @@ import pytest
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from birnn_ext import FusedLSTM
-from helpers import DEVICES, assert_close, layer_weight_args
+from helpers import DEVICES, WeightGradFlags, assert_close, layer_weight_args
 
 T, B, I, H = 9, 5, 4, 6
 LENGTHS = [9, 4, 1, 7, 9]
@@ -166,20 +165,6 @@ def test_input_without_grad(proj_size, with_lengths):
         assert torch.equal(a, b)
 
 
-class _BackwardCalls(TorchDispatchMode):
-    """The weight_grad flag of every lstm_layer_backward call made under it."""
-
-    def __init__(self):
-        super().__init__()
-        self.weight_grad = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.ops.birnn_ext.lstm_layer_backward.default:
-            self.weight_grad.append(kwargs.get("weight_grad", args[16] if len(args) > 16 else True))
-        return func(*args, **kwargs)
-
-
 @pytest.mark.parametrize("proj_size", [0, 3])
 @pytest.mark.parametrize("with_lengths", [False, True])
 @pytest.mark.parametrize("loss_name", ["last step", "forward half of every step"])
@@ -196,9 +181,9 @@ def test_frozen_weight_matrices(loss_name, proj_size, with_lengths):
             p.requires_grad_(name.startswith("bias"))
     results = []
     for m, is_fused in ((fused, True), (ref, False)):
-        with _BackwardCalls() as calls:
+        with WeightGradFlags("lstm_layer_backward") as calls:
             grads, names = run(m, x, lengths, loss_name, is_fused)
-        assert calls.weight_grad == ([False, False] if is_fused else [])
+        assert calls.flags == ([False, False] if is_fused else [])
         results.append(grads)
     for a, b, name in zip(*results, names, strict=True):
         assert_close(a, b, torch.float64, name)
@@ -208,12 +193,12 @@ def test_frozen_weight_matrices(loss_name, proj_size, with_lengths):
     x_ = x.clone().requires_grad_()
     out, h, c = forward(fused, x_, lengths, True)
     loss = LOSSES[loss_name](out, h, c, lengths).sum()
-    with _BackwardCalls() as calls:
+    with WeightGradFlags("lstm_layer_backward") as calls:
         (dx,) = torch.autograd.grad(loss, [x_], retain_graph=True)
-    assert calls.weight_grad == [False, False]
-    with _BackwardCalls() as calls:
+    assert calls.flags == [False, False]
+    with WeightGradFlags("lstm_layer_backward") as calls:
         want = torch.autograd.grad(loss, [x_, *fused.parameters()])
-    assert calls.weight_grad == [True, True]
+    assert calls.flags == [True, True]
     assert torch.equal(dx, want[0])
 
 
