@@ -1,7 +1,8 @@
 """FusedLSTMCell against nn.LSTMCell, side by side in one run: a hand-written loop over
 --steps time steps, as a decoder or a custom recurrence runs a cell, in inference
 (no_grad) and forward+backward (the loss on the last step's h and c, backward through
-every step).
+every step; with --grad-of input, to the inputs alone, as an adversarial example or a
+saliency map asks: no weight gradients).
 
 Both modules are made with the same weights, and the two implementations are timed in
 alternating rounds: each time is the median of its rounds, the ratio nn.LSTMCell /
@@ -12,6 +13,7 @@ benchmarks/results/<name>.csv.
     python benchmarks/bench_cell.py --case 32,128,256 --case 128,512,512 --steps 8
     python benchmarks/bench_cell.py --case 32,64,64 --rounds 21 --min-run-time 0.03
     python benchmarks/bench_cell.py --dtype bfloat16 --name cell-bf16
+    python benchmarks/bench_cell.py --grad-of input --name cell-input-grad
 """
 
 from __future__ import annotations
@@ -51,19 +53,25 @@ def seconds(fn, min_time: float) -> float:
     return elapsed / n
 
 
-def loop(cell: nn.Module, xs: torch.Tensor, train: bool):
+def loop(cell: nn.Module, xs: torch.Tensor, train: bool, grad_of: str = "all"):
     """The timed call: cell over the steps of xs [T,B,I] from zero state; with train, the
-    loss on the last h and c backpropagated through every step."""
+    loss on the last h and c backpropagated through every step, to the parameters
+    (grad_of "all") or to xs alone ("input", returned as its .grad)."""
     B, H = xs.size(1), cell.hidden_size
 
     def run():
         with torch.set_grad_enabled(train):
+            xi = xs.detach().requires_grad_(train and grad_of == "input")
             h = c = torch.zeros(B, H, dtype=xs.dtype)
-            for x in xs:
+            for x in xi:
                 h, c = cell(x, (h, c))
             if train:
-                (h.sum() + c.sum()).backward()
-            return h, c
+                loss = h.sum() + c.sum()
+                if grad_of == "input":
+                    (xi.grad,) = torch.autograd.grad(loss, [xi])
+                else:
+                    loss.backward()
+            return h, c, xi
     return run
 
 
@@ -75,6 +83,8 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=7, help="alternating rounds per mode and size")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="both cells' weights and inputs (bfloat16: nn.LSTMCell on oneDNN's bfloat16 GEMMs)")
+    p.add_argument("--grad-of", choices=["all", "input"], default="all",
+                   help="what the backward asks: the parameters' gradients, or the inputs' alone")
     p.add_argument("--name", default="cell", help="results file name")
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -83,7 +93,8 @@ def main(argv=None) -> None:
     print(f"FusedLSTMCell against nn.LSTMCell, {args.dtype}, {args.steps} steps a loop, "
           f"{torch.get_num_threads()} threads; "
           "ms per loop (median of rounds), ratio nn / fused")
-    print(f"{'B':>4} {'I':>4} {'H':>4} | {'inference':^24} | {'forward+backward':^24}")
+    train_mode = "forward+backward" if args.grad_of == "all" else "forward+input grad"
+    print(f"{'B':>4} {'I':>4} {'H':>4} | {'inference':^24} | {train_mode:^24}")
     for B, I, H in args.case or CASES:
         ref = nn.LSTMCell(I, H, dtype=dtype)
         fused = FusedLSTMCell.from_cell(ref)
@@ -91,11 +102,11 @@ def main(argv=None) -> None:
 
         row = {"B": B, "I": I, "H": H, "steps": args.steps, "dtype": args.dtype}
         cells = []
-        for mode, train in (("inference", False), ("forward+backward", True)):
+        for mode, train in (("inference", False), (train_mode, True)):
             times = {"nn": [], "fused": []}
             for _ in range(args.rounds):
                 for name, cell in (("nn", ref), ("fused", fused)):
-                    times[name].append(seconds(loop(cell, xs, train), args.min_run_time))
+                    times[name].append(seconds(loop(cell, xs, train, args.grad_of), args.min_run_time))
             ratio = statistics.median(a / b for a, b in zip(times["nn"], times["fused"]))
             nn_ms, fused_ms = (statistics.median(times[k]) * 1e3 for k in ("nn", "fused"))
             row |= {f"{mode} nn ms": round(nn_ms, 4), f"{mode} fused ms": round(fused_ms, 4),
