@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from birnn_ext import FusedBiLSTM, FusedLSTM, FusedLSTMCell
-from helpers import run_python
+from helpers import WeightGradFlags, run_python
 
 
 class Classifier(nn.Module):
@@ -67,6 +67,33 @@ def test_compile_fullgraph_forward_and_training_step(name):
     for (n, p), (_, q) in zip(eager.named_parameters(), compiled_model.named_parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-5, msg=n)
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_compile_fullgraph_with_frozen_weight_matrices(name):
+    # The compiled backward calls the fused backward with weight_grad=False (fake kernels
+    # with empty weight gradients) and gives eager's gradients of x, the biases and fc.
+    torch.manual_seed(0)
+    eager = MODELS[name]()
+    compiled_model = MODELS[name]()
+    compiled_model.load_state_dict(eager.state_dict())
+    for model in (eager, compiled_model):
+        for n, p in model.named_parameters():
+            p.requires_grad_("weight_ih" not in n and "weight_hh" not in n)
+    torch._dynamo.reset()
+    step = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    x, y = torch.randn(4, 5, 8), torch.tensor([0, 2, 1, 0])
+    op = "lstm_cell_backward" if name == "FusedLSTMCell" else "lstm_layer_backward"
+    grads = []
+    for model, fn in ((eager, eager), (compiled_model, step)):
+        x_ = x.clone().requires_grad_()
+        loss = nn.functional.cross_entropy(fn(x_), y)
+        with WeightGradFlags(op) as calls:  # the backward only: Dynamo traces no frame under a dispatch mode
+            loss.backward()
+        assert calls.flags and not any(calls.flags), calls.flags
+        grads.append([x_.grad] + [p.grad for p in model.parameters() if p.requires_grad])
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
