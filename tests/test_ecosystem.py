@@ -47,15 +47,21 @@ MODELS = {
 }
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_compile_fullgraph_forward_and_training_step(name):
-    from torch._dynamo.utils import counters
-
+def twin_models(name):
+    """Two MODELS[name] with the same weights, one for eager and one to compile."""
     torch.manual_seed(0)
     eager = MODELS[name]()
     compiled_model = MODELS[name]()
     compiled_model.load_state_dict(eager.state_dict())
     torch._dynamo.reset()
+    return eager, compiled_model
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_compile_fullgraph_forward_and_training_step(name):
+    from torch._dynamo.utils import counters
+
+    eager, compiled_model = twin_models(name)
     counters.clear()
     # fullgraph=True makes any graph break an error; aot_eager traces forward and
     # backward through the fake kernels and the registered autograd.
@@ -73,14 +79,10 @@ def test_compile_fullgraph_forward_and_training_step(name):
 def test_compile_fullgraph_with_frozen_weight_matrices(name):
     # The compiled backward calls the fused backward with weight_grad=False (fake kernels
     # with empty weight gradients) and gives eager's gradients of x, the biases and fc.
-    torch.manual_seed(0)
-    eager = MODELS[name]()
-    compiled_model = MODELS[name]()
-    compiled_model.load_state_dict(eager.state_dict())
+    eager, compiled_model = twin_models(name)
     for model in (eager, compiled_model):
         for n, p in model.named_parameters():
             p.requires_grad_("weight_ih" not in n and "weight_hh" not in n)
-    torch._dynamo.reset()
     step = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
     x, y = torch.randn(4, 5, 8), torch.tensor([0, 2, 1, 0])
     op = "lstm_cell_backward" if name == "FusedLSTMCell" else "lstm_layer_backward"
