@@ -95,29 +95,19 @@ using LayerBackwardSig = LayerOutputs(const OptTensor&, const OptTensor&, const 
                                       const OptTensor&, const OptTensor&, const OptTensor&, const at::Tensor&,
                                       const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, bool);
 
-// The node's edges of the arguments marked in `pick`, out of `args` (an undefined tensor
-// where an optional one was absent): the node has an edge for each argument that was
-// given, in order, as in differentiable_grads.
-std::vector<int64_t> edges_of(std::initializer_list<const at::Tensor*> args, std::initializer_list<bool> pick) {
-  std::vector<int64_t> edges;
-  int64_t edge = 0;
-  auto p = pick.begin();
+// Whether the backward running now asks a gradient of any of the forward arguments
+// marked in `pick`, out of `args` (an undefined tensor where an optional one was absent;
+// the node has an edge for each argument that was given, in order, as in
+// differentiable_grads): false when none of them requires one, and when the caller asked
+// torch.autograd.grad for the gradients of other inputs only.
+bool needs_any(AutogradContext* ctx, const std::vector<const at::Tensor*>& args, std::initializer_list<bool> pick) {
+  size_t edge = 0;
+  auto marked = pick.begin();
   for (const at::Tensor* t : args) {
-    if (t->defined()) {
-      if (*p) edges.push_back(edge);
-      ++edge;
-    }
-    ++p;
+    if (t->defined() && *marked && ctx->needs_input_grad(edge)) return true;
+    edge += t->defined();
+    ++marked;
   }
-  return edges;
-}
-
-// Whether the backward running now asks a gradient at any of these edges: false when
-// none of them requires one, and when the caller asked of torch.autograd.grad the
-// gradients of other inputs only.
-bool needs_any(AutogradContext* ctx, const std::vector<int64_t>& edges) {
-  for (int64_t e : edges)
-    if (ctx->needs_input_grad(e)) return true;
   return false;
 }
 
@@ -144,14 +134,8 @@ class LstmLayer : public torch::autograd::Function<LstmLayer> {
     ctx->saved_data["has_bias"] = b_ih.has_value();
     ctx->saved_data["has_h0"] = h0.has_value();
     ctx->saved_data["has_c0"] = c0.has_value();
-    // The weight matrices' edges: their gradients are computed only where one is asked.
-    const at::Tensor none;
-    auto opt = [&](const OptTensor& t) { return t ? &*t : &none; };
-    ctx->saved_data["weight_edges"] =
-        edges_of({&x, opt(lengths), opt(h0), opt(c0), &w_ih, &w_hh, opt(b_ih), opt(b_hh), opt(w_hr), opt(w_ih_r),
-                  opt(w_hh_r), opt(b_ih_r), opt(b_hh_r), opt(w_hr_r)},
-                 {false, false, false, false, true, true, false, false, true, true, true, false, false, true});
-    // The states and biases only for differentiable_backward.
+    // The states and biases for differentiable_backward; with them the saved tensors
+    // stand for every forward argument (forward_args).
     ctx->save_for_backward(saveable({x, value_or_undefined(lengths), w_ih, w_hh, value_or_undefined(w_hr),
                                      value_or_undefined(w_ih_r), value_or_undefined(w_hh_r), value_or_undefined(w_hr_r),
                                      gates, c_prev, h_prev, h_raw, value_or_undefined(h0), value_or_undefined(c0),
@@ -170,9 +154,13 @@ class LstmLayer : public torch::autograd::Function<LstmLayer> {
         {s[5], s[6], defined_or_none(s[16]), defined_or_none(s[17]), defined_or_none(s[7])}};
     auto [y, h_n, c_n] = reference::lstm_layer(s[0], defined_or_none(s[1]), defined_or_none(s[12]),
                                                defined_or_none(s[13]), dirs, s[6].defined() ? 2 : 1);
-    return differentiable_grads(ctx, {{y, grads[0]}, {h_n, grads[1]}, {c_n, grads[2]}},
-                                {&s[0], &s[1], &s[12], &s[13], &s[2], &s[3], &s[14], &s[15], &s[4], &s[5], &s[6],
-                                 &s[16], &s[17], &s[7]});
+    return differentiable_grads(ctx, {{y, grads[0]}, {h_n, grads[1]}, {c_n, grads[2]}}, forward_args(s));
+  }
+
+  // The saved tensors in the order of the forward's arguments (undefined where one was
+  // absent): x, lengths, h0, c0, then w_ih, w_hh, b_ih, b_hh, w_hr of each direction.
+  static std::vector<const at::Tensor*> forward_args(const variable_list& s) {
+    return {&s[0], &s[1], &s[12], &s[13], &s[2], &s[3], &s[14], &s[15], &s[4], &s[5], &s[6], &s[16], &s[17], &s[7]};
   }
 
   // One gradient per forward argument (14), undefined where an argument is absent.
@@ -185,7 +173,9 @@ class LstmLayer : public torch::autograd::Function<LstmLayer> {
     const at::Tensor &x = s[0], &w_ih = s[2], &w_hh = s[3], &w_hr = s[4], &w_ih_r = s[5], &w_hh_r = s[6],
                      &w_hr_r = s[7];
     const bool input_grad = ctx->needs_input_grad(0);
-    const bool weight_grad = needs_any(ctx, ctx->saved_data["weight_edges"].toIntVector());
+    // The weight matrices' gradients only where one is asked (w_ih, w_hh, w_hr of each direction).
+    const bool weight_grad = needs_any(ctx, forward_args(s), {false, false, false, false, true, true, false, false,
+                                                              true, true, true, false, false, true});
     const auto& op = op_handle<LayerBackwardSig>("birnn_ext::lstm_layer_backward");
     auto [dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr] = op.call(
         defined_or_none(grad_y), defined_or_none(grad_h_n), defined_or_none(grad_c_n), x, defined_or_none(s[1]),

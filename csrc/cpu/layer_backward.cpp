@@ -359,12 +359,12 @@ lstm_layer_backward_cpu(const std::optional<at::Tensor>& grad_y, const std::opti
     // The blocks' operands by pointer: rows r0 .. r0+k of direction d's [rows, width]
     // slab of a [D, rows, width] buffer (or of x, which the directions share), and
     // block i's [n_rows, n_cols] output: dW itself, or the block's share of it.
-    T* const dw_ih_p = weight_grads ? dw_ih.data_ptr<T>() : nullptr;
-    T* const dw_hh_p = weight_grads ? dw_hh.data_ptr<T>() : nullptr;
-    T* const dw_hr_p = weight_grads && proj ? dw_hr.data_ptr<T>() : nullptr;
-    T* const part_ih_p = weight_grads ? scratch.get<T>(at_part_ih) : nullptr;
-    T* const part_hh_p = weight_grads ? scratch.get<T>(at_part_hh) : nullptr;
-    T* const part_hr_p = weight_grads && proj ? scratch.get<T>(at_part_hr) : nullptr;
+    T* const dw_ih_p = dw_ih.data_ptr<T>();
+    T* const dw_hh_p = dw_hh.data_ptr<T>();
+    T* const dw_hr_p = proj ? dw_hr.data_ptr<T>() : nullptr;
+    T* const part_ih_p = scratch.get<T>(at_part_ih);
+    T* const part_hh_p = scratch.get<T>(at_part_hh);
+    T* const part_hr_p = proj ? scratch.get<T>(at_part_hr) : nullptr;
     T* const dx_p[2] = {input_grad ? dx.data_ptr<T>() : nullptr,
                         input_grad && D == 2 ? scratch.get<T>(at_dx_reverse) : nullptr};
     auto slab = [&](const T* base, int64_t d, int64_t width, int64_t r0, int64_t k) {
